@@ -1,0 +1,17 @@
+//! MindSP core: the domain of fire-service messaging, with no I/O of its own.
+//!
+//! - [`ids`]: typed identifiers.
+//! - [`model`]: entities and value types.
+//! - [`error`]: the one error enum, with stable codes.
+//! - [`ports`]: the storage traits adapters implement, scoped by tenant.
+//! - [`service`]: the rules (membership, roles, limits) on top of the ports.
+
+pub mod error;
+pub mod ids;
+pub mod model;
+pub mod ports;
+pub mod service;
+
+pub use error::{Error, Result};
+pub use ids::{ConversationId, MessageId, TenantId, UserId};
+pub use service::{Actor, Limits, Messaging};

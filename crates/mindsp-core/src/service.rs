@@ -1,0 +1,624 @@
+//! The messaging service: every rule about who may do what lives here, on top of the
+//! storage port. Adapters store; this module decides.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::ids::{ConversationId, MessageId, TenantId, UserId};
+use crate::model::{
+    ActivityCursor, Appended, Conversation, ConversationKind, ConversationSummary, Member,
+    MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow,
+    User,
+};
+use crate::ports::{Store, TenantTx};
+
+/// Who is acting: established by authentication, never by request content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Actor {
+    /// The actor's tenant; every operation is confined to it.
+    pub tenant_id: TenantId,
+    /// The acting user.
+    pub user_id: UserId,
+    /// Their tenant role.
+    pub role: Role,
+}
+
+/// Bounds on everything a client can send. Each limit, when exceeded, gives an
+/// [`Error::Invalid`] with the code named in its comment.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Longest message, in characters (`content_too_long`).
+    pub max_message_chars: usize,
+    /// Largest page of history, conversations or users (`invalid_limit`).
+    pub max_page_size: u32,
+    /// Page size when the client does not say.
+    pub default_page_size: u32,
+    /// Largest group (`group_too_large`).
+    pub max_group_members: usize,
+    /// Longest group or display name, in characters (`name_too_long`).
+    pub max_name_chars: usize,
+    /// Longest idempotency key, in bytes (`invalid_idempotency_key`).
+    pub max_idempotency_key_len: usize,
+    /// Longest search query, in characters, and most terms in it (`invalid_query`).
+    pub max_query_chars: usize,
+    /// Most words a search query may hold (`invalid_query`).
+    pub max_query_terms: usize,
+    /// Deepest search result reachable by paging (`invalid_cursor`).
+    pub max_search_offset: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_chars: 4000,
+            max_page_size: 100,
+            default_page_size: 50,
+            max_group_members: 500,
+            max_name_chars: 100,
+            max_idempotency_key_len: 128,
+            max_query_chars: 200,
+            max_query_terms: 8,
+            max_search_offset: 1000,
+        }
+    }
+}
+
+impl Limits {
+    /// Applies the default and checks the bound of a page size.
+    pub fn page_size(&self, requested: Option<u32>) -> Result<u32> {
+        match requested {
+            None => Ok(self.default_page_size),
+            Some(n) if n >= 1 && n <= self.max_page_size => Ok(n),
+            Some(n) => Err(Error::invalid(
+                "invalid_limit",
+                format!("limit must be between 1 and {}, got {n}", self.max_page_size),
+            )),
+        }
+    }
+}
+
+/// Conversation, message, user and search operations for authenticated actors.
+#[derive(Clone)]
+pub struct Messaging {
+    store: Arc<dyn Store>,
+    limits: Limits,
+}
+
+impl Messaging {
+    /// Builds the service over a store.
+    pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
+        Self { store, limits }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    // ---- users -------------------------------------------------------------------
+
+    /// Creates a user in the actor's tenant; tenant admins only.
+    pub async fn create_user(&self, actor: &Actor, new: NewUser) -> Result<User> {
+        require_admin(actor)?;
+        let mut tx = self.store.begin(actor.tenant_id).await?;
+        let user = create_user_in(tx.as_mut(), new, &self.limits).await?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    /// The tenant's directory, ordered by name.
+    pub async fn list_users(
+        &self,
+        actor: &Actor,
+        after: Option<(String, UserId)>,
+        limit: Option<u32>,
+    ) -> Result<Vec<User>> {
+        let limit = self.limits.page_size(limit)?;
+        let mut tx = self.store.read(actor.tenant_id).await?;
+        tx.list_users(after, limit).await
+    }
+
+    /// One user of the actor's tenant.
+    pub async fn user(&self, actor: &Actor, id: UserId) -> Result<User> {
+        let mut tx = self.store.read(actor.tenant_id).await?;
+        tx.user(id).await?.ok_or(Error::NotFound("user"))
+    }
+
+    /// Activates or deactivates a user; tenant admins only, and not themselves.
+    pub async fn set_user_active(&self, actor: &Actor, id: UserId, active: bool) -> Result<User> {
+        require_admin(actor)?;
+        if id == actor.user_id && !active {
+            return Err(Error::conflict(
+                "cannot_deactivate_self",
+                "an administrator cannot deactivate their own account",
+            ));
+        }
+        let mut tx = self.store.begin(actor.tenant_id).await?;
+        let user = tx
+            .set_user_active(id, active)
+            .await?
+            .ok_or(Error::NotFound("user"))?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    // ---- conversations -----------------------------------------------------------
+
+    /// Opens the direct conversation between the actor and `other`, creating it if
+    /// needed. Returns it and whether it was created.
+    pub async fn open_direct(&self, actor: &Actor, other: UserId) -> Result<(Conversation, bool)> {
+        if other == actor.user_id {
+            return Err(Error::invalid(
+                "invalid_members",
+                "a direct conversation needs another user",
+            ));
+        }
+        for attempt in 0..2 {
+            let mut tx = self.store.begin(actor.tenant_id).await?;
+            if let Some(c) = tx.direct_between(actor.user_id, other).await? {
+                return Ok((c, false));
+            }
+            if tx.active_users_among(&[other]).await?.is_empty() {
+                return Err(Error::NotFound("user"));
+            }
+            let new = NewConversation {
+                kind: ConversationKind::Direct,
+                name: None,
+                created_by: actor.user_id,
+                members: vec![
+                    (actor.user_id, MemberRole::Member),
+                    (other, MemberRole::Member),
+                ],
+            };
+            match tx.insert_conversation(&new).await {
+                Ok(c) => {
+                    tx.commit().await?;
+                    return Ok((c, true));
+                }
+                // Someone opened the same pair concurrently: read theirs.
+                Err(Error::Conflict {
+                    code: "direct_exists",
+                    ..
+                }) if attempt == 0 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::conflict(
+            "direct_exists",
+            "the direct conversation was created concurrently; retry",
+        ))
+    }
+
+    /// Creates a group owned by the actor with the given other members.
+    pub async fn create_group(
+        &self,
+        actor: &Actor,
+        name: &str,
+        members: &[UserId],
+    ) -> Result<Conversation> {
+        let name = self.check_name(name)?;
+        let mut others: Vec<UserId> = members
+            .iter()
+            .copied()
+            .filter(|u| *u != actor.user_id)
+            .collect();
+        others.sort();
+        others.dedup();
+        if others.len() + 1 > self.limits.max_group_members {
+            return Err(Error::invalid(
+                "group_too_large",
+                format!("a group holds at most {} members", self.limits.max_group_members),
+            ));
+        }
+        let mut tx = self.store.begin(actor.tenant_id).await?;
+        let found = tx.active_users_among(&others).await?;
+        if found.len() != others.len() {
+            return Err(Error::NotFound("user"));
+        }
+        let mut roles = vec![(actor.user_id, MemberRole::Owner)];
+        roles.extend(others.into_iter().map(|u| (u, MemberRole::Member)));
+        let conv = tx
+            .insert_conversation(&NewConversation {
+                kind: ConversationKind::Group,
+                name: Some(name),
+                created_by: actor.user_id,
+                members: roles,
+            })
+            .await?;
+        tx.commit().await?;
+        Ok(conv)
+    }
+
+    /// The actor's conversations, newest activity first.
+    pub async fn list_conversations(
+        &self,
+        actor: &Actor,
+        before: Option<ActivityCursor>,
+        limit: Option<u32>,
+    ) -> Result<Vec<ConversationSummary>> {
+        let limit = self.limits.page_size(limit)?;
+        let mut tx = self.store.read(actor.tenant_id).await?;
+        tx.list_conversations(actor.user_id, before, limit).await
+    }
+
+    /// A conversation and its members, for a member of it.
+    pub async fn conversation(
+        &self,
+        actor: &Actor,
+        id: ConversationId,
+    ) -> Result<(Conversation, Vec<Member>)> {
+        let mut tx = self.store.read(actor.tenant_id).await?;
+        let (conv, _) = membership(tx.as_mut(), id, actor.user_id).await?;
+        let members = tx.members(id).await?;
+        Ok((conv, members))
+    }
+
+    /// Renames a group; its owners and admins only.
+    pub async fn rename(&self, actor: &Actor, id: ConversationId, name: &str) -> Result<()> {
+        let name = self.check_name(name)?;
+        let mut tx = self.store.begin(actor.tenant_id).await?;
+        let (conv, me) = membership(tx.as_mut(), id, actor.user_id).await?;
+        require_group(&conv)?;
+        require_member_role(&me, MemberRole::Admin, "rename this group")?;
+        tx.rename_conversation(id, &name).await?;
+        tx.commit().await
+    }
+
+    /// Adds users to a group as plain members; its owners and admins only. Users
+    /// already in it are left as they are.
+    pub async fn add_members(
+        &self,
+        actor: &Actor,
+        id: ConversationId,
+        users: &[UserId],
+    ) -> Result<Vec<Member>> {
+        let mut tx = self.store.begin(actor.tenant_id).await?;
+        let (conv, me) = membership(tx.as_mut(), id, actor.user_id).await?;
+        require_group(&conv)?;
+        require_member_role(&me, MemberRole::Admin, "add members")?;
+        let mut wanted: Vec<UserId> = users.to_vec();
+        wanted.sort();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Err(Error::invalid("invalid_members", "name at least one user to add"));
+        }
+        if tx.active_users_among(&wanted).await?.len() != wanted.len() {
+            return Err(Error::NotFound("user"));
+        }
+        let current = tx.members(id).await?;
+        let new: Vec<UserId> = wanted
+            .into_iter()
+            .filter(|u| !current.iter().any(|m| m.user_id == *u))
+            .collect();
+        if current.len() + new.len() > self.limits.max_group_members {
+            return Err(Error::invalid(
+                "group_too_large",
+                format!("a group holds at most {} members", self.limits.max_group_members),
+            ));
+        }
+        for u in new {
+            tx.upsert_member(id, u, MemberRole::Member).await?;
+        }
+        let members = tx.members(id).await?;
+        tx.commit().await?;
+        Ok(members)
+    }
+
+    /// Removes `user` from a group. A member may always remove themselves (leave);
+    /// admins may remove members, owners anyone. When the last owner leaves, the
+    /// longest-standing admin (or else member) becomes owner, so a group never lacks one.
+    pub async fn remove_member(
+        &self,
+        actor: &Actor,
+        id: ConversationId,
+        user: UserId,
+    ) -> Result<()> {
+        let mut tx = self.store.begin(actor.tenant_id).await?;
+        let (conv, me) = membership(tx.as_mut(), id, actor.user_id).await?;
+        require_group(&conv)?;
+        let members = tx.members(id).await?;
+        let target = members
+            .iter()
+            .find(|m| m.user_id == user)
+            .ok_or(Error::NotFound("member"))?
+            .clone();
+        if user != actor.user_id {
+            let needed = if target.role == MemberRole::Member {
+                MemberRole::Admin
+            } else {
+                MemberRole::Owner
+            };
+            require_member_role(&me, needed, "remove this member")?;
+        }
+        tx.remove_member(id, user).await?;
+        let owners_left = members
+            .iter()
+            .filter(|m| m.user_id != user && m.role == MemberRole::Owner)
+            .count();
+        if target.role == MemberRole::Owner && owners_left == 0 {
+            // Members are ordered by join time; prefer admins.
+            let heir = members
+                .iter()
+                .filter(|m| m.user_id != user)
+                .max_by_key(|m| (m.role, std::cmp::Reverse(m.joined_at)));
+            if let Some(heir) = heir {
+                tx.upsert_member(id, heir.user_id, MemberRole::Owner).await?;
+            }
+        }
+        tx.commit().await
+    }
+
+    /// Changes a member's role; owners only. The last owner cannot step down.
+    pub async fn set_member_role(
+        &self,
+        actor: &Actor,
+        id: ConversationId,
+        user: UserId,
+        role: MemberRole,
+    ) -> Result<()> {
+        let mut tx = self.store.begin(actor.tenant_id).await?;
+        let (conv, me) = membership(tx.as_mut(), id, actor.user_id).await?;
+        require_group(&conv)?;
+        require_member_role(&me, MemberRole::Owner, "change roles")?;
+        let members = tx.members(id).await?;
+        let target = members
+            .iter()
+            .find(|m| m.user_id == user)
+            .ok_or(Error::NotFound("member"))?;
+        let owners = members.iter().filter(|m| m.role == MemberRole::Owner).count();
+        if target.role == MemberRole::Owner && role != MemberRole::Owner && owners == 1 {
+            return Err(Error::conflict(
+                "last_owner",
+                "a group must keep an owner: make someone else owner first",
+            ));
+        }
+        tx.upsert_member(id, user, role).await?;
+        tx.commit().await
+    }
+
+    // ---- messages ----------------------------------------------------------------
+
+    /// Sends a message as the actor. Returns once it is committed. With an
+    /// idempotency key already used in this conversation, returns the stored message.
+    pub async fn send(
+        &self,
+        actor: &Actor,
+        conv: ConversationId,
+        content: &str,
+        idempotency_key: Option<String>,
+    ) -> Result<Appended> {
+        let content = self.check_content(content)?;
+        if let Some(k) = &idempotency_key
+            && (k.is_empty() || k.len() > self.limits.max_idempotency_key_len)
+        {
+            return Err(Error::invalid(
+                "invalid_idempotency_key",
+                format!(
+                    "idempotency key must be 1 to {} bytes",
+                    self.limits.max_idempotency_key_len
+                ),
+            ));
+        }
+        let new = NewMessage {
+            id: MessageId::new(),
+            conversation_id: conv,
+            sender_id: actor.user_id,
+            content,
+            idempotency_key,
+            created_at: crate::model::now(),
+        };
+        for attempt in 0..2 {
+            let mut tx = self.store.begin(actor.tenant_id).await?;
+            match tx.append_message(&new).await {
+                Ok(appended) => {
+                    if appended.created() {
+                        tx.commit().await?;
+                    }
+                    return Ok(appended);
+                }
+                // A concurrent send with the same key won the race; the retry reads it.
+                Err(Error::Conflict {
+                    code: "duplicate_idempotency_key",
+                    ..
+                }) if attempt == 0 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::conflict(
+            "duplicate_idempotency_key",
+            "a message with this idempotency key is being sent concurrently; retry",
+        ))
+    }
+
+    /// A page of a conversation's history, ascending by `seq`.
+    pub async fn history(
+        &self,
+        actor: &Actor,
+        conv: ConversationId,
+        window: SeqWindow,
+        limit: Option<u32>,
+    ) -> Result<Vec<Message>> {
+        let limit = self.limits.page_size(limit)?;
+        match window {
+            SeqWindow::Before(s) | SeqWindow::After(s) if s < 0 => {
+                return Err(Error::invalid("invalid_cursor", "cursors are sequence numbers ≥ 0"));
+            }
+            _ => {}
+        }
+        let mut tx = self.store.read(actor.tenant_id).await?;
+        membership(tx.as_mut(), conv, actor.user_id).await?;
+        tx.messages(conv, window, limit).await
+    }
+
+    /// Marks the conversation read up to `seq` (or its newest message). Returns the
+    /// read marker after the call.
+    pub async fn mark_read(
+        &self,
+        actor: &Actor,
+        conv: ConversationId,
+        seq: Option<i64>,
+    ) -> Result<i64> {
+        if let Some(s) = seq
+            && s < 0
+        {
+            return Err(Error::invalid("invalid_seq", "seq must be ≥ 0"));
+        }
+        let mut tx = self.store.begin(actor.tenant_id).await?;
+        let (c, _) = membership(tx.as_mut(), conv, actor.user_id).await?;
+        let marker = tx
+            .mark_read(conv, actor.user_id, seq.unwrap_or(c.last_seq))
+            .await?;
+        tx.commit().await?;
+        Ok(marker)
+    }
+
+    /// Searches the messages the actor can see, best first.
+    pub async fn search(
+        &self,
+        actor: &Actor,
+        query: &str,
+        conv: Option<ConversationId>,
+        offset: u32,
+        limit: Option<u32>,
+    ) -> Result<Vec<SearchHit>> {
+        let limit = self.limits.page_size(limit)?;
+        if offset > self.limits.max_search_offset {
+            return Err(Error::invalid(
+                "invalid_cursor",
+                format!("search pages stop at {} results", self.limits.max_search_offset),
+            ));
+        }
+        let terms = search_terms(query, &self.limits)?;
+        let mut tx = self.store.read(actor.tenant_id).await?;
+        if let Some(c) = conv {
+            membership(tx.as_mut(), c, actor.user_id).await?;
+        }
+        tx.search(actor.user_id, conv, &terms, offset, limit).await
+    }
+
+    fn check_name(&self, name: &str) -> Result<String> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(Error::invalid("invalid_name", "name must not be empty"));
+        }
+        if name.chars().count() > self.limits.max_name_chars {
+            return Err(Error::invalid(
+                "name_too_long",
+                format!("name is limited to {} characters", self.limits.max_name_chars),
+            ));
+        }
+        Ok(name.to_owned())
+    }
+
+    fn check_content(&self, content: &str) -> Result<String> {
+        if content.trim().is_empty() {
+            return Err(Error::invalid("empty_content", "message content must not be empty"));
+        }
+        if content.chars().count() > self.limits.max_message_chars {
+            return Err(Error::invalid(
+                "content_too_long",
+                format!(
+                    "message content is limited to {} characters",
+                    self.limits.max_message_chars
+                ),
+            ));
+        }
+        Ok(content.to_owned())
+    }
+}
+
+/// Validates and stores a user inside an open unit of work. Shared by the admin route
+/// and by tooling that has no actor (CLI, demo seeding).
+pub async fn create_user_in(tx: &mut dyn TenantTx, mut new: NewUser, limits: &Limits) -> Result<User> {
+    new.email = new.email.trim().to_lowercase();
+    let valid_email = new.email.len() <= 254
+        && new
+            .email
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
+        && !new.email.chars().any(char::is_whitespace);
+    if !valid_email {
+        return Err(Error::invalid("invalid_email", "a valid e-mail address is required"));
+    }
+    new.display_name = new.display_name.trim().to_owned();
+    if new.display_name.is_empty() || new.display_name.chars().count() > limits.max_name_chars {
+        return Err(Error::invalid(
+            "invalid_name",
+            format!("display name must be 1 to {} characters", limits.max_name_chars),
+        ));
+    }
+    tx.insert_user(&new).await
+}
+
+/// Splits a search query into lowercase words, rejecting empty or oversize queries.
+/// Words are runs of letters and digits, so no query syntax reaches a backend.
+pub fn search_terms(query: &str, limits: &Limits) -> Result<Vec<String>> {
+    if query.chars().count() > limits.max_query_chars {
+        return Err(Error::invalid(
+            "invalid_query",
+            format!("search query is limited to {} characters", limits.max_query_chars),
+        ));
+    }
+    let terms: Vec<String> = query
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    if terms.is_empty() {
+        return Err(Error::invalid("invalid_query", "search query needs at least one word"));
+    }
+    if terms.len() > limits.max_query_terms {
+        return Err(Error::invalid(
+            "invalid_query",
+            format!("search query is limited to {} words", limits.max_query_terms),
+        ));
+    }
+    Ok(terms)
+}
+
+fn require_admin(actor: &Actor) -> Result<()> {
+    if actor.role == Role::Admin {
+        Ok(())
+    } else {
+        Err(Error::forbidden("tenant administrators only"))
+    }
+}
+
+fn require_group(conv: &Conversation) -> Result<()> {
+    if conv.kind == ConversationKind::Group {
+        Ok(())
+    } else {
+        Err(Error::conflict(
+            "direct_conversation",
+            "members of a direct conversation cannot change",
+        ))
+    }
+}
+
+fn require_member_role(me: &Member, needed: MemberRole, what: &str) -> Result<()> {
+    if me.role >= needed {
+        Ok(())
+    } else {
+        Err(Error::forbidden(format!(
+            "only a group {} or above may {what}",
+            needed.as_str()
+        )))
+    }
+}
+
+/// The conversation and the caller's membership. A non-member gets `NotFound`, exactly
+/// as for a conversation that does not exist.
+async fn membership(
+    tx: &mut dyn TenantTx,
+    id: ConversationId,
+    user: UserId,
+) -> Result<(Conversation, Member)> {
+    let conv = tx.conversation(id).await?.ok_or(Error::NotFound("conversation"))?;
+    let me = tx.member(id, user).await?.ok_or(Error::NotFound("conversation"))?;
+    Ok((conv, me))
+}

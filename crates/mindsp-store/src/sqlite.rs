@@ -1,0 +1,739 @@
+//! SQLite adapter (the embedded default).
+//!
+//! One file in WAL mode. Writes go through a pool of exactly one connection, so write
+//! transactions queue in-process instead of failing with `SQLITE_BUSY`; reads go
+//! through a separate pool of read-only connections and never wait for writers.
+//! `synchronous = NORMAL` (the WAL default recommendation) survives a crash of the
+//! process; `synchronous = FULL` also survives power loss, at a throughput cost, and
+//! is chosen with [`SqliteConfig::durable_on_power_loss`].
+
+use std::any::Any;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mindsp_core::model::{
+    ActivityCursor, Appended, Conversation, ConversationKind, ConversationSummary, Member,
+    MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow,
+    Tenant, User, now,
+};
+use mindsp_core::ports::{Store, TenantTx};
+use mindsp_core::{ConversationId, Error, MessageId, Result, TenantId, UserId};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use uuid::Uuid;
+
+use crate::common::{db_err, direct_key, french_prefix_stem, from_millis, millis};
+
+/// Embedded migrations, exposed so an embedding application can run them itself.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How to open a SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteConfig {
+    /// A file path, or `:memory:` for a private in-memory database.
+    pub path: String,
+    /// Number of read connections (ignored in memory, where one connection serves all).
+    pub read_connections: u32,
+    /// `synchronous = FULL` instead of `NORMAL`: survive power loss, not only crashes.
+    pub durable_on_power_loss: bool,
+}
+
+impl SqliteConfig {
+    /// A file database with default settings.
+    pub fn file(path: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            read_connections: 4,
+            durable_on_power_loss: false,
+        }
+    }
+
+    /// A private in-memory database, gone when the store is dropped.
+    pub fn memory() -> Self {
+        Self::file(":memory:")
+    }
+}
+
+/// The SQLite implementation of [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database and runs pending migrations.
+    pub async fn open(config: SqliteConfig) -> Result<Self> {
+        let memory = config.path == ":memory:";
+        let base = if memory {
+            SqliteConnectOptions::from_str("sqlite::memory:").map_err(db_err)?
+        } else {
+            SqliteConnectOptions::new()
+                .filename(&config.path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+        }
+        .synchronous(if config.durable_on_power_loss {
+            SqliteSynchronous::Full
+        } else {
+            SqliteSynchronous::Normal
+        })
+        .foreign_keys(true)
+        // Another process (the CLI while a server runs) may hold the write lock briefly.
+        .busy_timeout(Duration::from_secs(10))
+        .pragma("temp_store", "memory")
+        .pragma("cache_size", "-65536");
+
+        // One writer: SQLite serialises writers anyway; queueing them here avoids
+        // SQLITE_BUSY and lets a deferred BEGIN upgrade safely.
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(base.clone())
+            .await
+            .map_err(db_err)?;
+        MIGRATOR
+            .run(&write)
+            .await
+            .map_err(|e| Error::Storage(format!("migration failed: {e}")))?;
+        let read = if memory {
+            write.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(config.read_connections.max(1))
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(base.read_only(true))
+                .await
+                .map_err(db_err)?
+        };
+        Ok(Self { write, read })
+    }
+
+    /// The write pool, for tools and tests that need raw SQL.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.write
+    }
+
+    /// Closes both pools, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+}
+
+fn tenant_from_row(r: &SqliteRow) -> Result<Tenant> {
+    Ok(Tenant {
+        id: TenantId(r.try_get("id").map_err(db_err)?),
+        slug: r.try_get("slug").map_err(db_err)?,
+        name: r.try_get("name").map_err(db_err)?,
+        created_at: from_millis(r.try_get("created_at").map_err(db_err)?),
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_tenant(&self, slug: &str, name: &str) -> Result<Tenant> {
+        let t = Tenant {
+            id: TenantId::new(),
+            slug: slug.to_owned(),
+            name: name.to_owned(),
+            created_at: now(),
+        };
+        sqlx::query("INSERT INTO tenants (id, slug, name, created_at) VALUES (?, ?, ?, ?)")
+            .bind(t.id.0)
+            .bind(&t.slug)
+            .bind(&t.name)
+            .bind(millis(t.created_at))
+            .execute(&self.write)
+            .await
+            .map_err(db_err)?;
+        Ok(t)
+    }
+
+    async fn tenant_by_slug(&self, slug: &str) -> Result<Option<Tenant>> {
+        sqlx::query("SELECT id, slug, name, created_at FROM tenants WHERE slug = ?")
+            .bind(slug)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(tenant_from_row)
+            .transpose()
+    }
+
+    async fn begin(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
+        let tx = self.write.begin().await.map_err(db_err)?;
+        Ok(Box::new(SqliteTx { tx, tenant }))
+    }
+
+    async fn read(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
+        let tx = self.read.begin().await.map_err(db_err)?;
+        Ok(Box::new(SqliteTx { tx, tenant }))
+    }
+}
+
+/// A unit of work on SQLite, confined to one tenant.
+pub struct SqliteTx {
+    tx: Transaction<'static, Sqlite>,
+    tenant: TenantId,
+}
+
+impl SqliteTx {
+    /// The underlying sqlx transaction, for adapters that write in the same unit.
+    pub fn transaction(&mut self) -> &mut Transaction<'static, Sqlite> {
+        &mut self.tx
+    }
+}
+
+const USER_COLS: &str = "id, tenant_id, email, display_name, role, active, created_at";
+const MESSAGE_COLS: &str =
+    "id, conversation_id, sender_id, seq, content, idempotency_key, created_at";
+const CONV_COLS: &str =
+    "id, tenant_id, kind, name, created_by, created_at, last_activity_at, last_seq";
+
+fn user_from_row(r: &SqliteRow) -> Result<User> {
+    Ok(User {
+        id: UserId(r.try_get("id").map_err(db_err)?),
+        tenant_id: TenantId(r.try_get("tenant_id").map_err(db_err)?),
+        email: r.try_get("email").map_err(db_err)?,
+        display_name: r.try_get("display_name").map_err(db_err)?,
+        role: Role::parse(r.try_get("role").map_err(db_err)?)?,
+        active: r.try_get("active").map_err(db_err)?,
+        created_at: from_millis(r.try_get("created_at").map_err(db_err)?),
+    })
+}
+
+fn conv_from_row(r: &SqliteRow) -> Result<Conversation> {
+    Ok(Conversation {
+        id: ConversationId(r.try_get("id").map_err(db_err)?),
+        tenant_id: TenantId(r.try_get("tenant_id").map_err(db_err)?),
+        kind: ConversationKind::parse(r.try_get("kind").map_err(db_err)?)?,
+        name: r.try_get("name").map_err(db_err)?,
+        created_by: UserId(r.try_get("created_by").map_err(db_err)?),
+        created_at: from_millis(r.try_get("created_at").map_err(db_err)?),
+        last_activity_at: from_millis(r.try_get("last_activity_at").map_err(db_err)?),
+        last_seq: r.try_get("last_seq").map_err(db_err)?,
+    })
+}
+
+fn message_from_row(r: &SqliteRow) -> Result<Message> {
+    Ok(Message {
+        id: MessageId(r.try_get("id").map_err(db_err)?),
+        conversation_id: ConversationId(r.try_get("conversation_id").map_err(db_err)?),
+        sender_id: UserId(r.try_get("sender_id").map_err(db_err)?),
+        seq: r.try_get("seq").map_err(db_err)?,
+        content: r.try_get("content").map_err(db_err)?,
+        idempotency_key: r.try_get("idempotency_key").map_err(db_err)?,
+        created_at: from_millis(r.try_get("created_at").map_err(db_err)?),
+    })
+}
+
+fn member_from_row(r: &SqliteRow) -> Result<Member> {
+    Ok(Member {
+        user_id: UserId(r.try_get("user_id").map_err(db_err)?),
+        display_name: r.try_get("display_name").map_err(db_err)?,
+        role: MemberRole::parse(r.try_get("role").map_err(db_err)?)
+            .map_err(|e| Error::Storage(e.to_string()))?,
+        last_read_seq: r.try_get("last_read_seq").map_err(db_err)?,
+        joined_at: from_millis(r.try_get("joined_at").map_err(db_err)?),
+    })
+}
+
+#[async_trait]
+impl TenantTx for SqliteTx {
+    fn tenant(&self) -> TenantId {
+        self.tenant
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.tx.commit().await.map_err(db_err)
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    async fn insert_user(&mut self, u: &NewUser) -> Result<User> {
+        let user = User {
+            id: UserId::new(),
+            tenant_id: self.tenant,
+            email: u.email.clone(),
+            display_name: u.display_name.clone(),
+            role: u.role,
+            active: true,
+            created_at: now(),
+        };
+        sqlx::query(
+            "INSERT INTO users (id, tenant_id, email, display_name, role, active, password_hash, created_at)
+             VALUES (?, ?, ?, ?, ?, 1, ?, ?)",
+        )
+        .bind(user.id.0)
+        .bind(self.tenant.0)
+        .bind(&user.email)
+        .bind(&user.display_name)
+        .bind(user.role.as_str())
+        .bind(&u.password_hash)
+        .bind(millis(user.created_at))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(user)
+    }
+
+    async fn user(&mut self, id: UserId) -> Result<Option<User>> {
+        sqlx::query(&format!(
+            "SELECT {USER_COLS} FROM users WHERE tenant_id = ? AND id = ?"
+        ))
+        .bind(self.tenant.0)
+        .bind(id.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(user_from_row)
+        .transpose()
+    }
+
+    async fn user_credentials(&mut self, email: &str) -> Result<Option<(User, String)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLS}, password_hash FROM users WHERE tenant_id = ? AND email = ?"
+        ))
+        .bind(self.tenant.0)
+        .bind(email)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        match row {
+            None => Ok(None),
+            Some(r) => Ok(Some((
+                user_from_row(&r)?,
+                r.try_get("password_hash").map_err(db_err)?,
+            ))),
+        }
+    }
+
+    async fn list_users(
+        &mut self,
+        after: Option<(String, UserId)>,
+        limit: u32,
+    ) -> Result<Vec<User>> {
+        let (name, id) = match after {
+            Some((n, i)) => (Some(n), Some(i.0)),
+            None => (None, None),
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {USER_COLS} FROM users WHERE tenant_id = ?1
+               AND (?2 IS NULL OR (display_name, id) > (?2, ?3))
+             ORDER BY display_name, id LIMIT ?4"
+        ))
+        .bind(self.tenant.0)
+        .bind(name)
+        .bind(id)
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn set_user_active(&mut self, id: UserId, active: bool) -> Result<Option<User>> {
+        sqlx::query(&format!(
+            "UPDATE users SET active = ? WHERE tenant_id = ? AND id = ? RETURNING {USER_COLS}"
+        ))
+        .bind(active)
+        .bind(self.tenant.0)
+        .bind(id.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(user_from_row)
+        .transpose()
+    }
+
+    async fn active_users_among(&mut self, ids: &[UserId]) -> Result<Vec<UserId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM users WHERE tenant_id = ");
+        q.push_bind(self.tenant.0).push(" AND active = 1 AND id IN (");
+        let mut sep = q.separated(", ");
+        for id in ids {
+            sep.push_bind(id.0);
+        }
+        q.push(")");
+        let rows = q.build().fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| r.try_get::<Uuid, _>("id").map(UserId).map_err(db_err))
+            .collect()
+    }
+
+    async fn insert_conversation(&mut self, c: &NewConversation) -> Result<Conversation> {
+        let at = now();
+        let conv = Conversation {
+            id: ConversationId::new(),
+            tenant_id: self.tenant,
+            kind: c.kind,
+            name: c.name.clone(),
+            created_by: c.created_by,
+            created_at: at,
+            last_activity_at: at,
+            last_seq: 0,
+        };
+        let key = match (c.kind, c.members.as_slice()) {
+            (ConversationKind::Direct, [(a, _), (b, _)]) => Some(direct_key(*a, *b)),
+            (ConversationKind::Direct, _) => {
+                return Err(Error::invalid(
+                    "invalid_members",
+                    "a direct conversation has exactly two members",
+                ));
+            }
+            (ConversationKind::Group, _) => None,
+        };
+        sqlx::query(
+            "INSERT INTO conversations (id, tenant_id, kind, name, direct_key, created_by, created_at, last_activity_at, last_seq)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+        )
+        .bind(conv.id.0)
+        .bind(self.tenant.0)
+        .bind(c.kind.as_str())
+        .bind(&c.name)
+        .bind(key)
+        .bind(c.created_by.0)
+        .bind(millis(at))
+        .bind(millis(at))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO conversation_members (conversation_id, user_id, tenant_id, role, last_read_seq, joined_at) ",
+        );
+        q.push_values(&c.members, |mut b, (user, role)| {
+            b.push_bind(conv.id.0)
+                .push_bind(user.0)
+                .push_bind(self.tenant.0)
+                .push_bind(role.as_str())
+                .push_bind(0i64)
+                .push_bind(millis(at));
+        });
+        q.build().execute(&mut *self.tx).await.map_err(db_err)?;
+        Ok(conv)
+    }
+
+    async fn direct_between(&mut self, a: UserId, b: UserId) -> Result<Option<Conversation>> {
+        sqlx::query(&format!(
+            "SELECT {CONV_COLS} FROM conversations WHERE tenant_id = ? AND direct_key = ?"
+        ))
+        .bind(self.tenant.0)
+        .bind(direct_key(a, b))
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(conv_from_row)
+        .transpose()
+    }
+
+    async fn conversation(&mut self, id: ConversationId) -> Result<Option<Conversation>> {
+        sqlx::query(&format!(
+            "SELECT {CONV_COLS} FROM conversations WHERE tenant_id = ? AND id = ?"
+        ))
+        .bind(self.tenant.0)
+        .bind(id.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(conv_from_row)
+        .transpose()
+    }
+
+    async fn rename_conversation(&mut self, id: ConversationId, name: &str) -> Result<()> {
+        sqlx::query("UPDATE conversations SET name = ? WHERE tenant_id = ? AND id = ?")
+            .bind(name)
+            .bind(self.tenant.0)
+            .bind(id.0)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn members(&mut self, conv: ConversationId) -> Result<Vec<Member>> {
+        let rows = sqlx::query(
+            "SELECT m.user_id, u.display_name, m.role, m.last_read_seq, m.joined_at
+               FROM conversation_members m JOIN users u ON u.id = m.user_id
+              WHERE m.tenant_id = ? AND m.conversation_id = ?
+              ORDER BY m.joined_at, m.user_id",
+        )
+        .bind(self.tenant.0)
+        .bind(conv.0)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(member_from_row).collect()
+    }
+
+    async fn member(&mut self, conv: ConversationId, user: UserId) -> Result<Option<Member>> {
+        sqlx::query(
+            "SELECT m.user_id, u.display_name, m.role, m.last_read_seq, m.joined_at
+               FROM conversation_members m JOIN users u ON u.id = m.user_id
+              WHERE m.tenant_id = ? AND m.conversation_id = ? AND m.user_id = ?",
+        )
+        .bind(self.tenant.0)
+        .bind(conv.0)
+        .bind(user.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(member_from_row)
+        .transpose()
+    }
+
+    async fn upsert_member(
+        &mut self,
+        conv: ConversationId,
+        user: UserId,
+        role: MemberRole,
+    ) -> Result<()> {
+        let done = sqlx::query(
+            "INSERT INTO conversation_members (conversation_id, user_id, tenant_id, role, last_read_seq, joined_at)
+             SELECT c.id, ?, c.tenant_id, ?, c.last_seq, ?
+               FROM conversations c WHERE c.tenant_id = ? AND c.id = ?
+             ON CONFLICT (conversation_id, user_id) DO UPDATE SET role = excluded.role",
+        )
+        .bind(user.0)
+        .bind(role.as_str())
+        .bind(millis(now()))
+        .bind(self.tenant.0)
+        .bind(conv.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound("conversation"));
+        }
+        Ok(())
+    }
+
+    async fn remove_member(&mut self, conv: ConversationId, user: UserId) -> Result<bool> {
+        let done = sqlx::query(
+            "DELETE FROM conversation_members WHERE tenant_id = ? AND conversation_id = ? AND user_id = ?",
+        )
+        .bind(self.tenant.0)
+        .bind(conv.0)
+        .bind(user.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn list_conversations(
+        &mut self,
+        user: UserId,
+        before: Option<ActivityCursor>,
+        limit: u32,
+    ) -> Result<Vec<ConversationSummary>> {
+        let (at, id) = match before {
+            Some(c) => (Some(millis(c.last_activity_at)), Some(c.id.0)),
+            None => (None, None),
+        };
+        let rows = sqlx::query(
+            "SELECT c.id, c.tenant_id, c.kind, c.name, c.created_by, c.created_at,
+                    c.last_activity_at, c.last_seq, me.last_read_seq,
+                    (SELECT count(*) FROM conversation_members x WHERE x.conversation_id = c.id) AS member_count,
+                    lm.id AS lm_id, lm.sender_id AS lm_sender_id, lm.content AS lm_content,
+                    lm.idempotency_key AS lm_idempotency_key, lm.created_at AS lm_created_at
+               FROM conversation_members me
+               JOIN conversations c ON c.id = me.conversation_id
+               LEFT JOIN messages lm ON lm.conversation_id = c.id AND lm.seq = c.last_seq
+              WHERE me.user_id = ?1 AND me.tenant_id = ?2 AND c.tenant_id = ?2
+                AND (?3 IS NULL OR (c.last_activity_at, c.id) < (?3, ?4))
+              ORDER BY c.last_activity_at DESC, c.id DESC
+              LIMIT ?5",
+        )
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .bind(at)
+        .bind(id)
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let conversation = conv_from_row(r)?;
+                let read: i64 = r.try_get("last_read_seq").map_err(db_err)?;
+                let lm_id: Option<Uuid> = r.try_get("lm_id").map_err(db_err)?;
+                let last_message = match lm_id {
+                    None => None,
+                    Some(mid) => Some(Message {
+                        id: MessageId(mid),
+                        conversation_id: conversation.id,
+                        sender_id: UserId(r.try_get("lm_sender_id").map_err(db_err)?),
+                        seq: conversation.last_seq,
+                        content: r.try_get("lm_content").map_err(db_err)?,
+                        idempotency_key: r.try_get("lm_idempotency_key").map_err(db_err)?,
+                        created_at: from_millis(r.try_get("lm_created_at").map_err(db_err)?),
+                    }),
+                };
+                Ok(ConversationSummary {
+                    unread_count: (conversation.last_seq - read).max(0),
+                    member_count: r.try_get("member_count").map_err(db_err)?,
+                    conversation,
+                    last_message,
+                })
+            })
+            .collect()
+    }
+
+    async fn append_message(&mut self, m: &NewMessage) -> Result<Appended> {
+        if let Some(key) = &m.idempotency_key {
+            let existing = sqlx::query(&format!(
+                "SELECT {MESSAGE_COLS} FROM messages
+                  WHERE conversation_id = ? AND sender_id = ? AND idempotency_key = ? AND tenant_id = ?"
+            ))
+            .bind(m.conversation_id.0)
+            .bind(m.sender_id.0)
+            .bind(key)
+            .bind(self.tenant.0)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
+            if let Some(r) = existing {
+                return Ok(Appended::Existing(message_from_row(&r)?));
+            }
+        }
+        // One statement: the sequence is read under the single writer, membership is
+        // checked by the join, and the trigger moves the conversation and read marker.
+        let seq: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at)
+             SELECT ?1, c.tenant_id, c.id, me.user_id, c.last_seq + 1, ?2, ?3, ?4
+               FROM conversations c
+               JOIN conversation_members me ON me.conversation_id = c.id AND me.user_id = ?5
+              WHERE c.tenant_id = ?6 AND c.id = ?7
+             RETURNING seq",
+        )
+        .bind(m.id.0)
+        .bind(&m.content)
+        .bind(&m.idempotency_key)
+        .bind(millis(m.created_at))
+        .bind(m.sender_id.0)
+        .bind(self.tenant.0)
+        .bind(m.conversation_id.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        let seq = seq.ok_or(Error::NotFound("conversation"))?;
+        Ok(Appended::Created(Message {
+            id: m.id,
+            conversation_id: m.conversation_id,
+            sender_id: m.sender_id,
+            seq,
+            content: m.content.clone(),
+            idempotency_key: m.idempotency_key.clone(),
+            created_at: m.created_at,
+        }))
+    }
+
+    async fn messages(
+        &mut self,
+        conv: ConversationId,
+        window: SeqWindow,
+        limit: u32,
+    ) -> Result<Vec<Message>> {
+        let (cond, order, bound) = match window {
+            SeqWindow::Latest => ("", "DESC", None),
+            SeqWindow::Before(s) => ("AND seq < ?", "DESC", Some(s)),
+            SeqWindow::After(s) => ("AND seq > ?", "ASC", Some(s)),
+        };
+        let sql = format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = ? AND tenant_id = ? {cond}
+              ORDER BY seq {order} LIMIT ?"
+        );
+        let mut q = sqlx::query(&sql).bind(conv.0).bind(self.tenant.0);
+        if let Some(b) = bound {
+            q = q.bind(b);
+        }
+        let rows = q.bind(limit).fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        let mut out: Vec<Message> = rows.iter().map(message_from_row).collect::<Result<_>>()?;
+        if order == "DESC" {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    async fn mark_read(&mut self, conv: ConversationId, user: UserId, seq: i64) -> Result<i64> {
+        sqlx::query_scalar(
+            "UPDATE conversation_members
+                SET last_read_seq = max(last_read_seq,
+                    min(?1, (SELECT last_seq FROM conversations WHERE id = ?2 AND tenant_id = ?3)))
+              WHERE conversation_id = ?2 AND tenant_id = ?3 AND user_id = ?4
+              RETURNING last_read_seq",
+        )
+        .bind(seq)
+        .bind(conv.0)
+        .bind(self.tenant.0)
+        .bind(user.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .ok_or(Error::NotFound("conversation"))
+    }
+
+    async fn search(
+        &mut self,
+        user: UserId,
+        conv: Option<ConversationId>,
+        terms: &[String],
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<SearchHit>> {
+        // Terms are letters and digits only (see core's `search_terms`), so quoting
+        // them cannot inject FTS5 syntax.
+        let expr = terms
+            .iter()
+            .map(|t| format!("\"{}\"*", french_prefix_stem(t)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let rows = sqlx::query(&format!(
+            "SELECT m.id, m.conversation_id, m.sender_id, m.seq, m.content, m.idempotency_key,
+                    m.created_at, bm25(messages_fts) AS score
+               FROM messages_fts
+               JOIN messages m ON m.pk = messages_fts.rowid
+              WHERE messages_fts MATCH ?1 AND m.tenant_id = ?2
+                AND m.conversation_id IN (SELECT conversation_id FROM conversation_members
+                                           WHERE user_id = ?3 AND tenant_id = ?2)
+                AND (?4 IS NULL OR m.conversation_id = ?4)
+              ORDER BY score, m.pk DESC
+              LIMIT ?5 OFFSET ?6"
+        ))
+        .bind(expr)
+        .bind(self.tenant.0)
+        .bind(user.0)
+        .bind(conv.map(|c| c.0))
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(SearchHit {
+                    message: message_from_row(r)?,
+                    // bm25 is lower-is-better; expose higher-is-better.
+                    rank: -r.try_get::<f64, _>("score").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+}
