@@ -1,1 +1,175 @@
+//! MindSP reference server: the REST API as an axum [`Router`] an embedder can mount
+//! in their own application, plus the pieces the `mindsp-server` binary assembles
+//! (configuration, CLI, demo data, graceful shutdown).
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! let store = mindsp_store::open("sqlite://mindsp.db").await?;
+//! let state = mindsp_server::AppState::new(store, &mindsp_server::HttpConfig::with_secret(b"a secret of at least thirty-two bytes!!"));
+//! let app = axum::Router::new().nest("/chat", mindsp_server::router(state));
+//! # Ok(()) }
+//! ```
 
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod demo;
+pub mod error;
+pub mod extract;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use mindsp_core::ports::Store;
+use mindsp_core::{Limits, Messaging};
+use tokio::net::TcpListener;
+
+use crate::auth::Tokens;
+use crate::error::ApiError;
+
+/// HTTP-facing settings of the API.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Secret that signs access tokens (HS256); at least 32 bytes.
+    pub jwt_secret: Vec<u8>,
+    /// Access token lifetime.
+    pub token_ttl: Duration,
+    /// Largest request body in bytes; larger bodies get 413 `payload_too_large`.
+    pub max_body_bytes: usize,
+    /// Content, page and name bounds enforced by the core.
+    pub limits: Limits,
+}
+
+impl HttpConfig {
+    /// Defaults with the given token secret.
+    pub fn with_secret(secret: &[u8]) -> Self {
+        Self {
+            jwt_secret: secret.to_vec(),
+            token_ttl: Duration::from_secs(12 * 3600),
+            max_body_bytes: 64 * 1024,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The messaging service over the configured store.
+    pub messaging: Messaging,
+    /// Token issuer and verifier.
+    pub tokens: Tokens,
+    max_body_bytes: usize,
+}
+
+impl AppState {
+    /// Wires the service over a store.
+    pub fn new(store: Arc<dyn Store>, config: &HttpConfig) -> Self {
+        Self {
+            messaging: Messaging::new(store, config.limits.clone()),
+            tokens: Tokens::new(&config.jwt_secret, config.token_ttl),
+            max_body_bytes: config.max_body_bytes,
+        }
+    }
+}
+
+/// The API routes (`/api/...` and `/healthz`), ready to serve or to nest.
+pub fn router(state: AppState) -> Router {
+    use api::*;
+    let api = Router::new()
+        .route("/auth/login", post(login))
+        .route("/me", get(me))
+        .route("/users", get(list_users))
+        .route("/admin/users", post(create_user))
+        .route("/admin/users/{id}", axum::routing::patch(update_user))
+        .route(
+            "/conversations",
+            get(list_conversations).post(create_conversation),
+        )
+        .route(
+            "/conversations/{id}",
+            get(get_conversation).patch(rename_conversation),
+        )
+        .route("/conversations/{id}/members", post(add_members))
+        .route(
+            "/conversations/{id}/members/{user_id}",
+            axum::routing::patch(set_member_role).delete(remove_member),
+        )
+        .route("/conversations/{id}/leave", post(leave))
+        .route("/conversations/{id}/messages", get(history).post(send))
+        .route("/conversations/{id}/read", post(mark_read))
+        .route("/conversations/{id}/search", get(search_conversation))
+        .route("/search", get(search_all))
+        .fallback(not_found);
+    Router::new()
+        .route("/healthz", get(healthz))
+        .nest("/api", api)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn not_found() -> ApiError {
+    ApiError::http(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests
+/// finish for at most `grace` before returning.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
+    let deadline = async move {
+        if rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        r = server => r,
+        () = deadline => {
+            tracing::warn!(?grace, "shutdown grace period over; dropping remaining requests");
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGINT (ctrl-c) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
+        () = term => tracing::info!("SIGTERM received, shutting down"),
+    }
+}

@@ -1,0 +1,479 @@
+//! REST handlers. Each one extracts, calls the core service, and shapes the answer;
+//! rules live in the core, status codes in `error.rs`. The routes are documented in
+//! `docs/API.md`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use mindsp_core::model::{ActivityCursor, MemberRole, NewUser, Role, SeqWindow};
+use mindsp_core::{ConversationId, Error, UserId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::{self, Authenticated};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Json, Path, Query};
+
+// ---- auth ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LoginRequest {
+    tenant: String,
+    email: String,
+    password: String,
+}
+
+/// `POST /api/auth/login`
+pub(crate) async fn login(
+    State(state): State<AppState>,
+    Json(req): Json<LoginRequest>,
+) -> ApiResult<axum::Json<Value>> {
+    // Oversize input is refused before any hashing work.
+    if req.password.len() > auth::MAX_PASSWORD_BYTES
+        || req.email.len() > 254
+        || req.tenant.len() > 64
+    {
+        return Err(Error::InvalidCredentials.into());
+    }
+    let store = state.messaging.store();
+    let tenant = store.tenant_by_slug(&req.tenant.trim().to_lowercase()).await?;
+    let found = match &tenant {
+        Some(t) => {
+            let mut tx = store.read(t.id).await?;
+            tx.user_credentials(&req.email.trim().to_lowercase()).await?
+        }
+        None => None,
+    };
+    let (user, hash) = match found {
+        Some((u, h)) if u.active => (Some(u), Some(h)),
+        _ => (None, None),
+    };
+    if !auth::verify_password_blocking(req.password, hash).await {
+        return Err(Error::InvalidCredentials.into());
+    }
+    let user = user.ok_or(Error::InvalidCredentials)?;
+    let token = state.tokens.issue(&user)?;
+    Ok(axum::Json(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": state.tokens.ttl().as_secs(),
+        "user": user,
+        "tenant": tenant,
+    })))
+}
+
+/// `GET /api/me`
+pub(crate) async fn me(auth: Authenticated) -> axum::Json<Value> {
+    axum::Json(json!({ "user": auth.user }))
+}
+
+// ---- users --------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UsersQuery {
+    limit: Option<u32>,
+    /// Opaque cursor returned as `next_cursor`.
+    cursor: Option<String>,
+}
+
+/// `GET /api/users`: the tenant's directory.
+pub(crate) async fn list_users(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Query(q): Query<UsersQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let after = q.cursor.as_deref().map(decode_user_cursor).transpose()?;
+    let users = state
+        .messaging
+        .list_users(&auth.actor, after, q.limit)
+        .await?;
+    let limit = state.messaging.limits().page_size(q.limit)? as usize;
+    let next = (users.len() == limit)
+        .then(|| users.last().map(|u| encode_user_cursor(&u.display_name, u.id)))
+        .flatten();
+    Ok(axum::Json(json!({ "users": users, "next_cursor": next })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateUser {
+    email: String,
+    display_name: String,
+    role: Role,
+    password: String,
+}
+
+/// `POST /api/admin/users`
+pub(crate) async fn create_user(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Json(req): Json<CreateUser>,
+) -> ApiResult<impl IntoResponse> {
+    if auth.actor.role != Role::Admin {
+        return Err(Error::forbidden("tenant administrators only").into());
+    }
+    auth::check_new_password(&req.password)?;
+    let password_hash = auth::hash_password_blocking(req.password).await?;
+    let user = state
+        .messaging
+        .create_user(
+            &auth.actor,
+            NewUser {
+                email: req.email,
+                display_name: req.display_name,
+                role: req.role,
+                password_hash,
+            },
+        )
+        .await?;
+    Ok((StatusCode::CREATED, axum::Json(json!({ "user": user }))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateUser {
+    active: bool,
+}
+
+/// `PATCH /api/admin/users/{id}`
+pub(crate) async fn update_user(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<UserId>,
+    Json(req): Json<UpdateUser>,
+) -> ApiResult<axum::Json<Value>> {
+    let user = state
+        .messaging
+        .set_user_active(&auth.actor, id, req.active)
+        .await?;
+    Ok(axum::Json(json!({ "user": user })))
+}
+
+// ---- conversations ------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// `GET /api/conversations`
+pub(crate) async fn list_conversations(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let before = q.cursor.as_deref().map(decode_activity_cursor).transpose()?;
+    let list = state
+        .messaging
+        .list_conversations(&auth.actor, before, q.limit)
+        .await?;
+    let limit = state.messaging.limits().page_size(q.limit)? as usize;
+    let next = (list.len() == limit)
+        .then(|| list.last().map(|s| encode_activity_cursor(&s.conversation)))
+        .flatten();
+    Ok(axum::Json(json!({ "conversations": list, "next_cursor": next })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub(crate) enum CreateConversation {
+    Direct { user_id: UserId },
+    Group { name: String, member_ids: Vec<UserId> },
+}
+
+/// `POST /api/conversations`: 201 when created, 200 when the direct one existed.
+pub(crate) async fn create_conversation(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Json(req): Json<CreateConversation>,
+) -> ApiResult<impl IntoResponse> {
+    let (conv, created) = match req {
+        CreateConversation::Direct { user_id } => {
+            state.messaging.open_direct(&auth.actor, user_id).await?
+        }
+        CreateConversation::Group { name, member_ids } => (
+            state
+                .messaging
+                .create_group(&auth.actor, &name, &member_ids)
+                .await?,
+            true,
+        ),
+    };
+    let (conv, members) = state.messaging.conversation(&auth.actor, conv.id).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((
+        status,
+        axum::Json(json!({ "conversation": conv, "members": members })),
+    ))
+}
+
+/// `GET /api/conversations/{id}`
+pub(crate) async fn get_conversation(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<ConversationId>,
+) -> ApiResult<axum::Json<Value>> {
+    let (conv, members) = state.messaging.conversation(&auth.actor, id).await?;
+    Ok(axum::Json(json!({ "conversation": conv, "members": members })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Rename {
+    name: String,
+}
+
+/// `PATCH /api/conversations/{id}`
+pub(crate) async fn rename_conversation(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<ConversationId>,
+    Json(req): Json<Rename>,
+) -> ApiResult<axum::Json<Value>> {
+    state.messaging.rename(&auth.actor, id, &req.name).await?;
+    get_conversation(State(state), auth, Path(id)).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AddMembers {
+    user_ids: Vec<UserId>,
+}
+
+/// `POST /api/conversations/{id}/members`
+pub(crate) async fn add_members(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<ConversationId>,
+    Json(req): Json<AddMembers>,
+) -> ApiResult<axum::Json<Value>> {
+    if req.user_ids.len() > state.messaging.limits().max_group_members {
+        return Err(Error::invalid("group_too_large", "too many users in one request").into());
+    }
+    let members = state
+        .messaging
+        .add_members(&auth.actor, id, &req.user_ids)
+        .await?;
+    Ok(axum::Json(json!({ "members": members })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SetRole {
+    role: MemberRole,
+}
+
+/// `PATCH /api/conversations/{id}/members/{user_id}`
+pub(crate) async fn set_member_role(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path((id, user)): Path<(ConversationId, UserId)>,
+    Json(req): Json<SetRole>,
+) -> ApiResult<StatusCode> {
+    state
+        .messaging
+        .set_member_role(&auth.actor, id, user, req.role)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /api/conversations/{id}/members/{user_id}` (your own id: leave)
+pub(crate) async fn remove_member(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path((id, user)): Path<(ConversationId, UserId)>,
+) -> ApiResult<StatusCode> {
+    state.messaging.remove_member(&auth.actor, id, user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/conversations/{id}/leave`
+pub(crate) async fn leave(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<ConversationId>,
+) -> ApiResult<StatusCode> {
+    let me = auth.actor.user_id;
+    state.messaging.remove_member(&auth.actor, id, me).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- messages -----------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryQuery {
+    before: Option<i64>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// `GET /api/conversations/{id}/messages`
+pub(crate) async fn history(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<ConversationId>,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let window = match (q.before, q.after) {
+        (None, None) => SeqWindow::Latest,
+        (Some(b), None) => SeqWindow::Before(b),
+        (None, Some(a)) => SeqWindow::After(a),
+        (Some(_), Some(_)) => {
+            return Err(Error::invalid("invalid_cursor", "give `before` or `after`, not both").into());
+        }
+    };
+    let messages = state
+        .messaging
+        .history(&auth.actor, id, window, q.limit)
+        .await?;
+    // Cursors to continue in each direction: `before=<before_cursor>` for older
+    // messages (null at the start), `after=<after_cursor>` for newer ones.
+    let before_cursor = messages.first().map(|m| m.seq).filter(|s| *s > 1);
+    let after_cursor = messages.last().map(|m| m.seq).or(q.after);
+    Ok(axum::Json(json!({
+        "messages": messages,
+        "before_cursor": before_cursor,
+        "after_cursor": after_cursor,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SendMessage {
+    content: String,
+    idempotency_key: Option<String>,
+}
+
+/// `POST /api/conversations/{id}/messages`: 201 when stored, 200 when the idempotency
+/// key had already stored it.
+pub(crate) async fn send(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<ConversationId>,
+    Json(req): Json<SendMessage>,
+) -> ApiResult<impl IntoResponse> {
+    let appended = state
+        .messaging
+        .send(&auth.actor, id, &req.content, req.idempotency_key)
+        .await?;
+    let status = if appended.created() {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(json!({ "message": appended.message() }))))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MarkRead {
+    seq: Option<i64>,
+}
+
+/// `POST /api/conversations/{id}/read`
+pub(crate) async fn mark_read(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<ConversationId>,
+    body: axum::body::Bytes,
+) -> ApiResult<axum::Json<Value>> {
+    // The body is optional: empty means "up to the newest message".
+    let seq = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let parsed: MarkRead = serde_json::from_slice(&body).map_err(|e| {
+            if e.is_syntax() || e.is_eof() {
+                ApiError::bad_request("malformed_json", e.to_string())
+            } else {
+                ApiError::http(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string())
+            }
+        })?;
+        parsed.seq
+    };
+    let marker = state.messaging.mark_read(&auth.actor, id, seq).await?;
+    Ok(axum::Json(json!({ "last_read_seq": marker })))
+}
+
+// ---- search -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SearchQuery {
+    q: String,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// `GET /api/search`
+pub(crate) async fn search_all(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Query(q): Query<SearchQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    search(state, auth, None, q).await
+}
+
+/// `GET /api/conversations/{id}/search`
+pub(crate) async fn search_conversation(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<ConversationId>,
+    Query(q): Query<SearchQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    search(state, auth, Some(id), q).await
+}
+
+async fn search(
+    state: AppState,
+    auth: Authenticated,
+    conv: Option<ConversationId>,
+    q: SearchQuery,
+) -> ApiResult<axum::Json<Value>> {
+    let offset = match q.cursor.as_deref() {
+        None => 0,
+        Some(c) => c
+            .parse::<u32>()
+            .map_err(|_| Error::invalid("invalid_cursor", "malformed search cursor"))?,
+    };
+    let hits = state
+        .messaging
+        .search(&auth.actor, &q.q, conv, offset, q.limit)
+        .await?;
+    let limit = state.messaging.limits().page_size(q.limit)?;
+    let next = (hits.len() as u32 == limit).then(|| (offset + limit).to_string());
+    Ok(axum::Json(json!({ "results": hits, "next_cursor": next })))
+}
+
+// ---- cursors ------------------------------------------------------------------------
+
+/// Opaque cursors are `<millis>_<uuid>` / `<uuid>_<name>`: readable, but clients must
+/// treat them as opaque strings.
+fn encode_activity_cursor(c: &mindsp_core::model::Conversation) -> String {
+    format!("{}_{}", c.last_activity_at.timestamp_millis(), c.id)
+}
+
+fn decode_activity_cursor(s: &str) -> Result<ActivityCursor, ApiError> {
+    let bad = || ApiError::from(Error::invalid("invalid_cursor", "malformed conversation cursor"));
+    let (ms, id) = s.split_once('_').ok_or_else(bad)?;
+    let ms: i64 = ms.parse().map_err(|_| bad())?;
+    Ok(ActivityCursor {
+        last_activity_at: chrono::DateTime::from_timestamp_millis(ms).ok_or_else(bad)?,
+        id: id.parse().map_err(|_| bad())?,
+    })
+}
+
+fn encode_user_cursor(name: &str, id: UserId) -> String {
+    format!("{id}_{name}")
+}
+
+fn decode_user_cursor(s: &str) -> Result<(String, UserId), ApiError> {
+    let bad = || ApiError::from(Error::invalid("invalid_cursor", "malformed user cursor"));
+    let (id, name) = s.split_once('_').ok_or_else(bad)?;
+    Ok((name.to_owned(), id.parse().map_err(|_| bad())?))
+}

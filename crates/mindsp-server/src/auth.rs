@@ -1,0 +1,192 @@
+//! Authentication: argon2id password hashes, HS256 access tokens, and the extractor
+//! that turns a bearer token into an [`Actor`] on every protected route.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use mindsp_core::model::{Role, User};
+use mindsp_core::{Actor, Error, TenantId, UserId};
+use serde::{Deserialize, Serialize};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Shortest password accepted for a new account.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Longest password accepted anywhere: hashing cost grows with it, so it is bounded.
+pub const MAX_PASSWORD_BYTES: usize = 256;
+
+/// Issues and checks access tokens.
+#[derive(Clone)]
+pub struct Tokens {
+    encoding: Arc<EncodingKey>,
+    decoding: Arc<DecodingKey>,
+    ttl: Duration,
+}
+
+/// What an access token says. Short names keep tokens small.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user.
+    pub sub: UserId,
+    /// Their tenant.
+    pub tid: TenantId,
+    /// Their role when the token was issued (the current role is re-read on each request).
+    pub role: Role,
+    /// Issued at, seconds since the epoch.
+    pub iat: i64,
+    /// Expiry, seconds since the epoch.
+    pub exp: i64,
+}
+
+impl Tokens {
+    /// Keys from a shared secret (at least 32 bytes) and a lifetime.
+    pub fn new(secret: &[u8], ttl: Duration) -> Self {
+        Self {
+            encoding: Arc::new(EncodingKey::from_secret(secret)),
+            decoding: Arc::new(DecodingKey::from_secret(secret)),
+            ttl,
+        }
+    }
+
+    /// Token lifetime.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// A signed token for `user`.
+    pub fn issue(&self, user: &User) -> Result<String, ApiError> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = Claims {
+            sub: user.id,
+            tid: user.tenant_id,
+            role: user.role,
+            iat: now,
+            exp: now + self.ttl.as_secs() as i64,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| Error::Storage(format!("cannot sign token: {e}")).into())
+    }
+
+    /// Checks signature and expiry.
+    pub fn verify(&self, token: &str) -> Result<Claims, ApiError> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => {
+                    ApiError::unauthorized("token_expired", "the access token has expired")
+                }
+                _ => ApiError::unauthorized("invalid_token", "the access token is not valid"),
+            })
+    }
+}
+
+/// Hashes a password with argon2id (default parameters: 19 MiB, 2 passes).
+pub fn hash_password(password: &str) -> Result<String, Error> {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| Error::Storage(format!("password hashing failed: {e}")))
+}
+
+/// Checks a password against a stored hash.
+pub fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// Checks a new password against the policy.
+pub fn check_new_password(password: &str) -> Result<(), Error> {
+    if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > MAX_PASSWORD_BYTES {
+        return Err(Error::invalid(
+            "weak_password",
+            format!(
+                "a password has {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_BYTES} bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs password hashing off the async workers: it takes tens of milliseconds of CPU.
+pub async fn hash_password_blocking(password: String) -> Result<String, Error> {
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| Error::Storage(format!("hashing task failed: {e}")))?
+}
+
+/// Checks credentials. When the user is unknown the password is still checked
+/// against a fixed hash, so response time does not reveal which e-mails exist.
+pub async fn verify_password_blocking(password: String, hash: Option<String>) -> bool {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let known = hash.is_some();
+    let hash = hash.unwrap_or_else(|| {
+        DECOY
+            .get_or_init(|| hash_password("decoy-password").unwrap_or_default())
+            .clone()
+    });
+    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .unwrap_or(false);
+    ok && known
+}
+
+/// The authenticated caller of a protected route: a valid, unexpired token for a user
+/// who still exists and is active.
+pub struct Authenticated {
+    /// Who is acting, with their *current* role.
+    pub actor: Actor,
+    /// The user record.
+    pub user: User,
+}
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("unauthorized", "missing bearer token"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                ApiError::unauthorized("unauthorized", "expected Authorization: Bearer <token>")
+            })?;
+        let claims = state.tokens.verify(token.trim())?;
+        let mut tx = state.messaging.store().read(claims.tid).await?;
+        let user = tx
+            .user(claims.sub)
+            .await?
+            .filter(|u| u.active)
+            .ok_or_else(|| {
+                ApiError::unauthorized("invalid_token", "the account is unknown or deactivated")
+            })?;
+        Ok(Self {
+            actor: Actor {
+                tenant_id: user.tenant_id,
+                user_id: user.id,
+                role: user.role,
+            },
+            user,
+        })
+    }
+}
