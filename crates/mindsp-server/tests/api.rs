@@ -1,0 +1,444 @@
+//! The REST API as a client sees it: statuses, error codes, and that refused requests
+//! write nothing.
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use common::{PASSWORD, SECRET, TestApp};
+use serde_json::{Value, json};
+
+async fn group(app: &TestApp, owner: &str, name: &str, members: &[&str]) -> String {
+    let r = app
+        .post(
+            "/api/conversations",
+            owner,
+            json!({"kind": "group", "name": name, "member_ids": members}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    r.body["conversation"]["id"].as_str().unwrap().to_owned()
+}
+
+async fn last_seq(app: &TestApp, token: &str, conv: &str) -> i64 {
+    let r = app.get(&format!("/api/conversations/{conv}"), token).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    r.body["conversation"]["last_seq"].as_i64().unwrap()
+}
+
+#[tokio::test]
+async fn login_me_and_token_errors() {
+    let app = TestApp::new().await;
+    let admin = app.tenant("sdis13").await;
+    let me = app.get("/api/me", &admin).await;
+    assert_eq!(me.status, StatusCode::OK);
+    assert_eq!(me.body["user"]["email"], "admin@sdis13.fr");
+    assert_eq!(me.body["user"]["role"], "admin");
+    assert!(me.body["user"].get("password_hash").is_none());
+
+    // Wrong password, unknown user, unknown tenant: one answer for all.
+    for (tenant, email, password) in [
+        ("sdis13", "admin@sdis13.fr", "wrong-password"),
+        ("sdis13", "nobody@sdis13.fr", PASSWORD),
+        ("sdis99", "admin@sdis13.fr", PASSWORD),
+    ] {
+        let r = app
+            .call(
+                Method::POST,
+                "/api/auth/login",
+                None,
+                Some(json!({"tenant": tenant, "email": email, "password": password})),
+            )
+            .await;
+        assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
+    }
+    // E-mail and tenant are case-insensitive.
+    app.login("SDIS13", "Admin@SDIS13.fr", PASSWORD).await;
+
+    let r = app.call(Method::GET, "/api/me", None, None).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    let r = app
+        .raw(
+            Request::get("/api/me")
+                .header(header::AUTHORIZATION, format!("Basic {admin}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+
+    // Forged: signed with another secret; tampered: payload edited.
+    let claims: Value = {
+        let payload = admin.split('.').nth(1).unwrap();
+        use base64_decode::decode;
+        serde_json::from_slice(&decode(payload)).unwrap()
+    };
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"another-secret-another-secret-xx!"),
+    )
+    .unwrap();
+    let r = app.get("/api/me", &forged).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_token"));
+    let r = app.get("/api/me", "not.a.token").await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_token"));
+
+    // Expired: correctly signed, but past its expiry.
+    let mut old = claims.clone();
+    old["exp"] = json!(chrono::Utc::now().timestamp() - 5);
+    let expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &old,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET),
+    )
+    .unwrap();
+    let r = app.get("/api/me", &expired).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "token_expired"));
+}
+
+/// Minimal base64url decoding for reading a token's payload in a test.
+mod base64_decode {
+    pub(crate) fn decode(s: &str) -> Vec<u8> {
+        let val = |c: u8| -> u32 {
+            match c {
+                b'A'..=b'Z' => (c - b'A') as u32,
+                b'a'..=b'z' => (c - b'a' + 26) as u32,
+                b'0'..=b'9' => (c - b'0' + 52) as u32,
+                b'-' => 62,
+                _ => 63,
+            }
+        };
+        let mut out = Vec::new();
+        let (mut acc, mut bits) = (0u32, 0);
+        for &c in s.as_bytes() {
+            acc = (acc << 6) | val(c);
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+                acc &= (1 << bits) - 1;
+            }
+        }
+        out
+    }
+}
+
+#[tokio::test]
+async fn deactivated_users_are_locked_out_at_once() {
+    let app = TestApp::new().await;
+    let admin = app.tenant("sdis13").await;
+    let (id, token) = app.user(&admin, "sdis13", "Lucie Roux").await;
+    assert_eq!(app.get("/api/me", &token).await.status, StatusCode::OK);
+    let r = app
+        .call(
+            Method::PATCH,
+            &format!("/api/admin/users/{id}"),
+            Some(&admin),
+            Some(json!({"active": false})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["user"]["active"], false);
+    let r = app.get("/api/me", &token).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_token"));
+    let r = app
+        .call(
+            Method::POST,
+            "/api/auth/login",
+            None,
+            Some(json!({"tenant": "sdis13", "email": "lucie.roux@sdis13.fr", "password": PASSWORD})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn admin_routes_need_an_admin() {
+    let app = TestApp::new().await;
+    let admin = app.tenant("sdis13").await;
+    let (_, member) = app.user(&admin, "sdis13", "Karim Benali").await;
+    let body = json!({"email": "x@sdis13.fr", "display_name": "X", "role": "member", "password": PASSWORD});
+    let r = app.post("/api/admin/users", &member, body.clone()).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
+    let r = app.post("/api/admin/users", &admin, body.clone()).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = app.post("/api/admin/users", &admin, body).await;
+    assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, "email_taken"));
+    let r = app
+        .post(
+            "/api/admin/users",
+            &admin,
+            json!({"email": "y@sdis13.fr", "display_name": "Y", "role": "member", "password": "court"}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "weak_password"));
+    let r = app
+        .post(
+            "/api/admin/users",
+            &admin,
+            json!({"email": "y@sdis13.fr", "display_name": "Y", "role": "général", "password": PASSWORD}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"));
+    // The directory lists the tenant, pages with a cursor.
+    let r = app.get("/api/users?limit=2", &member).await;
+    assert_eq!(r.body["users"].as_array().unwrap().len(), 2);
+    let cursor = r.body["next_cursor"].as_str().unwrap().to_owned();
+    let r = app
+        .get(&format!("/api/users?limit=2&cursor={}", urlencode(&cursor)), &member)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["users"].as_array().unwrap().len(), 1);
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn conversation_flow() {
+    let app = TestApp::new().await;
+    let admin = app.tenant("sdis13").await;
+    let (u1, t1) = app.user(&admin, "sdis13", "Julien Martin").await;
+    let (u2, t2) = app.user(&admin, "sdis13", "Sophie Bernard").await;
+
+    // Direct: created once, found after.
+    let r = app.post("/api/conversations", &t1, json!({"kind": "direct", "user_id": u2})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let direct = r.body["conversation"]["id"].as_str().unwrap().to_owned();
+    let r = app.post("/api/conversations", &t2, json!({"kind": "direct", "user_id": u1})).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["conversation"]["id"], direct.as_str());
+
+    // Messages, with an idempotent retry.
+    let uri = format!("/api/conversations/{direct}/messages");
+    for i in 1..=30 {
+        let r = app
+            .post(&uri, &t1, json!({"content": format!("message {i}"), "idempotency_key": format!("k{i}")}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        assert_eq!(r.body["message"]["seq"], i);
+    }
+    let r = app.post(&uri, &t1, json!({"content": "message 30", "idempotency_key": "k30"})).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["message"]["seq"], 30);
+
+    // Unread for the other side, then read.
+    let r = app.get("/api/conversations", &t2).await;
+    assert_eq!(r.body["conversations"][0]["unread_count"], 30);
+    assert_eq!(r.body["conversations"][0]["last_message"]["content"], "message 30");
+    let r = app.post(&format!("/api/conversations/{direct}/read"), &t2, json!({"seq": 10})).await;
+    assert_eq!(r.body["last_read_seq"], 10);
+    let r = app.get("/api/conversations", &t2).await;
+    assert_eq!(r.body["conversations"][0]["unread_count"], 20);
+    let r = app
+        .call(Method::POST, &format!("/api/conversations/{direct}/read"), Some(&t2), None)
+        .await;
+    assert_eq!(r.body["last_read_seq"], 30);
+
+    // History pages: newest, then older with the cursor, then newer from a point.
+    let r = app.get(&format!("{uri}?limit=10"), &t2).await;
+    let seqs: Vec<i64> = r.body["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (21..=30).collect::<Vec<_>>());
+    let before = r.body["before_cursor"].as_i64().unwrap();
+    let r = app.get(&format!("{uri}?limit=10&before={before}"), &t2).await;
+    assert_eq!(r.body["messages"][0]["seq"], 11);
+    let r = app.get(&format!("{uri}?limit=10&after=25"), &t2).await;
+    assert_eq!(r.body["messages"].as_array().unwrap().len(), 5);
+    assert_eq!(r.body["after_cursor"], 30);
+
+    // Group management over HTTP.
+    let (u3, t3) = app.user(&admin, "sdis13", "Karim Benali").await;
+    let g = group(&app, &t1, "CIS Aix — garde", &[&u2]).await;
+    let r = app.post(&format!("/api/conversations/{g}/members"), &t1, json!({"user_ids": [u3]})).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["members"].as_array().unwrap().len(), 3);
+    let r = app.post(&format!("/api/conversations/{g}/messages"), &t3, json!({"content": "Présent !"})).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = app
+        .call(Method::DELETE, &format!("/api/conversations/{g}/members/{u3}"), Some(&t1), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = app.post(&format!("/api/conversations/{g}/messages"), &t3, json!({"content": "Toujours là ?"})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    let r = app.get(&format!("/api/conversations/{g}/messages"), &t3).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app
+        .call(Method::PATCH, &format!("/api/conversations/{g}"), Some(&t2), Some(json!({"name": "X"})))
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
+    let r = app
+        .call(Method::PATCH, &format!("/api/conversations/{g}/members/{u1}"), Some(&t1), Some(json!({"role": "member"})))
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, "last_owner"));
+    let r = app.call(Method::POST, &format!("/api/conversations/{g}/leave"), Some(&t1), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = app.get(&format!("/api/conversations/{g}"), &t2).await;
+    assert_eq!(r.body["members"][0]["role"], "owner");
+
+    // Search, across conversations and in one.
+    app.post(&format!("/api/conversations/{g}/messages"), &t2, json!({"content": "Consignes de sécurité ARI"})).await;
+    let r = app.get("/api/search?q=securite", &t2).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["results"].as_array().unwrap().len(), 1);
+    assert_eq!(r.body["results"][0]["message"]["content"], "Consignes de sécurité ARI");
+    let r = app.get(&format!("/api/conversations/{direct}/search?q=securite"), &t2).await;
+    assert_eq!(r.body["results"].as_array().unwrap().len(), 0);
+    let r = app.get("/api/search?q=securite", &t1).await;
+    assert_eq!(r.body["results"].as_array().unwrap().len(), 0, "t1 left the group");
+}
+
+#[tokio::test]
+async fn another_tenant_learns_nothing_through_any_route() {
+    let app = TestApp::new().await;
+    let admin_a = app.tenant("sdis13").await;
+    let admin_b = app.tenant("sdis83").await;
+    let (ua1, ta1) = app.user(&admin_a, "sdis13", "Julien Martin").await;
+    let (ua2, _) = app.user(&admin_a, "sdis13", "Sophie Bernard").await;
+    let (ub, tb) = app.user(&admin_b, "sdis83", "Paul Varois").await;
+    let g = group(&app, &ta1, "Secret SDIS 13", &[&ua2]).await;
+    app.post(&format!("/api/conversations/{g}/messages"), &ta1, json!({"content": "Plan ORSEC incendie"}))
+        .await;
+    let missing = uuid::Uuid::now_v7().to_string();
+
+    // Every route that names A's conversation answers B exactly as for a missing one.
+    for conv in [g.as_str(), missing.as_str()] {
+        let c = format!("/api/conversations/{conv}");
+        let calls: Vec<(Method, String, Option<Value>)> = vec![
+            (Method::GET, c.clone(), None),
+            (Method::PATCH, c.clone(), Some(json!({"name": "pris"}))),
+            (Method::GET, format!("{c}/messages"), None),
+            (Method::POST, format!("{c}/messages"), Some(json!({"content": "intrusion"}))),
+            (Method::POST, format!("{c}/read"), Some(json!({"seq": 1}))),
+            (Method::POST, format!("{c}/members"), Some(json!({"user_ids": [ub]}))),
+            (Method::DELETE, format!("{c}/members/{ua2}"), None),
+            (Method::PATCH, format!("{c}/members/{ua2}"), Some(json!({"role": "admin"}))),
+            (Method::POST, format!("{c}/leave"), None),
+            (Method::GET, format!("{c}/search?q=incendie"), None),
+        ];
+        for (method, uri, body) in calls {
+            for token in [&tb, &admin_b] {
+                let r = app.call(method.clone(), &uri, Some(token), body.clone()).await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::NOT_FOUND, "not_found"),
+                    "{method} {uri}"
+                );
+            }
+        }
+    }
+    // A's users are invisible too.
+    let r = app.post("/api/conversations", &tb, json!({"kind": "direct", "user_id": ua1})).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app.post("/api/conversations", &tb, json!({"kind": "group", "name": "x", "member_ids": [ua1]})).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app
+        .call(Method::PATCH, &format!("/api/admin/users/{ua1}"), Some(&admin_b), Some(json!({"active": false})))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app.get("/api/users", &tb).await;
+    assert!(r.body["users"].as_array().unwrap().iter().all(|u| u["email"].as_str().unwrap().ends_with("sdis83.fr")));
+    let r = app.get("/api/conversations", &tb).await;
+    assert_eq!(r.body["conversations"].as_array().unwrap().len(), 0);
+    let r = app.get("/api/search?q=incendie", &tb).await;
+    assert_eq!(r.body["results"].as_array().unwrap().len(), 0);
+
+    // Nothing was written to A's conversation.
+    let r = app.get(&format!("/api/conversations/{g}"), &ta1).await;
+    assert_eq!(r.body["conversation"]["name"], "Secret SDIS 13");
+    assert_eq!(r.body["conversation"]["last_seq"], 1);
+    assert_eq!(r.body["members"].as_array().unwrap().len(), 2);
+    // And the deactivation did not happen.
+    assert_eq!(app.get("/api/me", &ta1).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_documented_error_and_writes_nothing() {
+    let mut config = mindsp_server::HttpConfig::with_secret(SECRET);
+    config.max_body_bytes = 16 * 1024;
+    let app = TestApp::with_config(config).await;
+    let admin = app.tenant("sdis13").await;
+    let (_, t1) = app.user(&admin, "sdis13", "Julien Martin").await;
+    let g = group(&app, &t1, "Garde", &[]).await;
+    let uri = format!("/api/conversations/{g}/messages");
+    app.post(&uri, &t1, json!({"content": "premier"})).await;
+
+    let send_raw = |body: &'static str, content_type: Option<&'static str>| {
+        let mut req = Request::post(uri.clone()).header(header::AUTHORIZATION, format!("Bearer {t1}"));
+        if let Some(ct) = content_type {
+            req = req.header(header::CONTENT_TYPE, ct);
+        }
+        req.body(Body::from(body)).unwrap()
+    };
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (send_raw("{\"content\": ", Some("application/json")), StatusCode::BAD_REQUEST, "malformed_json"),
+        (send_raw("not json", Some("application/json")), StatusCode::BAD_REQUEST, "malformed_json"),
+        (send_raw("{\"content\": 42}", Some("application/json")), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+        (send_raw("{}", Some("application/json")), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+        (send_raw("{\"content\": \"x\", \"admin\": true}", Some("application/json")), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
+        (send_raw("{\"content\": \"x\"}", None), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+        (send_raw("{\"content\": \"   \"}", Some("application/json")), StatusCode::UNPROCESSABLE_ENTITY, "empty_content"),
+    ];
+    for (req, status, code) in cases {
+        let r = app.raw(req).await;
+        assert_eq!((r.status, r.code()), (status, code), "{:?}", r.body);
+    }
+    let r = app.post(&uri, &t1, json!({"content": "x".repeat(4001)})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "content_too_long"));
+    let r = app.post(&uri, &t1, json!({"content": "x".repeat(20_000)})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
+    let r = app.post(&uri, &t1, json!({"content": "x", "idempotency_key": "k".repeat(200)})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_idempotency_key"));
+    assert_eq!(last_seq(&app, &t1, &g).await, 1, "no refused request wrote a message");
+
+    // Query strings and cursors.
+    for (q, status, code) in [
+        ("limit=abc", StatusCode::BAD_REQUEST, "invalid_query_string"),
+        ("limit=-1", StatusCode::BAD_REQUEST, "invalid_query_string"),
+        ("limit=0", StatusCode::UNPROCESSABLE_ENTITY, "invalid_limit"),
+        ("limit=1000", StatusCode::UNPROCESSABLE_ENTITY, "invalid_limit"),
+        ("before=-5", StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor"),
+        ("before=abc", StatusCode::BAD_REQUEST, "invalid_query_string"),
+        ("before=3&after=1", StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor"),
+        ("colour=red", StatusCode::BAD_REQUEST, "invalid_query_string"),
+    ] {
+        let r = app.get(&format!("{uri}?{q}"), &t1).await;
+        assert_eq!((r.status, r.code()), (status, code), "{q}");
+    }
+    let r = app.get("/api/conversations?cursor=garbage", &t1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor"));
+    let r = app.get("/api/search?q=feu&cursor=xyz", &t1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor"));
+    let r = app.get("/api/search", &t1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_query_string"));
+    let r = app.get("/api/search?q=%20%20", &t1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_query"));
+
+    // Identifiers.
+    let r = app.get("/api/conversations/not-a-uuid", &t1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_id"));
+    let r = app.get(&format!("/api/conversations/{}", uuid::Uuid::now_v7()), &t1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    let r = app.post("/api/conversations", &t1, json!({"kind": "direct", "user_id": uuid::Uuid::now_v7()})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    let r = app.post("/api/conversations", &t1, json!({"kind": "channel"})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"));
+    let r = app.get("/api/nothing-here", &t1).await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    let r = app.post(&format!("/api/conversations/{g}/read"), &t1, json!({"seq": "deux"})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"));
+    assert_eq!(last_seq(&app, &t1, &g).await, 1);
+}
+
+#[tokio::test]
+async fn healthz_answers() {
+    let app = TestApp::new().await;
+    let r = app.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+}

@@ -1,0 +1,191 @@
+//! The binary as an operator runs it: `serve --demo` on a fresh SQLite file, a login as
+//! the demo administrator, a conversation read over real HTTP, then SIGTERM; and the
+//! `create-tenant` / `create-user` commands.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mindsp-server"));
+    c.env_remove("MINDSP_JWT_SECRET")
+        .env_remove("MINDSP_DATABASE_URL")
+        .env("MINDSP_LOG", "info");
+    c
+}
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mindsp-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts `serve` on an ephemeral port and waits for its "listening" line.
+fn start(db: &Path, extra: &[&str]) -> Server {
+    let mut child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
+        .arg(format!("sqlite://{}", db.display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mindsp-server");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("addr=") {
+                let addr = line[i + 5..].split_whitespace().next().unwrap_or("").to_owned();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server printed its address");
+    Server {
+        child,
+        base: format!("http://{addr}"),
+    }
+}
+
+#[tokio::test]
+async fn serve_demo_login_read_and_stop_on_sigterm() {
+    let dir = temp_dir();
+    let db = dir.join("mindsp.db");
+    let mut server = start(&db, &["--demo"]);
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{}/healthz", server.base)).send().await.unwrap().status(),
+        200
+    );
+    let login: Value = http
+        .post(format!("{}/api/auth/login", server.base))
+        .json(&json!({"tenant": "sdis13", "email": "admin@sdis13.fr", "password": "Password123!"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = login["access_token"].as_str().expect("token").to_owned();
+    let list: Value = http
+        .get(format!("{}/api/conversations", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let convs = list["conversations"].as_array().unwrap();
+    assert!(convs.len() >= 2, "{list}");
+    let id = convs[0]["id"].as_str().unwrap();
+    let page: Value = http
+        .get(format!("{}/api/conversations/{id}/messages", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(!page["messages"].as_array().unwrap().is_empty(), "{page}");
+    let users: Value = http
+        .get(format!("{}/api/users", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(users["users"].as_array().unwrap().len(), 13);
+
+    // The secret was generated once and kept beside the database.
+    let secret_file = dir.join("mindsp.db.jwt-secret");
+    assert!(secret_file.exists());
+
+    // SIGTERM: a clean exit.
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = wait_exit(&mut server.child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+
+    // A restart reuses the secret: the old token still works; the demo is not duplicated.
+    let server = start(&db, &["--demo"]);
+    let r = http
+        .get(format!("{}/api/users", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let users: Value = r.json().await.unwrap();
+    assert_eq!(users["users"].as_array().unwrap().len(), 13);
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(start.elapsed() < limit, "server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn create_tenant_and_user_then_log_in() {
+    let dir = temp_dir();
+    let db = dir.join("ops.db");
+    let url = format!("sqlite://{}", db.display());
+    let out = bin()
+        .args(["create-tenant", "--slug", "sdis83", "--name", "SDIS 83 — Var", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .args(["create-user", "--tenant", "sdis83", "--email", "chef@sdis83.fr", "--name", "Cne Chef", "--role", "admin", "--database-url", &url])
+        .env("MINDSP_USER_PASSWORD", "Toulon-83-secours")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Refusals exit non-zero with a message.
+    let out = bin()
+        .args(["create-user", "--tenant", "sdis00", "--email", "x@x.fr", "--name", "X", "--database-url", &url])
+        .env("MINDSP_USER_PASSWORD", "Toulon-83-secours")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tenant"));
+
+    let server = start(&db, &[]);
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/auth/login", server.base))
+        .json(&json!({"tenant": "sdis83", "email": "chef@sdis83.fr", "password": "Toulon-83-secours"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}

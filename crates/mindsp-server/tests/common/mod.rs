@@ -1,0 +1,144 @@
+//! Shared helpers for the server's tests: an app over a fresh SQLite file, driven
+//! in-process through `tower::ServiceExt::oneshot`, and a way to run the real binary.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use mindsp_core::model::{NewUser, Role};
+use mindsp_core::ports::Store;
+use mindsp_server::{AppState, HttpConfig, router};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+pub const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
+pub const PASSWORD: &str = "Motdepasse-42";
+
+pub struct TestApp {
+    pub app: Router,
+    pub store: Arc<dyn Store>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl Reply {
+    /// The stable error code of an error reply.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("<no error code>")
+    }
+}
+
+impl TestApp {
+    pub async fn new() -> Self {
+        Self::with_config(HttpConfig::with_secret(SECRET)).await
+    }
+
+    pub async fn with_config(config: HttpConfig) -> Self {
+        let dir = std::env::temp_dir().join(format!("mindsp-api-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("test.db").display());
+        let store = mindsp_store::open(&url).await.unwrap();
+        let app = router(AppState::new(store.clone(), &config));
+        Self { app, store, dir }
+    }
+
+    /// Creates a tenant with an admin; returns the admin's token.
+    pub async fn tenant(&self, slug: &str) -> String {
+        let t = self.store.create_tenant(slug, slug).await.unwrap();
+        let mut tx = self.store.begin(t.id).await.unwrap();
+        tx.insert_user(&NewUser {
+            email: format!("admin@{slug}.fr"),
+            display_name: format!("Admin {slug}"),
+            role: Role::Admin,
+            password_hash: mindsp_server::auth::hash_password(PASSWORD).unwrap(),
+        })
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        self.login(slug, &format!("admin@{slug}.fr"), PASSWORD).await
+    }
+
+    /// Creates a member through the admin route; returns (user id, token).
+    pub async fn user(&self, admin: &str, slug: &str, name: &str) -> (String, String) {
+        let email = format!("{}@{slug}.fr", name.to_lowercase().replace(' ', "."));
+        let r = self
+            .call(
+                Method::POST,
+                "/api/admin/users",
+                Some(admin),
+                Some(json!({"email": email, "display_name": name, "role": "member", "password": PASSWORD})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        let id = r.body["user"]["id"].as_str().unwrap().to_owned();
+        (id, self.login(slug, &email, PASSWORD).await)
+    }
+
+    pub async fn login(&self, slug: &str, email: &str, password: &str) -> String {
+        let r = self
+            .call(
+                Method::POST,
+                "/api/auth/login",
+                None,
+                Some(json!({"tenant": slug, "email": email, "password": password})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        r.body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = match body {
+            Some(b) => req
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        }
+        .unwrap();
+        self.raw(req).await
+    }
+
+    pub async fn raw(&self, req: Request<Body>) -> Reply {
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Reply { status, body }
+    }
+
+    pub async fn get(&self, uri: &str, token: &str) -> Reply {
+        self.call(Method::GET, uri, Some(token), None).await
+    }
+
+    pub async fn post(&self, uri: &str, token: &str, body: Value) -> Reply {
+        self.call(Method::POST, uri, Some(token), Some(body)).await
+    }
+}
