@@ -1,1 +1,283 @@
-fn main() {}
+//! Storage benchmarks for the foundation:
+//!
+//! 1. `append`: message appends with 32 concurrent senders across 1,000 conversations,
+//!    through the core service (membership check, sequence, idempotency, commit).
+//! 2. `history`: pages of 50 messages at random positions of a 1,000,000-message
+//!    conversation (p50/p99/max).
+//! 3. `search`: first ranked page over those 1,000,000 messages, for a selective word
+//!    (500 matches) and a common one (250,000 matches).
+//!
+//! `cargo bench -p mindsp-benches --bench store` runs SQLite; with
+//! `MINDSP_BENCH_POSTGRES_URL=postgres://postgres@127.0.0.1/mindsp_bench` it runs
+//! PostgreSQL too. `MINDSP_BENCH_MESSAGES` sets the conversation size (default 1,000,000)
+//! and `MINDSP_BENCH_APPENDS` the number of appends (default 200,000).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use mindsp_core::model::{NewUser, Role, SeqWindow};
+use mindsp_core::ports::Store;
+use mindsp_core::{Actor, ConversationId, Limits, Messaging};
+
+const SENDERS: usize = 32;
+const CONVERSATIONS: usize = 1000;
+const USERS: usize = 64;
+
+/// The sentences the big conversation is made of; « intervention » is in a quarter of
+/// them, « ammoniac » is added to one message in 2,000.
+const SENTENCES: [&str; 16] = [
+    "Intervention terminée, retour au centre",
+    "Départ du VSAV pour un secours à personne",
+    "Le FPT est disponible après vérification",
+    "Manœuvre échelle prévue jeudi à 14 h",
+    "Fin d'intervention sur le feu de broussailles",
+    "Relève de la garde à 7 h demain matin",
+    "Contrôle des ARI effectué ce matin",
+    "Compte rendu d'intervention envoyé au CODIS",
+    "Formation secours routier samedi au plateau",
+    "Le CCF part en renfort sur le massif",
+    "Point de situation à 18 h au CTA",
+    "Nouvelle intervention pour une fuite de gaz",
+    "Réunion de centre reportée à vendredi",
+    "Pensez à déclarer vos disponibilités",
+    "Le VSR rentre de maintenance",
+    "Exercice incendie urbain avec les SPV",
+];
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let messages: i64 = env_or("MINDSP_BENCH_MESSAGES", 1_000_000);
+    let appends: usize = env_or("MINDSP_BENCH_APPENDS", 200_000);
+    let dir = std::env::temp_dir().join(format!("mindsp-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+
+    println!("## SQLite (file, WAL, synchronous=NORMAL)");
+    let url = format!("sqlite://{}", dir.join("append.db").display());
+    bench_append(mindsp_store::open(&url).await?, appends).await?;
+    let url = format!("sqlite://{}", dir.join("big.db").display());
+    let store = mindsp_store::open(&url).await?;
+    let (svc, actor, conv) = big_conversation(store.clone(), messages, Backend::Sqlite(&url)).await?;
+    bench_reads(&svc, &actor, conv, messages).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    if let Ok(base) = std::env::var("MINDSP_BENCH_POSTGRES_URL") {
+        println!("\n## PostgreSQL");
+        bench_append(pg(&base).await?.0, appends).await?;
+        let (store, pool) = pg(&base).await?;
+        let (svc, actor, conv) = big_conversation(store, messages, Backend::Postgres(pool)).await?;
+        bench_reads(&svc, &actor, conv, messages).await?;
+    } else {
+        println!("\n(PostgreSQL skipped: MINDSP_BENCH_POSTGRES_URL not set)");
+    }
+    Ok(())
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn pg(base: &str) -> anyhow::Result<(Arc<dyn Store>, sqlx::PgPool)> {
+    let mut config = mindsp_store::postgres::PgConfig::new(base);
+    config.schema = Some(format!("bench_{}", uuid::Uuid::new_v4().simple()));
+    config.max_connections = 40;
+    let store = mindsp_store::postgres::PgStore::open(config).await?;
+    let pool = store.pool().clone();
+    Ok((Arc::new(store), pool))
+}
+
+async fn users(store: &Arc<dyn Store>, n: usize) -> anyhow::Result<Vec<Actor>> {
+    let t = store
+        .create_tenant(&format!("bench{}", uuid::Uuid::new_v4().simple()), "Bench")
+        .await?;
+    let mut tx = store.begin(t.id).await?;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let u = tx
+            .insert_user(&NewUser {
+                email: format!("u{i}@bench.fr"),
+                display_name: format!("Sapeur {i}"),
+                role: Role::Member,
+                password_hash: String::new(),
+            })
+            .await?;
+        out.push(Actor { tenant_id: t.id, user_id: u.id, role: Role::Member });
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+async fn bench_append(store: Arc<dyn Store>, total: usize) -> anyhow::Result<()> {
+    let svc = Messaging::new(store.clone(), Limits::default());
+    let people = users(&store, USERS).await?;
+    let mut convs = Vec::new();
+    for c in 0..CONVERSATIONS {
+        let owner = people[c % USERS];
+        let other = people[(c + 1) % USERS].user_id;
+        convs.push((svc.create_group(&owner, &format!("conv {c}"), &[other]).await?.id, c));
+    }
+    let convs = Arc::new(convs);
+    let per_task = total / SENDERS;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..SENDERS {
+        let (svc, convs, people) = (svc.clone(), convs.clone(), people.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).unwrap();
+            for i in 0..per_task {
+                let (conv, c) = convs[(t * 31 + i * 7) % CONVERSATIONS];
+                let sender = people[(c + i % 2) % USERS];
+                let began = Instant::now();
+                svc.send(&sender, conv, SENTENCES[i % SENTENCES.len()], Some(format!("{t}-{i}")))
+                    .await
+                    .expect("append");
+                hist.record(began.elapsed().as_micros() as u64).unwrap();
+            }
+            hist
+        }));
+    }
+    let mut hist = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        hist.add(t.await?)?;
+    }
+    let elapsed = start.elapsed();
+    let done = per_task * SENDERS;
+    println!(
+        "append: {done} messages, {SENDERS} senders, {CONVERSATIONS} conversations: {:.0} messages/s (latency p50 {} µs, p99 {} µs, max {} µs)",
+        done as f64 / elapsed.as_secs_f64(),
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.99),
+        hist.max()
+    );
+    Ok(())
+}
+
+enum Backend<'a> {
+    Sqlite(&'a str),
+    Postgres(sqlx::PgPool),
+}
+
+/// One conversation holding `n` messages, loaded in bulk by SQL that goes through the
+/// same tables, triggers and indexes as normal appends.
+async fn big_conversation(
+    store: Arc<dyn Store>,
+    n: i64,
+    backend: Backend<'_>,
+) -> anyhow::Result<(Messaging, Actor, ConversationId)> {
+    let svc = Messaging::new(store.clone(), Limits::default());
+    let people = users(&store, 2).await?;
+    let conv = svc.create_group(&people[0], "Grande conversation", &[people[1].user_id]).await?;
+    let started = Instant::now();
+    let cases: String = SENTENCES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!(" WHEN {i} THEN '{}'", s.replace('\'', "''")))
+        .collect();
+    let content = format!(
+        "(CASE i % 16{cases} END) || CASE WHEN i % 2000 = 0 THEN ' : fuite d''ammoniac signalée' ELSE '' END"
+    );
+    const CHUNK: i64 = 100_000;
+    match backend {
+        Backend::Sqlite(url) => {
+            let pool = sqlx::SqlitePool::connect(url).await?;
+            let mut from = 1;
+            while from <= n {
+                let to = (from + CHUNK - 1).min(n);
+                sqlx::query(&format!(
+                    "WITH RECURSIVE s(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM s WHERE i < ?2)
+                     INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at)
+                     SELECT randomblob(16), ?3, ?4, ?5, i, {content}, NULL, ?6 + i FROM s"
+                ))
+                .bind(from)
+                .bind(to)
+                .bind(conv.tenant_id.0)
+                .bind(conv.id.0)
+                .bind(people[0].user_id.0)
+                .bind(1_700_000_000_000i64)
+                .execute(&pool)
+                .await?;
+                from = to + 1;
+            }
+            sqlx::query("PRAGMA optimize").execute(&pool).await?;
+            pool.close().await;
+        }
+        Backend::Postgres(pg) => {
+            // The store's own pool runs under row-level security: set the tenant.
+            let mut from = 1;
+            while from <= n {
+                let to = (from + CHUNK - 1).min(n);
+                let mut tx = pg.begin().await?;
+                sqlx::query("SELECT set_config('mindsp.tenant_id', $1, true)")
+                    .bind(conv.tenant_id.0.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(&format!(
+                    "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at)
+                     SELECT gen_random_uuid(), $3, $4, $5, i, {content}, NULL, to_timestamp(1700000000 + i)
+                       FROM generate_series($1::bigint, $2::bigint) AS s(i)"
+                ))
+                .bind(from)
+                .bind(to)
+                .bind(conv.tenant_id.0)
+                .bind(conv.id.0)
+                .bind(people[0].user_id.0)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("UPDATE conversations SET last_seq = $1 WHERE id = $2")
+                    .bind(to)
+                    .bind(conv.id.0)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                from = to + 1;
+            }
+            sqlx::query("ANALYZE").execute(&pg).await?;
+        }
+    }
+    println!(
+        "loaded a conversation of {n} messages in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok((svc, people[1], conv.id))
+}
+
+async fn bench_reads(svc: &Messaging, actor: &Actor, conv: ConversationId, n: i64) -> anyhow::Result<()> {
+    // History pages at pseudo-random positions (a fixed LCG: same positions every run).
+    let mut hist = Histogram::<u64>::new(3)?;
+    let mut x: u64 = 42;
+    for _ in 0..5000 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let before = 51 + (x >> 33) as i64 % (n - 50);
+        let began = Instant::now();
+        let page = svc.history(actor, conv, SeqWindow::Before(before), Some(50)).await?;
+        hist.record(began.elapsed().as_micros() as u64)?;
+        assert_eq!(page.len(), 50);
+    }
+    report("history page of 50", &hist);
+
+    for (label, query, samples) in [
+        ("search, selective (« ammoniac », 500 matches)", "ammoniac", 200),
+        ("search, common (« intervention », 250,000 matches)", "intervention", 20),
+    ] {
+        let mut hist = Histogram::<u64>::new(3)?;
+        for _ in 0..samples {
+            let began = Instant::now();
+            let hits = svc.search(actor, query, None, 0, Some(20)).await?;
+            hist.record(began.elapsed().as_micros() as u64)?;
+            assert_eq!(hits.len(), 20);
+        }
+        report(label, &hist);
+    }
+    Ok(())
+}
+
+fn report(label: &str, hist: &Histogram<u64>) {
+    let ms = |v: u64| Duration::from_micros(v).as_secs_f64() * 1000.0;
+    println!(
+        "{label}: n={} p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        hist.len(),
+        ms(hist.value_at_quantile(0.5)),
+        ms(hist.value_at_quantile(0.99)),
+        ms(hist.max())
+    );
+}
