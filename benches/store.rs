@@ -57,7 +57,8 @@ async fn main() -> anyhow::Result<()> {
     bench_append(mindsp_store::open(&url).await?, appends).await?;
     let url = format!("sqlite://{}", dir.join("big.db").display());
     let store = mindsp_store::open(&url).await?;
-    let (svc, actor, conv) = big_conversation(store.clone(), messages, Backend::Sqlite(&url)).await?;
+    let (svc, actor, conv) =
+        big_conversation(store.clone(), messages, Backend::Sqlite(&url)).await?;
     bench_reads(&svc, &actor, conv, messages).await?;
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -74,7 +75,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 async fn pg(base: &str) -> anyhow::Result<(Arc<dyn Store>, sqlx::PgPool)> {
@@ -101,7 +105,11 @@ async fn users(store: &Arc<dyn Store>, n: usize) -> anyhow::Result<Vec<Actor>> {
                 password_hash: String::new(),
             })
             .await?;
-        out.push(Actor { tenant_id: t.id, user_id: u.id, role: Role::Member });
+        out.push(Actor {
+            tenant_id: t.id,
+            user_id: u.id,
+            role: Role::Member,
+        });
     }
     tx.commit().await?;
     Ok(out)
@@ -114,7 +122,12 @@ async fn bench_append(store: Arc<dyn Store>, total: usize) -> anyhow::Result<()>
     for c in 0..CONVERSATIONS {
         let owner = people[c % USERS];
         let other = people[(c + 1) % USERS].user_id;
-        convs.push((svc.create_group(&owner, &format!("conv {c}"), &[other]).await?.id, c));
+        convs.push((
+            svc.create_group(&owner, &format!("conv {c}"), &[other])
+                .await?
+                .id,
+            c,
+        ));
     }
     let convs = Arc::new(convs);
     let per_task = total / SENDERS;
@@ -128,9 +141,14 @@ async fn bench_append(store: Arc<dyn Store>, total: usize) -> anyhow::Result<()>
                 let (conv, c) = convs[(t * 31 + i * 7) % CONVERSATIONS];
                 let sender = people[(c + i % 2) % USERS];
                 let began = Instant::now();
-                svc.send(&sender, conv, SENTENCES[i % SENTENCES.len()], Some(format!("{t}-{i}")))
-                    .await
-                    .expect("append");
+                svc.send(
+                    &sender,
+                    conv,
+                    SENTENCES[i % SENTENCES.len()],
+                    Some(format!("{t}-{i}")),
+                )
+                .await
+                .expect("append");
                 hist.record(began.elapsed().as_micros() as u64).unwrap();
             }
             hist
@@ -166,7 +184,9 @@ async fn big_conversation(
 ) -> anyhow::Result<(Messaging, Actor, ConversationId)> {
     let svc = Messaging::new(store.clone(), Limits::default());
     let people = users(&store, 2).await?;
-    let conv = svc.create_group(&people[0], "Grande conversation", &[people[1].user_id]).await?;
+    let conv = svc
+        .create_group(&people[0], "Grande conversation", &[people[1].user_id])
+        .await?;
     let started = Instant::now();
     let cases: String = SENTENCES
         .iter()
@@ -241,23 +261,40 @@ async fn big_conversation(
     Ok((svc, people[1], conv.id))
 }
 
-async fn bench_reads(svc: &Messaging, actor: &Actor, conv: ConversationId, n: i64) -> anyhow::Result<()> {
+async fn bench_reads(
+    svc: &Messaging,
+    actor: &Actor,
+    conv: ConversationId,
+    n: i64,
+) -> anyhow::Result<()> {
     // History pages at pseudo-random positions (a fixed LCG: same positions every run).
     let mut hist = Histogram::<u64>::new(3)?;
     let mut x: u64 = 42;
     for _ in 0..5000 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let before = 51 + (x >> 33) as i64 % (n - 50);
         let began = Instant::now();
-        let page = svc.history(actor, conv, SeqWindow::Before(before), Some(50)).await?;
+        let page = svc
+            .history(actor, conv, SeqWindow::Before(before), Some(50))
+            .await?;
         hist.record(began.elapsed().as_micros() as u64)?;
         assert_eq!(page.len(), 50);
     }
     report("history page of 50", &hist);
 
     for (label, query, samples) in [
-        ("search, selective (« ammoniac », 500 matches)", "ammoniac", 200),
-        ("search, common (« intervention », 250,000 matches)", "intervention", 20),
+        (
+            "search, selective (« ammoniac », 500 matches)",
+            "ammoniac",
+            200,
+        ),
+        (
+            "search, common (« intervention », 250,000 matches)",
+            "intervention",
+            20,
+        ),
     ] {
         let mut hist = Histogram::<u64>::new(3)?;
         for _ in 0..samples {

@@ -19,8 +19,16 @@ async fn main() -> anyhow::Result<()> {
     let mut tx = svc.store().begin(sdis.id).await?;
     let mut actors = Vec::new();
     for (email, name, role) in [
-        ("chef@sdis84.fr", "Ltn Claire Morel — CIS Avignon", Role::Officer),
-        ("sapeur@sdis84.fr", "Sap Hugo Perrin — CIS Avignon", Role::Member),
+        (
+            "chef@sdis84.fr",
+            "Ltn Claire Morel — CIS Avignon",
+            Role::Officer,
+        ),
+        (
+            "sapeur@sdis84.fr",
+            "Sap Hugo Perrin — CIS Avignon",
+            Role::Member,
+        ),
     ] {
         let u = tx
             .insert_user(&NewUser {
@@ -30,7 +38,11 @@ async fn main() -> anyhow::Result<()> {
                 password_hash: String::new(),
             })
             .await?;
-        actors.push(Actor { tenant_id: sdis.id, user_id: u.id, role });
+        actors.push(Actor {
+            tenant_id: sdis.id,
+            user_id: u.id,
+            role,
+        });
     }
     tx.commit().await?;
     let (chef, sapeur) = (actors[0], actors[1]);
@@ -38,12 +50,25 @@ async fn main() -> anyhow::Result<()> {
     let group = svc
         .create_group(&chef, "CIS Avignon — feux de forêt", &[sapeur.user_id])
         .await?;
-    svc.send(&chef, group.id, "Risque incendie sévère demain : CCF armés dès 10 h.", None)
-        .await?;
-    svc.send(&sapeur, group.id, "Bien reçu, je serai au centre à 9 h 30.", None)
-        .await?;
+    svc.send(
+        &chef,
+        group.id,
+        "Risque incendie sévère demain : CCF armés dès 10 h.",
+        None,
+    )
+    .await?;
+    svc.send(
+        &sapeur,
+        group.id,
+        "Bien reçu, je serai au centre à 9 h 30.",
+        None,
+    )
+    .await?;
 
-    for m in svc.history(&sapeur, group.id, SeqWindow::Latest, None).await? {
+    for m in svc
+        .history(&sapeur, group.id, SeqWindow::Latest, None)
+        .await?
+    {
         println!("#{} {}", m.seq, m.content);
     }
     let hits = svc.search(&sapeur, "incendies", None, 0, None).await?;

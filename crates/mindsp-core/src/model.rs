@@ -118,7 +118,9 @@ impl ConversationKind {
         match s {
             "direct" => Ok(ConversationKind::Direct),
             "group" => Ok(ConversationKind::Group),
-            other => Err(Error::Storage(format!("unknown conversation kind {other:?}"))),
+            other => Err(Error::Storage(format!(
+                "unknown conversation kind {other:?}"
+            ))),
         }
     }
 }

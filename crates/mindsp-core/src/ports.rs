@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use crate::error::Result;
 use crate::ids::{ConversationId, TenantId, UserId};
 use crate::model::{
-    ActivityCursor, Appended, Conversation, ConversationSummary, Member, MemberRole,
-    Message, NewConversation, NewMessage, NewUser, SearchHit, SeqWindow, Tenant, User,
+    ActivityCursor, Appended, Conversation, ConversationSummary, Member, MemberRole, Message,
+    NewConversation, NewMessage, NewUser, SearchHit, SeqWindow, Tenant, User,
 };
 
 /// Entry point of a storage backend.
@@ -65,8 +65,11 @@ pub trait TenantTx: Send {
     async fn user_credentials(&mut self, email: &str) -> Result<Option<(User, String)>>;
 
     /// Users ordered by display name, then id, after `after_name`/`after_id` if given.
-    async fn list_users(&mut self, after: Option<(String, UserId)>, limit: u32)
-    -> Result<Vec<User>>;
+    async fn list_users(
+        &mut self,
+        after: Option<(String, UserId)>,
+        limit: u32,
+    ) -> Result<Vec<User>>;
 
     /// Sets the active flag; `None` when the user does not exist.
     async fn set_user_active(&mut self, id: UserId, active: bool) -> Result<Option<User>>;

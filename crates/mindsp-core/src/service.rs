@@ -7,8 +7,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ConversationId, MessageId, TenantId, UserId};
 use crate::model::{
     ActivityCursor, Appended, Conversation, ConversationKind, ConversationSummary, Member,
-    MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow,
-    User,
+    MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow, User,
 };
 use crate::ports::{Store, TenantTx};
 
@@ -71,7 +70,10 @@ impl Limits {
             Some(n) if n >= 1 && n <= self.max_page_size => Ok(n),
             Some(n) => Err(Error::invalid(
                 "invalid_limit",
-                format!("limit must be between 1 and {}, got {n}", self.max_page_size),
+                format!(
+                    "limit must be between 1 and {}, got {n}",
+                    self.max_page_size
+                ),
             )),
         }
     }
@@ -212,7 +214,10 @@ impl Messaging {
         if others.len() + 1 > self.limits.max_group_members {
             return Err(Error::invalid(
                 "group_too_large",
-                format!("a group holds at most {} members", self.limits.max_group_members),
+                format!(
+                    "a group holds at most {} members",
+                    self.limits.max_group_members
+                ),
             ));
         }
         let mut tx = self.store.begin(actor.tenant_id).await?;
@@ -285,7 +290,10 @@ impl Messaging {
         wanted.sort();
         wanted.dedup();
         if wanted.is_empty() {
-            return Err(Error::invalid("invalid_members", "name at least one user to add"));
+            return Err(Error::invalid(
+                "invalid_members",
+                "name at least one user to add",
+            ));
         }
         if tx.active_users_among(&wanted).await?.len() != wanted.len() {
             return Err(Error::NotFound("user"));
@@ -298,7 +306,10 @@ impl Messaging {
         if current.len() + new.len() > self.limits.max_group_members {
             return Err(Error::invalid(
                 "group_too_large",
-                format!("a group holds at most {} members", self.limits.max_group_members),
+                format!(
+                    "a group holds at most {} members",
+                    self.limits.max_group_members
+                ),
             ));
         }
         for u in new {
@@ -347,7 +358,8 @@ impl Messaging {
                 .filter(|m| m.user_id != user)
                 .max_by_key(|m| (m.role, std::cmp::Reverse(m.joined_at)));
             if let Some(heir) = heir {
-                tx.upsert_member(id, heir.user_id, MemberRole::Owner).await?;
+                tx.upsert_member(id, heir.user_id, MemberRole::Owner)
+                    .await?;
             }
         }
         tx.commit().await
@@ -370,7 +382,10 @@ impl Messaging {
             .iter()
             .find(|m| m.user_id == user)
             .ok_or(Error::NotFound("member"))?;
-        let owners = members.iter().filter(|m| m.role == MemberRole::Owner).count();
+        let owners = members
+            .iter()
+            .filter(|m| m.role == MemberRole::Owner)
+            .count();
         if target.role == MemberRole::Owner && role != MemberRole::Owner && owners == 1 {
             return Err(Error::conflict(
                 "last_owner",
@@ -446,7 +461,10 @@ impl Messaging {
         let limit = self.limits.page_size(limit)?;
         match window {
             SeqWindow::Before(s) | SeqWindow::After(s) if s < 0 => {
-                return Err(Error::invalid("invalid_cursor", "cursors are sequence numbers ≥ 0"));
+                return Err(Error::invalid(
+                    "invalid_cursor",
+                    "cursors are sequence numbers ≥ 0",
+                ));
             }
             _ => {}
         }
@@ -490,7 +508,10 @@ impl Messaging {
         if offset > self.limits.max_search_offset {
             return Err(Error::invalid(
                 "invalid_cursor",
-                format!("search pages stop at {} results", self.limits.max_search_offset),
+                format!(
+                    "search pages stop at {} results",
+                    self.limits.max_search_offset
+                ),
             ));
         }
         let terms = search_terms(query, &self.limits)?;
@@ -509,7 +530,10 @@ impl Messaging {
         if name.chars().count() > self.limits.max_name_chars {
             return Err(Error::invalid(
                 "name_too_long",
-                format!("name is limited to {} characters", self.limits.max_name_chars),
+                format!(
+                    "name is limited to {} characters",
+                    self.limits.max_name_chars
+                ),
             ));
         }
         Ok(name.to_owned())
@@ -517,7 +541,10 @@ impl Messaging {
 
     fn check_content(&self, content: &str) -> Result<String> {
         if content.trim().is_empty() {
-            return Err(Error::invalid("empty_content", "message content must not be empty"));
+            return Err(Error::invalid(
+                "empty_content",
+                "message content must not be empty",
+            ));
         }
         if content.chars().count() > self.limits.max_message_chars {
             return Err(Error::invalid(
@@ -534,7 +561,11 @@ impl Messaging {
 
 /// Validates and stores a user inside an open unit of work. Shared by the admin route
 /// and by tooling that has no actor (CLI, demo seeding).
-pub async fn create_user_in(tx: &mut dyn TenantTx, mut new: NewUser, limits: &Limits) -> Result<User> {
+pub async fn create_user_in(
+    tx: &mut dyn TenantTx,
+    mut new: NewUser,
+    limits: &Limits,
+) -> Result<User> {
     new.email = new.email.trim().to_lowercase();
     let valid_email = new.email.len() <= 254
         && new
@@ -543,13 +574,19 @@ pub async fn create_user_in(tx: &mut dyn TenantTx, mut new: NewUser, limits: &Li
             .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
         && !new.email.chars().any(char::is_whitespace);
     if !valid_email {
-        return Err(Error::invalid("invalid_email", "a valid e-mail address is required"));
+        return Err(Error::invalid(
+            "invalid_email",
+            "a valid e-mail address is required",
+        ));
     }
     new.display_name = new.display_name.trim().to_owned();
     if new.display_name.is_empty() || new.display_name.chars().count() > limits.max_name_chars {
         return Err(Error::invalid(
             "invalid_name",
-            format!("display name must be 1 to {} characters", limits.max_name_chars),
+            format!(
+                "display name must be 1 to {} characters",
+                limits.max_name_chars
+            ),
         ));
     }
     tx.insert_user(&new).await
@@ -561,7 +598,10 @@ pub fn search_terms(query: &str, limits: &Limits) -> Result<Vec<String>> {
     if query.chars().count() > limits.max_query_chars {
         return Err(Error::invalid(
             "invalid_query",
-            format!("search query is limited to {} characters", limits.max_query_chars),
+            format!(
+                "search query is limited to {} characters",
+                limits.max_query_chars
+            ),
         ));
     }
     let terms: Vec<String> = query
@@ -570,12 +610,18 @@ pub fn search_terms(query: &str, limits: &Limits) -> Result<Vec<String>> {
         .map(str::to_lowercase)
         .collect();
     if terms.is_empty() {
-        return Err(Error::invalid("invalid_query", "search query needs at least one word"));
+        return Err(Error::invalid(
+            "invalid_query",
+            "search query needs at least one word",
+        ));
     }
     if terms.len() > limits.max_query_terms {
         return Err(Error::invalid(
             "invalid_query",
-            format!("search query is limited to {} words", limits.max_query_terms),
+            format!(
+                "search query is limited to {} words",
+                limits.max_query_terms
+            ),
         ));
     }
     Ok(terms)
@@ -618,7 +664,13 @@ async fn membership(
     id: ConversationId,
     user: UserId,
 ) -> Result<(Conversation, Member)> {
-    let conv = tx.conversation(id).await?.ok_or(Error::NotFound("conversation"))?;
-    let me = tx.member(id, user).await?.ok_or(Error::NotFound("conversation"))?;
+    let conv = tx
+        .conversation(id)
+        .await?
+        .ok_or(Error::NotFound("conversation"))?;
+    let me = tx
+        .member(id, user)
+        .await?
+        .ok_or(Error::NotFound("conversation"))?;
     Ok((conv, me))
 }

@@ -38,11 +38,14 @@ pub(crate) async fn login(
         return Err(Error::InvalidCredentials.into());
     }
     let store = state.messaging.store();
-    let tenant = store.tenant_by_slug(&req.tenant.trim().to_lowercase()).await?;
+    let tenant = store
+        .tenant_by_slug(&req.tenant.trim().to_lowercase())
+        .await?;
     let found = match &tenant {
         Some(t) => {
             let mut tx = store.read(t.id).await?;
-            tx.user_credentials(&req.email.trim().to_lowercase()).await?
+            tx.user_credentials(&req.email.trim().to_lowercase())
+                .await?
         }
         None => None,
     };
@@ -92,7 +95,11 @@ pub(crate) async fn list_users(
         .await?;
     let limit = state.messaging.limits().page_size(q.limit)? as usize;
     let next = (users.len() == limit)
-        .then(|| users.last().map(|u| encode_user_cursor(&u.display_name, u.id)))
+        .then(|| {
+            users
+                .last()
+                .map(|u| encode_user_cursor(&u.display_name, u.id))
+        })
         .flatten();
     Ok(axum::Json(json!({ "users": users, "next_cursor": next })))
 }
@@ -167,7 +174,11 @@ pub(crate) async fn list_conversations(
     auth: Authenticated,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<axum::Json<Value>> {
-    let before = q.cursor.as_deref().map(decode_activity_cursor).transpose()?;
+    let before = q
+        .cursor
+        .as_deref()
+        .map(decode_activity_cursor)
+        .transpose()?;
     let list = state
         .messaging
         .list_conversations(&auth.actor, before, q.limit)
@@ -176,14 +187,21 @@ pub(crate) async fn list_conversations(
     let next = (list.len() == limit)
         .then(|| list.last().map(|s| encode_activity_cursor(&s.conversation)))
         .flatten();
-    Ok(axum::Json(json!({ "conversations": list, "next_cursor": next })))
+    Ok(axum::Json(
+        json!({ "conversations": list, "next_cursor": next }),
+    ))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
 pub(crate) enum CreateConversation {
-    Direct { user_id: UserId },
-    Group { name: String, member_ids: Vec<UserId> },
+    Direct {
+        user_id: UserId,
+    },
+    Group {
+        name: String,
+        member_ids: Vec<UserId>,
+    },
 }
 
 /// `POST /api/conversations`: 201 when created, 200 when the direct one existed.
@@ -205,7 +223,11 @@ pub(crate) async fn create_conversation(
         ),
     };
     let (conv, members) = state.messaging.conversation(&auth.actor, conv.id).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((
         status,
         axum::Json(json!({ "conversation": conv, "members": members })),
@@ -219,7 +241,9 @@ pub(crate) async fn get_conversation(
     Path(id): Path<ConversationId>,
 ) -> ApiResult<axum::Json<Value>> {
     let (conv, members) = state.messaging.conversation(&auth.actor, id).await?;
-    Ok(axum::Json(json!({ "conversation": conv, "members": members })))
+    Ok(axum::Json(
+        json!({ "conversation": conv, "members": members }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -325,7 +349,9 @@ pub(crate) async fn history(
         (Some(b), None) => SeqWindow::Before(b),
         (None, Some(a)) => SeqWindow::After(a),
         (Some(_), Some(_)) => {
-            return Err(Error::invalid("invalid_cursor", "give `before` or `after`, not both").into());
+            return Err(
+                Error::invalid("invalid_cursor", "give `before` or `after`, not both").into(),
+            );
         }
     };
     let messages = state
@@ -391,7 +417,11 @@ pub(crate) async fn mark_read(
             if e.is_syntax() || e.is_eof() {
                 ApiError::bad_request("malformed_json", e.to_string())
             } else {
-                ApiError::http(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string())
+                ApiError::http(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_body",
+                    e.to_string(),
+                )
             }
         })?;
         parsed.seq
@@ -459,7 +489,12 @@ fn encode_activity_cursor(c: &mindsp_core::model::Conversation) -> String {
 }
 
 fn decode_activity_cursor(s: &str) -> Result<ActivityCursor, ApiError> {
-    let bad = || ApiError::from(Error::invalid("invalid_cursor", "malformed conversation cursor"));
+    let bad = || {
+        ApiError::from(Error::invalid(
+            "invalid_cursor",
+            "malformed conversation cursor",
+        ))
+    };
     let (ms, id) = s.split_once('_').ok_or_else(bad)?;
     let ms: i64 = ms.parse().map_err(|_| bad())?;
     Ok(ActivityCursor {

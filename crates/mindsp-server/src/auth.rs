@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -116,9 +116,7 @@ pub fn check_new_password(password: &str) -> Result<(), Error> {
     if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > MAX_PASSWORD_BYTES {
         return Err(Error::invalid(
             "weak_password",
-            format!(
-                "a password has {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_BYTES} bytes"
-            ),
+            format!("a password has {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_BYTES} bytes"),
         ));
     }
     Ok(())

@@ -8,19 +8,28 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use mindsp_core::Limits;
 use mindsp_core::model::{NewUser, Role};
 use mindsp_core::ports::Store;
 use mindsp_core::service::create_user_in;
-use mindsp_core::Limits;
 
 use crate::{AppState, HttpConfig, auth, demo, router, serve, shutdown_signal};
 
 /// MindSP: real-time messaging for fire and rescue services.
 #[derive(Debug, Parser)]
-#[command(name = "mindsp-server", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "mindsp-server",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// Database: `sqlite://FILE` (embedded default), `sqlite::memory:` or `postgres://...`.
-    #[arg(long, env = "MINDSP_DATABASE_URL", default_value = "sqlite://mindsp.db", global = true)]
+    #[arg(
+        long,
+        env = "MINDSP_DATABASE_URL",
+        default_value = "sqlite://mindsp.db",
+        global = true
+    )]
     pub database_url: String,
 
     /// Log filter, e.g. `info` or `mindsp_server=debug,tower_http=debug`.
@@ -174,7 +183,11 @@ pub async fn run() -> anyhow::Result<()> {
     }
 }
 
-async fn run_serve(store: Arc<dyn Store>, database_url: &str, args: ServeArgs) -> anyhow::Result<()> {
+async fn run_serve(
+    store: Arc<dyn Store>,
+    database_url: &str,
+    args: ServeArgs,
+) -> anyhow::Result<()> {
     let secret = jwt_secret(database_url, args.jwt_secret.as_deref())?;
     if args.demo && demo::seed(store.clone()).await? {
         tracing::info!(
@@ -227,7 +240,9 @@ fn jwt_secret(database_url: &str, given: Option<&str>) -> anyhow::Result<Vec<u8>
             tracing::warn!("in-memory database: using a random token secret for this run only");
             return Ok(random_secret().into_bytes());
         }
-        bail!("set MINDSP_JWT_SECRET (≥ 32 bytes): every node of a PostgreSQL deployment must share it");
+        bail!(
+            "set MINDSP_JWT_SECRET (≥ 32 bytes): every node of a PostgreSQL deployment must share it"
+        );
     };
     let path = secret_path(Path::new(path.split('?').next().unwrap_or(path)));
     if let Ok(s) = std::fs::read_to_string(&path) {

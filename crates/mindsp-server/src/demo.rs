@@ -18,18 +18,62 @@ pub const DEMO_PASSWORD: &str = "Password123!";
 pub const DEMO_TENANT: &str = "sdis13";
 
 const PEOPLE: &[(&str, &str, Role)] = &[
-    ("julien.martin", "Sgt Julien Martin — CIS Aix-en-Provence", Role::Officer),
-    ("sophie.bernard", "Ltn Sophie Bernard — CIS Aix-en-Provence", Role::Officer),
-    ("karim.benali", "Cpl Karim Benali — CIS Aix-en-Provence", Role::Member),
-    ("lucie.roux", "Sap Lucie Roux — CIS Aix-en-Provence", Role::Member),
-    ("thomas.girard", "Adj Thomas Girard — CS Marseille-Nord", Role::Officer),
-    ("nadia.mercier", "Cch Nadia Mercier — CS Marseille-Nord", Role::Member),
-    ("antoine.fabre", "Sap Antoine Fabre — CS Marseille-Nord", Role::Member),
-    ("camille.blanc", "Sch Camille Blanc — CIS Istres", Role::Member),
-    ("mathieu.faure", "Cne Mathieu Faure — Groupement Ouest", Role::Officer),
+    (
+        "julien.martin",
+        "Sgt Julien Martin — CIS Aix-en-Provence",
+        Role::Officer,
+    ),
+    (
+        "sophie.bernard",
+        "Ltn Sophie Bernard — CIS Aix-en-Provence",
+        Role::Officer,
+    ),
+    (
+        "karim.benali",
+        "Cpl Karim Benali — CIS Aix-en-Provence",
+        Role::Member,
+    ),
+    (
+        "lucie.roux",
+        "Sap Lucie Roux — CIS Aix-en-Provence",
+        Role::Member,
+    ),
+    (
+        "thomas.girard",
+        "Adj Thomas Girard — CS Marseille-Nord",
+        Role::Officer,
+    ),
+    (
+        "nadia.mercier",
+        "Cch Nadia Mercier — CS Marseille-Nord",
+        Role::Member,
+    ),
+    (
+        "antoine.fabre",
+        "Sap Antoine Fabre — CS Marseille-Nord",
+        Role::Member,
+    ),
+    (
+        "camille.blanc",
+        "Sch Camille Blanc — CIS Istres",
+        Role::Member,
+    ),
+    (
+        "mathieu.faure",
+        "Cne Mathieu Faure — Groupement Ouest",
+        Role::Officer,
+    ),
     ("elodie.garnier", "Inf Élodie Garnier — SSSM", Role::Member),
-    ("pierre.chevalier", "Adc Pierre Chevalier — CTA-CODIS", Role::Officer),
-    ("ines.lambert", "Sap Inès Lambert — CIS Istres", Role::Member),
+    (
+        "pierre.chevalier",
+        "Adc Pierre Chevalier — CTA-CODIS",
+        Role::Officer,
+    ),
+    (
+        "ines.lambert",
+        "Sap Inès Lambert — CIS Istres",
+        Role::Member,
+    ),
 ];
 
 /// Creates the demo tenant if no tenant `sdis13` exists yet. Returns whether it did.
@@ -87,7 +131,10 @@ pub async fn seed(store: Arc<dyn Store>) -> Result<bool> {
         )
         .await?;
     for (who, text) in [
-        (1, "Bonjour à tous, garde de 24 h à partir de 7 h demain. FPT et VSAV armés."),
+        (
+            1,
+            "Bonjour à tous, garde de 24 h à partir de 7 h demain. FPT et VSAV armés.",
+        ),
         (0, "Reçu. Je prends le VSAV avec Karim."),
         (2, "Ok pour moi. Vérification ARI faite ce matin."),
         (3, "Je serai là à 6 h 45 pour la relève."),
@@ -105,9 +152,15 @@ pub async fn seed(store: Arc<dyn Store>) -> Result<bool> {
         .await?;
     for (who, text) in [
         (4, "Feu de véhicule sur l'A7, retour au centre vers 16 h."),
-        (5, "Bien reçu. Le FPT a besoin d'un plein avant la prochaine sortie."),
+        (
+            5,
+            "Bien reçu. Le FPT a besoin d'un plein avant la prochaine sortie.",
+        ),
         (6, "Je m'en occupe en rentrant."),
-        (8, "Merci à l'équipe pour l'intervention de ce matin, bon travail."),
+        (
+            8,
+            "Merci à l'équipe pour l'intervention de ce matin, bon travail.",
+        ),
     ] {
         svc.send(&a[who], nord.id, text, None).await?;
     }
@@ -120,7 +173,10 @@ pub async fn seed(store: Arc<dyn Store>) -> Result<bool> {
         )
         .await?;
     for (who, text) in [
-        (8, "FMPA désincarcération samedi 9 h 00 au plateau technique d'Istres."),
+        (
+            8,
+            "FMPA désincarcération samedi 9 h 00 au plateau technique d'Istres.",
+        ),
         (7, "Présente. Faut-il prévoir les tenues de feu ?"),
         (8, "Oui, tenue complète et gants de désincarcération."),
         (11, "Présente aussi."),
@@ -130,8 +186,14 @@ pub async fn seed(store: Arc<dyn Store>) -> Result<bool> {
 
     let (direct, _) = svc.open_direct(&admin, a[10].user_id).await?;
     for (who, text) in [
-        (&admin, "Pierre, peux-tu me faire le point sur l'activité du CTA cette nuit ?"),
-        (&a[10], "34 appels, 12 engagements dont 2 feux d'habitation. Rien de grave."),
+        (
+            &admin,
+            "Pierre, peux-tu me faire le point sur l'activité du CTA cette nuit ?",
+        ),
+        (
+            &a[10],
+            "34 appels, 12 engagements dont 2 feux d'habitation. Rien de grave.",
+        ),
     ] {
         svc.send(who, direct.id, text, None).await?;
     }

@@ -96,5 +96,8 @@ where
 }
 
 fn path_rejection(r: PathRejection) -> ApiError {
-    ApiError::bad_request("invalid_id", format!("malformed identifier in path: {}", r.body_text()))
+    ApiError::bad_request(
+        "invalid_id",
+        format!("malformed identifier in path: {}", r.body_text()),
+    )
 }

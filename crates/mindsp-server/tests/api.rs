@@ -50,13 +50,19 @@ async fn login_me_and_token_errors() {
                 Some(json!({"tenant": tenant, "email": email, "password": password})),
             )
             .await;
-        assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_credentials"));
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::UNAUTHORIZED, "invalid_credentials")
+        );
     }
     // E-mail and tenant are case-insensitive.
     app.login("SDIS13", "Admin@SDIS13.fr", PASSWORD).await;
 
     let r = app.call(Method::GET, "/api/me", None, None).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
     let r = app
         .raw(
             Request::get("/api/me")
@@ -65,7 +71,10 @@ async fn login_me_and_token_errors() {
                 .unwrap(),
         )
         .await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
 
     // Forged: signed with another secret; tampered: payload edited.
     let claims: Value = {
@@ -80,9 +89,15 @@ async fn login_me_and_token_errors() {
     )
     .unwrap();
     let r = app.get("/api/me", &forged).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_token"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_token")
+    );
     let r = app.get("/api/me", "not.a.token").await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_token"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_token")
+    );
 
     // Expired: correctly signed, but past its expiry.
     let mut old = claims.clone();
@@ -94,7 +109,10 @@ async fn login_me_and_token_errors() {
     )
     .unwrap();
     let r = app.get("/api/me", &expired).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "token_expired"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "token_expired")
+    );
 }
 
 /// Minimal base64url decoding for reading a token's payload in a test.
@@ -141,13 +159,18 @@ async fn deactivated_users_are_locked_out_at_once() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["user"]["active"], false);
     let r = app.get("/api/me", &token).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, "invalid_token"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_token")
+    );
     let r = app
         .call(
             Method::POST,
             "/api/auth/login",
             None,
-            Some(json!({"tenant": "sdis13", "email": "lucie.roux@sdis13.fr", "password": PASSWORD})),
+            Some(
+                json!({"tenant": "sdis13", "email": "lucie.roux@sdis13.fr", "password": PASSWORD}),
+            ),
         )
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
@@ -172,7 +195,10 @@ async fn admin_routes_need_an_admin() {
             json!({"email": "y@sdis13.fr", "display_name": "Y", "role": "member", "password": "court"}),
         )
         .await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "weak_password"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "weak_password")
+    );
     let r = app
         .post(
             "/api/admin/users",
@@ -180,13 +206,19 @@ async fn admin_routes_need_an_admin() {
             json!({"email": "y@sdis13.fr", "display_name": "Y", "role": "général", "password": PASSWORD}),
         )
         .await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body")
+    );
     // The directory lists the tenant, pages with a cursor.
     let r = app.get("/api/users?limit=2", &member).await;
     assert_eq!(r.body["users"].as_array().unwrap().len(), 2);
     let cursor = r.body["next_cursor"].as_str().unwrap().to_owned();
     let r = app
-        .get(&format!("/api/users?limit=2&cursor={}", urlencode(&cursor)), &member)
+        .get(
+            &format!("/api/users?limit=2&cursor={}", urlencode(&cursor)),
+            &member,
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["users"].as_array().unwrap().len(), 1);
@@ -209,10 +241,22 @@ async fn conversation_flow() {
     let (u2, t2) = app.user(&admin, "sdis13", "Sophie Bernard").await;
 
     // Direct: created once, found after.
-    let r = app.post("/api/conversations", &t1, json!({"kind": "direct", "user_id": u2})).await;
+    let r = app
+        .post(
+            "/api/conversations",
+            &t1,
+            json!({"kind": "direct", "user_id": u2}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let direct = r.body["conversation"]["id"].as_str().unwrap().to_owned();
-    let r = app.post("/api/conversations", &t2, json!({"kind": "direct", "user_id": u1})).await;
+    let r = app
+        .post(
+            "/api/conversations",
+            &t2,
+            json!({"kind": "direct", "user_id": u1}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["conversation"]["id"], direct.as_str());
 
@@ -220,34 +264,65 @@ async fn conversation_flow() {
     let uri = format!("/api/conversations/{direct}/messages");
     for i in 1..=30 {
         let r = app
-            .post(&uri, &t1, json!({"content": format!("message {i}"), "idempotency_key": format!("k{i}")}))
+            .post(
+                &uri,
+                &t1,
+                json!({"content": format!("message {i}"), "idempotency_key": format!("k{i}")}),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CREATED);
         assert_eq!(r.body["message"]["seq"], i);
     }
-    let r = app.post(&uri, &t1, json!({"content": "message 30", "idempotency_key": "k30"})).await;
+    let r = app
+        .post(
+            &uri,
+            &t1,
+            json!({"content": "message 30", "idempotency_key": "k30"}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["message"]["seq"], 30);
 
     // Unread for the other side, then read.
     let r = app.get("/api/conversations", &t2).await;
     assert_eq!(r.body["conversations"][0]["unread_count"], 30);
-    assert_eq!(r.body["conversations"][0]["last_message"]["content"], "message 30");
-    let r = app.post(&format!("/api/conversations/{direct}/read"), &t2, json!({"seq": 10})).await;
+    assert_eq!(
+        r.body["conversations"][0]["last_message"]["content"],
+        "message 30"
+    );
+    let r = app
+        .post(
+            &format!("/api/conversations/{direct}/read"),
+            &t2,
+            json!({"seq": 10}),
+        )
+        .await;
     assert_eq!(r.body["last_read_seq"], 10);
     let r = app.get("/api/conversations", &t2).await;
     assert_eq!(r.body["conversations"][0]["unread_count"], 20);
     let r = app
-        .call(Method::POST, &format!("/api/conversations/{direct}/read"), Some(&t2), None)
+        .call(
+            Method::POST,
+            &format!("/api/conversations/{direct}/read"),
+            Some(&t2),
+            None,
+        )
         .await;
     assert_eq!(r.body["last_read_seq"], 30);
 
     // History pages: newest, then older with the cursor, then newer from a point.
     let r = app.get(&format!("{uri}?limit=10"), &t2).await;
-    let seqs: Vec<i64> = r.body["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_i64().unwrap()).collect();
+    let seqs: Vec<i64> = r.body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
     assert_eq!(seqs, (21..=30).collect::<Vec<_>>());
     let before = r.body["before_cursor"].as_i64().unwrap();
-    let r = app.get(&format!("{uri}?limit=10&before={before}"), &t2).await;
+    let r = app
+        .get(&format!("{uri}?limit=10&before={before}"), &t2)
+        .await;
     assert_eq!(r.body["messages"][0]["seq"], 11);
     let r = app.get(&format!("{uri}?limit=10&after=25"), &t2).await;
     assert_eq!(r.body["messages"].as_array().unwrap().len(), 5);
@@ -256,42 +331,101 @@ async fn conversation_flow() {
     // Group management over HTTP.
     let (u3, t3) = app.user(&admin, "sdis13", "Karim Benali").await;
     let g = group(&app, &t1, "CIS Aix — garde", &[&u2]).await;
-    let r = app.post(&format!("/api/conversations/{g}/members"), &t1, json!({"user_ids": [u3]})).await;
+    let r = app
+        .post(
+            &format!("/api/conversations/{g}/members"),
+            &t1,
+            json!({"user_ids": [u3]}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.body["members"].as_array().unwrap().len(), 3);
-    let r = app.post(&format!("/api/conversations/{g}/messages"), &t3, json!({"content": "Présent !"})).await;
+    let r = app
+        .post(
+            &format!("/api/conversations/{g}/messages"),
+            &t3,
+            json!({"content": "Présent !"}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED);
     let r = app
-        .call(Method::DELETE, &format!("/api/conversations/{g}/members/{u3}"), Some(&t1), None)
+        .call(
+            Method::DELETE,
+            &format!("/api/conversations/{g}/members/{u3}"),
+            Some(&t1),
+            None,
+        )
         .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = app.post(&format!("/api/conversations/{g}/messages"), &t3, json!({"content": "Toujours là ?"})).await;
+    let r = app
+        .post(
+            &format!("/api/conversations/{g}/messages"),
+            &t3,
+            json!({"content": "Toujours là ?"}),
+        )
+        .await;
     assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
-    let r = app.get(&format!("/api/conversations/{g}/messages"), &t3).await;
+    let r = app
+        .get(&format!("/api/conversations/{g}/messages"), &t3)
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = app
-        .call(Method::PATCH, &format!("/api/conversations/{g}"), Some(&t2), Some(json!({"name": "X"})))
+        .call(
+            Method::PATCH,
+            &format!("/api/conversations/{g}"),
+            Some(&t2),
+            Some(json!({"name": "X"})),
+        )
         .await;
     assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
     let r = app
-        .call(Method::PATCH, &format!("/api/conversations/{g}/members/{u1}"), Some(&t1), Some(json!({"role": "member"})))
+        .call(
+            Method::PATCH,
+            &format!("/api/conversations/{g}/members/{u1}"),
+            Some(&t1),
+            Some(json!({"role": "member"})),
+        )
         .await;
     assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, "last_owner"));
-    let r = app.call(Method::POST, &format!("/api/conversations/{g}/leave"), Some(&t1), None).await;
+    let r = app
+        .call(
+            Method::POST,
+            &format!("/api/conversations/{g}/leave"),
+            Some(&t1),
+            None,
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
     let r = app.get(&format!("/api/conversations/{g}"), &t2).await;
     assert_eq!(r.body["members"][0]["role"], "owner");
 
     // Search, across conversations and in one.
-    app.post(&format!("/api/conversations/{g}/messages"), &t2, json!({"content": "Consignes de sécurité ARI"})).await;
+    app.post(
+        &format!("/api/conversations/{g}/messages"),
+        &t2,
+        json!({"content": "Consignes de sécurité ARI"}),
+    )
+    .await;
     let r = app.get("/api/search?q=securite", &t2).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["results"].as_array().unwrap().len(), 1);
-    assert_eq!(r.body["results"][0]["message"]["content"], "Consignes de sécurité ARI");
-    let r = app.get(&format!("/api/conversations/{direct}/search?q=securite"), &t2).await;
+    assert_eq!(
+        r.body["results"][0]["message"]["content"],
+        "Consignes de sécurité ARI"
+    );
+    let r = app
+        .get(
+            &format!("/api/conversations/{direct}/search?q=securite"),
+            &t2,
+        )
+        .await;
     assert_eq!(r.body["results"].as_array().unwrap().len(), 0);
     let r = app.get("/api/search?q=securite", &t1).await;
-    assert_eq!(r.body["results"].as_array().unwrap().len(), 0, "t1 left the group");
+    assert_eq!(
+        r.body["results"].as_array().unwrap().len(),
+        0,
+        "t1 left the group"
+    );
 }
 
 #[tokio::test]
@@ -303,8 +437,12 @@ async fn another_tenant_learns_nothing_through_any_route() {
     let (ua2, _) = app.user(&admin_a, "sdis13", "Sophie Bernard").await;
     let (ub, tb) = app.user(&admin_b, "sdis83", "Paul Varois").await;
     let g = group(&app, &ta1, "Secret SDIS 13", &[&ua2]).await;
-    app.post(&format!("/api/conversations/{g}/messages"), &ta1, json!({"content": "Plan ORSEC incendie"}))
-        .await;
+    app.post(
+        &format!("/api/conversations/{g}/messages"),
+        &ta1,
+        json!({"content": "Plan ORSEC incendie"}),
+    )
+    .await;
     let missing = uuid::Uuid::now_v7().to_string();
 
     // Every route that names A's conversation answers B exactly as for a missing one.
@@ -314,17 +452,31 @@ async fn another_tenant_learns_nothing_through_any_route() {
             (Method::GET, c.clone(), None),
             (Method::PATCH, c.clone(), Some(json!({"name": "pris"}))),
             (Method::GET, format!("{c}/messages"), None),
-            (Method::POST, format!("{c}/messages"), Some(json!({"content": "intrusion"}))),
+            (
+                Method::POST,
+                format!("{c}/messages"),
+                Some(json!({"content": "intrusion"})),
+            ),
             (Method::POST, format!("{c}/read"), Some(json!({"seq": 1}))),
-            (Method::POST, format!("{c}/members"), Some(json!({"user_ids": [ub]}))),
+            (
+                Method::POST,
+                format!("{c}/members"),
+                Some(json!({"user_ids": [ub]})),
+            ),
             (Method::DELETE, format!("{c}/members/{ua2}"), None),
-            (Method::PATCH, format!("{c}/members/{ua2}"), Some(json!({"role": "admin"}))),
+            (
+                Method::PATCH,
+                format!("{c}/members/{ua2}"),
+                Some(json!({"role": "admin"})),
+            ),
             (Method::POST, format!("{c}/leave"), None),
             (Method::GET, format!("{c}/search?q=incendie"), None),
         ];
         for (method, uri, body) in calls {
             for token in [&tb, &admin_b] {
-                let r = app.call(method.clone(), &uri, Some(token), body.clone()).await;
+                let r = app
+                    .call(method.clone(), &uri, Some(token), body.clone())
+                    .await;
                 assert_eq!(
                     (r.status, r.code()),
                     (StatusCode::NOT_FOUND, "not_found"),
@@ -334,16 +486,39 @@ async fn another_tenant_learns_nothing_through_any_route() {
         }
     }
     // A's users are invisible too.
-    let r = app.post("/api/conversations", &tb, json!({"kind": "direct", "user_id": ua1})).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
-    let r = app.post("/api/conversations", &tb, json!({"kind": "group", "name": "x", "member_ids": [ua1]})).await;
+    let r = app
+        .post(
+            "/api/conversations",
+            &tb,
+            json!({"kind": "direct", "user_id": ua1}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = app
-        .call(Method::PATCH, &format!("/api/admin/users/{ua1}"), Some(&admin_b), Some(json!({"active": false})))
+        .post(
+            "/api/conversations",
+            &tb,
+            json!({"kind": "group", "name": "x", "member_ids": [ua1]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app
+        .call(
+            Method::PATCH,
+            &format!("/api/admin/users/{ua1}"),
+            Some(&admin_b),
+            Some(json!({"active": false})),
+        )
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = app.get("/api/users", &tb).await;
-    assert!(r.body["users"].as_array().unwrap().iter().all(|u| u["email"].as_str().unwrap().ends_with("sdis83.fr")));
+    assert!(
+        r.body["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["email"].as_str().unwrap().ends_with("sdis83.fr"))
+    );
     let r = app.get("/api/conversations", &tb).await;
     assert_eq!(r.body["conversations"].as_array().unwrap().len(), 0);
     let r = app.get("/api/search?q=incendie", &tb).await;
@@ -370,69 +545,181 @@ async fn bad_input_gets_its_documented_error_and_writes_nothing() {
     app.post(&uri, &t1, json!({"content": "premier"})).await;
 
     let send_raw = |body: &'static str, content_type: Option<&'static str>| {
-        let mut req = Request::post(uri.clone()).header(header::AUTHORIZATION, format!("Bearer {t1}"));
+        let mut req =
+            Request::post(uri.clone()).header(header::AUTHORIZATION, format!("Bearer {t1}"));
         if let Some(ct) = content_type {
             req = req.header(header::CONTENT_TYPE, ct);
         }
         req.body(Body::from(body)).unwrap()
     };
     let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
-        (send_raw("{\"content\": ", Some("application/json")), StatusCode::BAD_REQUEST, "malformed_json"),
-        (send_raw("not json", Some("application/json")), StatusCode::BAD_REQUEST, "malformed_json"),
-        (send_raw("{\"content\": 42}", Some("application/json")), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
-        (send_raw("{}", Some("application/json")), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
-        (send_raw("{\"content\": \"x\", \"admin\": true}", Some("application/json")), StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"),
-        (send_raw("{\"content\": \"x\"}", None), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
-        (send_raw("{\"content\": \"   \"}", Some("application/json")), StatusCode::UNPROCESSABLE_ENTITY, "empty_content"),
+        (
+            send_raw("{\"content\": ", Some("application/json")),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            send_raw("not json", Some("application/json")),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            send_raw("{\"content\": 42}", Some("application/json")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            send_raw("{}", Some("application/json")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            send_raw(
+                "{\"content\": \"x\", \"admin\": true}",
+                Some("application/json"),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        ),
+        (
+            send_raw("{\"content\": \"x\"}", None),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            send_raw("{\"content\": \"   \"}", Some("application/json")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty_content",
+        ),
     ];
     for (req, status, code) in cases {
         let r = app.raw(req).await;
         assert_eq!((r.status, r.code()), (status, code), "{:?}", r.body);
     }
-    let r = app.post(&uri, &t1, json!({"content": "x".repeat(4001)})).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "content_too_long"));
-    let r = app.post(&uri, &t1, json!({"content": "x".repeat(20_000)})).await;
-    assert_eq!((r.status, r.code()), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
-    let r = app.post(&uri, &t1, json!({"content": "x", "idempotency_key": "k".repeat(200)})).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_idempotency_key"));
-    assert_eq!(last_seq(&app, &t1, &g).await, 1, "no refused request wrote a message");
+    let r = app
+        .post(&uri, &t1, json!({"content": "x".repeat(4001)}))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "content_too_long")
+    );
+    let r = app
+        .post(&uri, &t1, json!({"content": "x".repeat(20_000)}))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+    );
+    let r = app
+        .post(
+            &uri,
+            &t1,
+            json!({"content": "x", "idempotency_key": "k".repeat(200)}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_idempotency_key")
+    );
+    assert_eq!(
+        last_seq(&app, &t1, &g).await,
+        1,
+        "no refused request wrote a message"
+    );
 
     // Query strings and cursors.
     for (q, status, code) in [
         ("limit=abc", StatusCode::BAD_REQUEST, "invalid_query_string"),
         ("limit=-1", StatusCode::BAD_REQUEST, "invalid_query_string"),
         ("limit=0", StatusCode::UNPROCESSABLE_ENTITY, "invalid_limit"),
-        ("limit=1000", StatusCode::UNPROCESSABLE_ENTITY, "invalid_limit"),
-        ("before=-5", StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor"),
-        ("before=abc", StatusCode::BAD_REQUEST, "invalid_query_string"),
-        ("before=3&after=1", StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor"),
-        ("colour=red", StatusCode::BAD_REQUEST, "invalid_query_string"),
+        (
+            "limit=1000",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_limit",
+        ),
+        (
+            "before=-5",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_cursor",
+        ),
+        (
+            "before=abc",
+            StatusCode::BAD_REQUEST,
+            "invalid_query_string",
+        ),
+        (
+            "before=3&after=1",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_cursor",
+        ),
+        (
+            "colour=red",
+            StatusCode::BAD_REQUEST,
+            "invalid_query_string",
+        ),
     ] {
         let r = app.get(&format!("{uri}?{q}"), &t1).await;
         assert_eq!((r.status, r.code()), (status, code), "{q}");
     }
     let r = app.get("/api/conversations?cursor=garbage", &t1).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor")
+    );
     let r = app.get("/api/search?q=feu&cursor=xyz", &t1).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor")
+    );
     let r = app.get("/api/search", &t1).await;
-    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_query_string"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "invalid_query_string")
+    );
     let r = app.get("/api/search?q=%20%20", &t1).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_query"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_query")
+    );
 
     // Identifiers.
     let r = app.get("/api/conversations/not-a-uuid", &t1).await;
-    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, "invalid_id"));
-    let r = app.get(&format!("/api/conversations/{}", uuid::Uuid::now_v7()), &t1).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "invalid_id")
+    );
+    let r = app
+        .get(&format!("/api/conversations/{}", uuid::Uuid::now_v7()), &t1)
+        .await;
     assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
-    let r = app.post("/api/conversations", &t1, json!({"kind": "direct", "user_id": uuid::Uuid::now_v7()})).await;
+    let r = app
+        .post(
+            "/api/conversations",
+            &t1,
+            json!({"kind": "direct", "user_id": uuid::Uuid::now_v7()}),
+        )
+        .await;
     assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
-    let r = app.post("/api/conversations", &t1, json!({"kind": "channel"})).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"));
+    let r = app
+        .post("/api/conversations", &t1, json!({"kind": "channel"}))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body")
+    );
     let r = app.get("/api/nothing-here", &t1).await;
     assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
-    let r = app.post(&format!("/api/conversations/{g}/read"), &t1, json!({"seq": "deux"})).await;
-    assert_eq!((r.status, r.code()), (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body"));
+    let r = app
+        .post(
+            &format!("/api/conversations/{g}/read"),
+            &t1,
+            json!({"seq": "deux"}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body")
+    );
     assert_eq!(last_seq(&app, &t1, &g).await, 1);
 }
 

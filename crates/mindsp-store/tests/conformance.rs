@@ -29,10 +29,17 @@ struct Dept {
 
 async fn dept(svc: &Messaging, slug: &str, n_users: usize) -> Dept {
     let store = svc.store();
-    let tenant = store.create_tenant(slug, &format!("SDIS {slug}")).await.unwrap();
+    let tenant = store
+        .create_tenant(slug, &format!("SDIS {slug}"))
+        .await
+        .unwrap();
     let mut tx = store.begin(tenant.id).await.unwrap();
     let admin = tx
-        .insert_user(&new_user(&format!("admin@{slug}.fr"), "Cdt Admin", Role::Admin))
+        .insert_user(&new_user(
+            &format!("admin@{slug}.fr"),
+            "Cdt Admin",
+            Role::Admin,
+        ))
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -46,7 +53,11 @@ async fn dept(svc: &Messaging, slug: &str, n_users: usize) -> Dept {
         let u = svc
             .create_user(
                 &admin,
-                new_user(&format!("user{i}@{slug}.fr"), &format!("Sapeur {i}"), Role::Member),
+                new_user(
+                    &format!("user{i}@{slug}.fr"),
+                    &format!("Sapeur {i}"),
+                    Role::Member,
+                ),
             )
             .await
             .unwrap();
@@ -132,7 +143,11 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
 
     let mut tx = store.begin(t.id).await.unwrap();
     let u = tx
-        .insert_user(&new_user("julien.martin@sdis13.fr", "Sgt Julien Martin", Role::Officer))
+        .insert_user(&new_user(
+            "julien.martin@sdis13.fr",
+            "Sgt Julien Martin",
+            Role::Officer,
+        ))
         .await
         .unwrap();
     assert_eq!(u.tenant_id, t.id);
@@ -145,13 +160,21 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
 
     let mut tx = store.begin(t.id).await.unwrap();
     let u = tx
-        .insert_user(&new_user("julien.martin@sdis13.fr", "Sgt Julien Martin", Role::Officer))
+        .insert_user(&new_user(
+            "julien.martin@sdis13.fr",
+            "Sgt Julien Martin",
+            Role::Officer,
+        ))
         .await
         .unwrap();
     tx.commit().await.unwrap();
 
     let mut tx = store.read(t.id).await.unwrap();
-    let (found, hash) = tx.user_credentials("julien.martin@sdis13.fr").await.unwrap().unwrap();
+    let (found, hash) = tx
+        .user_credentials("julien.martin@sdis13.fr")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(found, u);
     assert_eq!(hash, "not-a-real-hash");
     assert_eq!(tx.user(u.id).await.unwrap().unwrap(), u);
@@ -161,7 +184,12 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
     let off = tx.set_user_active(u.id, false).await.unwrap().unwrap();
     assert!(!off.active);
     assert!(tx.active_users_among(&[u.id]).await.unwrap().is_empty());
-    assert!(tx.set_user_active(UserId::new(), false).await.unwrap().is_none());
+    assert!(
+        tx.set_user_active(UserId::new(), false)
+            .await
+            .unwrap()
+            .is_none()
+    );
     tx.commit().await.unwrap();
 }
 
@@ -184,20 +212,27 @@ async fn users_are_scoped_to_their_tenant(store: Arc<dyn Store>) {
     let first = svc.list_users(&a.users[0], None, Some(2)).await.unwrap();
     let last = first.last().unwrap();
     let second = svc
-        .list_users(&a.users[0], Some((last.display_name.clone(), last.id)), Some(2))
+        .list_users(
+            &a.users[0],
+            Some((last.display_name.clone(), last.id)),
+            Some(2),
+        )
         .await
         .unwrap();
     assert_eq!(first.len() + second.len(), 4);
     assert!(second.iter().all(|u| !first.contains(u)));
 
-    assert!(is_not_found(svc.user(&b.users[0], a.users[0].user_id).await));
+    assert!(is_not_found(
+        svc.user(&b.users[0], a.users[0].user_id).await
+    ));
     // Admin rules: members cannot create users; admins cannot reach other tenants.
     let r = svc
         .create_user(&a.users[0], new_user("x@sdis13.fr", "X", Role::Member))
         .await;
     assert_eq!(code(r), "forbidden");
     assert!(is_not_found(
-        svc.set_user_active(&b.admin, a.users[0].user_id, false).await
+        svc.set_user_active(&b.admin, a.users[0].user_id, false)
+            .await
     ));
     assert_eq!(
         code(svc.set_user_active(&a.admin, a.admin.user_id, false).await),
@@ -217,7 +252,11 @@ async fn store_scope_never_crosses_tenants(store: Arc<dyn Store>) {
     let a = dept(&svc, "sdis13", 2).await;
     let b = dept(&svc, "sdis83", 2).await;
     let conv = svc
-        .create_group(&a.users[0], "CIS Aix — équipe de garde", &[a.users[1].user_id])
+        .create_group(
+            &a.users[0],
+            "CIS Aix — équipe de garde",
+            &[a.users[1].user_id],
+        )
         .await
         .unwrap();
     svc.send(&a.users[0], conv.id, "Exercice incendie demain", None)
@@ -229,7 +268,12 @@ async fn store_scope_never_crosses_tenants(store: Arc<dyn Store>) {
     assert!(tx.conversation(conv.id).await.unwrap().is_none());
     assert!(tx.user(a.users[0].user_id).await.unwrap().is_none());
     assert!(tx.members(conv.id).await.unwrap().is_empty());
-    assert!(tx.member(conv.id, a.users[0].user_id).await.unwrap().is_none());
+    assert!(
+        tx.member(conv.id, a.users[0].user_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(
         tx.messages(conv.id, SeqWindow::Latest, 50)
             .await
@@ -262,7 +306,9 @@ async fn store_scope_never_crosses_tenants(store: Arc<dyn Store>) {
     ));
     assert!(!tx.remove_member(conv.id, a.users[1].user_id).await.unwrap());
     tx.rename_conversation(conv.id, "piraté").await.unwrap();
-    assert!(is_not_found(tx.mark_read(conv.id, a.users[0].user_id, 1).await));
+    assert!(is_not_found(
+        tx.mark_read(conv.id, a.users[0].user_id, 1).await
+    ));
     tx.commit().await.unwrap();
 
     let mut tx = store.begin(b.tenant).await.unwrap();
@@ -286,12 +332,16 @@ async fn store_scope_never_crosses_tenants(store: Arc<dyn Store>) {
     let bu = &b.users[0];
     assert!(is_not_found(svc.conversation(bu, conv.id).await));
     assert!(is_not_found(svc.send(bu, conv.id, "salut", None).await));
-    assert!(is_not_found(svc.history(bu, conv.id, SeqWindow::Latest, None).await));
+    assert!(is_not_found(
+        svc.history(bu, conv.id, SeqWindow::Latest, None).await
+    ));
     assert!(is_not_found(svc.mark_read(bu, conv.id, None).await));
     assert!(is_not_found(
         svc.add_members(&b.admin, conv.id, &[bu.user_id]).await
     ));
-    assert!(is_not_found(svc.search(bu, "incendie", Some(conv.id), 0, None).await));
+    assert!(is_not_found(
+        svc.search(bu, "incendie", Some(conv.id), 0, None).await
+    ));
     assert!(is_not_found(svc.open_direct(bu, a.users[0].user_id).await));
     assert!(is_not_found(
         svc.create_group(bu, "mixte", &[a.users[0].user_id]).await
@@ -308,7 +358,10 @@ async fn direct_conversations_are_unique_per_pair(store: Arc<dyn Store>) {
     let (c2, created) = svc.open_direct(u1, u0.user_id).await.unwrap();
     assert!(!created);
     assert_eq!(c1.id, c2.id);
-    assert_eq!(code(svc.open_direct(u0, u0.user_id).await), "invalid_members");
+    assert_eq!(
+        code(svc.open_direct(u0, u0.user_id).await),
+        "invalid_members"
+    );
     assert!(is_not_found(svc.open_direct(u0, UserId::new()).await));
 
     // At the port: a second direct row for the same pair is refused.
@@ -336,7 +389,9 @@ async fn direct_conversations_are_unique_per_pair(store: Arc<dyn Store>) {
     let mut handles = Vec::new();
     for _ in 0..8 {
         let (svc, me, other) = (svc.clone(), *u0, a.users[2].user_id);
-        handles.push(tokio::spawn(async move { svc.open_direct(&me, other).await }));
+        handles.push(tokio::spawn(
+            async move { svc.open_direct(&me, other).await },
+        ));
     }
     let mut ids = HashSet::new();
     for h in handles {
@@ -361,12 +416,17 @@ async fn group_membership_rules(store: Arc<dyn Store>) {
 
     // Non-members see nothing and cannot post.
     assert!(is_not_found(svc.conversation(&outsider, g.id).await));
-    assert!(is_not_found(svc.send(&outsider, g.id, "bonjour", None).await));
+    assert!(is_not_found(
+        svc.send(&outsider, g.id, "bonjour", None).await
+    ));
     assert!(is_not_found(
         svc.history(&outsider, g.id, SeqWindow::Latest, None).await
     ));
     // Plain members cannot add, rename or change roles.
-    assert_eq!(code(svc.add_members(&m1, g.id, &[m2.user_id]).await), "forbidden");
+    assert_eq!(
+        code(svc.add_members(&m1, g.id, &[m2.user_id]).await),
+        "forbidden"
+    );
     assert_eq!(code(svc.rename(&m1, g.id, "X").await), "forbidden");
     assert_eq!(
         code(
@@ -377,7 +437,8 @@ async fn group_membership_rules(store: Arc<dyn Store>) {
     );
     // Owners can; adding an unknown user writes nothing.
     assert!(is_not_found(
-        svc.add_members(&owner, g.id, &[m2.user_id, UserId::new()]).await
+        svc.add_members(&owner, g.id, &[m2.user_id, UserId::new()])
+            .await
     ));
     assert_eq!(svc.conversation(&owner, g.id).await.unwrap().1.len(), 2);
     let members = svc.add_members(&owner, g.id, &[m2.user_id]).await.unwrap();
@@ -390,7 +451,9 @@ async fn group_membership_rules(store: Arc<dyn Store>) {
         code(svc.remove_member(&m1, g.id, owner.user_id).await),
         "forbidden"
     );
-    svc.rename(&m1, g.id, "FPT Marseille-Nord — garde").await.unwrap();
+    svc.rename(&m1, g.id, "FPT Marseille-Nord — garde")
+        .await
+        .unwrap();
     assert_eq!(
         svc.conversation(&m2, g.id).await.unwrap().0.name.as_deref(),
         Some("FPT Marseille-Nord — garde")
@@ -425,22 +488,33 @@ async fn removed_member_loses_access_at_once(store: Arc<dyn Store>) {
     let svc = Messaging::new(store.clone(), Limits::default());
     let a = dept(&svc, "sdis13", 2).await;
     let [owner, m1] = [a.users[0], a.users[1]];
-    let g = svc.create_group(&owner, "VSAV 1", &[m1.user_id]).await.unwrap();
+    let g = svc
+        .create_group(&owner, "VSAV 1", &[m1.user_id])
+        .await
+        .unwrap();
     svc.send(&m1, g.id, "présent", None).await.unwrap();
     svc.remove_member(&owner, g.id, m1.user_id).await.unwrap();
     assert!(is_not_found(svc.send(&m1, g.id, "encore là ?", None).await));
-    assert!(is_not_found(svc.history(&m1, g.id, SeqWindow::Latest, None).await));
-    assert!(is_not_found(svc.search(&m1, "présent", None, 0, None).await.map(|h| {
-        // Search across all conversations does not error; it must just not find it.
-        if h.is_empty() { Err(()) } else { Ok(h) }
-    }).unwrap_or(Err(Error::NotFound("hit")))));
+    assert!(is_not_found(
+        svc.history(&m1, g.id, SeqWindow::Latest, None).await
+    ));
+    // Searching across all of m1's conversations no longer reaches the group.
+    assert!(
+        svc.search(&m1, "présent", None, 0, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(
         svc.list_conversations(&m1, None, None)
             .await
             .unwrap()
             .is_empty()
     );
-    assert_eq!(code(svc.remove_member(&owner, g.id, m1.user_id).await), "not_found");
+    assert_eq!(
+        code(svc.remove_member(&owner, g.id, m1.user_id).await),
+        "not_found"
+    );
 }
 
 async fn group_always_keeps_an_owner(store: Arc<dyn Store>) {
@@ -462,7 +536,9 @@ async fn group_always_keeps_an_owner(store: Arc<dyn Store>) {
         .await
         .unwrap();
     // The owner leaves: the admin (m2) inherits, even though m1 joined at the same time.
-    svc.remove_member(&owner, g.id, owner.user_id).await.unwrap();
+    svc.remove_member(&owner, g.id, owner.user_id)
+        .await
+        .unwrap();
     let (_, members) = svc.conversation(&m1, g.id).await.unwrap();
     let roles: Vec<_> = members.iter().map(|m| (m.user_id, m.role)).collect();
     assert!(roles.contains(&(m2.user_id, MemberRole::Owner)));
@@ -477,23 +553,44 @@ async fn group_always_keeps_an_owner(store: Arc<dyn Store>) {
 async fn history_pages_both_ways(store: Arc<dyn Store>) {
     let svc = Messaging::new(store.clone(), Limits::default());
     let a = dept(&svc, "sdis13", 2).await;
-    let (c, _) = svc.open_direct(&a.users[0], a.users[1].user_id).await.unwrap();
+    let (c, _) = svc
+        .open_direct(&a.users[0], a.users[1].user_id)
+        .await
+        .unwrap();
     for i in 1..=25 {
         let sender = &a.users[i % 2];
-        let m = svc.send(sender, c.id, &format!("message {i}"), None).await.unwrap();
+        let m = svc
+            .send(sender, c.id, &format!("message {i}"), None)
+            .await
+            .unwrap();
         assert_eq!(m.message().seq, i as i64);
     }
     let u = &a.users[0];
     let seqs = |v: Vec<mindsp_core::model::Message>| v.iter().map(|m| m.seq).collect::<Vec<_>>();
-    let latest = svc.history(u, c.id, SeqWindow::Latest, Some(10)).await.unwrap();
+    let latest = svc
+        .history(u, c.id, SeqWindow::Latest, Some(10))
+        .await
+        .unwrap();
     assert_eq!(seqs(latest), (16..=25).collect::<Vec<_>>());
-    let before = svc.history(u, c.id, SeqWindow::Before(16), Some(10)).await.unwrap();
+    let before = svc
+        .history(u, c.id, SeqWindow::Before(16), Some(10))
+        .await
+        .unwrap();
     assert_eq!(seqs(before), (6..=15).collect::<Vec<_>>());
-    let before = svc.history(u, c.id, SeqWindow::Before(6), Some(10)).await.unwrap();
+    let before = svc
+        .history(u, c.id, SeqWindow::Before(6), Some(10))
+        .await
+        .unwrap();
     assert_eq!(seqs(before), (1..=5).collect::<Vec<_>>());
-    let after = svc.history(u, c.id, SeqWindow::After(0), Some(10)).await.unwrap();
+    let after = svc
+        .history(u, c.id, SeqWindow::After(0), Some(10))
+        .await
+        .unwrap();
     assert_eq!(seqs(after), (1..=10).collect::<Vec<_>>());
-    let after = svc.history(u, c.id, SeqWindow::After(20), Some(10)).await.unwrap();
+    let after = svc
+        .history(u, c.id, SeqWindow::After(20), Some(10))
+        .await
+        .unwrap();
     assert_eq!(seqs(after), (21..=25).collect::<Vec<_>>());
     assert!(
         svc.history(u, c.id, SeqWindow::After(25), None)
@@ -501,18 +598,34 @@ async fn history_pages_both_ways(store: Arc<dyn Store>) {
             .unwrap()
             .is_empty()
     );
-    let one = svc.history(u, c.id, SeqWindow::After(4), Some(1)).await.unwrap();
+    let one = svc
+        .history(u, c.id, SeqWindow::After(4), Some(1))
+        .await
+        .unwrap();
     assert_eq!(one[0].content, "message 5");
-    assert_eq!(code(svc.history(u, c.id, SeqWindow::Latest, Some(0)).await), "invalid_limit");
-    assert_eq!(code(svc.history(u, c.id, SeqWindow::Latest, Some(101)).await), "invalid_limit");
-    assert_eq!(code(svc.history(u, c.id, SeqWindow::Before(-1), None).await), "invalid_cursor");
+    assert_eq!(
+        code(svc.history(u, c.id, SeqWindow::Latest, Some(0)).await),
+        "invalid_limit"
+    );
+    assert_eq!(
+        code(svc.history(u, c.id, SeqWindow::Latest, Some(101)).await),
+        "invalid_limit"
+    );
+    assert_eq!(
+        code(svc.history(u, c.id, SeqWindow::Before(-1), None).await),
+        "invalid_cursor"
+    );
     assert!(is_not_found(
-        svc.history(u, ConversationId::new(), SeqWindow::Latest, None).await
+        svc.history(u, ConversationId::new(), SeqWindow::Latest, None)
+            .await
     ));
     // Content rules.
     assert_eq!(code(svc.send(u, c.id, "   ", None).await), "empty_content");
     let long = "é".repeat(4001);
-    assert_eq!(code(svc.send(u, c.id, &long, None).await), "content_too_long");
+    assert_eq!(
+        code(svc.send(u, c.id, &long, None).await),
+        "content_too_long"
+    );
     assert!(svc.send(u, c.id, &"é".repeat(4000), None).await.is_ok());
 }
 
@@ -533,10 +646,16 @@ async fn idempotent_send(store: Arc<dyn Store>) {
     assert!(matches!(again, Appended::Existing(_)));
     assert_eq!(again.message(), first.message());
     // The same key from another sender is their own message.
-    let other = svc.send(u1, c.id, "Reçu", Some("k-1".into())).await.unwrap();
+    let other = svc
+        .send(u1, c.id, "Reçu", Some("k-1".into()))
+        .await
+        .unwrap();
     assert!(other.created());
     assert_eq!(other.message().seq, 2);
-    let all = svc.history(u0, c.id, SeqWindow::Latest, None).await.unwrap();
+    let all = svc
+        .history(u0, c.id, SeqWindow::Latest, None)
+        .await
+        .unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(
         code(svc.send(u0, c.id, "x", Some(String::new())).await),
@@ -552,33 +671,74 @@ async fn unread_counts_and_read_markers(store: Arc<dyn Store>) {
     let svc = Messaging::new(store.clone(), Limits::default());
     let a = dept(&svc, "sdis13", 3).await;
     let [u0, u1, u2] = [a.users[0], a.users[1], a.users[2]];
-    let g = svc.create_group(&u0, "CS Istres", &[u1.user_id]).await.unwrap();
+    let g = svc
+        .create_group(&u0, "CS Istres", &[u1.user_id])
+        .await
+        .unwrap();
     for i in 0..5 {
-        svc.send(&u0, g.id, &format!("info {i}"), None).await.unwrap();
+        svc.send(&u0, g.id, &format!("info {i}"), None)
+            .await
+            .unwrap();
     }
     let unread = |v: Vec<mindsp_core::model::ConversationSummary>| v[0].unread_count;
-    assert_eq!(unread(svc.list_conversations(&u0, None, None).await.unwrap()), 0);
-    assert_eq!(unread(svc.list_conversations(&u1, None, None).await.unwrap()), 5);
+    assert_eq!(
+        unread(svc.list_conversations(&u0, None, None).await.unwrap()),
+        0
+    );
+    assert_eq!(
+        unread(svc.list_conversations(&u1, None, None).await.unwrap()),
+        5
+    );
     assert_eq!(svc.mark_read(&u1, g.id, Some(3)).await.unwrap(), 3);
-    assert_eq!(unread(svc.list_conversations(&u1, None, None).await.unwrap()), 2);
+    assert_eq!(
+        unread(svc.list_conversations(&u1, None, None).await.unwrap()),
+        2
+    );
     // Never backwards, never beyond the end.
     assert_eq!(svc.mark_read(&u1, g.id, Some(1)).await.unwrap(), 3);
     assert_eq!(svc.mark_read(&u1, g.id, Some(999)).await.unwrap(), 5);
-    assert_eq!(unread(svc.list_conversations(&u1, None, None).await.unwrap()), 0);
-    assert_eq!(code(svc.mark_read(&u1, g.id, Some(-2)).await), "invalid_seq");
+    assert_eq!(
+        unread(svc.list_conversations(&u1, None, None).await.unwrap()),
+        0
+    );
+    assert_eq!(
+        code(svc.mark_read(&u1, g.id, Some(-2)).await),
+        "invalid_seq"
+    );
     // A reply from u1 is unread for u0 only.
     svc.send(&u1, g.id, "bien reçu", None).await.unwrap();
-    assert_eq!(unread(svc.list_conversations(&u0, None, None).await.unwrap()), 1);
-    assert_eq!(unread(svc.list_conversations(&u1, None, None).await.unwrap()), 0);
+    assert_eq!(
+        unread(svc.list_conversations(&u0, None, None).await.unwrap()),
+        1
+    );
+    assert_eq!(
+        unread(svc.list_conversations(&u1, None, None).await.unwrap()),
+        0
+    );
     // Someone added later starts with nothing unread, and sees new messages as unread.
     svc.add_members(&u0, g.id, &[u2.user_id]).await.unwrap();
-    assert_eq!(unread(svc.list_conversations(&u2, None, None).await.unwrap()), 0);
+    assert_eq!(
+        unread(svc.list_conversations(&u2, None, None).await.unwrap()),
+        0
+    );
     svc.send(&u0, g.id, "bienvenue", None).await.unwrap();
-    assert_eq!(unread(svc.list_conversations(&u2, None, None).await.unwrap()), 1);
+    assert_eq!(
+        unread(svc.list_conversations(&u2, None, None).await.unwrap()),
+        1
+    );
     assert_eq!(svc.mark_read(&u2, g.id, None).await.unwrap(), 7);
     let (_, members) = svc.conversation(&u0, g.id).await.unwrap();
-    let marker = |u: UserId| members.iter().find(|m| m.user_id == u).unwrap().last_read_seq;
-    assert_eq!((marker(u0.user_id), marker(u1.user_id), marker(u2.user_id)), (7, 6, 7));
+    let marker = |u: UserId| {
+        members
+            .iter()
+            .find(|m| m.user_id == u)
+            .unwrap()
+            .last_read_seq
+    };
+    assert_eq!(
+        (marker(u0.user_id), marker(u1.user_id), marker(u2.user_id)),
+        (7, 6, 7)
+    );
 }
 
 async fn conversation_list_by_activity(store: Arc<dyn Store>) {
@@ -594,7 +754,10 @@ async fn conversation_list_by_activity(store: Arc<dyn Store>) {
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     svc.send(&me, convs[1].id, "un", None).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    let last = svc.send(&a.users[1], convs[0].id, "deux", None).await.unwrap();
+    let last = svc
+        .send(&a.users[1], convs[0].id, "deux", None)
+        .await
+        .unwrap();
     let list = svc.list_conversations(&me, None, Some(2)).await.unwrap();
     assert_eq!(list[0].conversation.id, convs[0].id);
     assert_eq!(list[0].last_message.as_ref(), Some(last.message()));
@@ -605,7 +768,10 @@ async fn conversation_list_by_activity(store: Arc<dyn Store>) {
         last_activity_at: list[1].conversation.last_activity_at,
         id: list[1].conversation.id,
     };
-    let rest = svc.list_conversations(&me, Some(cursor), Some(10)).await.unwrap();
+    let rest = svc
+        .list_conversations(&me, Some(cursor), Some(10))
+        .await
+        .unwrap();
     let ids: HashSet<_> = rest.iter().map(|s| s.conversation.id).collect();
     assert_eq!(ids, HashSet::from([convs[2].id, g.id]));
     assert!(rest.iter().all(|s| s.last_message.is_none()));
@@ -615,7 +781,10 @@ async fn concurrent_senders_get_gap_free_seqs(store: Arc<dyn Store>) {
     let svc = Messaging::new(store.clone(), Limits::default());
     let a = dept(&svc, "sdis13", 5).await;
     let others: Vec<UserId> = a.users[1..].iter().map(|u| u.user_id).collect();
-    let g = svc.create_group(&a.users[0], "Feux de forêt", &others).await.unwrap();
+    let g = svc
+        .create_group(&a.users[0], "Feux de forêt", &others)
+        .await
+        .unwrap();
     const TASKS: usize = 50;
     const PER_TASK: usize = 100;
     let mut handles = Vec::new();
@@ -651,12 +820,16 @@ async fn concurrent_senders_get_gap_free_seqs(store: Arc<dyn Store>) {
 async fn concurrent_retries_with_one_key_store_one_message(store: Arc<dyn Store>) {
     let svc = Messaging::new(store.clone(), Limits::default());
     let a = dept(&svc, "sdis13", 2).await;
-    let (c, _) = svc.open_direct(&a.users[0], a.users[1].user_id).await.unwrap();
+    let (c, _) = svc
+        .open_direct(&a.users[0], a.users[1].user_id)
+        .await
+        .unwrap();
     let mut handles = Vec::new();
     for _ in 0..16 {
         let (svc, me) = (svc.clone(), a.users[0]);
         handles.push(tokio::spawn(async move {
-            svc.send(&me, c.id, "Alerte", Some("retry-key".into())).await
+            svc.send(&me, c.id, "Alerte", Some("retry-key".into()))
+                .await
         }));
     }
     let mut ids = HashSet::new();
@@ -675,7 +848,10 @@ async fn search_folds_accents_and_plurals(store: Arc<dyn Store>) {
     let svc = Messaging::new(store.clone(), Limits::default());
     let a = dept(&svc, "sdis13", 2).await;
     let [u0, u1] = [a.users[0], a.users[1]];
-    let g = svc.create_group(&u0, "Formation", &[u1.user_id]).await.unwrap();
+    let g = svc
+        .create_group(&u0, "Formation", &[u1.user_id])
+        .await
+        .unwrap();
     let texts = [
         "Rappel des consignes de sécurité pour l'exercice ARI",
         "Les pompiers de Marseille-Nord arrivent",
@@ -687,29 +863,57 @@ async fn search_folds_accents_and_plurals(store: Arc<dyn Store>) {
         svc.send(&u0, g.id, t, None).await.unwrap();
     }
     let contents = |hits: Vec<mindsp_core::model::SearchHit>| {
-        hits.into_iter().map(|h| h.message.content).collect::<Vec<_>>()
+        hits.into_iter()
+            .map(|h| h.message.content)
+            .collect::<Vec<_>>()
     };
     let hits = contents(svc.search(&u1, "securite", None, 0, None).await.unwrap());
     assert_eq!(hits.len(), 2, "{hits:?}");
     // Ranked: the message saying it three times comes first.
     assert_eq!(hits[0], texts[4]);
-    let hits = contents(svc.search(&u1, "pompier", Some(g.id), 0, None).await.unwrap());
+    let hits = contents(
+        svc.search(&u1, "pompier", Some(g.id), 0, None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(hits, vec![texts[1].to_string()]);
-    let hits = contents(svc.search(&u1, "interventions", None, 0, None).await.unwrap());
+    let hits = contents(
+        svc.search(&u1, "interventions", None, 0, None)
+            .await
+            .unwrap(),
+    );
     assert_eq!(hits, vec![texts[2].to_string()]);
     let hits = contents(svc.search(&u1, "REUNION aix", None, 0, None).await.unwrap());
     assert_eq!(hits, vec![texts[3].to_string()]);
-    assert!(svc.search(&u1, "inondation", None, 0, None).await.unwrap().is_empty());
+    assert!(
+        svc.search(&u1, "inondation", None, 0, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Paging.
     let p1 = svc.search(&u1, "securite", None, 0, Some(1)).await.unwrap();
     let p2 = svc.search(&u1, "securite", None, 1, Some(1)).await.unwrap();
     assert_eq!(p1.len() + p2.len(), 2);
     assert_ne!(p1[0].message.id, p2[0].message.id);
     // Query syntax is never passed through.
-    assert!(svc.search(&u1, "\"sécurité\" OR *", None, 0, None).await.is_ok());
-    assert_eq!(code(svc.search(&u1, "  !!! ", None, 0, None).await), "invalid_query");
-    assert_eq!(code(svc.search(&u1, &"a".repeat(201), None, 0, None).await), "invalid_query");
-    assert_eq!(code(svc.search(&u1, "feu", None, 5000, None).await), "invalid_cursor");
+    assert!(
+        svc.search(&u1, "\"sécurité\" OR *", None, 0, None)
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        code(svc.search(&u1, "  !!! ", None, 0, None).await),
+        "invalid_query"
+    );
+    assert_eq!(
+        code(svc.search(&u1, &"a".repeat(201), None, 0, None).await),
+        "invalid_query"
+    );
+    assert_eq!(
+        code(svc.search(&u1, "feu", None, 5000, None).await),
+        "invalid_cursor"
+    );
 }
 
 async fn search_sees_only_members_conversations(store: Arc<dyn Store>) {
@@ -718,13 +922,38 @@ async fn search_sees_only_members_conversations(store: Arc<dyn Store>) {
     let b = dept(&svc, "sdis83", 1).await;
     let [u0, u1, u2] = [a.users[0], a.users[1], a.users[2]];
     let g = svc.create_group(&u0, "Privé", &[u1.user_id]).await.unwrap();
-    svc.send(&u0, g.id, "Désincarcération sur l'A7", None).await.unwrap();
+    svc.send(&u0, g.id, "Désincarcération sur l'A7", None)
+        .await
+        .unwrap();
     let g2 = svc.create_group(&u2, "Autre", &[]).await.unwrap();
-    svc.send(&u2, g2.id, "Désincarcération exercice", None).await.unwrap();
-    assert_eq!(svc.search(&u1, "desincarceration", None, 0, None).await.unwrap().len(), 1);
-    assert_eq!(svc.search(&u2, "desincarceration", None, 0, None).await.unwrap().len(), 1);
-    assert_eq!(svc.search(&u0, "desincarceration", None, 0, None).await.unwrap().len(), 1);
-    assert!(is_not_found(svc.search(&u2, "desincarceration", Some(g.id), 0, None).await));
+    svc.send(&u2, g2.id, "Désincarcération exercice", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        svc.search(&u1, "desincarceration", None, 0, None)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        svc.search(&u2, "desincarceration", None, 0, None)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        svc.search(&u0, "desincarceration", None, 0, None)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(is_not_found(
+        svc.search(&u2, "desincarceration", Some(g.id), 0, None)
+            .await
+    ));
     assert!(
         svc.search(&b.users[0], "desincarceration", None, 0, None)
             .await

@@ -38,7 +38,9 @@ pub struct Reply {
 impl Reply {
     /// The stable error code of an error reply.
     pub fn code(&self) -> &str {
-        self.body["error"]["code"].as_str().unwrap_or("<no error code>")
+        self.body["error"]["code"]
+            .as_str()
+            .unwrap_or("<no error code>")
     }
 }
 
@@ -69,7 +71,8 @@ impl TestApp {
         .await
         .unwrap();
         tx.commit().await.unwrap();
-        self.login(slug, &format!("admin@{slug}.fr"), PASSWORD).await
+        self.login(slug, &format!("admin@{slug}.fr"), PASSWORD)
+            .await
     }
 
     /// Creates a member through the admin route; returns (user id, token).
@@ -129,7 +132,8 @@ impl TestApp {
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
         Reply { status, body }
     }

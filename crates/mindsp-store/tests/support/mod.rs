@@ -1,5 +1,7 @@
 //! Backends for the conformance suite: each test gets a fresh database.
 
+#![allow(unreachable_pub)]
+
 use std::sync::Arc;
 
 use mindsp_core::ports::Store;
@@ -20,9 +22,9 @@ impl Backend {
         let dir = std::env::temp_dir().join(format!("mindsp-test-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("test.db");
-        let store = mindsp_store::sqlite::SqliteStore::open(mindsp_store::sqlite::SqliteConfig::file(
-            path.to_string_lossy(),
-        ))
+        let store = mindsp_store::sqlite::SqliteStore::open(
+            mindsp_store::sqlite::SqliteConfig::file(path.to_string_lossy()),
+        )
         .await
         .expect("open sqlite");
         Self {

@@ -1,0 +1,838 @@
+//! PostgreSQL adapter.
+//!
+//! One pool serves both [`Store::begin`] and [`Store::read`]; PostgreSQL runs readers and
+//! writers concurrently, so there is nothing to gain from splitting it. Reads open
+//! `READ ONLY` transactions, so writing through one fails.
+//!
+//! Tenancy has two walls. The first is the same as SQLite's: every query names
+//! `tenant_id = $tenant`. The second is row-level security on users, conversations,
+//! members and messages: each unit of work starts by setting `mindsp.tenant_id` for its
+//! transaction only, and the policies hide and refuse every row of another tenant (and
+//! every row at all when no tenant is set). Superusers and `BYPASSRLS` roles ignore
+//! row-level security even when it is forced, so when the store connects as one, every
+//! serving connection switches to the `mindsp_app` role the migration creates, after
+//! migrations ran under the connecting role; [`PgStore::app_role_check`] reports the role
+//! queries really run as.
+
+use std::any::Any;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use mindsp_core::model::{
+    ActivityCursor, Appended, Conversation, ConversationKind, ConversationSummary, Member,
+    MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow, Tenant,
+    User, now,
+};
+use mindsp_core::ports::{Store, TenantTx};
+use mindsp_core::{ConversationId, Error, MessageId, Result, TenantId, UserId};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Executor, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::common::{db_err, direct_key};
+
+/// Embedded migrations, exposed so an embedding application can run them itself.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The role serving connections switch to when the connecting role would bypass
+/// row-level security. Created by the migration; it cannot log in.
+pub const APP_ROLE: &str = "mindsp_app";
+
+/// How to open a PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// A `postgres://` URL.
+    pub url: String,
+    /// Size of the connection pool.
+    pub max_connections: u32,
+    /// A schema to hold the tables, created if missing and put alone on the
+    /// `search_path` of every connection. `None` keeps the server's `search_path`.
+    pub schema: Option<String>,
+}
+
+impl PgConfig {
+    /// A store at `url` with default settings.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_connections: 16,
+            schema: None,
+        }
+    }
+}
+
+/// The PostgreSQL implementation of [`Store`].
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Creates the schema if one is configured, runs pending migrations as the
+    /// connecting role, then opens the serving pool.
+    ///
+    /// Each serving connection checks whether its role bypasses row-level security
+    /// (superuser or `BYPASSRLS`); if so it runs `SET ROLE mindsp_app`, which requires
+    /// the connecting role to be a member of it (a superuser always is). A role without
+    /// either attribute stays itself: the policies are forced, so they bind it too.
+    pub async fn open(config: PgConfig) -> Result<Self> {
+        let options = PgConnectOptions::from_str(&config.url).map_err(db_err)?;
+        let search_path = config
+            .schema
+            .as_deref()
+            .map(|s| format!("SET search_path TO {}", quote_ident(s)));
+
+        // Migrations run on their own connection, before any SET ROLE: the serving role
+        // may not create anything.
+        let mut conn = PgConnection::connect_with(&options).await.map_err(db_err)?;
+        if let Some(schema) = &config.schema {
+            match conn
+                .execute(&*format!(
+                    "CREATE SCHEMA IF NOT EXISTS {}",
+                    quote_ident(schema)
+                ))
+                .await
+            {
+                // Another process created it concurrently.
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {}
+                other => {
+                    other.map_err(db_err)?;
+                }
+            }
+        }
+        if let Some(sql) = &search_path {
+            conn.execute(sql.as_str()).await.map_err(db_err)?;
+        }
+        MIGRATOR
+            .run(&mut conn)
+            .await
+            .map_err(|e| Error::Storage(format!("migration failed: {e}")))?;
+        conn.close().await.map_err(db_err)?;
+
+        let search_path: Option<Arc<str>> = search_path.map(Into::into);
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            // A failed connection shows at its first query; a ping per unit of work
+            // would cost one round trip more on the hot path.
+            .test_before_acquire(false)
+            .after_connect(move |conn, _meta| {
+                let search_path = search_path.clone();
+                Box::pin(async move {
+                    let bypasses: bool = sqlx::query_scalar(
+                        "SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user",
+                    )
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    let mut setup = Vec::new();
+                    if let Some(sql) = &search_path {
+                        setup.push(sql.to_string());
+                    }
+                    if bypasses {
+                        setup.push(format!("SET ROLE {APP_ROLE}"));
+                    }
+                    if !setup.is_empty() {
+                        conn.execute(&*setup.join("; ")).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(db_err)?;
+        Ok(Self { pool })
+    }
+
+    /// The serving pool, for tools and tests that need raw SQL. Its connections run as
+    /// the serving role and see no tenant rows until a transaction sets
+    /// `mindsp.tenant_id`.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The role a serving connection runs queries as, and whether that role bypasses
+    /// row-level security (superuser or `BYPASSRLS`). `false` is what proves the
+    /// policies hold for the queries the server really makes.
+    pub async fn app_role_check(&self) -> Result<(String, bool)> {
+        let row = sqlx::query(
+            "SELECT current_user::text AS role, rolsuper OR rolbypassrls AS bypasses
+               FROM pg_roles WHERE rolname = current_user",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok((
+            row.try_get("role").map_err(db_err)?,
+            row.try_get("bypasses").map_err(db_err)?,
+        ))
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Begins a transaction confined to `tenant`. The tenant goes in the same simple
+    /// query as `BEGIN`, which saves a round trip on every unit of work; a UUID's text
+    /// form is hex digits and dashes, so it cannot break out of the literal.
+    async fn begin_scoped(&self, tenant: TenantId, begin: &str) -> Result<PgTx> {
+        let tx = self
+            .pool
+            .begin_with(format!(
+                "{begin}; SELECT set_config('mindsp.tenant_id', '{}', true)",
+                tenant.0.hyphenated()
+            ))
+            .await
+            .map_err(db_err)?;
+        Ok(PgTx { tx, tenant })
+    }
+}
+
+/// `name` as a quoted SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn tenant_from_row(r: &PgRow) -> Result<Tenant> {
+    Ok(Tenant {
+        id: TenantId(r.try_get("id").map_err(db_err)?),
+        slug: r.try_get("slug").map_err(db_err)?,
+        name: r.try_get("name").map_err(db_err)?,
+        created_at: r.try_get("created_at").map_err(db_err)?,
+    })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_tenant(&self, slug: &str, name: &str) -> Result<Tenant> {
+        let t = Tenant {
+            id: TenantId::new(),
+            slug: slug.to_owned(),
+            name: name.to_owned(),
+            created_at: now(),
+        };
+        sqlx::query("INSERT INTO tenants (id, slug, name, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(t.id.0)
+            .bind(&t.slug)
+            .bind(&t.name)
+            .bind(t.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(t)
+    }
+
+    async fn tenant_by_slug(&self, slug: &str) -> Result<Option<Tenant>> {
+        sqlx::query("SELECT id, slug, name, created_at FROM tenants WHERE slug = $1")
+            .bind(slug)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .as_ref()
+            .map(tenant_from_row)
+            .transpose()
+    }
+
+    async fn begin(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
+        Ok(Box::new(self.begin_scoped(tenant, "BEGIN").await?))
+    }
+
+    async fn read(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
+        Ok(Box::new(
+            self.begin_scoped(tenant, "BEGIN READ ONLY").await?,
+        ))
+    }
+}
+
+/// A unit of work on PostgreSQL, confined to one tenant by its queries and by
+/// row-level security.
+pub struct PgTx {
+    tx: Transaction<'static, Postgres>,
+    tenant: TenantId,
+}
+
+impl PgTx {
+    /// The underlying sqlx transaction, for adapters that write in the same unit.
+    pub fn transaction(&mut self) -> &mut Transaction<'static, Postgres> {
+        &mut self.tx
+    }
+}
+
+const USER_COLS: &str = "id, tenant_id, email, display_name, role, active, created_at";
+const MESSAGE_COLS: &str =
+    "id, conversation_id, sender_id, seq, content, idempotency_key, created_at";
+const CONV_COLS: &str =
+    "id, tenant_id, kind, name, created_by, created_at, last_activity_at, last_seq";
+
+fn user_from_row(r: &PgRow) -> Result<User> {
+    Ok(User {
+        id: UserId(r.try_get("id").map_err(db_err)?),
+        tenant_id: TenantId(r.try_get("tenant_id").map_err(db_err)?),
+        email: r.try_get("email").map_err(db_err)?,
+        display_name: r.try_get("display_name").map_err(db_err)?,
+        role: Role::parse(r.try_get("role").map_err(db_err)?)?,
+        active: r.try_get("active").map_err(db_err)?,
+        created_at: r.try_get("created_at").map_err(db_err)?,
+    })
+}
+
+fn conv_from_row(r: &PgRow) -> Result<Conversation> {
+    Ok(Conversation {
+        id: ConversationId(r.try_get("id").map_err(db_err)?),
+        tenant_id: TenantId(r.try_get("tenant_id").map_err(db_err)?),
+        kind: ConversationKind::parse(r.try_get("kind").map_err(db_err)?)?,
+        name: r.try_get("name").map_err(db_err)?,
+        created_by: UserId(r.try_get("created_by").map_err(db_err)?),
+        created_at: r.try_get("created_at").map_err(db_err)?,
+        last_activity_at: r.try_get("last_activity_at").map_err(db_err)?,
+        last_seq: r.try_get("last_seq").map_err(db_err)?,
+    })
+}
+
+fn message_from_row(r: &PgRow) -> Result<Message> {
+    Ok(Message {
+        id: MessageId(r.try_get("id").map_err(db_err)?),
+        conversation_id: ConversationId(r.try_get("conversation_id").map_err(db_err)?),
+        sender_id: UserId(r.try_get("sender_id").map_err(db_err)?),
+        seq: r.try_get("seq").map_err(db_err)?,
+        content: r.try_get("content").map_err(db_err)?,
+        idempotency_key: r.try_get("idempotency_key").map_err(db_err)?,
+        created_at: r.try_get("created_at").map_err(db_err)?,
+    })
+}
+
+fn member_from_row(r: &PgRow) -> Result<Member> {
+    Ok(Member {
+        user_id: UserId(r.try_get("user_id").map_err(db_err)?),
+        display_name: r.try_get("display_name").map_err(db_err)?,
+        role: MemberRole::parse(r.try_get("role").map_err(db_err)?)
+            .map_err(|e| Error::Storage(e.to_string()))?,
+        last_read_seq: r.try_get("last_read_seq").map_err(db_err)?,
+        joined_at: r.try_get("joined_at").map_err(db_err)?,
+    })
+}
+
+#[async_trait]
+impl TenantTx for PgTx {
+    fn tenant(&self) -> TenantId {
+        self.tenant
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.tx.commit().await.map_err(db_err)
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    async fn insert_user(&mut self, u: &NewUser) -> Result<User> {
+        let user = User {
+            id: UserId::new(),
+            tenant_id: self.tenant,
+            email: u.email.clone(),
+            display_name: u.display_name.clone(),
+            role: u.role,
+            active: true,
+            created_at: now(),
+        };
+        sqlx::query(
+            "INSERT INTO users (id, tenant_id, email, display_name, role, active, password_hash, created_at)
+             VALUES ($1, $2, $3, $4, $5, true, $6, $7)",
+        )
+        .bind(user.id.0)
+        .bind(self.tenant.0)
+        .bind(&user.email)
+        .bind(&user.display_name)
+        .bind(user.role.as_str())
+        .bind(&u.password_hash)
+        .bind(user.created_at)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(user)
+    }
+
+    async fn user(&mut self, id: UserId) -> Result<Option<User>> {
+        sqlx::query(&format!(
+            "SELECT {USER_COLS} FROM users WHERE tenant_id = $1 AND id = $2"
+        ))
+        .bind(self.tenant.0)
+        .bind(id.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(user_from_row)
+        .transpose()
+    }
+
+    async fn user_credentials(&mut self, email: &str) -> Result<Option<(User, String)>> {
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLS}, password_hash FROM users WHERE tenant_id = $1 AND email = $2"
+        ))
+        .bind(self.tenant.0)
+        .bind(email)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        match row {
+            None => Ok(None),
+            Some(r) => Ok(Some((
+                user_from_row(&r)?,
+                r.try_get("password_hash").map_err(db_err)?,
+            ))),
+        }
+    }
+
+    async fn list_users(
+        &mut self,
+        after: Option<(String, UserId)>,
+        limit: u32,
+    ) -> Result<Vec<User>> {
+        // Two statements rather than `$3 IS NULL OR ...`, so each keeps its index plan
+        // once the server switches the prepared statement to a generic plan.
+        let cond = if after.is_some() {
+            "AND (display_name, id) > ($3, $4)"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT {USER_COLS} FROM users WHERE tenant_id = $1 {cond}
+              ORDER BY display_name, id LIMIT $2"
+        );
+        let mut q = sqlx::query(&sql).bind(self.tenant.0).bind(i64::from(limit));
+        if let Some((name, id)) = after {
+            q = q.bind(name).bind(id.0);
+        }
+        let rows = q.fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn set_user_active(&mut self, id: UserId, active: bool) -> Result<Option<User>> {
+        sqlx::query(&format!(
+            "UPDATE users SET active = $1 WHERE tenant_id = $2 AND id = $3 RETURNING {USER_COLS}"
+        ))
+        .bind(active)
+        .bind(self.tenant.0)
+        .bind(id.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(user_from_row)
+        .transpose()
+    }
+
+    async fn active_users_among(&mut self, ids: &[UserId]) -> Result<Vec<UserId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = ids.iter().map(|u| u.0).collect();
+        sqlx::query_scalar::<_, Uuid>(
+            "SELECT id FROM users WHERE tenant_id = $1 AND active AND id = ANY($2)",
+        )
+        .bind(self.tenant.0)
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)
+        .map(|ids| ids.into_iter().map(UserId).collect())
+    }
+
+    async fn insert_conversation(&mut self, c: &NewConversation) -> Result<Conversation> {
+        let at = now();
+        let conv = Conversation {
+            id: ConversationId::new(),
+            tenant_id: self.tenant,
+            kind: c.kind,
+            name: c.name.clone(),
+            created_by: c.created_by,
+            created_at: at,
+            last_activity_at: at,
+            last_seq: 0,
+        };
+        let key = match (c.kind, c.members.as_slice()) {
+            (ConversationKind::Direct, [(a, _), (b, _)]) => Some(direct_key(*a, *b)),
+            (ConversationKind::Direct, _) => {
+                return Err(Error::invalid(
+                    "invalid_members",
+                    "a direct conversation has exactly two members",
+                ));
+            }
+            (ConversationKind::Group, _) => None,
+        };
+        let (users, roles): (Vec<Uuid>, Vec<&str>) =
+            c.members.iter().map(|(u, r)| (u.0, r.as_str())).unzip();
+        // One statement: the conversation, then its members from two parallel arrays.
+        sqlx::query(
+            "WITH c AS (
+                 INSERT INTO conversations (id, tenant_id, kind, name, direct_key, created_by,
+                                            created_at, last_activity_at, last_seq)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7, 0)
+                 RETURNING id
+             )
+             INSERT INTO conversation_members (conversation_id, user_id, tenant_id, role, last_read_seq, joined_at)
+             SELECT c.id, m.user_id, $2, m.role, 0, $7
+               FROM c, unnest($8::uuid[], $9::text[]) AS m (user_id, role)",
+        )
+        .bind(conv.id.0)
+        .bind(self.tenant.0)
+        .bind(c.kind.as_str())
+        .bind(&c.name)
+        .bind(key)
+        .bind(c.created_by.0)
+        .bind(at)
+        .bind(users)
+        .bind(roles)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(conv)
+    }
+
+    async fn direct_between(&mut self, a: UserId, b: UserId) -> Result<Option<Conversation>> {
+        sqlx::query(&format!(
+            "SELECT {CONV_COLS} FROM conversations WHERE tenant_id = $1 AND direct_key = $2"
+        ))
+        .bind(self.tenant.0)
+        .bind(direct_key(a, b))
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(conv_from_row)
+        .transpose()
+    }
+
+    async fn conversation(&mut self, id: ConversationId) -> Result<Option<Conversation>> {
+        sqlx::query(&format!(
+            "SELECT {CONV_COLS} FROM conversations WHERE tenant_id = $1 AND id = $2"
+        ))
+        .bind(self.tenant.0)
+        .bind(id.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(conv_from_row)
+        .transpose()
+    }
+
+    async fn rename_conversation(&mut self, id: ConversationId, name: &str) -> Result<()> {
+        sqlx::query("UPDATE conversations SET name = $1 WHERE tenant_id = $2 AND id = $3")
+            .bind(name)
+            .bind(self.tenant.0)
+            .bind(id.0)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn members(&mut self, conv: ConversationId) -> Result<Vec<Member>> {
+        let rows = sqlx::query(
+            "SELECT m.user_id, u.display_name, m.role, m.last_read_seq, m.joined_at
+               FROM conversation_members m
+               JOIN users u ON u.id = m.user_id AND u.tenant_id = m.tenant_id
+              WHERE m.tenant_id = $1 AND m.conversation_id = $2
+              ORDER BY m.joined_at, m.user_id",
+        )
+        .bind(self.tenant.0)
+        .bind(conv.0)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(member_from_row).collect()
+    }
+
+    async fn member(&mut self, conv: ConversationId, user: UserId) -> Result<Option<Member>> {
+        sqlx::query(
+            "SELECT m.user_id, u.display_name, m.role, m.last_read_seq, m.joined_at
+               FROM conversation_members m
+               JOIN users u ON u.id = m.user_id AND u.tenant_id = m.tenant_id
+              WHERE m.tenant_id = $1 AND m.conversation_id = $2 AND m.user_id = $3",
+        )
+        .bind(self.tenant.0)
+        .bind(conv.0)
+        .bind(user.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(member_from_row)
+        .transpose()
+    }
+
+    async fn upsert_member(
+        &mut self,
+        conv: ConversationId,
+        user: UserId,
+        role: MemberRole,
+    ) -> Result<()> {
+        let done = sqlx::query(
+            "INSERT INTO conversation_members (conversation_id, user_id, tenant_id, role, last_read_seq, joined_at)
+             SELECT c.id, $1, c.tenant_id, $2, c.last_seq, $3
+               FROM conversations c WHERE c.tenant_id = $4 AND c.id = $5
+             ON CONFLICT (conversation_id, user_id) DO UPDATE SET role = excluded.role",
+        )
+        .bind(user.0)
+        .bind(role.as_str())
+        .bind(now())
+        .bind(self.tenant.0)
+        .bind(conv.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound("conversation"));
+        }
+        Ok(())
+    }
+
+    async fn remove_member(&mut self, conv: ConversationId, user: UserId) -> Result<bool> {
+        let done = sqlx::query(
+            "DELETE FROM conversation_members WHERE tenant_id = $1 AND conversation_id = $2 AND user_id = $3",
+        )
+        .bind(self.tenant.0)
+        .bind(conv.0)
+        .bind(user.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn list_conversations(
+        &mut self,
+        user: UserId,
+        before: Option<ActivityCursor>,
+        limit: u32,
+    ) -> Result<Vec<ConversationSummary>> {
+        let cond = if before.is_some() {
+            "AND (c.last_activity_at, c.id) < ($4, $5)"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "SELECT c.id, c.tenant_id, c.kind, c.name, c.created_by, c.created_at,
+                    c.last_activity_at, c.last_seq, me.last_read_seq,
+                    (SELECT count(*) FROM conversation_members x
+                      WHERE x.tenant_id = $2 AND x.conversation_id = c.id) AS member_count,
+                    lm.id AS lm_id, lm.sender_id AS lm_sender_id, lm.content AS lm_content,
+                    lm.idempotency_key AS lm_idempotency_key, lm.created_at AS lm_created_at
+               FROM conversation_members me
+               JOIN conversations c ON c.id = me.conversation_id AND c.tenant_id = $2
+               LEFT JOIN messages lm
+                      ON lm.conversation_id = c.id AND lm.seq = c.last_seq AND lm.tenant_id = $2
+              WHERE me.user_id = $1 AND me.tenant_id = $2 {cond}
+              ORDER BY c.last_activity_at DESC, c.id DESC
+              LIMIT $3"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(user.0)
+            .bind(self.tenant.0)
+            .bind(i64::from(limit));
+        if let Some(c) = before {
+            q = q.bind(c.last_activity_at).bind(c.id.0);
+        }
+        let rows = q.fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let conversation = conv_from_row(r)?;
+                let read: i64 = r.try_get("last_read_seq").map_err(db_err)?;
+                let lm_id: Option<Uuid> = r.try_get("lm_id").map_err(db_err)?;
+                let last_message = match lm_id {
+                    None => None,
+                    Some(mid) => Some(Message {
+                        id: MessageId(mid),
+                        conversation_id: conversation.id,
+                        sender_id: UserId(r.try_get("lm_sender_id").map_err(db_err)?),
+                        seq: conversation.last_seq,
+                        content: r.try_get("lm_content").map_err(db_err)?,
+                        idempotency_key: r.try_get("lm_idempotency_key").map_err(db_err)?,
+                        created_at: r.try_get("lm_created_at").map_err(db_err)?,
+                    }),
+                };
+                Ok(ConversationSummary {
+                    unread_count: (conversation.last_seq - read).max(0),
+                    member_count: r.try_get("member_count").map_err(db_err)?,
+                    conversation,
+                    last_message,
+                })
+            })
+            .collect()
+    }
+
+    async fn append_message(&mut self, m: &NewMessage) -> Result<Appended> {
+        // One statement, one round trip, with or without an idempotency key:
+        // - `prior` is the message the sender already stored under the key, if any
+        //   (`idempotency_key = NULL` matches nothing);
+        // - otherwise `bump` moves the conversation's sequence and activity, if the
+        //   sender is a member. Its row lock serialises concurrent appends, and a waiter
+        //   re-reads the row it waited for, so sequences are unique and gap-free;
+        // - `ins` stores the message at that sequence and `mark` moves the sender's
+        //   read marker to it.
+        // A concurrent send with the same key fails on `messages_idempotency_key`
+        // (`duplicate_idempotency_key`); the service retries and then finds `prior`.
+        let row = sqlx::query(
+            "WITH prior AS (
+                 SELECT id, conversation_id, sender_id, seq, content, idempotency_key, created_at
+                   FROM messages
+                  WHERE tenant_id = $1 AND conversation_id = $2 AND sender_id = $3
+                    AND idempotency_key = $4
+             ), bump AS (
+                 UPDATE conversations c
+                    SET last_seq = c.last_seq + 1, last_activity_at = $5
+                  WHERE c.tenant_id = $1 AND c.id = $2
+                    AND NOT EXISTS (SELECT 1 FROM prior)
+                    AND EXISTS (SELECT 1 FROM conversation_members me
+                                 WHERE me.tenant_id = $1 AND me.conversation_id = $2
+                                   AND me.user_id = $3)
+                 RETURNING c.last_seq
+             ), ins AS (
+                 INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content,
+                                       idempotency_key, created_at)
+                 SELECT $6, $1, $2, $3, bump.last_seq, $7, $4, $5 FROM bump
+                 RETURNING seq
+             ), mark AS (
+                 UPDATE conversation_members me
+                    SET last_read_seq = ins.seq
+                   FROM ins
+                  WHERE me.tenant_id = $1 AND me.conversation_id = $2 AND me.user_id = $3
+             )
+             SELECT false AS created, id, conversation_id, sender_id, seq, content,
+                    idempotency_key, created_at
+               FROM prior
+             UNION ALL
+             SELECT true, NULL, NULL, NULL, seq, NULL, NULL, NULL FROM ins",
+        )
+        .bind(self.tenant.0)
+        .bind(m.conversation_id.0)
+        .bind(m.sender_id.0)
+        .bind(&m.idempotency_key)
+        .bind(m.created_at)
+        .bind(m.id.0)
+        .bind(&m.content)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .ok_or(Error::NotFound("conversation"))?;
+        if !row.try_get::<bool, _>("created").map_err(db_err)? {
+            return Ok(Appended::Existing(message_from_row(&row)?));
+        }
+        Ok(Appended::Created(Message {
+            id: m.id,
+            conversation_id: m.conversation_id,
+            sender_id: m.sender_id,
+            seq: row.try_get("seq").map_err(db_err)?,
+            content: m.content.clone(),
+            idempotency_key: m.idempotency_key.clone(),
+            created_at: m.created_at,
+        }))
+    }
+
+    async fn messages(
+        &mut self,
+        conv: ConversationId,
+        window: SeqWindow,
+        limit: u32,
+    ) -> Result<Vec<Message>> {
+        let (cond, order, bound) = match window {
+            SeqWindow::Latest => ("", "DESC", None),
+            SeqWindow::Before(s) => ("AND seq < $4", "DESC", Some(s)),
+            SeqWindow::After(s) => ("AND seq > $4", "ASC", Some(s)),
+        };
+        let sql = format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE conversation_id = $1 AND tenant_id = $2 {cond}
+              ORDER BY seq {order} LIMIT $3"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(conv.0)
+            .bind(self.tenant.0)
+            .bind(i64::from(limit));
+        if let Some(b) = bound {
+            q = q.bind(b);
+        }
+        let rows = q.fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        let mut out: Vec<Message> = rows.iter().map(message_from_row).collect::<Result<_>>()?;
+        if order == "DESC" {
+            out.reverse();
+        }
+        Ok(out)
+    }
+
+    async fn mark_read(&mut self, conv: ConversationId, user: UserId, seq: i64) -> Result<i64> {
+        sqlx::query_scalar(
+            "UPDATE conversation_members me
+                SET last_read_seq = GREATEST(me.last_read_seq, LEAST($1, c.last_seq))
+               FROM conversations c
+              WHERE c.tenant_id = $3 AND c.id = $2
+                AND me.tenant_id = $3 AND me.conversation_id = $2 AND me.user_id = $4
+              RETURNING me.last_read_seq",
+        )
+        .bind(seq)
+        .bind(conv.0)
+        .bind(self.tenant.0)
+        .bind(user.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .ok_or(Error::NotFound("conversation"))
+    }
+
+    async fn search(
+        &mut self,
+        user: UserId,
+        conv: Option<ConversationId>,
+        terms: &[String],
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<SearchHit>> {
+        // Every term must match, each as a prefix of a stemmed, accent-folded word.
+        // Terms are letters and digits (see core's `search_terms`); anything else is
+        // dropped here too, so no tsquery operator can get through.
+        let expr = terms
+            .iter()
+            .map(|t| {
+                t.chars()
+                    .filter(|c| c.is_alphanumeric())
+                    .collect::<String>()
+            })
+            .filter(|t| !t.is_empty())
+            .map(|t| format!("{t}:*"))
+            .collect::<Vec<_>>()
+            .join(" & ");
+        if expr.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT m.id, m.conversation_id, m.sender_id, m.seq, m.content, m.idempotency_key,
+                    m.created_at, ts_rank(m.tsv, q)::float8 AS score
+               FROM messages m, to_tsquery('mindsp_french', $1) AS q
+              WHERE m.tsv @@ q AND m.tenant_id = $2
+                AND m.conversation_id IN (SELECT conversation_id FROM conversation_members
+                                           WHERE user_id = $3 AND tenant_id = $2)
+                AND ($4::uuid IS NULL OR m.conversation_id = $4)
+              ORDER BY score DESC, m.created_at DESC, m.id DESC
+              LIMIT $5 OFFSET $6",
+        )
+        .bind(expr)
+        .bind(self.tenant.0)
+        .bind(user.0)
+        .bind(conv.map(|c| c.0))
+        .bind(i64::from(limit))
+        .bind(i64::from(offset))
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(SearchHit {
+                    message: message_from_row(r)?,
+                    rank: r.try_get("score").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+}
