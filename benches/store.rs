@@ -10,7 +10,8 @@
 //! `cargo bench -p mindsp-benches --bench store` runs SQLite; with
 //! `MINDSP_BENCH_POSTGRES_URL=postgres://postgres@127.0.0.1/mindsp_bench` it runs
 //! PostgreSQL too. `MINDSP_BENCH_MESSAGES` sets the conversation size (default 1,000,000)
-//! and `MINDSP_BENCH_APPENDS` the number of appends (default 200,000).
+//! `MINDSP_BENCH_APPENDS` the number of appends (default 200,000) and
+//! `MINDSP_BENCH_SENDERS` the number of concurrent senders (default 32).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +21,6 @@ use mindsp_core::model::{NewUser, Role, SeqWindow};
 use mindsp_core::ports::Store;
 use mindsp_core::{Actor, ConversationId, Limits, Messaging};
 
-const SENDERS: usize = 32;
 const CONVERSATIONS: usize = 1000;
 const USERS: usize = 64;
 
@@ -116,6 +116,7 @@ async fn users(store: &Arc<dyn Store>, n: usize) -> anyhow::Result<Vec<Actor>> {
 }
 
 async fn bench_append(store: Arc<dyn Store>, total: usize) -> anyhow::Result<()> {
+    let senders: usize = env_or("MINDSP_BENCH_SENDERS", 32);
     let svc = Messaging::new(store.clone(), Limits::default());
     let people = users(&store, USERS).await?;
     let mut convs = Vec::new();
@@ -130,10 +131,10 @@ async fn bench_append(store: Arc<dyn Store>, total: usize) -> anyhow::Result<()>
         ));
     }
     let convs = Arc::new(convs);
-    let per_task = total / SENDERS;
+    let per_task = total / senders;
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for t in 0..SENDERS {
+    for t in 0..senders {
         let (svc, convs, people) = (svc.clone(), convs.clone(), people.clone());
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).unwrap();
@@ -159,9 +160,9 @@ async fn bench_append(store: Arc<dyn Store>, total: usize) -> anyhow::Result<()>
         hist.add(t.await?)?;
     }
     let elapsed = start.elapsed();
-    let done = per_task * SENDERS;
+    let done = per_task * senders;
     println!(
-        "append: {done} messages, {SENDERS} senders, {CONVERSATIONS} conversations: {:.0} messages/s (latency p50 {} µs, p99 {} µs, max {} µs)",
+        "append: {done} messages, {senders} senders, {CONVERSATIONS} conversations: {:.0} messages/s (latency p50 {} µs, p99 {} µs, max {} µs)",
         done as f64 / elapsed.as_secs_f64(),
         hist.value_at_quantile(0.5),
         hist.value_at_quantile(0.99),
