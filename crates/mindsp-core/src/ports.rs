@@ -34,6 +34,19 @@ pub trait Store: Send + Sync + 'static {
     /// Opens a read-only unit of work confined to `tenant`. Backends may serve it from
     /// a separate pool so reads never queue behind writes; writing through it fails.
     async fn read(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>>;
+
+    /// Appends one message in a unit of work of its own and commits it, with the
+    /// contract of [`TenantTx::append_message`]. It returns only once the message is
+    /// durable. Backends may commit the appends of concurrent callers together (group
+    /// commit); the default opens, appends and commits alone.
+    async fn append(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
+        let mut tx = self.begin(tenant).await?;
+        let appended = tx.append_message(msg).await?;
+        if appended.created() {
+            tx.commit().await?;
+        }
+        Ok(appended)
+    }
 }
 
 /// A unit of work inside one tenant. Every method only ever sees rows of

@@ -428,14 +428,8 @@ impl Messaging {
             created_at: crate::model::now(),
         };
         for attempt in 0..2 {
-            let mut tx = self.store.begin(actor.tenant_id).await?;
-            match tx.append_message(&new).await {
-                Ok(appended) => {
-                    if appended.created() {
-                        tx.commit().await?;
-                    }
-                    return Ok(appended);
-                }
+            match self.store.append(actor.tenant_id, &new).await {
+                Ok(appended) => return Ok(appended),
                 // A concurrent send with the same key won the race; the retry reads it.
                 Err(Error::Conflict {
                     code: "duplicate_idempotency_key",

@@ -6,8 +6,13 @@
 //! `synchronous = NORMAL` (the WAL default recommendation) survives a crash of the
 //! process; `synchronous = FULL` also survives power loss, at a throughput cost, and
 //! is chosen with [`SqliteConfig::durable_on_power_loss`].
+//!
+//! Message appends that arrive together are committed together (group commit, see
+//! [`Appender`]): one transaction, one full-text index flush and one multi-row insert
+//! for up to [`MAX_APPEND_BATCH`] messages, each caller answered after that commit.
 
 use std::any::Any;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -24,6 +29,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::common::{db_err, direct_key, french_prefix_stem, from_millis, millis};
@@ -63,6 +69,7 @@ impl SqliteConfig {
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
+    appends: mpsc::Sender<AppendRequest>,
 }
 
 impl SqliteStore {
@@ -86,6 +93,9 @@ impl SqliteStore {
         // Another process (the CLI while a server runs) may hold the write lock briefly.
         .busy_timeout(Duration::from_secs(10))
         .pragma("temp_store", "memory")
+        // Committing connections never checkpoint (that would put the copy and its
+        // fsyncs on the commit path); the checkpointer task does it beside them.
+        .pragma("wal_autocheckpoint", "0")
         .pragma("cache_size", "-65536");
 
         // One writer: SQLite serialises writers anyway; queueing them here avoids
@@ -113,7 +123,27 @@ impl SqliteStore {
                 .await
                 .map_err(db_err)?
         };
-        Ok(Self { write, read })
+        let (appends, queue) = mpsc::channel(APPEND_QUEUE);
+        tokio::spawn(
+            Appender {
+                pool: write.clone(),
+            }
+            .run(queue),
+        );
+        if !memory {
+            let options = SqliteConnectOptions::new()
+                .filename(&config.path)
+                .busy_timeout(Duration::from_secs(10));
+            let conn = sqlx::ConnectOptions::connect(&options)
+                .await
+                .map_err(db_err)?;
+            tokio::spawn(checkpointer(conn, write.clone()));
+        }
+        Ok(Self {
+            write,
+            read,
+            appends,
+        })
     }
 
     /// The write pool, for tools and tests that need raw SQL.
@@ -121,7 +151,7 @@ impl SqliteStore {
         &self.write
     }
 
-    /// Closes both pools, checkpointing the WAL.
+    /// Closes both pools; the last connection to close checkpoints the WAL.
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
@@ -176,6 +206,235 @@ impl Store for SqliteStore {
     async fn read(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
         let tx = self.read.begin().await.map_err(db_err)?;
         Ok(Box::new(SqliteTx { tx, tenant }))
+    }
+
+    async fn append(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || Error::Storage("the store is closed".into());
+        self.appends
+            .send(AppendRequest {
+                tenant,
+                msg: msg.clone(),
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+/// How often the WAL is copied back into the database file. Between checkpoints the
+/// WAL grows by what was written meanwhile (a few MB at full append rate).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// Copies committed WAL frames into the database file with `PASSIVE` checkpoints, which
+/// never block writers or readers, on a connection of its own. Stops when the store's
+/// write pool is closed.
+async fn checkpointer(mut conn: sqlx::SqliteConnection, write: SqlitePool) {
+    use sqlx::Connection;
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !write.is_closed() {
+        tick.tick().await;
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+        }
+    }
+    let _ = conn.close().await;
+}
+
+/// Most appends committed in one transaction. A larger batch amortises more, but the
+/// first caller in it waits for everyone's rows.
+pub const MAX_APPEND_BATCH: usize = 256;
+
+/// Appends waiting for the writer. When it is full, callers wait for room: a burst
+/// slows senders down instead of growing memory without bound.
+const APPEND_QUEUE: usize = 4096;
+
+struct AppendRequest {
+    tenant: TenantId,
+    msg: NewMessage,
+    reply: oneshot::Sender<Result<Appended>>,
+}
+
+/// The group-commit writer: takes every append waiting in the queue (up to
+/// [`MAX_APPEND_BATCH`]), checks them with two queries, inserts them with one statement,
+/// commits once, then answers each caller. Through sqlx every statement is a round trip
+/// to SQLite's worker thread, and every commit flushes the full-text index: batching
+/// pays both once per batch instead of once per message.
+struct Appender {
+    pool: SqlitePool,
+}
+
+impl Appender {
+    async fn run(self, mut queue: mpsc::Receiver<AppendRequest>) {
+        let mut batch = Vec::with_capacity(MAX_APPEND_BATCH);
+        while queue.recv_many(&mut batch, MAX_APPEND_BATCH).await > 0 {
+            // Callers answered by the previous batch are usually about to send again:
+            // one scheduler turn lets them join this batch instead of the next.
+            if batch.len() < MAX_APPEND_BATCH {
+                tokio::task::yield_now().await;
+                while batch.len() < MAX_APPEND_BATCH {
+                    match queue.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+            }
+            match self.append_batch(&batch).await {
+                Ok(results) => {
+                    for (req, result) in batch.drain(..).zip(results) {
+                        let _ = req.reply.send(result);
+                    }
+                }
+                Err(e) => {
+                    // The batch failed as a whole (nothing of it is committed): give
+                    // each request its own transaction, so one bad request only
+                    // fails itself.
+                    tracing::warn!(error = %e, size = batch.len(), "append batch failed; retrying one by one");
+                    for req in batch.drain(..) {
+                        let result = self.append_alone(req.tenant, &req.msg).await;
+                        let _ = req.reply.send(result);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn append_alone(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
+        let tx = self.pool.begin().await.map_err(db_err)?;
+        let mut tx = SqliteTx { tx, tenant };
+        let appended = tx.append_message(msg).await?;
+        if appended.created() {
+            tx.tx.commit().await.map_err(db_err)?;
+        }
+        Ok(appended)
+    }
+
+    async fn append_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Result<Appended>>> {
+        type Key = (Uuid, Uuid, String);
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+
+        // Messages already stored under the idempotency keys of this batch.
+        let keyed: Vec<&AppendRequest> = batch
+            .iter()
+            .filter(|r| r.msg.idempotency_key.is_some())
+            .collect();
+        let mut stored: HashMap<Key, (TenantId, Message)> = HashMap::new();
+        if !keyed.is_empty() {
+            let mut q = QueryBuilder::<Sqlite>::new(format!(
+                "SELECT tenant_id, {MESSAGE_COLS} FROM messages
+                  WHERE idempotency_key IS NOT NULL
+                    AND (conversation_id, sender_id, idempotency_key) IN ("
+            ));
+            q.push_values(&keyed, |mut b, r| {
+                b.push_bind(r.msg.conversation_id.0)
+                    .push_bind(r.msg.sender_id.0)
+                    .push_bind(r.msg.idempotency_key.clone());
+            });
+            q.push(")");
+            for row in q.build().fetch_all(&mut *tx).await.map_err(db_err)? {
+                let m = message_from_row(&row)?;
+                let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
+                let key = m.idempotency_key.clone().unwrap_or_default();
+                stored.insert((m.conversation_id.0, m.sender_id.0, key), (tenant, m));
+            }
+        }
+
+        // The conversations' current sequence and their senders' memberships.
+        let mut last_seq: HashMap<Uuid, (TenantId, i64)> = HashMap::new();
+        let mut members: HashSet<(Uuid, Uuid)> = HashSet::new();
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT c.id, c.tenant_id, c.last_seq, m.user_id
+               FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id
+              WHERE (m.conversation_id, m.user_id) IN (",
+        );
+        q.push_values(batch, |mut b, r| {
+            b.push_bind(r.msg.conversation_id.0)
+                .push_bind(r.msg.sender_id.0);
+        });
+        q.push(")");
+        for row in q.build().fetch_all(&mut *tx).await.map_err(db_err)? {
+            let conv: Uuid = row.try_get("id").map_err(db_err)?;
+            let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
+            last_seq.insert(conv, (tenant, row.try_get("last_seq").map_err(db_err)?));
+            members.insert((conv, row.try_get("user_id").map_err(db_err)?));
+        }
+
+        // Decide each request in arrival order, numbering new messages per conversation.
+        let mut results: Vec<Result<Appended>> = Vec::with_capacity(batch.len());
+        let mut fresh: Vec<Message> = Vec::new();
+        let mut fresh_keys: HashMap<Key, usize> = HashMap::new();
+        for r in batch {
+            let m = &r.msg;
+            let key = m
+                .idempotency_key
+                .clone()
+                .map(|k| (m.conversation_id.0, m.sender_id.0, k));
+            if let Some(k) = &key {
+                if let Some((tenant, existing)) = stored.get(k) {
+                    results.push(if *tenant == r.tenant {
+                        Ok(Appended::Existing(existing.clone()))
+                    } else {
+                        Err(Error::NotFound("conversation"))
+                    });
+                    continue;
+                }
+                if let Some(&i) = fresh_keys.get(k) {
+                    results.push(Ok(Appended::Existing(fresh[i].clone())));
+                    continue;
+                }
+            }
+            let allowed = members.contains(&(m.conversation_id.0, m.sender_id.0));
+            let Some((tenant, seq)) = last_seq
+                .get_mut(&m.conversation_id.0)
+                .filter(|(t, _)| allowed && *t == r.tenant)
+            else {
+                results.push(Err(Error::NotFound("conversation")));
+                continue;
+            };
+            debug_assert_eq!(*tenant, r.tenant);
+            *seq += 1;
+            let message = Message {
+                id: m.id,
+                conversation_id: m.conversation_id,
+                sender_id: m.sender_id,
+                seq: *seq,
+                content: m.content.clone(),
+                idempotency_key: m.idempotency_key.clone(),
+                created_at: m.created_at,
+            };
+            if let Some(k) = key {
+                fresh_keys.insert(k, fresh.len());
+            }
+            fresh.push(message.clone());
+            results.push(Ok(Appended::Created(message)));
+        }
+
+        // One multi-row insert per chunk (SQLite binds at most 32,766 parameters); the
+        // trigger moves each conversation's sequence, read marker and search index.
+        for chunk in fresh.chunks(512) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at) ",
+            );
+            q.push_values(chunk, |mut b, m| {
+                let tenant = last_seq[&m.conversation_id.0].0;
+                b.push_bind(m.id.0)
+                    .push_bind(tenant.0)
+                    .push_bind(m.conversation_id.0)
+                    .push_bind(m.sender_id.0)
+                    .push_bind(m.seq)
+                    .push_bind(m.content.as_str())
+                    .push_bind(m.idempotency_key.as_deref())
+                    .push_bind(millis(m.created_at));
+            });
+            q.build().execute(&mut *tx).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(results)
     }
 }
 
@@ -601,7 +860,8 @@ impl TenantTx for SqliteTx {
         if let Some(key) = &m.idempotency_key {
             let existing = sqlx::query(&format!(
                 "SELECT {MESSAGE_COLS} FROM messages
-                  WHERE conversation_id = ? AND sender_id = ? AND idempotency_key = ? AND tenant_id = ?"
+                  WHERE conversation_id = ? AND sender_id = ? AND idempotency_key = ? AND tenant_id = ?
+                    AND idempotency_key IS NOT NULL"
             ))
             .bind(m.conversation_id.0)
             .bind(m.sender_id.0)

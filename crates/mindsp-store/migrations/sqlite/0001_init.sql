@@ -74,7 +74,7 @@ CREATE VIRTUAL TABLE messages_fts USING fts5 (
 CREATE TRIGGER messages_after_insert AFTER INSERT ON messages BEGIN
     INSERT INTO messages_fts (rowid, content) VALUES (new.pk, new.content);
     UPDATE conversations
-       SET last_seq = new.seq, last_activity_at = new.created_at
+       SET last_seq = new.seq, last_activity_at = max(last_activity_at, new.created_at)
      WHERE id = new.conversation_id;
     UPDATE conversation_members
        SET last_read_seq = new.seq
