@@ -241,3 +241,147 @@ async fn create_tenant_and_user_then_log_in() {
     drop(server);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Nothing acknowledged is lost: clients send concurrently, the server is killed with
+/// SIGKILL mid-stream, and after a restart every message that was answered 201 is
+/// there with the same sequence number, with no gap and no duplicate.
+#[tokio::test]
+async fn acknowledged_messages_survive_sigkill() {
+    let dir = temp_dir();
+    let db = dir.join("kill.db");
+    let mut server = start(&db, &["--demo"]);
+    let base = server.base.clone();
+    let http = reqwest::Client::new();
+    let login = |email: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let v: Value = http
+                .post(format!("{base}/api/auth/login"))
+                .json(&json!({"tenant": "sdis13", "email": email, "password": "Password123!"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let token = login("admin@sdis13.fr").await;
+    let conv: Value = http
+        .post(format!("{base}/api/conversations"))
+        .bearer_auth(&token)
+        .json(&json!({"kind": "group", "name": "Test de coupure", "member_ids": []}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conv = conv["conversation"]["id"].as_str().unwrap().to_owned();
+
+    // Eight senders, each until the server stops answering (bounded by count too).
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, i64)>::new()));
+    let mut senders = Vec::new();
+    for s in 0..8 {
+        let (http, base, token, conv, acked) = (
+            http.clone(),
+            base.clone(),
+            token.clone(),
+            conv.clone(),
+            acked.clone(),
+        );
+        senders.push(tokio::spawn(async move {
+            for i in 0..5000 {
+                let key = format!("s{s}-m{i}");
+                let r = http
+                    .post(format!("{base}/api/conversations/{conv}/messages"))
+                    .bearer_auth(&token)
+                    .json(&json!({"content": format!("message {key}"), "idempotency_key": key}))
+                    .send()
+                    .await;
+                let Ok(r) = r else { return };
+                if r.status() != 201 {
+                    return;
+                }
+                let Ok(body) = r.json::<Value>().await else {
+                    return;
+                };
+                let seq = body["message"]["seq"].as_i64().unwrap();
+                acked.lock().unwrap().push((key, seq));
+            }
+        }));
+    }
+    // Kill once a few hundred messages are acknowledged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < 300 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server too slow to acknowledge"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+    for s in senders {
+        s.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+
+    // Restart on the same file and read the whole history.
+    let server = start(&db, &[]);
+    let base = server.base.clone();
+    let token = {
+        let v: Value = http
+            .post(format!("{base}/api/auth/login"))
+            .json(&json!({"tenant": "sdis13", "email": "admin@sdis13.fr", "password": "Password123!"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["access_token"].as_str().unwrap().to_owned()
+    };
+    let mut stored = std::collections::HashMap::new();
+    let mut after = 0;
+    loop {
+        let page: Value = http
+            .get(format!(
+                "{base}/api/conversations/{conv}/messages?after={after}&limit=100"
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let msgs = page["messages"].as_array().unwrap();
+        if msgs.is_empty() {
+            break;
+        }
+        for m in msgs {
+            let seq = m["seq"].as_i64().unwrap();
+            assert_eq!(seq, after + 1, "gap-free history");
+            after = seq;
+            let key = m["idempotency_key"].as_str().unwrap().to_owned();
+            assert!(stored.insert(key, seq).is_none(), "no duplicate");
+        }
+    }
+    for (key, seq) in &acked {
+        assert_eq!(
+            stored.get(key),
+            Some(seq),
+            "acknowledged message {key} lost or moved"
+        );
+    }
+    eprintln!(
+        "{} acknowledged before SIGKILL, {} stored (committed but unanswered: {})",
+        acked.len(),
+        stored.len(),
+        stored.len() - acked.len()
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -130,6 +130,7 @@ conformance!(
     conversation_list_by_activity,
     concurrent_senders_get_gap_free_seqs,
     concurrent_retries_with_one_key_store_one_message,
+    concurrent_mixed_appends_each_get_their_own_answer,
     search_folds_accents_and_plurals,
     search_sees_only_members_conversations,
 );
@@ -842,6 +843,77 @@ async fn concurrent_retries_with_one_key_store_one_message(store: Arc<dyn Store>
     assert_eq!((ids.len(), created), (1, 1));
     let (c, _) = svc.conversation(&a.users[0], c.id).await.unwrap();
     assert_eq!(c.last_seq, 1);
+}
+
+/// Appends arriving together (and so, on backends with group commit, committed
+/// together) are still judged one by one: a refused one does not fail the others.
+async fn concurrent_mixed_appends_each_get_their_own_answer(store: Arc<dyn Store>) {
+    let svc = Messaging::new(store.clone(), Limits::default());
+    let a = dept(&svc, "sdis13", 3).await;
+    let b = dept(&svc, "sdis83", 1).await;
+    let [u0, u1, outsider] = [a.users[0], a.users[1], a.users[2]];
+    let g = svc.create_group(&u0, "Garde", &[u1.user_id]).await.unwrap();
+    let other = svc.create_group(&u1, "Autre", &[]).await.unwrap();
+    #[derive(Debug, PartialEq)]
+    enum Want {
+        Created,
+        Same,
+        NotFound,
+    }
+    for round in 0..20 {
+        let mut handles = Vec::new();
+        let mut spawn = |who: Actor, conv: ConversationId, key: Option<String>, want: Want| {
+            let svc = svc.clone();
+            handles.push((
+                want,
+                tokio::spawn(async move { svc.send(&who, conv, "message", key).await }),
+            ));
+        };
+        spawn(u0, g.id, None, Want::Created);
+        spawn(outsider, g.id, None, Want::NotFound);
+        spawn(b.users[0], g.id, None, Want::NotFound);
+        spawn(u1, g.id, Some(format!("k{round}")), Want::Created);
+        spawn(u1, g.id, Some(format!("k{round}")), Want::Same);
+        spawn(u0, ConversationId::new(), None, Want::NotFound);
+        spawn(u1, other.id, None, Want::Created);
+        spawn(u0, other.id, None, Want::NotFound);
+        let mut answers = Vec::new();
+        for (want, h) in handles {
+            answers.push((want, h.await.unwrap()));
+        }
+        let created = answers
+            .iter()
+            .filter(|(_, r)| matches!(r, Ok(a) if a.created()))
+            .count();
+        assert_eq!(created, 3, "round {round}: {answers:?}");
+        for (want, r) in &answers {
+            match want {
+                Want::Created | Want::Same => assert!(r.is_ok(), "round {round}: {answers:?}"),
+                Want::NotFound => assert!(
+                    matches!(r, Err(Error::NotFound(_))),
+                    "round {round}: {answers:?}"
+                ),
+            }
+        }
+        // The two sends with one key got the same message.
+        let keyed: Vec<_> = answers[3..5]
+            .iter()
+            .map(|(_, r)| r.as_ref().unwrap().message().id)
+            .collect();
+        assert_eq!(keyed[0], keyed[1]);
+    }
+    let (c, _) = svc.conversation(&u0, g.id).await.unwrap();
+    assert_eq!(c.last_seq, 40);
+    let all = svc
+        .history(&u0, g.id, SeqWindow::After(0), Some(100))
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<_>>()
+    );
+    let (c, _) = svc.conversation(&u1, other.id).await.unwrap();
+    assert_eq!(c.last_seq, 20);
 }
 
 async fn search_folds_accents_and_plurals(store: Arc<dyn Store>) {
