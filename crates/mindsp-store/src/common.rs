@@ -1,8 +1,15 @@
-//! Pieces shared by the SQL adapters: error translation and small helpers.
+//! Pieces shared by the SQL adapters: error translation, group commit of appends, and
+//! small helpers.
 
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
 #[cfg(feature = "sqlite")]
 use chrono::{DateTime, Utc};
-use mindsp_core::{Error, UserId};
+use mindsp_core::model::{Appended, Message, NewMessage};
+use mindsp_core::{Error, Result, TenantId, UserId};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 /// Translates a sqlx error into the core's portable error. Unique violations become
 /// conflicts with a stable code chosen by the constraint they hit, so callers never
@@ -39,6 +46,174 @@ pub(crate) fn db_err(e: sqlx::Error) -> Error {
         return Error::conflict(code, message);
     }
     Error::Storage(e.to_string())
+}
+
+/// One append waiting for a group commit.
+pub(crate) struct AppendRequest {
+    pub(crate) tenant: TenantId,
+    pub(crate) msg: NewMessage,
+}
+
+/// A backend's side of group commit (see [`AppendQueue`]).
+#[async_trait]
+pub(crate) trait GroupCommit: Send + Sync + 'static {
+    /// Appends a whole batch in one transaction and commits it: one answer per request,
+    /// in order. `Err` means nothing of the batch was committed.
+    async fn append_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Result<Appended>>>;
+
+    /// Appends one message in a transaction of its own, as `Store::append`'s default does.
+    async fn append_alone(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended>;
+}
+
+type Queued = (AppendRequest, oneshot::Sender<Result<Appended>>);
+
+/// The queue in front of a group-commit writer task. The task takes every append
+/// waiting (up to its batch bound), has the backend append and commit them together,
+/// then answers each caller, so a caller hears back only after the commit that holds
+/// its message. The task ends when the last handle to the queue is dropped.
+#[derive(Clone)]
+pub(crate) struct AppendQueue(mpsc::Sender<Queued>);
+
+impl AppendQueue {
+    /// Spawns the writer task. At most `max_batch` appends go in one transaction; when
+    /// `capacity` appends are already waiting, callers wait for room (see the backends'
+    /// constants).
+    pub(crate) fn spawn(writer: impl GroupCommit, max_batch: usize, capacity: usize) -> Self {
+        let (queue, waiting) = mpsc::channel(capacity.max(1));
+        tokio::spawn(run_group_commit(writer, waiting, max_batch.max(1)));
+        Self(queue)
+    }
+
+    /// Queues one append and waits for its answer.
+    pub(crate) async fn append(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || Error::Storage("the store is closed".into());
+        let request = AppendRequest {
+            tenant,
+            msg: msg.clone(),
+        };
+        self.0.send((request, reply)).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+async fn run_group_commit(
+    writer: impl GroupCommit,
+    mut queue: mpsc::Receiver<Queued>,
+    max_batch: usize,
+) {
+    let mut waiting = Vec::with_capacity(max_batch);
+    while queue.recv_many(&mut waiting, max_batch).await > 0 {
+        // Callers answered by the previous batch are usually about to send again: one
+        // scheduler turn lets them join this batch instead of the next.
+        if waiting.len() < max_batch {
+            tokio::task::yield_now().await;
+            while waiting.len() < max_batch {
+                match queue.try_recv() {
+                    Ok(q) => waiting.push(q),
+                    Err(_) => break,
+                }
+            }
+        }
+        let (batch, replies): (Vec<AppendRequest>, Vec<_>) = waiting.drain(..).unzip();
+        match writer.append_batch(&batch).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                // The batch failed as a whole (nothing of it is committed): give each
+                // request its own transaction, so one bad request only fails itself.
+                tracing::warn!(error = %e, size = batch.len(), "append batch failed; retrying one by one");
+                for (req, reply) in batch.iter().zip(replies) {
+                    let _ = reply.send(writer.append_alone(req.tenant, &req.msg).await);
+                }
+            }
+        }
+    }
+}
+
+/// An idempotency key in its scope: (conversation, sender, key).
+pub(crate) type IdemKey = (Uuid, Uuid, String);
+
+/// What a group-commit writer read, inside its transaction, about a batch.
+#[derive(Default)]
+pub(crate) struct BatchState {
+    /// Messages already stored under the batch's idempotency keys, with their tenant.
+    pub(crate) stored: HashMap<IdemKey, (TenantId, Message)>,
+    /// The batch's conversations that exist: their tenant and `last_seq`. [`plan_batch`]
+    /// advances `last_seq` past the messages it numbers.
+    pub(crate) conversations: HashMap<Uuid, (TenantId, i64)>,
+    /// Memberships (conversation, user) of the batch's senders.
+    pub(crate) members: HashSet<(Uuid, Uuid)>,
+}
+
+/// Judges each request of a batch in order, as `append_message` would one after the
+/// other: a key already stored answers `Existing`, a key repeated in the batch answers
+/// `Existing` of its first message (both `NotFound` to another tenant), a sender who is
+/// not a member of a conversation of their tenant gets `NotFound("conversation")`, and
+/// every other request becomes a new message numbered after its conversation's
+/// `last_seq`. Returns one answer per request and the new messages, in order.
+pub(crate) fn plan_batch<'a>(
+    batch: impl IntoIterator<Item = &'a AppendRequest>,
+    state: &mut BatchState,
+) -> (Vec<Result<Appended>>, Vec<Message>) {
+    let mut results = Vec::new();
+    let mut fresh: Vec<Message> = Vec::new();
+    let mut fresh_keys: HashMap<IdemKey, (TenantId, usize)> = HashMap::new();
+    for r in batch {
+        let m = &r.msg;
+        let key = m
+            .idempotency_key
+            .clone()
+            .map(|k| (m.conversation_id.0, m.sender_id.0, k));
+        if let Some(k) = &key {
+            if let Some((tenant, existing)) = state.stored.get(k) {
+                results.push(if *tenant == r.tenant {
+                    Ok(Appended::Existing(existing.clone()))
+                } else {
+                    Err(Error::NotFound("conversation"))
+                });
+                continue;
+            }
+            if let Some(&(tenant, i)) = fresh_keys.get(k) {
+                results.push(if tenant == r.tenant {
+                    Ok(Appended::Existing(fresh[i].clone()))
+                } else {
+                    Err(Error::NotFound("conversation"))
+                });
+                continue;
+            }
+        }
+        let allowed = state
+            .members
+            .contains(&(m.conversation_id.0, m.sender_id.0));
+        let Some((_, seq)) = state
+            .conversations
+            .get_mut(&m.conversation_id.0)
+            .filter(|(t, _)| allowed && *t == r.tenant)
+        else {
+            results.push(Err(Error::NotFound("conversation")));
+            continue;
+        };
+        *seq += 1;
+        let message = Message {
+            id: m.id,
+            conversation_id: m.conversation_id,
+            sender_id: m.sender_id,
+            seq: *seq,
+            content: m.content.clone(),
+            idempotency_key: m.idempotency_key.clone(),
+            created_at: m.created_at,
+        };
+        if let Some(k) = key {
+            fresh_keys.insert(k, (r.tenant, fresh.len()));
+        }
+        fresh.push(message.clone());
+        results.push(Ok(Appended::Created(message)));
+    }
+    (results, fresh)
 }
 
 /// The key that makes a direct conversation unique per pair, whatever the order.

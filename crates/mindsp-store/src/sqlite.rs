@@ -12,7 +12,6 @@
 //! for up to [`MAX_APPEND_BATCH`] messages, each caller answered after that commit.
 
 use std::any::Any;
-use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -29,10 +28,12 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::common::{db_err, direct_key, french_prefix_stem, from_millis, millis};
+use crate::common::{
+    AppendQueue, AppendRequest, BatchState, GroupCommit, db_err, direct_key, french_prefix_stem,
+    from_millis, millis, plan_batch,
+};
 
 /// Embedded migrations, exposed so an embedding application can run them itself.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -69,7 +70,7 @@ impl SqliteConfig {
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
-    appends: mpsc::Sender<AppendRequest>,
+    appends: AppendQueue,
 }
 
 impl SqliteStore {
@@ -123,12 +124,12 @@ impl SqliteStore {
                 .await
                 .map_err(db_err)?
         };
-        let (appends, queue) = mpsc::channel(APPEND_QUEUE);
-        tokio::spawn(
+        let appends = AppendQueue::spawn(
             Appender {
                 pool: write.clone(),
-            }
-            .run(queue),
+            },
+            MAX_APPEND_BATCH,
+            APPEND_QUEUE,
         );
         if !memory {
             let options = SqliteConnectOptions::new()
@@ -209,17 +210,7 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
-        let (reply, answer) = oneshot::channel();
-        let closed = || Error::Storage("the store is closed".into());
-        self.appends
-            .send(AppendRequest {
-                tenant,
-                msg: msg.clone(),
-                reply,
-            })
-            .await
-            .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+        self.appends.append(tenant, msg).await
     }
 }
 
@@ -247,63 +238,23 @@ async fn checkpointer(mut conn: sqlx::SqliteConnection, write: SqlitePool) {
 }
 
 /// Most appends committed in one transaction. A larger batch amortises more, but the
-/// first caller in it waits for everyone's rows.
+/// first caller in it waits for everyone's rows; appends beyond it wait for the next.
 pub const MAX_APPEND_BATCH: usize = 256;
 
 /// Appends waiting for the writer. When it is full, callers wait for room: a burst
 /// slows senders down instead of growing memory without bound.
 const APPEND_QUEUE: usize = 4096;
 
-struct AppendRequest {
-    tenant: TenantId,
-    msg: NewMessage,
-    reply: oneshot::Sender<Result<Appended>>,
-}
-
-/// The group-commit writer: takes every append waiting in the queue (up to
-/// [`MAX_APPEND_BATCH`]), checks them with two queries, inserts them with one statement,
-/// commits once, then answers each caller. Through sqlx every statement is a round trip
-/// to SQLite's worker thread, and every commit flushes the full-text index: batching
-/// pays both once per batch instead of once per message.
+/// The group-commit writer behind [`AppendQueue`]: checks a batch with two queries,
+/// inserts it with one statement and commits once. Through sqlx every statement is a
+/// round trip to SQLite's worker thread, and every commit flushes the full-text index:
+/// batching pays both once per batch instead of once per message.
 struct Appender {
     pool: SqlitePool,
 }
 
-impl Appender {
-    async fn run(self, mut queue: mpsc::Receiver<AppendRequest>) {
-        let mut batch = Vec::with_capacity(MAX_APPEND_BATCH);
-        while queue.recv_many(&mut batch, MAX_APPEND_BATCH).await > 0 {
-            // Callers answered by the previous batch are usually about to send again:
-            // one scheduler turn lets them join this batch instead of the next.
-            if batch.len() < MAX_APPEND_BATCH {
-                tokio::task::yield_now().await;
-                while batch.len() < MAX_APPEND_BATCH {
-                    match queue.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
-            }
-            match self.append_batch(&batch).await {
-                Ok(results) => {
-                    for (req, result) in batch.drain(..).zip(results) {
-                        let _ = req.reply.send(result);
-                    }
-                }
-                Err(e) => {
-                    // The batch failed as a whole (nothing of it is committed): give
-                    // each request its own transaction, so one bad request only
-                    // fails itself.
-                    tracing::warn!(error = %e, size = batch.len(), "append batch failed; retrying one by one");
-                    for req in batch.drain(..) {
-                        let result = self.append_alone(req.tenant, &req.msg).await;
-                        let _ = req.reply.send(result);
-                    }
-                }
-            }
-        }
-    }
-
+#[async_trait]
+impl GroupCommit for Appender {
     async fn append_alone(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
         let tx = self.pool.begin().await.map_err(db_err)?;
         let mut tx = SqliteTx { tx, tenant };
@@ -315,15 +266,14 @@ impl Appender {
     }
 
     async fn append_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Result<Appended>>> {
-        type Key = (Uuid, Uuid, String);
         let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut state = BatchState::default();
 
         // Messages already stored under the idempotency keys of this batch.
         let keyed: Vec<&AppendRequest> = batch
             .iter()
             .filter(|r| r.msg.idempotency_key.is_some())
             .collect();
-        let mut stored: HashMap<Key, (TenantId, Message)> = HashMap::new();
         if !keyed.is_empty() {
             let mut q = QueryBuilder::<Sqlite>::new(format!(
                 "SELECT tenant_id, {MESSAGE_COLS} FROM messages
@@ -340,13 +290,13 @@ impl Appender {
                 let m = message_from_row(&row)?;
                 let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
                 let key = m.idempotency_key.clone().unwrap_or_default();
-                stored.insert((m.conversation_id.0, m.sender_id.0, key), (tenant, m));
+                state
+                    .stored
+                    .insert((m.conversation_id.0, m.sender_id.0, key), (tenant, m));
             }
         }
 
         // The conversations' current sequence and their senders' memberships.
-        let mut last_seq: HashMap<Uuid, (TenantId, i64)> = HashMap::new();
-        let mut members: HashSet<(Uuid, Uuid)> = HashSet::new();
         let mut q = QueryBuilder::<Sqlite>::new(
             "SELECT c.id, c.tenant_id, c.last_seq, m.user_id
                FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id
@@ -360,59 +310,15 @@ impl Appender {
         for row in q.build().fetch_all(&mut *tx).await.map_err(db_err)? {
             let conv: Uuid = row.try_get("id").map_err(db_err)?;
             let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
-            last_seq.insert(conv, (tenant, row.try_get("last_seq").map_err(db_err)?));
-            members.insert((conv, row.try_get("user_id").map_err(db_err)?));
+            let last_seq: i64 = row.try_get("last_seq").map_err(db_err)?;
+            state.conversations.insert(conv, (tenant, last_seq));
+            state
+                .members
+                .insert((conv, row.try_get("user_id").map_err(db_err)?));
         }
 
         // Decide each request in arrival order, numbering new messages per conversation.
-        let mut results: Vec<Result<Appended>> = Vec::with_capacity(batch.len());
-        let mut fresh: Vec<Message> = Vec::new();
-        let mut fresh_keys: HashMap<Key, usize> = HashMap::new();
-        for r in batch {
-            let m = &r.msg;
-            let key = m
-                .idempotency_key
-                .clone()
-                .map(|k| (m.conversation_id.0, m.sender_id.0, k));
-            if let Some(k) = &key {
-                if let Some((tenant, existing)) = stored.get(k) {
-                    results.push(if *tenant == r.tenant {
-                        Ok(Appended::Existing(existing.clone()))
-                    } else {
-                        Err(Error::NotFound("conversation"))
-                    });
-                    continue;
-                }
-                if let Some(&i) = fresh_keys.get(k) {
-                    results.push(Ok(Appended::Existing(fresh[i].clone())));
-                    continue;
-                }
-            }
-            let allowed = members.contains(&(m.conversation_id.0, m.sender_id.0));
-            let Some((tenant, seq)) = last_seq
-                .get_mut(&m.conversation_id.0)
-                .filter(|(t, _)| allowed && *t == r.tenant)
-            else {
-                results.push(Err(Error::NotFound("conversation")));
-                continue;
-            };
-            debug_assert_eq!(*tenant, r.tenant);
-            *seq += 1;
-            let message = Message {
-                id: m.id,
-                conversation_id: m.conversation_id,
-                sender_id: m.sender_id,
-                seq: *seq,
-                content: m.content.clone(),
-                idempotency_key: m.idempotency_key.clone(),
-                created_at: m.created_at,
-            };
-            if let Some(k) = key {
-                fresh_keys.insert(k, fresh.len());
-            }
-            fresh.push(message.clone());
-            results.push(Ok(Appended::Created(message)));
-        }
+        let (results, fresh) = plan_batch(batch, &mut state);
 
         // One multi-row insert per chunk (SQLite binds at most 32,766 parameters); the
         // trigger moves each conversation's sequence, read marker and search index.
@@ -421,7 +327,7 @@ impl Appender {
                 "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at) ",
             );
             q.push_values(chunk, |mut b, m| {
-                let tenant = last_seq[&m.conversation_id.0].0;
+                let tenant = state.conversations[&m.conversation_id.0].0;
                 b.push_bind(m.id.0)
                     .push_bind(tenant.0)
                     .push_bind(m.conversation_id.0)
