@@ -1068,23 +1068,22 @@ impl TenantTx for PgTx {
         if expr.is_empty() {
             return Ok(Vec::new());
         }
+        // `mindsp_search` (migration 0002) reads the GIN index outside row-level
+        // security, which would otherwise forbid using it, and applies this
+        // transaction's tenant itself; the join back to `messages` is under RLS again.
         let rows = sqlx::query(
             "SELECT m.id, m.conversation_id, m.sender_id, m.seq, m.content, m.idempotency_key,
-                    m.created_at, ts_rank(m.tsv, q)::float8 AS score
-               FROM messages m, to_tsquery('mindsp_french', $1) AS q
-              WHERE m.tsv @@ q AND m.tenant_id = $2
-                AND m.conversation_id IN (SELECT conversation_id FROM conversation_members
-                                           WHERE user_id = $3 AND tenant_id = $2)
-                AND ($4::uuid IS NULL OR m.conversation_id = $4)
-              ORDER BY score DESC, m.created_at DESC, m.id DESC
-              LIMIT $5 OFFSET $6",
+                    m.created_at, s.rank::float8 AS score
+               FROM mindsp_search(to_tsquery('mindsp_french', $1), $3, $4, $5, $6) AS s
+               JOIN messages m ON m.id = s.message_id AND m.tenant_id = $2
+              ORDER BY s.rank DESC, m.id DESC",
         )
         .bind(expr)
         .bind(self.tenant.0)
         .bind(user.0)
         .bind(conv.map(|c| c.0))
-        .bind(i64::from(limit))
-        .bind(i64::from(offset))
+        .bind(limit as i32)
+        .bind(offset as i32)
         .fetch_all(&mut *self.tx)
         .await
         .map_err(db_err)?;

@@ -69,6 +69,23 @@ async fn rls_hides_other_tenants_from_unfiltered_queries() {
         assert_eq!(n, 0, "{table} visible without a tenant");
     }
 
+    // The search index sits outside row-level security (so it can use its GIN index):
+    // the serving role cannot read it, only call the function that applies the tenant.
+    let denied = sqlx::query("SELECT count(*) FROM message_search")
+        .fetch_one(pool)
+        .await;
+    assert!(
+        denied.is_err(),
+        "message_search must not be readable directly"
+    );
+    let found: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM mindsp_search(to_tsquery('mindsp_french', 'secret'), NULL, NULL, 10, 0)",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(found, 0, "no tenant set: the search function finds nothing");
+
     // Tenant A set, queries without any tenant filter: only A's rows.
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("SELECT set_config('mindsp.tenant_id', $1, true)")

@@ -1,0 +1,61 @@
+-- Full-text search beside the messages, outside row-level security, reached only
+-- through a function that applies the tenant of the current transaction itself.
+--
+-- Why: PostgreSQL evaluates row-level security quals before any non-LEAKPROOF operator,
+-- and the text-match operator `@@` is not LEAKPROOF, so under RLS a search cannot use
+-- the GIN index and reads every message of the tenant. Here the index lives in a table
+-- with no policy, which the serving role cannot read; `mindsp_search` (SECURITY
+-- DEFINER) reads it, filters by `mindsp.tenant_id` (the same setting the policies use,
+-- so it cannot be asked for another tenant) and by the caller's memberships.
+
+CREATE TABLE message_search (
+    message_id       uuid PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+    tenant_id        uuid NOT NULL,
+    conversation_id  uuid NOT NULL,
+    tsv              tsvector NOT NULL
+);
+CREATE INDEX message_search_tsv ON message_search USING gin (tsv);
+
+INSERT INTO message_search (message_id, tenant_id, conversation_id, tsv)
+SELECT id, tenant_id, conversation_id, tsv FROM messages;
+ALTER TABLE messages DROP COLUMN tsv;
+
+CREATE FUNCTION mindsp_index_message() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO message_search (message_id, tenant_id, conversation_id, tsv)
+    VALUES (NEW.id, NEW.tenant_id, NEW.conversation_id,
+            to_tsvector('mindsp_french'::regconfig, NEW.content));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER messages_search_index AFTER INSERT ON messages
+    FOR EACH ROW EXECUTE FUNCTION mindsp_index_message();
+
+-- Best matches first among the messages of the conversations `member` belongs to (or
+-- of `conv` alone), in the transaction's tenant only.
+CREATE FUNCTION mindsp_search(query tsquery, member uuid, conv uuid, lim int, skip int)
+RETURNS TABLE (message_id uuid, rank real)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+    SELECT s.message_id, ts_rank(s.tsv, query) AS rank
+      FROM message_search s
+     WHERE s.tsv @@ query
+       AND s.tenant_id = NULLIF(current_setting('mindsp.tenant_id', true), '')::uuid
+       AND (conv IS NULL OR s.conversation_id = conv)
+       AND s.conversation_id IN (
+             SELECT m.conversation_id FROM conversation_members m
+              WHERE m.user_id = member
+                AND m.tenant_id = NULLIF(current_setting('mindsp.tenant_id', true), '')::uuid)
+     ORDER BY rank DESC, s.message_id DESC
+     LIMIT lim OFFSET skip
+$$;
+
+REVOKE ALL ON message_search FROM PUBLIC;
+REVOKE ALL ON FUNCTION mindsp_search(tsquery, uuid, uuid, int, int) FROM PUBLIC;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mindsp_app') THEN
+        GRANT EXECUTE ON FUNCTION mindsp_search(tsquery, uuid, uuid, int, int) TO mindsp_app;
+    END IF;
+END
+$$;
