@@ -17,6 +17,11 @@ use crate::model::{
     NewConversation, NewMessage, NewUser, SearchHit, SeqWindow, Tenant, User,
 };
 
+/// How many of the most recent matches a search ranks. A word found in 250,000
+/// messages would otherwise have every one of them scored for each query; in a chat,
+/// the best of the latest few thousand is what a reader is after.
+pub const SEARCH_RANK_WINDOW: u32 = 5_000;
+
 /// Entry point of a storage backend.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -155,7 +160,9 @@ pub trait TenantTx: Send {
 
     /// Full-text search over the messages of conversations `user` is a member of
     /// (optionally one of them), best match first. `terms` are plain words, already
-    /// split and lowercased by the caller.
+    /// split and lowercased by the caller; every one must match. Ranking considers the
+    /// [`SEARCH_RANK_WINDOW`] most recent matches, so a common word costs the same as a
+    /// rare one.
     async fn search(
         &mut self,
         user: UserId,

@@ -28,7 +28,7 @@ use mindsp_core::model::{
     MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow, Tenant,
     User, now,
 };
-use mindsp_core::ports::{Store, TenantTx};
+use mindsp_core::ports::{SEARCH_RANK_WINDOW, Store, TenantTx};
 use mindsp_core::{ConversationId, Error, MessageId, Result, TenantId, UserId};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Executor, Postgres, Row, Transaction};
@@ -1074,7 +1074,7 @@ impl TenantTx for PgTx {
         let rows = sqlx::query(
             "SELECT m.id, m.conversation_id, m.sender_id, m.seq, m.content, m.idempotency_key,
                     m.created_at, s.rank::float8 AS score
-               FROM mindsp_search(to_tsquery('mindsp_french', $1), $3, $4, $5, $6) AS s
+               FROM mindsp_search(to_tsquery('mindsp_french', $1), $3, $4, $5, $6, $7) AS s
                JOIN messages m ON m.id = s.message_id AND m.tenant_id = $2
               ORDER BY s.rank DESC, m.id DESC",
         )
@@ -1084,6 +1084,7 @@ impl TenantTx for PgTx {
         .bind(conv.map(|c| c.0))
         .bind(limit as i32)
         .bind(offset as i32)
+        .bind(SEARCH_RANK_WINDOW as i32)
         .fetch_all(&mut *self.tx)
         .await
         .map_err(db_err)?;

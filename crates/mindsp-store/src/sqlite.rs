@@ -21,7 +21,7 @@ use mindsp_core::model::{
     MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow, Tenant,
     User, now,
 };
-use mindsp_core::ports::{Store, TenantTx};
+use mindsp_core::ports::{SEARCH_RANK_WINDOW, Store, TenantTx};
 use mindsp_core::{ConversationId, Error, MessageId, Result, TenantId, UserId};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -876,16 +876,21 @@ impl TenantTx for SqliteTx {
             .map(|t| format!("\"{}\"*", french_prefix_stem(t)))
             .collect::<Vec<_>>()
             .join(" ");
+        // The inner query walks matches newest first (FTS5 serves rowid order) and
+        // keeps the first SEARCH_RANK_WINDOW the user may see; only those are ranked.
         let rows = sqlx::query(
-            "SELECT m.id, m.conversation_id, m.sender_id, m.seq, m.content, m.idempotency_key,
-                    m.created_at, bm25(messages_fts) AS score
-               FROM messages_fts
-               JOIN messages m ON m.pk = messages_fts.rowid
-              WHERE messages_fts MATCH ?1 AND m.tenant_id = ?2
-                AND m.conversation_id IN (SELECT conversation_id FROM conversation_members
-                                           WHERE user_id = ?3 AND tenant_id = ?2)
-                AND (?4 IS NULL OR m.conversation_id = ?4)
-              ORDER BY score, m.pk DESC
+            "SELECT * FROM (
+                SELECT m.pk, m.id, m.conversation_id, m.sender_id, m.seq, m.content,
+                       m.idempotency_key, m.created_at, bm25(messages_fts) AS score
+                  FROM messages_fts
+                  JOIN messages m ON m.pk = messages_fts.rowid
+                 WHERE messages_fts MATCH ?1 AND m.tenant_id = ?2
+                   AND m.conversation_id IN (SELECT conversation_id FROM conversation_members
+                                              WHERE user_id = ?3 AND tenant_id = ?2)
+                   AND (?4 IS NULL OR m.conversation_id = ?4)
+                 ORDER BY messages_fts.rowid DESC
+                 LIMIT ?7)
+              ORDER BY score, pk DESC
               LIMIT ?5 OFFSET ?6",
         )
         .bind(expr)
@@ -894,6 +899,7 @@ impl TenantTx for SqliteTx {
         .bind(conv.map(|c| c.0))
         .bind(limit)
         .bind(offset)
+        .bind(SEARCH_RANK_WINDOW)
         .fetch_all(&mut *self.tx)
         .await
         .map_err(db_err)?;

@@ -79,7 +79,7 @@ async fn rls_hides_other_tenants_from_unfiltered_queries() {
         "message_search must not be readable directly"
     );
     let found: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM mindsp_search(to_tsquery('mindsp_french', 'secret'), NULL, NULL, 10, 0)",
+        "SELECT count(*) FROM mindsp_search(to_tsquery('mindsp_french', 'secret'), NULL, NULL, 10, 0, 100)",
     )
     .fetch_one(pool)
     .await

@@ -32,30 +32,40 @@ $$;
 CREATE TRIGGER messages_search_index AFTER INSERT ON messages
     FOR EACH ROW EXECUTE FUNCTION mindsp_index_message();
 
--- Best matches first among the messages of the conversations `member` belongs to (or
--- of `conv` alone), in the transaction's tenant only.
-CREATE FUNCTION mindsp_search(query tsquery, member uuid, conv uuid, lim int, skip int)
+-- Best matches first among the `window_size` most recent matches in the conversations
+-- `member` belongs to (or in `conv` alone), in the transaction's tenant only. Dynamic
+-- SQL so each call is planned for its own words: a rare word is best found through the
+-- GIN index, a common one by walking messages newest first.
+CREATE FUNCTION mindsp_search(query tsquery, member uuid, conv uuid, lim int, skip int,
+                              window_size int)
 RETURNS TABLE (message_id uuid, rank real)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
-    SELECT s.message_id, ts_rank(s.tsv, query) AS rank
-      FROM message_search s
-     WHERE s.tsv @@ query
-       AND s.tenant_id = NULLIF(current_setting('mindsp.tenant_id', true), '')::uuid
-       AND (conv IS NULL OR s.conversation_id = conv)
-       AND s.conversation_id IN (
-             SELECT m.conversation_id FROM conversation_members m
-              WHERE m.user_id = member
-                AND m.tenant_id = NULLIF(current_setting('mindsp.tenant_id', true), '')::uuid)
-     ORDER BY rank DESC, s.message_id DESC
-     LIMIT lim OFFSET skip
-$$;
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $fn$
+BEGIN
+    RETURN QUERY EXECUTE $q$
+        SELECT w.message_id, w.rank FROM (
+            SELECT s.message_id, ts_rank(s.tsv, $1) AS rank
+              FROM message_search s
+             WHERE s.tsv @@ $1
+               AND s.tenant_id = NULLIF(current_setting('mindsp.tenant_id', true), '')::uuid
+               AND ($3::uuid IS NULL OR s.conversation_id = $3)
+               AND s.conversation_id IN (
+                     SELECT m.conversation_id FROM conversation_members m
+                      WHERE m.user_id = $2
+                        AND m.tenant_id = NULLIF(current_setting('mindsp.tenant_id', true), '')::uuid)
+             ORDER BY s.message_id DESC
+             LIMIT $6) AS w
+         ORDER BY w.rank DESC, w.message_id DESC
+         LIMIT $4 OFFSET $5
+    $q$ USING query, member, conv, lim, skip, window_size;
+END
+$fn$;
 
 REVOKE ALL ON message_search FROM PUBLIC;
-REVOKE ALL ON FUNCTION mindsp_search(tsquery, uuid, uuid, int, int) FROM PUBLIC;
+REVOKE ALL ON FUNCTION mindsp_search(tsquery, uuid, uuid, int, int, int) FROM PUBLIC;
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'mindsp_app') THEN
-        GRANT EXECUTE ON FUNCTION mindsp_search(tsquery, uuid, uuid, int, int) TO mindsp_app;
+        GRANT EXECUTE ON FUNCTION mindsp_search(tsquery, uuid, uuid, int, int, int) TO mindsp_app;
     END IF;
 END
 $$;
