@@ -1051,7 +1051,7 @@ impl TenantTx for PgTx {
         offset: u32,
         limit: u32,
     ) -> Result<Vec<SearchHit>> {
-        // Every term must match, each as a prefix of a stemmed, accent-folded word.
+        // Every term must match, as a stemmed, accent-folded word.
         // Terms are letters and digits (see core's `search_terms`); anything else is
         // dropped here too, so no tsquery operator can get through.
         let expr = terms
@@ -1062,7 +1062,10 @@ impl TenantTx for PgTx {
                     .collect::<String>()
             })
             .filter(|t| !t.is_empty())
-            .map(|t| format!("{t}:*"))
+            // Whole words, no `:*` prefix match: the French stemmer already folds
+            // plurals and verb forms, and the planner estimates a plain lexeme from
+            // the column statistics (a prefix gets a fixed guess), which is what lets
+            // it choose between the GIN index and a newest-first walk.
             .collect::<Vec<_>>()
             .join(" & ");
         if expr.is_empty() {
