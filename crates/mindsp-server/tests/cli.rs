@@ -68,6 +68,20 @@ fn start(db: &Path, extra: &[&str]) -> Server {
     }
 }
 
+/// Logs in as the demo administrator; returns the access token.
+async fn demo_login(http: &reqwest::Client, base: &str) -> String {
+    let v: Value = http
+        .post(format!("{base}/api/auth/login"))
+        .json(&json!({"tenant": "sdis13", "email": "admin@sdis13.fr", "password": "Password123!"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["access_token"].as_str().expect("token").to_owned()
+}
+
 #[tokio::test]
 async fn serve_demo_login_read_and_stop_on_sigterm() {
     let dir = temp_dir();
@@ -82,16 +96,7 @@ async fn serve_demo_login_read_and_stop_on_sigterm() {
             .status(),
         200
     );
-    let login: Value = http
-        .post(format!("{}/api/auth/login", server.base))
-        .json(&json!({"tenant": "sdis13", "email": "admin@sdis13.fr", "password": "Password123!"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["access_token"].as_str().expect("token").to_owned();
+    let token = demo_login(&http, &server.base).await;
     let list: Value = http
         .get(format!("{}/api/conversations", server.base))
         .bearer_auth(&token)
@@ -252,22 +257,7 @@ async fn acknowledged_messages_survive_sigkill() {
     let mut server = start(&db, &["--demo"]);
     let base = server.base.clone();
     let http = reqwest::Client::new();
-    let login = |email: &'static str| {
-        let (http, base) = (http.clone(), base.clone());
-        async move {
-            let v: Value = http
-                .post(format!("{base}/api/auth/login"))
-                .json(&json!({"tenant": "sdis13", "email": email, "password": "Password123!"}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            v["access_token"].as_str().unwrap().to_owned()
-        }
-    };
-    let token = login("admin@sdis13.fr").await;
+    let token = demo_login(&http, &base).await;
     let conv: Value = http
         .post(format!("{base}/api/conversations"))
         .bearer_auth(&token)
@@ -331,18 +321,7 @@ async fn acknowledged_messages_survive_sigkill() {
     // Restart on the same file and read the whole history.
     let server = start(&db, &[]);
     let base = server.base.clone();
-    let token = {
-        let v: Value = http
-            .post(format!("{base}/api/auth/login"))
-            .json(&json!({"tenant": "sdis13", "email": "admin@sdis13.fr", "password": "Password123!"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["access_token"].as_str().unwrap().to_owned()
-    };
+    let token = demo_login(&http, &base).await;
     let mut stored = std::collections::HashMap::new();
     let mut after = 0;
     loop {

@@ -8,6 +8,20 @@ use mindsp_core::{Actor, Limits, Messaging};
 use mindsp_store::postgres::{PgConfig, PgStore};
 use sqlx::Row;
 
+/// A raw transaction on the serving pool with `tenant` set, as the store's own do.
+async fn scoped(
+    pool: &sqlx::PgPool,
+    tenant: mindsp_core::TenantId,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT set_config('mindsp.tenant_id', $1, true)")
+        .bind(tenant.0.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
 #[tokio::test]
 async fn rls_hides_other_tenants_from_unfiltered_queries() {
     let Ok(url) = std::env::var("MINDSP_TEST_POSTGRES_URL") else {
@@ -87,12 +101,7 @@ async fn rls_hides_other_tenants_from_unfiltered_queries() {
     assert_eq!(found, 0, "no tenant set: the search function finds nothing");
 
     // Tenant A set, queries without any tenant filter: only A's rows.
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SELECT set_config('mindsp.tenant_id', $1, true)")
-        .bind(a.0.to_string())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let mut tx = scoped(pool, a).await;
     let rows = sqlx::query("SELECT tenant_id, content FROM messages")
         .fetch_all(&mut *tx)
         .await
@@ -121,12 +130,7 @@ async fn rls_hides_other_tenants_from_unfiltered_queries() {
     tx.rollback().await.unwrap();
 
     // Writing a row that claims tenant B while scoped to A is refused.
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SELECT set_config('mindsp.tenant_id', $1, true)")
-        .bind(a.0.to_string())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let mut tx = scoped(pool, a).await;
     let forged = sqlx::query("UPDATE users SET tenant_id = $1")
         .bind(b.0)
         .execute(&mut *tx)
