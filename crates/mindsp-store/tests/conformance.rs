@@ -131,6 +131,7 @@ conformance!(
     concurrent_senders_get_gap_free_seqs,
     concurrent_retries_with_one_key_store_one_message,
     concurrent_mixed_appends_each_get_their_own_answer,
+    unit_of_work_commits_or_rolls_back_as_one,
     search_folds_accents_and_plurals,
     search_sees_only_members_conversations,
 );
@@ -914,6 +915,55 @@ async fn concurrent_mixed_appends_each_get_their_own_answer(store: Arc<dyn Store
     );
     let (c, _) = svc.conversation(&u1, other.id).await.unwrap();
     assert_eq!(c.last_seq, 20);
+}
+
+/// A message and another adapter's write (here raw SQL through the backend's own
+/// transaction, as the job queue and notifications will do) land together or not at all.
+async fn unit_of_work_commits_or_rolls_back_as_one(store: Arc<dyn Store>) {
+    let svc = Messaging::new(store.clone(), Limits::default());
+    let a = dept(&svc, "sdis13", 1).await;
+    let me = a.users[0];
+    let g = svc.create_group(&me, "Avant", &[]).await.unwrap();
+    for commit in [false, true] {
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        let appended = tx
+            .append_message(&mindsp_core::model::NewMessage {
+                id: mindsp_core::MessageId::new(),
+                conversation_id: g.id,
+                sender_id: me.user_id,
+                content: "avec son effet de bord".into(),
+                idempotency_key: None,
+                created_at: mindsp_core::model::now(),
+            })
+            .await
+            .unwrap();
+        assert!(appended.created());
+        // The other write, through the backend's transaction reached by downcasting.
+        let any = tx.as_any_mut();
+        if let Some(t) = any.downcast_mut::<mindsp_store::sqlite::SqliteTx>() {
+            sqlx::query("UPDATE conversations SET name = 'Après' WHERE id = ?")
+                .bind(g.id.0)
+                .execute(&mut **t.transaction())
+                .await
+                .unwrap();
+        } else if let Some(t) = any.downcast_mut::<mindsp_store::postgres::PgTx>() {
+            sqlx::query("UPDATE conversations SET name = 'Après' WHERE id = $1")
+                .bind(g.id.0)
+                .execute(&mut **t.transaction())
+                .await
+                .unwrap();
+        } else {
+            panic!("unknown backend transaction type");
+        }
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            drop(tx);
+        }
+        let (c, _) = svc.conversation(&me, g.id).await.unwrap();
+        let expected = if commit { (1, "Après") } else { (0, "Avant") };
+        assert_eq!((c.last_seq, c.name.as_deref().unwrap()), expected);
+    }
 }
 
 async fn search_folds_accents_and_plurals(store: Arc<dyn Store>) {
