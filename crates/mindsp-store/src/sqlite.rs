@@ -275,17 +275,18 @@ impl GroupCommit for Appender {
             .filter(|r| r.msg.idempotency_key.is_some())
             .collect();
         if !keyed.is_empty() {
-            let mut q = QueryBuilder::<Sqlite>::new(format!(
-                "SELECT tenant_id, {MESSAGE_COLS} FROM messages
-                  WHERE idempotency_key IS NOT NULL
-                    AND (conversation_id, sender_id, idempotency_key) IN ("
-            ));
+            // `k CROSS JOIN messages` keeps the keys as the outer loop: one index
+            // lookup per key. (A row-value `IN (VALUES …)` scans the whole index.)
+            let mut q = QueryBuilder::<Sqlite>::new("WITH k(c, s, key) AS (");
             q.push_values(&keyed, |mut b, r| {
                 b.push_bind(r.msg.conversation_id.0)
                     .push_bind(r.msg.sender_id.0)
                     .push_bind(r.msg.idempotency_key.clone());
             });
-            q.push(")");
+            q.push(format!(
+                ") SELECT tenant_id, {MESSAGE_COLS} FROM k CROSS JOIN messages
+                     ON conversation_id = k.c AND sender_id = k.s AND idempotency_key = k.key"
+            ));
             for row in q.build().fetch_all(&mut *tx).await.map_err(db_err)? {
                 let m = message_from_row(&row)?;
                 let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
@@ -297,16 +298,17 @@ impl GroupCommit for Appender {
         }
 
         // The conversations' current sequence and their senders' memberships.
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT c.id, c.tenant_id, c.last_seq, m.user_id
-               FROM conversation_members m JOIN conversations c ON c.id = m.conversation_id
-              WHERE (m.conversation_id, m.user_id) IN (",
-        );
+        let mut q = QueryBuilder::<Sqlite>::new("WITH r(c, u) AS (");
         q.push_values(batch, |mut b, r| {
             b.push_bind(r.msg.conversation_id.0)
                 .push_bind(r.msg.sender_id.0);
         });
-        q.push(")");
+        q.push(
+            ") SELECT c.id, c.tenant_id, c.last_seq, m.user_id
+                 FROM r CROSS JOIN conversation_members m
+                   ON m.conversation_id = r.c AND m.user_id = r.u
+                 JOIN conversations c ON c.id = m.conversation_id",
+        );
         for row in q.build().fetch_all(&mut *tx).await.map_err(db_err)? {
             let conv: Uuid = row.try_get("id").map_err(db_err)?;
             let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
