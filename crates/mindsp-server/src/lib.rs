@@ -111,7 +111,17 @@ pub fn router(state: AppState) -> Router {
         .nest("/api", api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            // One INFO line per request (method, path, status, latency); bodies and
+            // headers are never logged, so tokens and passwords stay out of the logs.
+            tower_http::trace::TraceLayer::new_for_http()
+                .make_span_with(
+                    tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::INFO),
+                )
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
+                ),
+        )
         .with_state(state)
 }
 
