@@ -177,63 +177,51 @@ async fn create_tenant_and_user_then_log_in() {
     let dir = temp_dir();
     let db = dir.join("ops.db");
     let url = format!("sqlite://{}", db.display());
-    let out = bin()
-        .args([
-            "create-tenant",
-            "--slug",
-            "sdis83",
-            "--name",
-            "SDIS 83 — Var",
-            "--database-url",
-            &url,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = bin()
-        .args([
-            "create-user",
-            "--tenant",
-            "sdis83",
-            "--email",
-            "chef@sdis83.fr",
-            "--name",
-            "Cne Chef",
-            "--role",
-            "admin",
-            "--database-url",
-            &url,
-        ])
-        .env("MINDSP_USER_PASSWORD", "Toulon-83-secours")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // One administration command against the database; `(succeeded, stderr)`.
+    let admin_cmd = |args: &[&str]| {
+        let out = bin()
+            .args(args)
+            .args(["--database-url", &url])
+            .env("MINDSP_USER_PASSWORD", "Toulon-83-secours")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = admin_cmd(&[
+        "create-tenant",
+        "--slug",
+        "sdis83",
+        "--name",
+        "SDIS 83 — Var",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, err) = admin_cmd(&[
+        "create-user",
+        "--tenant",
+        "sdis83",
+        "--email",
+        "chef@sdis83.fr",
+        "--name",
+        "Cne Chef",
+        "--role",
+        "admin",
+    ]);
+    assert!(ok, "{err}");
     // Refusals exit non-zero with a message.
-    let out = bin()
-        .args([
-            "create-user",
-            "--tenant",
-            "sdis00",
-            "--email",
-            "x@x.fr",
-            "--name",
-            "X",
-            "--database-url",
-            &url,
-        ])
-        .env("MINDSP_USER_PASSWORD", "Toulon-83-secours")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no tenant"));
+    let (ok, err) = admin_cmd(&[
+        "create-user",
+        "--tenant",
+        "sdis00",
+        "--email",
+        "x@x.fr",
+        "--name",
+        "X",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("no tenant"), "{err}");
 
     let server = start(&db, &[]);
     let r = reqwest::Client::new()
