@@ -568,32 +568,17 @@ async fn history_pages_both_ways(store: Arc<dyn Store>) {
         assert_eq!(m.message().seq, i as i64);
     }
     let u = &a.users[0];
-    let seqs = |v: Vec<mindsp_core::model::Message>| v.iter().map(|m| m.seq).collect::<Vec<_>>();
-    let latest = svc
-        .history(u, c.id, SeqWindow::Latest, Some(10))
-        .await
-        .unwrap();
-    assert_eq!(seqs(latest), (16..=25).collect::<Vec<_>>());
-    let before = svc
-        .history(u, c.id, SeqWindow::Before(16), Some(10))
-        .await
-        .unwrap();
-    assert_eq!(seqs(before), (6..=15).collect::<Vec<_>>());
-    let before = svc
-        .history(u, c.id, SeqWindow::Before(6), Some(10))
-        .await
-        .unwrap();
-    assert_eq!(seqs(before), (1..=5).collect::<Vec<_>>());
-    let after = svc
-        .history(u, c.id, SeqWindow::After(0), Some(10))
-        .await
-        .unwrap();
-    assert_eq!(seqs(after), (1..=10).collect::<Vec<_>>());
-    let after = svc
-        .history(u, c.id, SeqWindow::After(20), Some(10))
-        .await
-        .unwrap();
-    assert_eq!(seqs(after), (21..=25).collect::<Vec<_>>());
+    for (window, expected) in [
+        (SeqWindow::Latest, 16..=25),
+        (SeqWindow::Before(16), 6..=15),
+        (SeqWindow::Before(6), 1..=5),
+        (SeqWindow::After(0), 1..=10),
+        (SeqWindow::After(20), 21..=25),
+    ] {
+        let page = svc.history(u, c.id, window, Some(10)).await.unwrap();
+        let seqs: Vec<i64> = page.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, expected.collect::<Vec<_>>(), "{window:?}");
+    }
     assert!(
         svc.history(u, c.id, SeqWindow::After(25), None)
             .await
