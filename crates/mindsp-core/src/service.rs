@@ -38,7 +38,7 @@ pub struct Limits {
     pub max_name_chars: usize,
     /// Longest idempotency key, in bytes (`invalid_idempotency_key`).
     pub max_idempotency_key_len: usize,
-    /// Longest search query, in characters, and most terms in it (`invalid_query`).
+    /// Longest search query, in characters (`invalid_query`).
     pub max_query_chars: usize,
     /// Most words a search query may hold (`invalid_query`).
     pub max_query_terms: usize,
