@@ -8,8 +8,11 @@
 -- DEFINER) reads it, filters by `mindsp.tenant_id` (the same setting the policies use,
 -- so it cannot be asked for another tenant) and by the caller's memberships.
 
+-- Rows come only from the trigger below, so no foreign key is checked per append
+-- (measured: ~10 % of append throughput). Messages are never deleted yet; when they
+-- are, the same trigger mechanism must delete the search row.
 CREATE TABLE message_search (
-    message_id       uuid PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+    message_id       uuid PRIMARY KEY,
     tenant_id        uuid NOT NULL,
     conversation_id  uuid NOT NULL,
     tsv              tsvector NOT NULL
