@@ -13,6 +13,7 @@
 
 use std::any::Any;
 use std::str::FromStr;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,6 +72,8 @@ pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
     appends: AppendQueue,
+    /// Held by every clone of the store; the checkpointer stops once the last is gone.
+    _alive: Arc<()>,
 }
 
 impl SqliteStore {
@@ -124,6 +127,7 @@ impl SqliteStore {
                 .await
                 .map_err(db_err)?
         };
+        let alive = Arc::new(());
         let appends = AppendQueue::spawn(
             Appender {
                 pool: write.clone(),
@@ -138,12 +142,13 @@ impl SqliteStore {
             let conn = sqlx::ConnectOptions::connect(&options)
                 .await
                 .map_err(db_err)?;
-            tokio::spawn(checkpointer(conn, write.clone()));
+            tokio::spawn(checkpointer(conn, write.clone(), Arc::downgrade(&alive)));
         }
         Ok(Self {
             write,
             read,
             appends,
+            _alive: alive,
         })
     }
 
@@ -220,12 +225,12 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// Copies committed WAL frames into the database file with `PASSIVE` checkpoints, which
 /// never block writers or readers, on a connection of its own. Stops when the store's
-/// write pool is closed.
-async fn checkpointer(mut conn: sqlx::SqliteConnection, write: SqlitePool) {
+/// write pool is closed or the last handle to the store is dropped.
+async fn checkpointer(mut conn: sqlx::SqliteConnection, write: SqlitePool, alive: Weak<()>) {
     use sqlx::Connection;
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !write.is_closed() {
+    while alive.strong_count() > 0 && !write.is_closed() {
         tick.tick().await;
         if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&mut conn)
