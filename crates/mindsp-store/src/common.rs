@@ -7,7 +7,7 @@ use async_trait::async_trait;
 #[cfg(feature = "sqlite")]
 use chrono::{DateTime, Utc};
 use mindsp_core::model::{Appended, Message, NewMessage};
-use mindsp_core::{Error, Result, TenantId, UserId};
+use mindsp_core::{Error, MessageId, Result, TenantId, UserId};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -63,6 +63,9 @@ pub(crate) trait GroupCommit: Send + Sync + 'static {
 
     /// Appends one message in a transaction of its own, as `Store::append`'s default does.
     async fn append_alone(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended>;
+
+    /// The message stored under `id` in `tenant`, if any.
+    async fn stored(&self, tenant: TenantId, id: MessageId) -> Result<Option<Message>>;
 }
 
 type Queued = (AppendRequest, oneshot::Sender<Result<Appended>>);
@@ -127,10 +130,29 @@ async fn run_group_commit(
                 // request its own transaction, so one bad request only fails itself.
                 tracing::warn!(error = %e, size = batch.len(), "append batch failed; retrying one by one");
                 for (req, reply) in batch.iter().zip(replies) {
-                    let _ = reply.send(writer.append_alone(req.tenant, &req.msg).await);
+                    let _ = reply.send(append_alone(&writer, req).await);
                 }
             }
         }
+    }
+}
+
+/// One request on its own. A conflict may mean the message itself is already stored:
+/// a batch whose commit reported an error after it had in fact committed, or a caller
+/// retrying the very same message. Then the stored message is the answer, as for a
+/// repeated idempotency key, instead of an error for a message that exists.
+async fn append_alone(writer: &impl GroupCommit, req: &AppendRequest) -> Result<Appended> {
+    match writer.append_alone(req.tenant, &req.msg).await {
+        Err(e @ Error::Conflict { .. }) => match writer.stored(req.tenant, req.msg.id).await {
+            Ok(Some(m))
+                if m.sender_id == req.msg.sender_id
+                    && m.conversation_id == req.msg.conversation_id =>
+            {
+                Ok(Appended::Existing(m))
+            }
+            _ => Err(e),
+        },
+        other => other,
     }
 }
 

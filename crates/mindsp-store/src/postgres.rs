@@ -314,6 +314,21 @@ impl GroupCommit for Appender {
         Ok(appended)
     }
 
+    async fn stored(&self, tenant: TenantId, id: MessageId) -> Result<Option<Message>> {
+        let mut tx = begin_scoped(&self.pool, tenant, "BEGIN READ ONLY").await?;
+        sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE id = $1 AND tenant_id = $2"
+        ))
+        .bind(id.0)
+        .bind(tenant.0)
+        .fetch_optional(&mut *tx.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(message_from_row)
+        .transpose()
+    }
+
     async fn append_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Result<Appended>>> {
         // Request indexes by tenant; the sort is stable, so each group keeps arrival order.
         let mut order: Vec<usize> = (0..batch.len()).collect();

@@ -270,6 +270,20 @@ impl GroupCommit for Appender {
         Ok(appended)
     }
 
+    async fn stored(&self, tenant: TenantId, id: MessageId) -> Result<Option<Message>> {
+        sqlx::query(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE id = ? AND tenant_id = ?"
+        ))
+        .bind(id.0)
+        .bind(tenant.0)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(message_from_row)
+        .transpose()
+    }
+
     async fn append_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Result<Appended>>> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let mut state = BatchState::default();

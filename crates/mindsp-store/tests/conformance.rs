@@ -132,6 +132,7 @@ conformance!(
     concurrent_retries_with_one_key_store_one_message,
     concurrent_mixed_appends_each_get_their_own_answer,
     unit_of_work_commits_or_rolls_back_as_one,
+    appending_a_stored_message_again_answers_it,
     search_folds_accents_and_plurals,
     search_sees_only_members_conversations,
 );
@@ -949,6 +950,28 @@ async fn unit_of_work_commits_or_rolls_back_as_one(store: Arc<dyn Store>) {
         let expected = if commit { (1, "Après") } else { (0, "Avant") };
         assert_eq!((c.last_seq, c.name.as_deref().unwrap()), expected);
     }
+}
+
+/// The very same message appended twice (same id, no idempotency key: a retry after a
+/// commit whose answer was lost) is answered with the stored message, not an error.
+async fn appending_a_stored_message_again_answers_it(store: Arc<dyn Store>) {
+    let svc = Messaging::new(store.clone(), Limits::default());
+    let a = dept(&svc, "sdis13", 1).await;
+    let g = svc.create_group(&a.users[0], "Garde", &[]).await.unwrap();
+    let msg = mindsp_core::model::NewMessage {
+        id: mindsp_core::MessageId::new(),
+        conversation_id: g.id,
+        sender_id: a.users[0].user_id,
+        content: "une seule fois".into(),
+        idempotency_key: None,
+        created_at: mindsp_core::model::now(),
+    };
+    let first = store.append(a.tenant, &msg).await.unwrap();
+    assert!(first.created());
+    let again = store.append(a.tenant, &msg).await.unwrap();
+    assert_eq!(again, Appended::Existing(first.message().clone()));
+    let (c, _) = svc.conversation(&a.users[0], g.id).await.unwrap();
+    assert_eq!(c.last_seq, 1);
 }
 
 async fn search_folds_accents_and_plurals(store: Arc<dyn Store>) {
