@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::auth::{self, Authenticated};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Json, Path, Query};
+use crate::extract::{Json, Path, Query, optional_json};
 
 // ---- auth ---------------------------------------------------------------------------
 
@@ -410,22 +410,7 @@ pub(crate) async fn mark_read(
     body: axum::body::Bytes,
 ) -> ApiResult<axum::Json<Value>> {
     // The body is optional: empty means "up to the newest message".
-    let seq = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        let parsed: MarkRead = serde_json::from_slice(&body).map_err(|e| {
-            if e.is_syntax() || e.is_eof() {
-                ApiError::bad_request("malformed_json", e.to_string())
-            } else {
-                ApiError::http(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_body",
-                    e.to_string(),
-                )
-            }
-        })?;
-        parsed.seq
-    };
+    let seq = optional_json::<MarkRead>(&body)?.and_then(|b| b.seq);
     let marker = state.messaging.mark_read(&auth.actor, id, seq).await?;
     Ok(axum::Json(json!({ "last_read_seq": marker })))
 }

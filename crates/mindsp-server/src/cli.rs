@@ -232,19 +232,16 @@ fn jwt_secret(database_url: &str, given: Option<&str>) -> anyhow::Result<Vec<u8>
         }
         return Ok(s.as_bytes().to_vec());
     }
-    let Some(path) = database_url
-        .strip_prefix("sqlite://")
-        .filter(|p| !p.is_empty() && !p.starts_with(":memory:"))
-    else {
-        if database_url.starts_with("sqlite:") {
+    let path = match mindsp_store::DatabaseUrl::parse(database_url)? {
+        mindsp_store::DatabaseUrl::SqliteFile(path) => secret_path(Path::new(path)),
+        mindsp_store::DatabaseUrl::SqliteMemory => {
             tracing::warn!("in-memory database: using a random token secret for this run only");
             return Ok(random_secret().into_bytes());
         }
-        bail!(
+        mindsp_store::DatabaseUrl::Postgres(_) => bail!(
             "set MINDSP_JWT_SECRET (≥ 32 bytes): every node of a PostgreSQL deployment must share it"
-        );
+        ),
     };
-    let path = secret_path(Path::new(path.split('?').next().unwrap_or(path)));
     if let Ok(s) = std::fs::read_to_string(&path) {
         let s = s.trim().to_owned();
         if s.len() >= 32 {

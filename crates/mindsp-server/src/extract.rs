@@ -28,6 +28,25 @@ where
     }
 }
 
+/// Parses an optional JSON body already read as bytes: `None` when it is empty or
+/// blank, otherwise the same errors as [`Json`] for bad syntax or a bad shape.
+pub fn optional_json<T: DeserializeOwned>(body: &[u8]) -> Result<Option<T>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body).map(Some).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            ApiError::bad_request("malformed_json", e.to_string())
+        } else {
+            ApiError::http(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                e.to_string(),
+            )
+        }
+    })
+}
+
 fn json_rejection(r: JsonRejection) -> ApiError {
     let detail = r.body_text();
     match r {
