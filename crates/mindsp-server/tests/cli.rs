@@ -190,6 +190,12 @@ async fn create_tenant_and_user_then_log_in() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
+    // `migrate` prepares an empty database and exits; running it twice is harmless.
+    for _ in 0..2 {
+        let (ok, err) = admin_cmd(&["migrate"]);
+        assert!(ok, "{err}");
+    }
+    assert!(db.exists());
     let (ok, err) = admin_cmd(&[
         "create-tenant",
         "--slug",
