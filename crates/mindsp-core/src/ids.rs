@@ -75,3 +75,7 @@ id_type!(
     /// A message.
     MessageId
 );
+id_type!(
+    /// A job of the durable queue.
+    JobId
+);

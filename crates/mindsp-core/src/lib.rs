@@ -5,13 +5,17 @@
 //! - [`error`]: the one error enum, with stable codes.
 //! - [`ports`]: the storage traits adapters implement, scoped by tenant.
 //! - [`service`]: the rules (membership, roles, limits) on top of the ports.
+//! - [`jobs`]: the durable job queue port.
+//! - [`mail`]: the mailer port.
 
 pub mod error;
 pub mod ids;
+pub mod jobs;
+pub mod mail;
 pub mod model;
 pub mod ports;
 pub mod service;
 
 pub use error::{Error, Result};
-pub use ids::{ConversationId, MessageId, TenantId, UserId};
+pub use ids::{ConversationId, JobId, MessageId, TenantId, UserId};
 pub use service::{Actor, Limits, Messaging};

@@ -1,0 +1,1408 @@
+//! The job queue in Redis, through `fred`.
+//!
+//! Every change of state is one Lua script run by `EVALSHA` (loaded once when the queue
+//! connects, sent again with `EVAL` if the server answers `NOSCRIPT`), so a job moves
+//! from one set to the next atomically: no job is lost or handed to two healthy workers.
+//! The clock is the caller's: each call sends its time in milliseconds.
+//!
+//! # Keys
+//!
+//! Every key starts with the configured prefix, `{mindsp}:q:` unless told otherwise.
+//! The braces are a Redis Cluster *hash tag*: only the text between them picks the hash
+//! slot, so all keys of one queue live in one slot and the scripts may touch any of
+//! them. A custom prefix should keep a `{...}` part for the same reason. Below, `P` is
+//! the prefix, `S` a scope (the tenant's UUID, or `-` for jobs of no tenant), `Q` a
+//! queue name.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P j:<id>` | hash | one job: `t` tenant (empty for none), `k` kind, `q` queue, `p` payload JSON, `pr` priority, `s` state, `r` run-at, `a` attempts, `m` max attempts, `u` unique key, `e` last error, `c` created, `up` updated, `f` finished, `tk` lease token |
+//! | `P r:Q` | sorted set | due jobs, score `(100 - priority) * 2^42 + run_at`, so the lowest score is the highest priority, then the earliest run-at, then (same score) the smallest id |
+//! | `P d:Q` | sorted set | jobs waiting for their run-at time (scheduled or retrying), score run-at |
+//! | `P l:Q` | sorted set | leased (running) jobs, score lease expiry |
+//! | `P i:S:<state>` | sorted set | the jobs of a scope in a state, score last change: the listing index (running jobs are listed from `P l:Q` instead, as few as the workers' concurrency) |
+//! | `P u:S` | hash | unique key → the pending job holding it |
+//! | `P c:all`, `P c:<tenant>` | hash | counters, field `Q\|<state>` |
+//! | `P tp:all:<minute>`, `P tp:<tenant>:<minute>` | hash | `s` succeeded and `f` failed attempts in a minute; expire after [`THROUGHPUT_RETENTION_MINUTES`] |
+//! | `P ticks` | sorted set | claimed schedule firings, member `<fire_at>\|<schedule>`, score fire-at |
+//! | `P queues`, `P scopes` | sets | the queue names and scopes ever used |
+//!
+//! Times are milliseconds since the epoch. Stored states are those of [`JobState`],
+//! where `ready` means "in `P r:Q`": a due job moves from `P d:Q` to `P r:Q` when a
+//! `reserve`, `counts` or `list` call notices it (at most [`PROMOTE_LIMIT`] per call),
+//! which is when a scheduled job becomes ready in the counters. A job is reported
+//! `Ready` when it is stored ready, or stored scheduled with its run-at time passed.
+//!
+//! Monitoring never scans all jobs: counts are counters kept by the scripts, throughput
+//! per-minute counters, and a listing is a merge of ranges of the `P i:S:<state>` sets
+//! (only one per state for a tenant; one per scope and state for all tenants).
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use fred::bytes_utils::Str;
+use fred::clients::Pool;
+use fred::error::Error as RedisError;
+use fred::interfaces::{ClientLike, HashesInterface, LuaInterface};
+use fred::types::config::{Config, ReconnectPolicy};
+use fred::types::{Builder, Key, Value};
+use mindsp_core::error::{Error, Result};
+use mindsp_core::ids::{JobId, TenantId};
+use mindsp_core::jobs::*;
+use mindsp_core::model::now;
+use uuid::Uuid;
+
+/// The key prefix used unless configured otherwise.
+pub const DEFAULT_PREFIX: &str = "{mindsp}:q:";
+/// Most jobs sent to Redis in one script call by [`JobQueue::enqueue_batch`]; a larger
+/// batch is stored in several calls, each atomic on its own.
+pub const ENQUEUE_CHUNK: usize = 5_000;
+/// Most jobs one [`JobQueue::reserve`] call leases.
+pub const MAX_RESERVE: u32 = 1_000;
+/// Most due jobs one call moves from waiting to ready.
+pub const PROMOTE_LIMIT: u32 = 10_000;
+/// Most expired leases one `reserve` call recovers.
+pub const RECOVER_LIMIT: u32 = 1_000;
+/// Largest page [`JobQueue::list`] answers.
+pub const MAX_LIST_LIMIT: u32 = 1_000;
+/// How long per-minute throughput counters are kept.
+pub const THROUGHPUT_RETENTION_MINUTES: u32 = 7 * 24 * 60;
+/// Most index entries one `list` script call examines; `list` calls again from where it
+/// stopped, so Redis is never blocked long by a sparse filter.
+const LIST_EXAMINE: u32 = 2_000;
+/// Most finished jobs one `prune` script call deletes (it calls again until done).
+const PRUNE_CHUNK: u32 = 5_000;
+/// Longest lease accepted; longer ones are cut to it.
+const MAX_LEASE_MS: i64 = 366 * 24 * 3_600 * 1_000;
+
+/// How to reach Redis and where to keep the keys.
+#[derive(Debug, Clone)]
+pub struct RedisQueueConfig {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://`, `redis-cluster://` as
+    /// `fred` understands them).
+    pub url: String,
+    /// Prefix of every key; keep a `{hash tag}` in it for Redis Cluster.
+    pub prefix: String,
+    /// Connections to open (commands are pipelined on each).
+    pub pool_size: usize,
+    /// How long a command may wait for its answer.
+    pub command_timeout: Duration,
+}
+
+impl RedisQueueConfig {
+    /// The defaults for `url`: prefix [`DEFAULT_PREFIX`], one connection, 10 s timeout.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            pool_size: 1,
+            command_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Uses `prefix` for the keys.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+}
+
+/// The durable job queue in Redis. Cheap to clone (clones share the connections).
+#[derive(Clone)]
+pub struct RedisQueue {
+    pool: Pool,
+    prefix: Str,
+    /// The key named to Redis in every script call: it routes the call to the prefix's
+    /// slot in a cluster. The scripts derive every other key from the prefix.
+    anchor: Key,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+impl std::fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("prefix", &&*self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn redis_err(e: RedisError) -> Error {
+    Error::Storage(format!("redis: {e}"))
+}
+
+fn bad_reply(what: &str) -> Error {
+    Error::Storage(format!("redis: unexpected reply to {what}"))
+}
+
+impl RedisQueue {
+    /// Connects to `url` and keeps the keys under `prefix` (empty: [`DEFAULT_PREFIX`]).
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self> {
+        let mut config = RedisQueueConfig::new(url);
+        if !prefix.is_empty() {
+            config.prefix = prefix.to_owned();
+        }
+        Self::connect_with(config).await
+    }
+
+    /// Connects as `config` says and loads the scripts.
+    pub async fn connect_with(config: RedisQueueConfig) -> Result<Self> {
+        let redis_config = Config::from_url(&config.url).map_err(redis_err)?;
+        let mut builder = Builder::from_config(redis_config);
+        let timeout = config.command_timeout;
+        builder
+            .with_performance_config(|p| p.default_command_timeout = timeout)
+            .with_connection_config(|c| c.connection_timeout = Duration::from_secs(5))
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+        let pool = builder
+            .build_pool(config.pool_size.max(1))
+            .map_err(redis_err)?;
+        pool.init().await.map_err(redis_err)?;
+        Self::with_pool(pool, &config.prefix).await
+    }
+
+    /// A queue on connections the caller set up (and initialised), keys under `prefix`.
+    pub async fn with_pool(pool: Pool, prefix: &str) -> Result<Self> {
+        let scripts = Scripts::load(&pool).await?;
+        let prefix = Str::from(prefix);
+        let anchor = Key::from(format!("{}queues", &*prefix));
+        Ok(Self {
+            pool,
+            prefix,
+            anchor,
+            scripts: std::sync::Arc::new(scripts),
+        })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The connections, e.g. to share them with other Redis users.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Closes the connections.
+    pub async fn close(&self) -> Result<()> {
+        self.pool.quit().await.map_err(redis_err)
+    }
+
+    /// Deletes every key under the prefix: all jobs, counters and claims of this queue.
+    /// For tests and decommissioning; it walks the keyspace with `SCAN` inside one
+    /// script, so it blocks the server for as long as that takes. Answers how many
+    /// keys were deleted.
+    pub async fn purge(&self) -> Result<u64> {
+        let args = self.args(0, 0);
+        let v = self.call(&self.scripts.purge, args).await?;
+        v.as_i64()
+            .map(|n| n.max(0) as u64)
+            .ok_or_else(|| bad_reply("purge"))
+    }
+
+    /// The first two arguments of every script: the prefix and the time.
+    fn args(&self, now_ms: i64, extra: usize) -> Vec<Value> {
+        let mut v = Vec::with_capacity(2 + extra);
+        v.push(Value::String(self.prefix.clone()));
+        v.push(Value::Integer(now_ms));
+        v
+    }
+
+    async fn call(&self, script: &Script, args: Vec<Value>) -> Result<Value> {
+        let keys = vec![self.anchor.clone()];
+        let first = self
+            .pool
+            .evalsha::<Value, _, _, _>(script.sha.clone(), keys.clone(), args.clone())
+            .await;
+        match first {
+            // The server lost its script cache (restart, SCRIPT FLUSH, failover): EVAL
+            // runs the source and caches it again.
+            Err(e) if e.details().starts_with("NOSCRIPT") => self
+                .pool
+                .eval::<Value, _, _, _>(script.src.clone(), keys, args)
+                .await
+                .map_err(redis_err),
+            other => other.map_err(redis_err),
+        }
+    }
+
+    /// Stores up to [`ENQUEUE_CHUNK`] validated jobs, with a tick claim if given.
+    async fn enqueue_chunk(
+        &self,
+        jobs: &[NewJob],
+        claim: Option<(String, i64)>,
+    ) -> Result<Option<Vec<Enqueued>>> {
+        let at = ms(now());
+        let mut args = self.args(at, 2 + jobs.len() * 10);
+        match claim {
+            Some((member, score)) => {
+                args.push(Value::from(member));
+                args.push(Value::Integer(score));
+            }
+            None => {
+                args.push(Value::from(""));
+                args.push(Value::Integer(0));
+            }
+        }
+        for job in jobs {
+            let payload = serde_json::to_string(&job.payload)
+                .map_err(|e| Error::invalid("invalid_payload", e.to_string()))?;
+            args.push(Value::from(JobId::new().to_string()));
+            args.push(Value::from(tenant_str(job.tenant)));
+            args.push(Value::from(job.kind.as_str()));
+            args.push(Value::from(job.queue.as_str()));
+            args.push(Value::from(payload));
+            args.push(Value::Integer(job.priority.into()));
+            args.push(Value::Integer(job.run_at.map(ms).unwrap_or(at)));
+            args.push(Value::Integer(job.max_attempts.into()));
+            args.push(Value::from(job.unique_key.as_deref().unwrap_or("")));
+            args.push(Value::from(match job.on_duplicate {
+                OnDuplicate::Keep => "k",
+                OnDuplicate::Replace => "r",
+            }));
+        }
+        let reply = array(self.call(&self.scripts.enqueue, args).await?);
+        if reply.is_empty() && !jobs.is_empty() {
+            // Only a tick whose firing was already claimed answers nothing.
+            return Ok(None);
+        }
+        if reply.len() != jobs.len() * 2 {
+            return Err(bad_reply("enqueue"));
+        }
+        reply
+            .chunks_exact(2)
+            .map(|pair| {
+                let id = parse_id(&pair[1]).ok_or_else(|| bad_reply("enqueue"))?;
+                Ok(match text(&pair[0]).as_deref() {
+                    Some("c") => Enqueued::Created(id),
+                    Some("k") => Enqueued::Kept(id),
+                    Some("r") => Enqueued::Replaced(id),
+                    _ => return Err(bad_reply("enqueue")),
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// Cancel, discard or cancel-unique, by `mode`.
+    async fn drop_job(&self, mode: &str, scope: String, target: String) -> Result<bool> {
+        let mut args = self.args(ms(now()), 3);
+        args.push(Value::from(mode));
+        args.push(Value::from(scope));
+        args.push(Value::from(target));
+        let v = self.call(&self.scripts.drop, args).await?;
+        Ok(v.as_i64() == Some(1))
+    }
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(v).unwrap_or(if v < 0 {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    })
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis())
+        .unwrap_or(i64::MAX)
+        .min(MAX_LEASE_MS)
+}
+
+fn tenant_str(t: Option<TenantId>) -> String {
+    t.map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// The scope argument of the scripts: `*` for every tenant.
+fn scope_str(scope: JobScope) -> String {
+    match scope {
+        JobScope::All => "*".to_owned(),
+        JobScope::Tenant(t) => t.to_string(),
+    }
+}
+
+/// A reply as a list; nil (what an empty Lua table may become) is an empty list.
+fn array(v: Value) -> Vec<Value> {
+    match v {
+        Value::Null => Vec::new(),
+        v => v.into_array(),
+    }
+}
+
+fn text(v: &Value) -> Option<Cow<'_, str>> {
+    v.as_str()
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Double(f) => Some(*f as i64),
+        v => v.as_i64(),
+    }
+}
+
+fn parse_id(v: &Value) -> Option<JobId> {
+    text(v).and_then(|s| Uuid::parse_str(&s).ok()).map(JobId)
+}
+
+/// Fields of a job hash, in the order the scripts answer them.
+const FIELDS: [&str; 15] = [
+    "t", "k", "q", "p", "pr", "s", "r", "a", "m", "u", "e", "c", "up", "f", "tk",
+];
+/// One job in a script's answer: its id, then [`FIELDS`].
+const RECORD: usize = 1 + FIELDS.len();
+
+/// A job from its id and the values of [`FIELDS`]; `at` tells scheduled from ready.
+fn parse_job(id: JobId, f: &[Value], at: i64) -> Result<Job> {
+    let corrupt = |what: &str| Error::Storage(format!("redis: job {id} has a bad {what}"));
+    let req_int = |i: usize, what: &str| int(&f[i]).ok_or_else(|| corrupt(what));
+    let opt_text = |i: usize| text(&f[i]).map(Cow::into_owned);
+    let tenant = match text(&f[0]) {
+        Some(t) if !t.is_empty() => Some(TenantId(
+            Uuid::parse_str(&t).map_err(|_| corrupt("tenant"))?,
+        )),
+        Some(_) => None,
+        None => return Err(corrupt("tenant")),
+    };
+    let stored = text(&f[5]).ok_or_else(|| corrupt("state"))?;
+    let run_at = req_int(6, "run-at")?;
+    let state = match JobState::parse(&stored).ok_or_else(|| corrupt("state"))? {
+        JobState::Scheduled if run_at <= at => JobState::Ready,
+        s => s,
+    };
+    let payload = text(&f[3]).ok_or_else(|| corrupt("payload"))?;
+    Ok(Job {
+        id,
+        tenant,
+        kind: opt_text(1).ok_or_else(|| corrupt("kind"))?,
+        queue: opt_text(2).ok_or_else(|| corrupt("queue"))?,
+        payload: serde_json::from_str(&payload).map_err(|_| corrupt("payload"))?,
+        priority: i16::try_from(req_int(4, "priority")?).map_err(|_| corrupt("priority"))?,
+        state,
+        run_at: from_ms(run_at),
+        attempts: u32::try_from(req_int(7, "attempt count")?.max(0)).unwrap_or(u32::MAX),
+        max_attempts: u32::try_from(req_int(8, "max attempts")?.max(0)).unwrap_or(u32::MAX),
+        unique_key: opt_text(9),
+        last_error: opt_text(10),
+        created_at: from_ms(req_int(11, "creation time")?),
+        updated_at: from_ms(req_int(12, "update time")?),
+        finished_at: int(&f[13]).map(from_ms),
+    })
+}
+
+/// Jobs from a flat list of records.
+fn parse_records(values: &[Value], at: i64, what: &str) -> Result<Vec<(Job, Option<Uuid>)>> {
+    if values.len() % RECORD != 0 {
+        return Err(bad_reply(what));
+    }
+    values
+        .chunks_exact(RECORD)
+        .map(|rec| {
+            let id = parse_id(&rec[0]).ok_or_else(|| bad_reply(what))?;
+            let token = text(&rec[RECORD - 1]).and_then(|s| Uuid::parse_str(&s).ok());
+            Ok((parse_job(id, &rec[1..], at)?, token))
+        })
+        .collect()
+}
+
+#[async_trait]
+impl JobQueue for RedisQueue {
+    async fn enqueue(&self, job: &NewJob) -> Result<Enqueued> {
+        job.validate()?;
+        let out = self
+            .enqueue_chunk(std::slice::from_ref(job), None)
+            .await?
+            .ok_or_else(|| bad_reply("enqueue"))?;
+        out.into_iter().next().ok_or_else(|| bad_reply("enqueue"))
+    }
+
+    async fn enqueue_batch(&self, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
+        for job in jobs {
+            job.validate()?;
+        }
+        let mut out = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(ENQUEUE_CHUNK) {
+            out.extend(
+                self.enqueue_chunk(chunk, None)
+                    .await?
+                    .ok_or_else(|| bad_reply("enqueue"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn reserve(&self, queue: &str, max: u32, lease: Duration) -> Result<Vec<Lease>> {
+        let max = max.min(MAX_RESERVE) as usize;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let at = ms(now());
+        let lease_ms = duration_ms(lease);
+        let mut args = self.args(at, 2 + max);
+        args.push(Value::from(queue));
+        args.push(Value::Integer(lease_ms));
+        for _ in 0..max {
+            args.push(Value::from(Uuid::new_v4().to_string()));
+        }
+        let reply = array(self.call(&self.scripts.reserve, args).await?);
+        let expires_at = from_ms(at.saturating_add(lease_ms));
+        parse_records(&reply, at, "reserve")?
+            .into_iter()
+            .map(|(job, token)| {
+                Ok(Lease {
+                    job,
+                    token: token.ok_or_else(|| bad_reply("reserve"))?,
+                    expires_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn next_due(&self, queue: &str) -> Result<Option<DateTime<Utc>>> {
+        let mut args = self.args(ms(now()), 1);
+        args.push(Value::from(queue));
+        let v = self.call(&self.scripts.next_due, args).await?;
+        Ok(int(&v).map(from_ms))
+    }
+
+    async fn renew(&self, leases: &[LeaseRef], lease: Duration) -> Result<Vec<bool>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args = self.args(ms(now()), 1 + 2 * leases.len());
+        args.push(Value::Integer(duration_ms(lease)));
+        push_leases(&mut args, leases);
+        let reply = array(self.call(&self.scripts.renew, args).await?);
+        if reply.len() != leases.len() {
+            return Err(bad_reply("renew"));
+        }
+        Ok(reply.iter().map(|v| int(v) == Some(1)).collect())
+    }
+
+    async fn complete(&self, leases: &[LeaseRef]) -> Result<u64> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let mut args = self.args(ms(now()), 2 * leases.len());
+        push_leases(&mut args, leases);
+        let v = self.call(&self.scripts.complete, args).await?;
+        int(&v)
+            .map(|n| n.max(0) as u64)
+            .ok_or_else(|| bad_reply("complete"))
+    }
+
+    async fn fail(
+        &self,
+        lease: &LeaseRef,
+        error: &str,
+        retry_at: Option<DateTime<Utc>>,
+    ) -> Result<Option<JobState>> {
+        let mut args = self.args(ms(now()), 4);
+        push_leases(&mut args, std::slice::from_ref(lease));
+        args.push(Value::from(clip_error(error)));
+        args.push(match retry_at {
+            Some(t) => Value::Integer(ms(t)),
+            None => Value::from(""),
+        });
+        let v = self.call(&self.scripts.fail, args).await?;
+        match text(&v) {
+            None => Ok(None),
+            Some(s) => JobState::parse(&s)
+                .map(Some)
+                .ok_or_else(|| bad_reply("fail")),
+        }
+    }
+
+    async fn release(&self, leases: &[LeaseRef]) -> Result<u64> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let mut args = self.args(ms(now()), 2 * leases.len());
+        push_leases(&mut args, leases);
+        let v = self.call(&self.scripts.release, args).await?;
+        int(&v)
+            .map(|n| n.max(0) as u64)
+            .ok_or_else(|| bad_reply("release"))
+    }
+
+    async fn job(&self, scope: JobScope, id: JobId) -> Result<Option<Job>> {
+        let key = format!("{}j:{id}", &*self.prefix);
+        let values: Value = self
+            .pool
+            .hmget(key, FIELDS.to_vec())
+            .await
+            .map_err(redis_err)?;
+        let values = array(values);
+        if values.len() != FIELDS.len() {
+            return Err(bad_reply("HMGET"));
+        }
+        if values[5].is_null() {
+            return Ok(None);
+        }
+        let job = parse_job(id, &values, ms(now()))?;
+        Ok(scope.covers(job.tenant).then_some(job))
+    }
+
+    async fn cancel(&self, scope: JobScope, id: JobId) -> Result<bool> {
+        self.drop_job("c", scope_str(scope), id.to_string()).await
+    }
+
+    async fn cancel_unique(&self, tenant: Option<TenantId>, key: &str) -> Result<bool> {
+        self.drop_job("u", tenant_str(tenant), key.to_owned()).await
+    }
+
+    async fn enqueue_tick(
+        &self,
+        schedule: &str,
+        fire_at: DateTime<Utc>,
+        job: &NewJob,
+    ) -> Result<bool> {
+        job.validate()?;
+        let fire = ms(fire_at);
+        let claim = (format!("{fire}|{schedule}"), fire);
+        Ok(self
+            .enqueue_chunk(std::slice::from_ref(job), Some(claim))
+            .await?
+            .is_some())
+    }
+
+    async fn counts(&self, scope: JobScope) -> Result<Vec<QueueCounts>> {
+        let mut args = self.args(ms(now()), 1);
+        args.push(Value::from(match scope {
+            JobScope::All => "all".to_owned(),
+            JobScope::Tenant(t) => t.to_string(),
+        }));
+        let reply = array(self.call(&self.scripts.counts, args).await?);
+        let mut by_queue: BTreeMap<String, QueueCounts> = BTreeMap::new();
+        for pair in reply.chunks_exact(2) {
+            let field = text(&pair[0]).ok_or_else(|| bad_reply("counts"))?;
+            let n = int(&pair[1]).ok_or_else(|| bad_reply("counts"))?;
+            let Some((queue, state)) = field.rsplit_once('|') else {
+                return Err(bad_reply("counts"));
+            };
+            let state = JobState::parse(state).ok_or_else(|| bad_reply("counts"))?;
+            if n <= 0 {
+                continue;
+            }
+            by_queue
+                .entry(queue.to_owned())
+                .or_insert_with(|| QueueCounts {
+                    queue: queue.to_owned(),
+                    ..Default::default()
+                })
+                .add(state, n as u64);
+        }
+        Ok(by_queue.into_values().collect())
+    }
+
+    async fn throughput(&self, scope: JobScope, minutes: u32) -> Result<Vec<MinuteStat>> {
+        let minutes = i64::from(minutes.max(1));
+        let current = ms(now()).div_euclid(60_000);
+        let first = current - (minutes - 1);
+        let mut stats: Vec<MinuteStat> = (0..minutes)
+            .map(|i| MinuteStat {
+                minute: from_ms((first + i) * 60_000),
+                succeeded: 0,
+                failed: 0,
+            })
+            .collect();
+        // Older minutes have expired; ask only for the retained ones.
+        let asked = minutes.min(i64::from(THROUGHPUT_RETENTION_MINUTES));
+        let mut args = self.args(0, 3);
+        args.push(Value::from(match scope {
+            JobScope::All => "all".to_owned(),
+            JobScope::Tenant(t) => t.to_string(),
+        }));
+        args.push(Value::Integer(current - (asked - 1)));
+        args.push(Value::Integer(asked));
+        let reply = array(self.call(&self.scripts.throughput, args).await?);
+        if reply.len() != 2 * asked as usize {
+            return Err(bad_reply("throughput"));
+        }
+        let offset = (minutes - asked) as usize;
+        for (stat, pair) in stats[offset..].iter_mut().zip(reply.chunks_exact(2)) {
+            stat.succeeded = int(&pair[0]).unwrap_or(0).max(0) as u64;
+            stat.failed = int(&pair[1]).unwrap_or(0).max(0) as u64;
+        }
+        Ok(stats)
+    }
+
+    async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        let limit = filter.limit.min(MAX_LIST_LIMIT);
+        let mut out: Vec<Job> = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let mut cursor = filter.before.map(|(t, id)| (ms(t), id.to_string()));
+        loop {
+            let at = ms(now());
+            let mut args = self.args(at, 7);
+            args.push(Value::from(scope_str(filter.scope)));
+            args.push(Value::from(filter.state.map(JobState::as_str).unwrap_or("")));
+            args.push(Value::from(filter.queue.as_deref().unwrap_or("")));
+            match &cursor {
+                Some((t, id)) => {
+                    args.push(Value::from(t.to_string()));
+                    args.push(Value::from(id.as_str()));
+                }
+                None => {
+                    args.push(Value::from(""));
+                    args.push(Value::from(""));
+                }
+            }
+            args.push(Value::Integer(i64::from(limit) - out.len() as i64));
+            args.push(Value::Integer(LIST_EXAMINE.into()));
+            let reply = array(self.call(&self.scripts.list, args).await?);
+            if reply.len() < 3 {
+                return Err(bad_reply("list"));
+            }
+            let done = int(&reply[0]) == Some(1);
+            let last = int(&reply[1]).zip(text(&reply[2]).map(Cow::into_owned));
+            for (job, _) in parse_records(&reply[3..], at, "list")? {
+                // A scheduled job may have come due between the index and the clock.
+                if filter.state.is_none_or(|s| s == job.state) {
+                    out.push(job);
+                }
+            }
+            if done || out.len() >= limit as usize {
+                break;
+            }
+            match last {
+                Some(last) => cursor = Some(last),
+                None => break,
+            }
+        }
+        out.truncate(limit as usize);
+        Ok(out)
+    }
+
+    async fn retry(&self, scope: JobScope, id: JobId) -> Result<bool> {
+        let mut args = self.args(ms(now()), 2);
+        args.push(Value::from(scope_str(scope)));
+        args.push(Value::from(id.to_string()));
+        let v = self.call(&self.scripts.retry, args).await?;
+        match int(&v) {
+            Some(1) => Ok(true),
+            Some(-1) => Err(Error::conflict(
+                "unique_key_held",
+                "another pending job holds this job's unique key",
+            )),
+            Some(_) => Ok(false),
+            None => Err(bad_reply("retry")),
+        }
+    }
+
+    async fn discard(&self, scope: JobScope, id: JobId) -> Result<bool> {
+        self.drop_job("d", scope_str(scope), id.to_string()).await
+    }
+
+    async fn prune(&self, before: DateTime<Utc>) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let mut args = self.args(ms(now()), 2);
+            args.push(Value::Integer(ms(before)));
+            args.push(Value::Integer(PRUNE_CHUNK.into()));
+            let reply = array(self.call(&self.scripts.prune, args).await?);
+            let (Some(n), Some(more)) = (
+                reply.first().and_then(int),
+                reply.get(1).and_then(int),
+            ) else {
+                return Err(bad_reply("prune"));
+            };
+            total += n.max(0) as u64;
+            if more == 0 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+fn push_leases(args: &mut Vec<Value>, leases: &[LeaseRef]) {
+    for l in leases {
+        args.push(Value::from(l.id.to_string()));
+        args.push(Value::from(l.token.to_string()));
+    }
+}
+
+/// One script: its source (prelude included) and its SHA-1 as the server computed it.
+struct Script {
+    src: Str,
+    sha: Str,
+}
+
+struct Scripts {
+    enqueue: Script,
+    reserve: Script,
+    complete: Script,
+    fail: Script,
+    renew: Script,
+    release: Script,
+    drop: Script,
+    retry: Script,
+    counts: Script,
+    throughput: Script,
+    list: Script,
+    next_due: Script,
+    prune: Script,
+    purge: Script,
+}
+
+impl Scripts {
+    async fn load(pool: &Pool) -> Result<Self> {
+        async fn one(pool: &Pool, body: &str) -> Result<Script> {
+            let src = Str::from(format!("{PRELUDE}\n{body}"));
+            let sha: String = pool.script_load(src.clone()).await.map_err(redis_err)?;
+            Ok(Script {
+                src,
+                sha: Str::from(sha),
+            })
+        }
+        Ok(Self {
+            enqueue: one(pool, ENQUEUE).await?,
+            reserve: one(pool, RESERVE).await?,
+            complete: one(pool, COMPLETE).await?,
+            fail: one(pool, FAIL).await?,
+            renew: one(pool, RENEW).await?,
+            release: one(pool, RELEASE).await?,
+            drop: one(pool, DROP).await?,
+            retry: one(pool, RETRY).await?,
+            counts: one(pool, COUNTS).await?,
+            throughput: one(pool, THROUGHPUT).await?,
+            list: one(pool, LIST).await?,
+            next_due: one(pool, NEXT_DUE).await?,
+            prune: one(pool, PRUNE).await?,
+            purge: one(pool, PURGE).await?,
+        })
+    }
+}
+
+// ---- Lua -------------------------------------------------------------------------------
+//
+// Every script gets KEYS[1] = `P queues` (for routing only), ARGV[1] = the prefix and
+// ARGV[2] = the caller's time in ms. Writes to sets and counters that nothing later in
+// the same script reads are gathered and sent at the end (`flush`), as one ZADD / ZREM
+// per key and one HINCRBY per counter, which keeps batches cheap.
+
+const PRELUDE: &str = r#"
+local P = ARGV[1]
+local NOW = tonumber(ARGV[2])
+local RB = 4398046511104
+local TP_TTL = 604800 + 3600
+local PROMOTE_LIMIT = 10000
+local F = {'t','k','q','p','pr','s','r','a','m','u','e','c','up','f','tk'}
+
+local function rscore(pr, r)
+  if r < 0 then r = 0 elseif r >= RB then r = RB - 1 end
+  return (100 - pr) * RB + r
+end
+local function sc(t) if t == '' then return '-' end return t end
+local function jk(id) return P .. 'j:' .. id end
+local function ik(t, st) return P .. 'i:' .. sc(t) .. ':' .. st end
+local function uk(t) return P .. 'u:' .. sc(t) end
+local function pending(st) return st == 'scheduled' or st == 'ready' or st == 'retrying' end
+
+local ZA, ZR, CN, TP = {}, {}, {}, {}
+local function push(tab, key, a, b)
+  local l = tab[key]
+  if not l then l = {}; tab[key] = l end
+  l[#l + 1] = a
+  if b ~= nil then l[#l + 1] = b end
+end
+local function bump(tab, key, field, d)
+  local h = tab[key]
+  if not h then h = {}; tab[key] = h end
+  h[field] = (h[field] or 0) + d
+end
+local function count(t, q, st, d)
+  local f = q .. '|' .. st
+  bump(CN, P .. 'c:all', f, d)
+  if t ~= '' then bump(CN, P .. 'c:' .. t, f, d) end
+end
+local function move(t, q, from, to)
+  if from then count(t, q, from, -1) end
+  if to then count(t, q, to, 1) end
+end
+local function tput(t, field)
+  local m = string.format('%d', math.floor(NOW / 60000))
+  bump(TP, P .. 'tp:all:' .. m, field, 1)
+  if t ~= '' then bump(TP, P .. 'tp:' .. t .. ':' .. m, field, 1) end
+end
+local function run(cmd, key, l, step)
+  local n = #l
+  local i = 1
+  while i <= n do
+    local j = i + step - 1
+    if j > n then j = n end
+    redis.call(cmd, key, unpack(l, i, j))
+    i = j + 1
+  end
+end
+local function flush()
+  for key, l in pairs(ZR) do run('ZREM', key, l, 4000) end
+  for key, l in pairs(ZA) do run('ZADD', key, l, 4000) end
+  for key, h in pairs(CN) do
+    for f, d in pairs(h) do
+      if d ~= 0 then redis.call('HINCRBY', key, f, d) end
+    end
+  end
+  for key, h in pairs(TP) do
+    for f, d in pairs(h) do redis.call('HINCRBY', key, f, d) end
+    redis.call('EXPIRE', key, TP_TTL)
+  end
+  ZA, ZR, CN, TP = {}, {}, {}, {}
+end
+
+-- The pending job other than `id` holding unique key `u` in `t`'s scope, if any.
+local function holder(t, u, id)
+  local h = redis.call('HGET', uk(t), u)
+  if h and h ~= id and pending(redis.call('HGET', jk(h), 's')) then return h end
+  return nil
+end
+-- Takes key `u` for `id` going back to pending; answers the other holder instead if
+-- there is one.
+local function take(t, u, id)
+  if not u then return nil end
+  local h = holder(t, u, id)
+  if h then return h end
+  redis.call('HSET', uk(t), u, id)
+  return nil
+end
+local function drop_key(t, u, id)
+  if u and redis.call('HGET', uk(t), u) == id then redis.call('HDEL', uk(t), u) end
+end
+-- Puts a pending job where it waits: ready now, or delayed. Answers the stored state.
+local function place(id, q, pr, r)
+  if r <= NOW then
+    redis.call('ZADD', P .. 'r:' .. q, rscore(pr, r), id)
+    return 'ready'
+  end
+  redis.call('ZADD', P .. 'd:' .. q, r, id)
+  return 'scheduled'
+end
+local function unplace(id, q)
+  redis.call('ZREM', P .. 'r:' .. q, id)
+  redis.call('ZREM', P .. 'd:' .. q, id)
+end
+-- A running job whose key another pending job took ends cancelled.
+local function supersede(id, t, q, other)
+  redis.call('HSET', jk(id), 's', 'cancelled', 'e', 'superseded by job ' .. other,
+    'up', NOW, 'f', NOW)
+  redis.call('ZADD', ik(t, 'cancelled'), NOW, id)
+  move(t, q, 'running', 'cancelled')
+end
+-- Moves up to `limit` jobs of `q` whose run-at time has come from delayed to ready.
+local function promote(q, limit)
+  local dk = P .. 'd:' .. q
+  local due = redis.call('ZRANGEBYSCORE', dk, '-inf', NOW, 'LIMIT', 0, limit)
+  if #due == 0 then return 0 end
+  local rk = P .. 'r:' .. q
+  for _, id in ipairs(due) do
+    local j = redis.call('HMGET', jk(id), 's', 'pr', 'r', 't', 'up')
+    if j[1] == 'scheduled' or j[1] == 'retrying' then
+      redis.call('ZADD', rk, rscore(tonumber(j[2]), tonumber(j[3])), id)
+      if j[1] == 'scheduled' then
+        redis.call('HSET', jk(id), 's', 'ready')
+        redis.call('ZREM', ik(j[4], 'scheduled'), id)
+        redis.call('ZADD', ik(j[4], 'ready'), j[5], id)
+        move(j[4], q, 'scheduled', 'ready')
+      end
+    end
+  end
+  run('ZREM', dk, due, 4000)
+  return #due
+end
+local function promote_all(only, limit)
+  if only ~= '' then return promote(only, limit) end
+  local n = 0
+  for _, q in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+    if n >= limit then break end
+    n = n + promote(q, limit - n)
+  end
+  return n
+end
+"#;
+
+/// ARGV[3], ARGV[4]: a tick claim (member, score) or ''; then 10 values per job: id,
+/// tenant, kind, queue, payload, priority, run-at, max attempts, unique key, policy
+/// (`k` keep, `r` replace). Answers (outcome, id) per job, or nothing when the tick was
+/// already claimed.
+const ENQUEUE: &str = r#"
+if ARGV[3] ~= '' then
+  if redis.call('ZADD', P .. 'ticks', 'NX', ARGV[4], ARGV[3]) == 0 then return {} end
+end
+local out = {}
+local queues, scopes = {}, {}
+for i = 5, #ARGV, 10 do
+  local id, t, kind, q, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local pr, r, m = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), ARGV[i + 7]
+  local u, pol = ARGV[i + 8], ARGV[i + 9]
+  queues[q] = true
+  scopes[sc(t)] = true
+  local h = nil
+  if u ~= '' then h = holder(t, u, id) end
+  if h and pol == 'k' then
+    out[#out + 1] = 'k'
+    out[#out + 1] = h
+  elseif h then
+    local k = jk(h)
+    local o = redis.call('HMGET', k, 's', 'q')
+    unplace(h, o[2])
+    local st = place(h, q, pr, r)
+    redis.call('HSET', k, 'k', kind, 'q', q, 'p', payload, 'pr', pr, 'r', r, 'm', m,
+      'a', 0, 's', st, 'up', NOW)
+    redis.call('HDEL', k, 'e')
+    redis.call('ZREM', ik(t, o[1]), h)
+    redis.call('ZADD', ik(t, st), NOW, h)
+    move(t, o[2], o[1], nil)
+    move(t, q, nil, st)
+    out[#out + 1] = 'r'
+    out[#out + 1] = h
+  else
+    local k = jk(id)
+    -- A call repeated after a lost reply finds its jobs already there.
+    if redis.call('EXISTS', k) == 0 then
+      local st
+      if u ~= '' then
+        st = place(id, q, pr, r)
+        redis.call('HSET', k, 't', t, 'k', kind, 'q', q, 'p', payload, 'pr', pr, 's', st,
+          'r', r, 'a', 0, 'm', m, 'u', u, 'c', NOW, 'up', NOW)
+        redis.call('HSET', uk(t), u, id)
+        redis.call('ZADD', ik(t, st), NOW, id)
+      else
+        if r <= NOW then
+          st = 'ready'
+          push(ZA, P .. 'r:' .. q, rscore(pr, r), id)
+        else
+          st = 'scheduled'
+          push(ZA, P .. 'd:' .. q, r, id)
+        end
+        redis.call('HSET', k, 't', t, 'k', kind, 'q', q, 'p', payload, 'pr', pr, 's', st,
+          'r', r, 'a', 0, 'm', m, 'c', NOW, 'up', NOW)
+        push(ZA, ik(t, st), NOW, id)
+      end
+      count(t, q, st, 1)
+    end
+    out[#out + 1] = 'c'
+    out[#out + 1] = id
+  end
+end
+for q in pairs(queues) do redis.call('SADD', P .. 'queues', q) end
+for s in pairs(scopes) do redis.call('SADD', P .. 'scopes', s) end
+flush()
+return out
+"#;
+
+/// ARGV[3] queue, ARGV[4] lease ms, then one fresh token per job wanted. Recovers
+/// expired leases, promotes due jobs, leases the best ready ones. Answers records.
+const RESERVE: &str = r#"
+local q = ARGV[3]
+local exp = NOW + tonumber(ARGV[4])
+local max = #ARGV - 4
+local rk, lk = P .. 'r:' .. q, P .. 'l:' .. q
+local lost = redis.call('ZRANGEBYSCORE', lk, '-inf', NOW, 'LIMIT', 0, 1000)
+for _, id in ipairs(lost) do
+  local k = jk(id)
+  local j = redis.call('HMGET', k, 's', 'a', 'm', 't', 'u', 'pr', 'r')
+  redis.call('ZREM', lk, id)
+  if j[1] == 'running' then
+    local a, m, t = tonumber(j[2]), tonumber(j[3]), j[4]
+    local of = string.format('%d of %d', a, m)
+    if a >= m then
+      redis.call('HSET', k, 's', 'dead', 'e', 'worker lost: lease expired on attempt ' .. of,
+        'up', NOW, 'f', NOW)
+      redis.call('ZADD', ik(t, 'dead'), NOW, id)
+      move(t, q, 'running', 'dead')
+    else
+      local other = take(t, j[5] or nil, id)
+      if other then
+        supersede(id, t, q, other)
+      else
+        redis.call('HSET', k, 's', 'ready',
+          'e', 'lease expired on attempt ' .. of .. '; the job runs again', 'up', NOW)
+        redis.call('ZADD', rk, rscore(tonumber(j[6]), tonumber(j[7])), id)
+        redis.call('ZADD', ik(t, 'ready'), NOW, id)
+        move(t, q, 'running', 'ready')
+      end
+    end
+  end
+end
+promote(q, PROMOTE_LIMIT)
+local out = {}
+local popped = redis.call('ZPOPMIN', rk, max)
+local n = 0
+for i = 1, #popped, 2 do
+  local id = popped[i]
+  local k = jk(id)
+  local j = redis.call('HMGET', k, unpack(F))
+  local st = j[6]
+  if pending(st) then
+    n = n + 1
+    local tok = ARGV[4 + n]
+    local a = tonumber(j[8]) + 1
+    local t = j[1]
+    redis.call('HSET', k, 's', 'running', 'a', a, 'tk', tok, 'up', NOW)
+    if j[10] then drop_key(t, j[10], id) end
+    push(ZR, ik(t, st), id)
+    push(ZA, lk, exp, id)
+    move(t, q, st, 'running')
+    j[6] = 'running'
+    j[8] = a
+    j[13] = NOW
+    j[15] = tok
+    out[#out + 1] = id
+    for x = 1, 15 do out[#out + 1] = j[x] end
+  end
+end
+flush()
+return out
+"#;
+
+/// (id, token) pairs. Answers how many were marked succeeded.
+const COMPLETE: &str = r#"
+local n = 0
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local k = jk(id)
+  local j = redis.call('HMGET', k, 's', 'tk', 't', 'q')
+  if j[1] == 'running' and j[2] == ARGV[i + 1] then
+    redis.call('HSET', k, 's', 'succeeded', 'up', NOW, 'f', NOW)
+    push(ZR, P .. 'l:' .. j[4], id)
+    push(ZA, ik(j[3], 'succeeded'), NOW, id)
+    move(j[3], j[4], 'running', 'succeeded')
+    tput(j[3], 's')
+    n = n + 1
+  end
+end
+flush()
+return n
+"#;
+
+/// ARGV[3] id, ARGV[4] token, ARGV[5] error, ARGV[6] retry-at or ''. Answers the new
+/// state, or nil when the lease is not held.
+const FAIL: &str = r#"
+local id = ARGV[3]
+local k = jk(id)
+local j = redis.call('HMGET', k, 's', 'tk', 't', 'q', 'u', 'pr')
+if j[1] ~= 'running' or j[2] ~= ARGV[4] then return false end
+local t, q = j[3], j[4]
+redis.call('ZREM', P .. 'l:' .. q, id)
+tput(t, 'f')
+local st
+if ARGV[6] == '' then
+  st = 'dead'
+  redis.call('HSET', k, 's', st, 'e', ARGV[5], 'up', NOW, 'f', NOW)
+  redis.call('ZADD', ik(t, st), NOW, id)
+  move(t, q, 'running', st)
+else
+  local other = take(t, j[5] or nil, id)
+  if other then
+    st = 'cancelled'
+    supersede(id, t, q, other)
+  else
+    st = 'retrying'
+    local r = tonumber(ARGV[6])
+    redis.call('HSET', k, 's', st, 'e', ARGV[5], 'r', r, 'up', NOW)
+    if r <= NOW then
+      redis.call('ZADD', P .. 'r:' .. q, rscore(tonumber(j[6]), r), id)
+    else
+      redis.call('ZADD', P .. 'd:' .. q, r, id)
+    end
+    redis.call('ZADD', ik(t, st), NOW, id)
+    move(t, q, 'running', st)
+  end
+end
+flush()
+return st
+"#;
+
+/// ARGV[3] lease ms, then (id, token) pairs. Answers 1 or 0 per pair.
+const RENEW: &str = r#"
+local exp = NOW + tonumber(ARGV[3])
+local out = {}
+for i = 4, #ARGV, 2 do
+  local j = redis.call('HMGET', jk(ARGV[i]), 's', 'tk', 'q')
+  if j[1] == 'running' and j[2] == ARGV[i + 1] then
+    redis.call('ZADD', P .. 'l:' .. j[3], 'XX', exp, ARGV[i])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"#;
+
+/// (id, token) pairs. Gives the jobs back, due now, the attempt not counted (or
+/// cancelled when superseded). Answers how many.
+const RELEASE: &str = r#"
+local n = 0
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local k = jk(id)
+  local j = redis.call('HMGET', k, 's', 'tk', 't', 'q', 'u', 'pr', 'a', 'r')
+  if j[1] == 'running' and j[2] == ARGV[i + 1] then
+    local t, q = j[3], j[4]
+    redis.call('ZREM', P .. 'l:' .. q, id)
+    local other = take(t, j[5] or nil, id)
+    if other then
+      supersede(id, t, q, other)
+    else
+      local a = tonumber(j[7]) - 1
+      if a < 0 then a = 0 end
+      local r = tonumber(j[8])
+      if r > NOW then r = NOW end
+      redis.call('HSET', k, 's', 'ready', 'a', a, 'r', r, 'up', NOW)
+      redis.call('ZADD', P .. 'r:' .. q, rscore(tonumber(j[6]), r), id)
+      redis.call('ZADD', ik(t, 'ready'), NOW, id)
+      move(t, q, 'running', 'ready')
+    end
+    n = n + 1
+  end
+end
+flush()
+return n
+"#;
+
+/// ARGV[3] mode (`c` cancel, `d` discard, `u` cancel by unique key), ARGV[4] scope
+/// (`*`, a tenant, or for `u` the tenant or ''), ARGV[5] id or unique key. Answers 1 if
+/// a job was cancelled.
+const DROP: &str = r#"
+local mode, scope = ARGV[3], ARGV[4]
+local id = ARGV[5]
+if mode == 'u' then
+  id = redis.call('HGET', uk(scope), ARGV[5])
+  if not id then return 0 end
+end
+local k = jk(id)
+local j = redis.call('HMGET', k, 's', 't', 'q', 'u')
+local st, t, q = j[1], j[2], j[3]
+if not st then return 0 end
+if scope ~= '*' and t ~= scope then return 0 end
+if not (pending(st) or (mode == 'd' and st == 'dead')) then return 0 end
+unplace(id, q)
+if j[4] then drop_key(t, j[4], id) end
+redis.call('HSET', k, 's', 'cancelled', 'up', NOW, 'f', NOW)
+redis.call('ZREM', ik(t, st), id)
+redis.call('ZADD', ik(t, 'cancelled'), NOW, id)
+move(t, q, st, 'cancelled')
+flush()
+return 1
+"#;
+
+/// ARGV[3] scope, ARGV[4] id. Answers 1 (due now, attempts reset), 0 (no such job in a
+/// dead, retrying or cancelled state), -1 (another pending job holds its unique key).
+const RETRY: &str = r#"
+local id = ARGV[4]
+local k = jk(id)
+local j = redis.call('HMGET', k, 's', 't', 'q', 'u', 'pr')
+local st, t, q = j[1], j[2], j[3]
+if not st then return 0 end
+if ARGV[3] ~= '*' and t ~= ARGV[3] then return 0 end
+if not (st == 'dead' or st == 'retrying' or st == 'cancelled') then return 0 end
+if j[4] and take(t, j[4], id) then return -1 end
+unplace(id, q)
+redis.call('HSET', k, 's', 'ready', 'a', 0, 'r', NOW, 'up', NOW)
+redis.call('HDEL', k, 'f')
+redis.call('ZADD', P .. 'r:' .. q, rscore(tonumber(j[5]), NOW), id)
+redis.call('ZREM', ik(t, st), id)
+redis.call('ZADD', ik(t, 'ready'), NOW, id)
+move(t, q, st, 'ready')
+flush()
+return 1
+"#;
+
+/// ARGV[3] `all` or a tenant. Promotes due jobs, answers the counters hash.
+const COUNTS: &str = r#"
+promote_all('', PROMOTE_LIMIT)
+flush()
+return redis.call('HGETALL', P .. 'c:' .. ARGV[3])
+"#;
+
+/// ARGV[3] `all` or a tenant, ARGV[4] first minute, ARGV[5] how many minutes.
+/// Answers (succeeded, failed) per minute.
+const THROUGHPUT: &str = r#"
+local first, n = tonumber(ARGV[4]), tonumber(ARGV[5])
+local out = {}
+for i = 0, n - 1 do
+  local v = redis.call('HMGET', P .. 'tp:' .. ARGV[3] .. ':' .. string.format('%d', first + i),
+    's', 'f')
+  out[#out + 1] = v[1]
+  out[#out + 1] = v[2]
+end
+return out
+"#;
+
+/// ARGV[3] queue. Answers a time in ms, or nil.
+const NEXT_DUE: &str = r#"
+local q = ARGV[3]
+if redis.call('ZCARD', P .. 'r:' .. q) > 0 then return NOW end
+local best = false
+local d = redis.call('ZRANGE', P .. 'd:' .. q, 0, 0, 'WITHSCORES')
+if d[2] then best = tonumber(d[2]) end
+local l = redis.call('ZRANGE', P .. 'l:' .. q, 0, 0, 'WITHSCORES')
+if l[2] and (not best or tonumber(l[2]) < best) then best = tonumber(l[2]) end
+return best
+"#;
+
+/// ARGV[3] scope (`*` or a tenant), ARGV[4] state ('' any; a stored state name),
+/// ARGV[5] queue ('' any), ARGV[6], ARGV[7] cursor (updated ms, id) or '', ARGV[8]
+/// limit, ARGV[9] most entries to examine. Merges the index sets newest first from
+/// just after the cursor. Answers (done, last examined ms, last examined id) then
+/// records; `done` is 0 when it stopped at the examine limit.
+const LIST: &str = r#"
+local scope, want, wq = ARGV[3], ARGV[4], ARGV[5]
+local cs, cid = nil, ARGV[7]
+if ARGV[6] ~= '' then cs = tonumber(ARGV[6]) end
+local limit, cap = tonumber(ARGV[8]), tonumber(ARGV[9])
+if want == '' or want == 'ready' or want == 'scheduled' then
+  promote_all(wq, PROMOTE_LIMIT)
+  flush()
+end
+local function newer(a, b) return a[1] > b[1] or (a[1] == b[1] and a[2] > b[2]) end
+local states
+if want == '' then
+  states = {'scheduled', 'ready', 'retrying', 'succeeded', 'dead', 'cancelled', 'running'}
+else
+  states = {want}
+end
+local scopes
+if scope == '*' then scopes = redis.call('SMEMBERS', P .. 'scopes') else scopes = {scope} end
+local CH = limit + 1
+if CH > 100 then CH = 100 end
+local src = {}
+for _, st in ipairs(states) do
+  if st == 'running' then
+    local buf = {}
+    local queues
+    if wq ~= '' then queues = {wq} else queues = redis.call('SMEMBERS', P .. 'queues') end
+    for _, q in ipairs(queues) do
+      for _, id in ipairs(redis.call('ZRANGE', P .. 'l:' .. q, 0, -1)) do
+        local j = redis.call('HMGET', jk(id), 't', 'up')
+        if j[1] and (scope == '*' or j[1] == scope) then
+          local s = tonumber(j[2])
+          if not cs or s < cs or (s == cs and id < cid) then buf[#buf + 1] = {s, id} end
+        end
+      end
+    end
+    table.sort(buf, newer)
+    src[#src + 1] = {buf = buf, bi = 1, done = true}
+  else
+    for _, s in ipairs(scopes) do
+      local key = P .. 'i:' .. s .. ':' .. st
+      if redis.call('EXISTS', key) == 1 then
+        local pos = 0
+        if cs then
+          -- First rank (newest first) after the cursor: past every newer score, then a
+          -- binary search among the entries of the cursor's score, ordered by id.
+          local lo = redis.call('ZCOUNT', key, '(' .. ARGV[6], '+inf')
+          local hi = lo + redis.call('ZCOUNT', key, ARGV[6], ARGV[6])
+          while lo < hi do
+            local mid = math.floor((lo + hi) / 2)
+            local m = redis.call('ZRANGE', key, mid, mid, 'REV')[1]
+            if m < cid then hi = mid else lo = mid + 1 end
+          end
+          pos = lo
+        end
+        src[#src + 1] = {key = key, pos = pos, buf = {}, bi = 1, done = false}
+      end
+    end
+  end
+end
+local function head(s)
+  if s.bi > #s.buf then
+    if s.done then return nil end
+    local r = redis.call('ZRANGE', s.key, s.pos, s.pos + CH - 1, 'REV', 'WITHSCORES')
+    s.pos = s.pos + CH
+    if #r < 2 * CH then s.done = true end
+    s.buf = {}
+    s.bi = 1
+    for i = 1, #r, 2 do s.buf[#s.buf + 1] = {tonumber(r[i + 1]), r[i]} end
+    if #s.buf == 0 then return nil end
+  end
+  return s.buf[s.bi]
+end
+local out = {0, '', ''}
+local got, seen, last, exhausted = 0, 0, nil, false
+while got < limit and seen < cap do
+  local best, bh = nil, nil
+  for _, s in ipairs(src) do
+    local h = head(s)
+    if h and (not bh or newer(h, bh)) then
+      best = s
+      bh = h
+    end
+  end
+  if not best then
+    exhausted = true
+    break
+  end
+  best.bi = best.bi + 1
+  seen = seen + 1
+  last = bh
+  local j = redis.call('HMGET', jk(bh[2]), unpack(F))
+  if j[6] and (wq == '' or j[3] == wq) then
+    got = got + 1
+    out[#out + 1] = bh[2]
+    for x = 1, 15 do out[#out + 1] = j[x] end
+  end
+end
+if exhausted or got >= limit then out[1] = 1 end
+if last then
+  out[2] = last[1]
+  out[3] = last[2]
+end
+return out
+"#;
+
+/// ARGV[3] before (ms), ARGV[4] most jobs to delete. Deletes finished jobs whose last
+/// change (their finishing) is older, then tick claims. Answers (deleted, more).
+const PRUNE: &str = r#"
+local before, lim = ARGV[3], tonumber(ARGV[4])
+local n, deleted, more = 0, 0, 0
+for _, s in ipairs(redis.call('SMEMBERS', P .. 'scopes')) do
+  for _, st in ipairs({'succeeded', 'dead', 'cancelled'}) do
+    if n >= lim then
+      more = 1
+      break
+    end
+    local key = P .. 'i:' .. s .. ':' .. st
+    local ids = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. before, 'LIMIT', 0, lim - n)
+    if #ids > 0 then
+      for _, id in ipairs(ids) do
+        local k = jk(id)
+        local j = redis.call('HMGET', k, 's', 't', 'q')
+        if j[1] == st then
+          redis.call('DEL', k)
+          count(j[2], j[3], st, -1)
+          deleted = deleted + 1
+        end
+        n = n + 1
+      end
+      run('ZREM', key, ids, 4000)
+    end
+  end
+end
+if more == 0 then redis.call('ZREMRANGEBYSCORE', P .. 'ticks', '-inf', '(' .. before) end
+flush()
+return {deleted, more}
+"#;
+
+/// Deletes every key under the prefix. Answers how many.
+const PURGE: &str = r#"
+local pattern = P:gsub('[%*%?%[%]\\]', '\\%0') .. '*'
+local cursor, n = '0', 0
+repeat
+  local r = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 1000)
+  cursor = r[1]
+  if #r[2] > 0 then
+    for _, key in ipairs(r[2]) do redis.call('DEL', key) end
+    n = n + #r[2]
+  end
+until cursor == '0'
+return n
+"#;
