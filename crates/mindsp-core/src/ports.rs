@@ -25,6 +25,10 @@ pub const SEARCH_RANK_WINDOW: u32 = 5_000;
 /// Entry point of a storage backend.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The backend itself, for adapters of the same backend (a job queue in the same
+    /// database) to reach its connections.
+    fn as_any(&self) -> &dyn Any;
+
     /// Creates a tenant. `Conflict { code: "slug_taken" }` when the slug exists.
     async fn create_tenant(&self, slug: &str, name: &str) -> Result<Tenant>;
 

@@ -220,6 +220,10 @@ fn tenant_from_row(r: &PgRow) -> Result<Tenant> {
 
 #[async_trait]
 impl Store for PgStore {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     async fn create_tenant(&self, slug: &str, name: &str) -> Result<Tenant> {
         let t = Tenant {
             id: TenantId::new(),

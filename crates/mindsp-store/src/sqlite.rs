@@ -175,6 +175,10 @@ fn tenant_from_row(r: &SqliteRow) -> Result<Tenant> {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     async fn create_tenant(&self, slug: &str, name: &str) -> Result<Tenant> {
         let t = Tenant {
             id: TenantId::new(),
