@@ -4,6 +4,8 @@
 //! rows nobody else has locked, so two healthy workers never get the same job and
 //! never wait for each other. Batches move in one statement each (`unnest` of arrays).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,14 +33,32 @@ const COLS: &str = "id, tenant_id, kind, queue, payload, priority, state, run_at
 #[derive(Clone)]
 pub struct PgQueue {
     pool: PgPool,
+    /// When expired leases were last looked for (ms since the epoch).
+    last_recovery: Arc<AtomicI64>,
 }
+
+/// Expired leases are looked for at most this often (ms): often enough that a dead
+/// worker's jobs come back promptly, rarely enough to keep reservations one round trip.
+const RECOVERY_EVERY_MS: i64 = 100;
 
 impl PgQueue {
     /// A queue in `store`'s database (its migrations created the tables).
     pub fn new(store: &PgStore) -> Self {
         Self {
             pool: store.pool().clone(),
+            last_recovery: Arc::new(AtomicI64::new(0)),
         }
+    }
+
+    /// Whether this reservation should first recover expired leases.
+    fn recovery_due(&self, at: DateTime<Utc>) -> bool {
+        let t = at.timestamp_millis();
+        let last = self.last_recovery.load(Ordering::Relaxed);
+        t - last >= RECOVERY_EVERY_MS
+            && self
+                .last_recovery
+                .compare_exchange(last, t, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 }
 
@@ -256,8 +276,12 @@ impl JobQueue for PgQueue {
         let at = now();
         let expires = at + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
         let token = Uuid::new_v4();
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
-        recover_leases(&mut tx, queue, at).await?;
+        if self.recovery_due(at) {
+            let mut tx = self.pool.begin().await.map_err(sql_err)?;
+            recover_leases(&mut tx, queue, at).await?;
+            tx.commit().await.map_err(sql_err)?;
+        }
+        // One statement, so no explicit transaction: one round trip per batch.
         let rows = sqlx::query(&format!(
             "WITH picked AS (
                 SELECT id FROM jobs
@@ -278,10 +302,9 @@ impl JobQueue for PgQueue {
         .bind(max as i64)
         .bind(token)
         .bind(expires)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await
         .map_err(sql_err)?;
-        tx.commit().await.map_err(sql_err)?;
         let mut leases = rows
             .iter()
             .map(|r| {
@@ -337,26 +360,34 @@ impl JobQueue for PgQueue {
         if leases.is_empty() {
             return Ok(0);
         }
-        let at = now();
         let (ids, tokens) = lease_arrays(leases);
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
-        let scopes: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE jobs j SET state = 'succeeded', finished_at = $3, updated_at = $3,
-                    lease_token = NULL, lease_expires_at = NULL
-               FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
-              WHERE j.id = l.id AND j.lease_token = l.token AND j.state = 'running'
-             RETURNING j.uniq_scope",
+        // Marking done and counting in one statement: one round trip per batch. The
+        // counters are written in scope order (the nil "all" scope first) so
+        // concurrent batches lock them in the same order.
+        let done: i64 = sqlx::query_scalar(
+            "WITH done AS (
+                UPDATE jobs j SET state = 'succeeded', finished_at = $3, updated_at = $3,
+                       lease_token = NULL, lease_expires_at = NULL
+                  FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
+                 WHERE j.id = l.id AND j.lease_token = l.token AND j.state = 'running'
+                RETURNING j.uniq_scope),
+             counted AS (
+                INSERT INTO job_minutes (scope, minute, succeeded, failed)
+                SELECT s, date_trunc('minute', $3::timestamptz), count(*), 0
+                  FROM (SELECT uniq_scope AS s FROM done
+                         UNION ALL SELECT '00000000-0000-0000-0000-000000000000'::uuid FROM done) c
+                 GROUP BY s ORDER BY s
+                ON CONFLICT (scope, minute) DO UPDATE
+                   SET succeeded = job_minutes.succeeded + EXCLUDED.succeeded)
+             SELECT count(*) FROM done",
         )
         .bind(&ids)
         .bind(&tokens)
-        .bind(at)
-        .fetch_all(&mut *tx)
+        .bind(now())
+        .fetch_one(&self.pool)
         .await
         .map_err(sql_err)?;
-        let counts: Vec<ScopeCount> = scopes.iter().map(|s| (*s, 1, 0)).collect();
-        count_minute(&mut tx, at, &counts).await?;
-        tx.commit().await.map_err(sql_err)?;
-        Ok(scopes.len() as u64)
+        Ok(done as u64)
     }
 
     async fn fail(

@@ -5,6 +5,7 @@
 //! take the same job. Workers reserve and complete in batches, which is what makes the
 //! throughput: one transaction leases up to a batch of jobs, one marks a batch done.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,7 +17,7 @@ use mindsp_core::model::now;
 use mindsp_core::ports::TenantTx;
 use mindsp_store::sqlite::{SqliteStore, SqliteTx};
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::sql::{
@@ -187,6 +188,31 @@ async fn count_minute(
     Ok(())
 }
 
+/// Leases per statement (two parameters each).
+const LEASE_CHUNK: usize = 400;
+/// Rows per insert (thirteen columns, eleven parameters each).
+const INSERT_CHUNK: usize = 500;
+
+/// ` WHERE` the job is running under one of `leases`. A reservation's token is its
+/// own, so matching ids and tokens as two sets can only pair a job with a token of
+/// the same worker.
+fn push_held(q: &mut QueryBuilder<'_, Sqlite>, leases: &[LeaseRef]) {
+    q.push(" WHERE state = 'running' AND id IN (");
+    let mut ids = q.separated(", ");
+    for l in leases {
+        ids.push_bind(l.id.0);
+    }
+    q.push(") AND lease_token IN (");
+    let mut tokens: Vec<Uuid> = leases.iter().map(|l| l.token).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    let mut sep = q.separated(", ");
+    for t in tokens {
+        sep.push_bind(t);
+    }
+    q.push(")");
+}
+
 /// `AND tenant_id = ?` when scoped to a tenant.
 fn scope_filter(scope: JobScope) -> &'static str {
     match scope {
@@ -210,8 +236,46 @@ impl JobQueue for SqliteQueue {
         }
         let mut tx = self.pool.begin().await.map_err(sql_err)?;
         let mut out = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            out.push(enqueue_on(&mut tx, job).await?);
+        if jobs.iter().all(|j| j.unique_key.is_none()) {
+            // The common case: many rows per statement.
+            let at = ms(now());
+            for chunk in jobs.chunks(INSERT_CHUNK) {
+                let mut q = QueryBuilder::<Sqlite>::new(
+                    "INSERT INTO jobs (id, tenant_id, uniq_scope, kind, queue, payload, priority,
+                                       state, run_at, attempts, max_attempts, created_at,
+                                       updated_at) ",
+                );
+                let mut err = None;
+                q.push_values(chunk, |mut row, job| {
+                    let id = JobId::new();
+                    let payload = serde_json::to_string(&job.payload).unwrap_or_else(|e| {
+                        err = Some(e.to_string());
+                        String::new()
+                    });
+                    row.push_bind(id.0)
+                        .push_bind(job.tenant.map(|t| t.0))
+                        .push_bind(scope_of(job.tenant))
+                        .push_bind(job.kind.clone())
+                        .push_bind(job.queue.clone())
+                        .push_bind(payload)
+                        .push_bind(job.priority)
+                        .push("'scheduled'")
+                        .push_bind(job.run_at.map(ms).unwrap_or(at))
+                        .push("0")
+                        .push_bind(job.max_attempts as i64)
+                        .push_bind(at)
+                        .push_bind(at);
+                    out.push(Enqueued::Created(id));
+                });
+                if let Some(e) = err {
+                    return Err(Error::Storage(e));
+                }
+                q.build().execute(&mut *tx).await.map_err(sql_err)?;
+            }
+        } else {
+            for job in jobs {
+                out.push(enqueue_on(&mut tx, job).await?);
+            }
         }
         tx.commit().await.map_err(sql_err)?;
         Ok(out)
@@ -286,25 +350,23 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn renew(&self, leases: &[LeaseRef], lease: Duration) -> Result<Vec<bool>> {
-        let at = now();
-        let expires = at + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+        let expires = now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
         let mut tx = self.pool.begin().await.map_err(sql_err)?;
-        let mut out = Vec::with_capacity(leases.len());
-        for l in leases {
-            let done = sqlx::query(
-                "UPDATE jobs SET lease_expires_at = ?
-                  WHERE id = ? AND lease_token = ? AND state = 'running'",
-            )
-            .bind(ms(expires))
-            .bind(l.id.0)
-            .bind(l.token)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql_err)?;
-            out.push(done.rows_affected() == 1);
+        let mut kept = HashSet::new();
+        for chunk in leases.chunks(LEASE_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new("UPDATE jobs SET lease_expires_at = ");
+            q.push_bind(ms(expires));
+            push_held(&mut q, chunk);
+            q.push(" RETURNING id");
+            let ids: Vec<Uuid> = q
+                .build_query_scalar()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(sql_err)?;
+            kept.extend(ids);
         }
         tx.commit().await.map_err(sql_err)?;
-        Ok(out)
+        Ok(leases.iter().map(|l| kept.contains(&l.id.0)).collect())
     }
 
     async fn complete(&self, leases: &[LeaseRef]) -> Result<u64> {
@@ -314,23 +376,21 @@ impl JobQueue for SqliteQueue {
         let at = ms(now());
         let mut tx = self.pool.begin().await.map_err(sql_err)?;
         let mut per_scope: Vec<ScopeCount> = Vec::new();
-        for l in leases {
-            let scope: Option<Uuid> = sqlx::query_scalar(
-                "UPDATE jobs SET state = 'succeeded', finished_at = ?, updated_at = ?,
-                        lease_token = NULL, lease_expires_at = NULL
-                  WHERE id = ? AND lease_token = ? AND state = 'running'
-                 RETURNING uniq_scope",
-            )
-            .bind(at)
-            .bind(at)
-            .bind(l.id.0)
-            .bind(l.token)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(sql_err)?;
-            if let Some(scope) = scope {
-                per_scope.push((scope, 1, 0));
-            }
+        for chunk in leases.chunks(LEASE_CHUNK) {
+            let mut q =
+                QueryBuilder::<Sqlite>::new("UPDATE jobs SET state = 'succeeded', finished_at = ");
+            q.push_bind(at)
+                .push(", updated_at = ")
+                .push_bind(at)
+                .push(", lease_token = NULL, lease_expires_at = NULL");
+            push_held(&mut q, chunk);
+            q.push(" RETURNING uniq_scope");
+            let scopes: Vec<Uuid> = q
+                .build_query_scalar()
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(sql_err)?;
+            per_scope.extend(scopes.into_iter().map(|s| (s, 1, 0)));
         }
         let total = per_scope.len() as u64;
         count_minute(&mut tx, minute_of(at), &per_scope).await?;
