@@ -49,11 +49,17 @@ pub async fn open(url: &str, store: &dyn Store, prefix: &str) -> Result<Arc<dyn 
 /// The SQL queue in `store`'s database, whichever backend it is.
 pub fn sql_queue(store: &dyn Store) -> Result<Arc<dyn JobQueue>> {
     #[cfg(feature = "sqlite")]
-    if let Some(s) = store.as_any().downcast_ref::<mindsp_store::sqlite::SqliteStore>() {
+    if let Some(s) = store
+        .as_any()
+        .downcast_ref::<mindsp_store::sqlite::SqliteStore>()
+    {
         return Ok(Arc::new(sqlite::SqliteQueue::new(s)));
     }
     #[cfg(feature = "postgres")]
-    if let Some(s) = store.as_any().downcast_ref::<mindsp_store::postgres::PgStore>() {
+    if let Some(s) = store
+        .as_any()
+        .downcast_ref::<mindsp_store::postgres::PgStore>()
+    {
         return Ok(Arc::new(postgres::PgQueue::new(s)));
     }
     let _ = store;

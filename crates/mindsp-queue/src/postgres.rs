@@ -33,12 +33,16 @@ const COLS: &str = "id, tenant_id, kind, queue, payload, priority, state, run_at
 #[derive(Clone)]
 pub struct PgQueue {
     pool: PgPool,
-    /// When expired leases were last looked for (ms since the epoch).
+    /// When expired leases and due jobs were last looked for (ms since the epoch).
     last_recovery: Arc<AtomicI64>,
 }
 
-/// Expired leases are looked for at most this often (ms): often enough that a dead
-/// worker's jobs come back promptly, rarely enough to keep reservations one round trip.
+/// Most jobs promoted from waiting to ready in one reservation.
+const PROMOTE_CHUNK: i64 = 5_000;
+
+/// Expired leases and due jobs are looked for at most this often (ms): often enough
+/// that a dead worker's jobs come back promptly, rarely enough to keep reservations at
+/// one round trip.
 const RECOVERY_EVERY_MS: i64 = 100;
 
 impl PgQueue {
@@ -50,8 +54,9 @@ impl PgQueue {
         }
     }
 
-    /// Whether this reservation should first recover expired leases.
-    fn recovery_due(&self, at: DateTime<Utc>) -> bool {
+    /// Whether this reservation should first recover expired leases and promote due
+    /// jobs (so that a backlog of them is taken by priority).
+    fn maintenance_due(&self, at: DateTime<Utc>) -> bool {
         let t = at.timestamp_millis();
         let last = self.last_recovery.load(Ordering::Relaxed);
         t - last >= RECOVERY_EVERY_MS
@@ -105,15 +110,17 @@ async fn enqueue_on(conn: &mut PgConnection, job: &NewJob) -> Result<Enqueued> {
         (None, _) => "",
         (Some(_), OnDuplicate::Keep) => {
             " ON CONFLICT (uniq_scope, unique_key)
-                WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'retrying')
+                WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'ready', 'retrying')
               DO UPDATE SET updated_at = jobs.updated_at"
         }
         (Some(_), OnDuplicate::Replace) => {
             " ON CONFLICT (uniq_scope, unique_key)
-                WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'retrying')
+                WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'ready', 'retrying')
               DO UPDATE SET kind = EXCLUDED.kind, queue = EXCLUDED.queue,
                  payload = EXCLUDED.payload, priority = EXCLUDED.priority,
-                 state = 'scheduled', run_at = EXCLUDED.run_at, attempts = 0,
+                 state = CASE WHEN EXCLUDED.run_at <= EXCLUDED.created_at
+                              THEN 'ready' ELSE 'scheduled' END,
+                 run_at = EXCLUDED.run_at, attempts = 0,
                  max_attempts = EXCLUDED.max_attempts, last_error = NULL,
                  updated_at = EXCLUDED.updated_at"
         }
@@ -121,7 +128,9 @@ async fn enqueue_on(conn: &mut PgConnection, job: &NewJob) -> Result<Enqueued> {
     let stored: Uuid = sqlx::query_scalar(&format!(
         "INSERT INTO jobs (id, tenant_id, uniq_scope, kind, queue, payload, priority, state,
                            run_at, attempts, max_attempts, unique_key, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'scheduled', $8, 0, $9, $10, $11, $11)
+         VALUES ($1, $2, $3, $4, $5, $6, $7,
+                 CASE WHEN $8::timestamptz <= $11::timestamptz THEN 'ready' ELSE 'scheduled' END,
+                 $8, 0, $9, $10, $11, $11)
          {on_conflict} RETURNING id"
     ))
     .bind(id.0)
@@ -152,7 +161,7 @@ async fn superseded_by(conn: &mut PgConnection, id: JobId) -> Result<Option<Uuid
     sqlx::query_scalar(
         "SELECT p.id FROM jobs j JOIN jobs p
              ON p.uniq_scope = j.uniq_scope AND p.unique_key = j.unique_key
-          WHERE j.id = $1 AND p.id <> j.id AND p.state IN ('scheduled', 'retrying')",
+          WHERE j.id = $1 AND p.id <> j.id AND p.state IN ('scheduled', 'ready', 'retrying')",
     )
     .bind(id.0)
     .fetch_optional(&mut *conn)
@@ -232,7 +241,8 @@ impl JobQueue for PgQueue {
                 "INSERT INTO jobs (id, tenant_id, uniq_scope, kind, queue, payload, priority,
                                    state, run_at, attempts, max_attempts, created_at, updated_at)
                  SELECT id, tenant_id, uniq_scope, kind, queue, payload, priority,
-                        'scheduled', run_at, 0, max_attempts, $10, $10
+                        CASE WHEN run_at <= $10 THEN 'ready' ELSE 'scheduled' END,
+                        run_at, 0, max_attempts, $10, $10
                    FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
                                $6::jsonb[], $7::int2[], $8::timestamptz[], $9::int4[])
                      AS j(id, tenant_id, uniq_scope, kind, queue, payload, priority, run_at,
@@ -276,18 +286,29 @@ impl JobQueue for PgQueue {
         let at = now();
         let expires = at + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
         let token = Uuid::new_v4();
-        if self.recovery_due(at) {
+        if self.maintenance_due(at) {
             let mut tx = self.pool.begin().await.map_err(sql_err)?;
             recover_leases(&mut tx, queue, at).await?;
+            promote_due(&mut tx, queue, at).await?;
             tx.commit().await.map_err(sql_err)?;
         }
-        // One statement, so no explicit transaction: one round trip per batch.
+        // One statement without an explicit transaction: one round trip per batch. It
+        // takes the best ready jobs and, in case promotion has not caught up, due jobs
+        // still waiting; both through their own index.
         let rows = sqlx::query(&format!(
-            "WITH picked AS (
-                SELECT id FROM jobs
-                 WHERE queue = $1 AND state IN ('scheduled', 'retrying') AND run_at <= $2
+            "WITH ready AS (
+                SELECT id, priority, run_at FROM jobs
+                 WHERE queue = $1 AND state = 'ready'
                  ORDER BY priority DESC, run_at, id LIMIT $3
-                 FOR UPDATE SKIP LOCKED)
+                 FOR UPDATE SKIP LOCKED),
+             waiting AS (
+                SELECT id, priority, run_at FROM jobs
+                 WHERE queue = $1 AND state IN ('scheduled', 'retrying') AND run_at <= $2
+                 ORDER BY run_at LIMIT $3
+                 FOR UPDATE SKIP LOCKED),
+             picked AS (
+                SELECT id FROM (SELECT * FROM ready UNION ALL SELECT * FROM waiting) c
+                 ORDER BY priority DESC, run_at, id LIMIT $3)
              UPDATE jobs j SET state = 'running', attempts = j.attempts + 1, lease_token = $4,
                     lease_expires_at = $5, updated_at = $2
                FROM picked WHERE j.id = picked.id
@@ -326,6 +347,7 @@ impl JobQueue for PgQueue {
             "SELECT least(
                 (SELECT min(run_at) FROM jobs
                   WHERE queue = $1 AND state IN ('scheduled', 'retrying')),
+                (SELECT run_at FROM jobs WHERE queue = $1 AND state = 'ready' LIMIT 1),
                 (SELECT min(lease_expires_at) FROM jobs WHERE queue = $1 AND state = 'running'))",
         )
         .bind(queue)
@@ -467,7 +489,7 @@ impl JobQueue for PgQueue {
                 .map_err(sql_err)?;
             } else {
                 sqlx::query(
-                    "UPDATE jobs SET state = 'scheduled', attempts = greatest(attempts - 1, 0),
+                    "UPDATE jobs SET state = 'ready', attempts = greatest(attempts - 1, 0),
                             run_at = least(run_at, $1), updated_at = $1,
                             lease_token = NULL, lease_expires_at = NULL
                       WHERE id = $2",
@@ -498,13 +520,14 @@ impl JobQueue for PgQueue {
     }
 
     async fn cancel(&self, scope: JobScope, id: JobId) -> Result<bool> {
-        self.cancel_in(scope, id, "'scheduled', 'retrying'").await
+        self.cancel_in(scope, id, "'scheduled', 'ready', 'retrying'")
+            .await
     }
 
     async fn cancel_unique(&self, tenant: Option<TenantId>, key: &str) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE jobs SET state = 'cancelled', updated_at = $1, finished_at = $1
-              WHERE uniq_scope = $2 AND unique_key = $3 AND state IN ('scheduled', 'retrying')",
+              WHERE uniq_scope = $2 AND unique_key = $3 AND state IN ('scheduled', 'ready', 'retrying')",
         )
         .bind(now())
         .bind(scope_of(tenant))
@@ -624,7 +647,9 @@ impl JobQueue for PgQueue {
             sql.push_str(&format!(" AND tenant_id = ${}", next()));
         }
         match filter.state {
-            Some(JobState::Ready) => sql.push_str(" AND state = 'scheduled' AND run_at <= $1"),
+            Some(JobState::Ready) => {
+                sql.push_str(" AND (state = 'ready' OR (state = 'scheduled' AND run_at <= $1))")
+            }
             Some(JobState::Scheduled) => sql.push_str(" AND state = 'scheduled' AND run_at > $1"),
             Some(_) => sql.push_str(&format!(" AND state = ${}", next())),
             None => {}
@@ -684,7 +709,7 @@ impl JobQueue for PgQueue {
             ));
         }
         sqlx::query(
-            "UPDATE jobs SET state = 'scheduled', attempts = 0, run_at = $1, updated_at = $1,
+            "UPDATE jobs SET state = 'ready', attempts = 0, run_at = $1, updated_at = $1,
                     finished_at = NULL
               WHERE id = $2",
         )
@@ -698,7 +723,7 @@ impl JobQueue for PgQueue {
     }
 
     async fn discard(&self, scope: JobScope, id: JobId) -> Result<bool> {
-        self.cancel_in(scope, id, "'scheduled', 'retrying', 'dead'")
+        self.cancel_in(scope, id, "'scheduled', 'ready', 'retrying', 'dead'")
             .await
     }
 
@@ -745,6 +770,24 @@ impl PgQueue {
     }
 }
 
+/// Moves the jobs of `queue` whose time has come from waiting to ready, oldest first.
+async fn promote_due(conn: &mut PgConnection, queue: &str, at: DateTime<Utc>) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET state = 'ready'
+          WHERE id IN (SELECT id FROM jobs
+                        WHERE queue = $1 AND state IN ('scheduled', 'retrying') AND run_at <= $2
+                        ORDER BY run_at LIMIT $3
+                        FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(queue)
+    .bind(at)
+    .bind(PROMOTE_CHUNK)
+    .execute(&mut *conn)
+    .await
+    .map_err(sql_err)?;
+    Ok(())
+}
+
 /// Makes the expired leases of `queue` due again, or dead when they used their last
 /// attempt, or cancelled when a newer pending job took their unique key. Rows another
 /// reserver is recovering are skipped.
@@ -768,11 +811,11 @@ async fn recover_leases(conn: &mut PgConnection, queue: &str, at: DateTime<Utc>)
         } else if let Some(other) = superseded_by(&mut *conn, id).await? {
             ("cancelled", superseded_error(other))
         } else {
-            ("scheduled", lease_error(attempts, max))
+            ("ready", lease_error(attempts, max))
         };
         sqlx::query(
             "UPDATE jobs SET state = $1, last_error = $2, updated_at = $3,
-                    finished_at = CASE WHEN $1 = 'scheduled' THEN NULL ELSE $3 END,
+                    finished_at = CASE WHEN $1 = 'ready' THEN NULL ELSE $3 END,
                     lease_token = NULL, lease_expires_at = NULL
               WHERE id = $4",
         )

@@ -95,7 +95,7 @@ async fn enqueue_on(conn: &mut SqliteConnection, job: &NewJob) -> Result<Enqueue
     if let Some(key) = &job.unique_key {
         let held: Option<Uuid> = sqlx::query_scalar(
             "SELECT id FROM jobs WHERE uniq_scope = ? AND unique_key = ?
-               AND state IN ('scheduled', 'retrying')",
+               AND state IN ('scheduled', 'ready', 'retrying')",
         )
         .bind(scope)
         .bind(key)
@@ -108,7 +108,7 @@ async fn enqueue_on(conn: &mut SqliteConnection, job: &NewJob) -> Result<Enqueue
                 OnDuplicate::Replace => {
                     sqlx::query(
                         "UPDATE jobs SET kind = ?, queue = ?, payload = ?, priority = ?,
-                                state = 'scheduled', run_at = ?, attempts = 0, max_attempts = ?,
+                                state = ?, run_at = ?, attempts = 0, max_attempts = ?,
                                 last_error = NULL, updated_at = ?
                           WHERE id = ?",
                     )
@@ -116,6 +116,7 @@ async fn enqueue_on(conn: &mut SqliteConnection, job: &NewJob) -> Result<Enqueue
                     .bind(&job.queue)
                     .bind(&payload)
                     .bind(job.priority)
+                    .bind(waiting_state(run_at, ms(at)))
                     .bind(run_at)
                     .bind(job.max_attempts as i64)
                     .bind(ms(at))
@@ -132,7 +133,7 @@ async fn enqueue_on(conn: &mut SqliteConnection, job: &NewJob) -> Result<Enqueue
     sqlx::query(
         "INSERT INTO jobs (id, tenant_id, uniq_scope, kind, queue, payload, priority, state,
                            run_at, attempts, max_attempts, unique_key, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, 'scheduled', ?, 0, ?, ?, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
     )
     .bind(id.0)
     .bind(job.tenant.map(|t| t.0))
@@ -141,6 +142,7 @@ async fn enqueue_on(conn: &mut SqliteConnection, job: &NewJob) -> Result<Enqueue
     .bind(&job.queue)
     .bind(&payload)
     .bind(job.priority)
+    .bind(waiting_state(run_at, ms(at)))
     .bind(run_at)
     .bind(job.max_attempts as i64)
     .bind(&job.unique_key)
@@ -152,12 +154,17 @@ async fn enqueue_on(conn: &mut SqliteConnection, job: &NewJob) -> Result<Enqueue
     Ok(Enqueued::Created(id))
 }
 
+/// The state a new job waits in: ready when due, scheduled otherwise.
+fn waiting_state(run_at: i64, at: i64) -> &'static str {
+    if run_at <= at { "ready" } else { "scheduled" }
+}
+
 /// Whether a pending job other than `id` holds `id`'s unique key; if so, its id.
 async fn superseded_by(conn: &mut SqliteConnection, id: JobId) -> Result<Option<Uuid>> {
     sqlx::query_scalar(
         "SELECT p.id FROM jobs j JOIN jobs p
              ON p.uniq_scope = j.uniq_scope AND p.unique_key = j.unique_key
-          WHERE j.id = ? AND p.id <> j.id AND p.state IN ('scheduled', 'retrying')",
+          WHERE j.id = ? AND p.id <> j.id AND p.state IN ('scheduled', 'ready', 'retrying')",
     )
     .bind(id.0)
     .fetch_optional(&mut *conn)
@@ -259,7 +266,7 @@ impl JobQueue for SqliteQueue {
                         .push_bind(job.queue.clone())
                         .push_bind(payload)
                         .push_bind(job.priority)
-                        .push("'scheduled'")
+                        .push_bind(waiting_state(job.run_at.map(ms).unwrap_or(at), at))
                         .push_bind(job.run_at.map(ms).unwrap_or(at))
                         .push("0")
                         .push_bind(job.max_attempts as i64)
@@ -299,11 +306,11 @@ impl JobQueue for SqliteQueue {
         let token = Uuid::new_v4();
         let mut tx = self.pool.begin().await.map_err(sql_err)?;
         recover_leases(&mut tx, queue, t).await?;
+        promote_due(&mut tx, queue, t).await?;
         let rows = sqlx::query(&format!(
             "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_token = ?,
                     lease_expires_at = ?, updated_at = ?
-              WHERE id IN (SELECT id FROM jobs
-                            WHERE queue = ? AND state IN ('scheduled', 'retrying') AND run_at <= ?
+              WHERE id IN (SELECT id FROM jobs WHERE queue = ? AND state = 'ready'
                             ORDER BY priority DESC, run_at, id LIMIT ?)
              RETURNING {COLS}"
         ))
@@ -311,7 +318,6 @@ impl JobQueue for SqliteQueue {
         .bind(ms(expires))
         .bind(t)
         .bind(queue)
-        .bind(t)
         .bind(max as i64)
         .fetch_all(&mut *tx)
         .await
@@ -339,8 +345,11 @@ impl JobQueue for SqliteQueue {
                 SELECT min(run_at) AS t FROM jobs
                  WHERE queue = ? AND state IN ('scheduled', 'retrying')
                 UNION ALL
+                SELECT (SELECT run_at FROM jobs WHERE queue = ? AND state = 'ready' LIMIT 1)
+                UNION ALL
                 SELECT min(lease_expires_at) FROM jobs WHERE queue = ? AND state = 'running')",
         )
+        .bind(queue)
         .bind(queue)
         .bind(queue)
         .fetch_one(&self.pool)
@@ -474,7 +483,7 @@ impl JobQueue for SqliteQueue {
                 .map_err(sql_err)?;
             } else {
                 sqlx::query(
-                    "UPDATE jobs SET state = 'scheduled', attempts = max(attempts - 1, 0),
+                    "UPDATE jobs SET state = 'ready', attempts = max(attempts - 1, 0),
                             run_at = min(run_at, ?), updated_at = ?,
                             lease_token = NULL, lease_expires_at = NULL
                       WHERE id = ?",
@@ -506,7 +515,7 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn cancel(&self, scope: JobScope, id: JobId) -> Result<bool> {
-        self.finish_pending(scope, id, &["scheduled", "retrying"], None)
+        self.finish_pending(scope, id, &["scheduled", "ready", "retrying"], None)
             .await
     }
 
@@ -514,7 +523,7 @@ impl JobQueue for SqliteQueue {
         let at = ms(now());
         let done = sqlx::query(
             "UPDATE jobs SET state = 'cancelled', updated_at = ?, finished_at = ?
-              WHERE uniq_scope = ? AND unique_key = ? AND state IN ('scheduled', 'retrying')",
+              WHERE uniq_scope = ? AND unique_key = ? AND state IN ('scheduled', 'ready', 'retrying')",
         )
         .bind(at)
         .bind(at)
@@ -628,7 +637,9 @@ impl JobQueue for SqliteQueue {
             scope_filter(filter.scope)
         );
         match filter.state {
-            Some(JobState::Ready) => sql.push_str(" AND state = 'scheduled' AND run_at <= ?"),
+            Some(JobState::Ready) => {
+                sql.push_str(" AND (state = 'ready' OR (state = 'scheduled' AND run_at <= ?))")
+            }
             Some(JobState::Scheduled) => sql.push_str(" AND state = 'scheduled' AND run_at > ?"),
             Some(_) => sql.push_str(" AND state = ?"),
             None => {}
@@ -685,7 +696,7 @@ impl JobQueue for SqliteQueue {
             ));
         }
         sqlx::query(
-            "UPDATE jobs SET state = 'scheduled', attempts = 0, run_at = ?, updated_at = ?,
+            "UPDATE jobs SET state = 'ready', attempts = 0, run_at = ?, updated_at = ?,
                     finished_at = NULL
               WHERE id = ?",
         )
@@ -700,7 +711,7 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn discard(&self, scope: JobScope, id: JobId) -> Result<bool> {
-        self.finish_pending(scope, id, &["scheduled", "retrying", "dead"], None)
+        self.finish_pending(scope, id, &["scheduled", "ready", "retrying", "dead"], None)
             .await
     }
 
@@ -764,6 +775,26 @@ impl SqliteQueue {
     }
 }
 
+/// Most jobs promoted from waiting to ready in one reservation.
+const PROMOTE_CHUNK: i64 = 5_000;
+
+/// Moves the jobs of `queue` whose time has come from waiting to ready, oldest first.
+async fn promote_due(conn: &mut SqliteConnection, queue: &str, at: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET state = 'ready'
+          WHERE id IN (SELECT id FROM jobs
+                        WHERE queue = ? AND state IN ('scheduled', 'retrying') AND run_at <= ?
+                        ORDER BY run_at LIMIT ?)",
+    )
+    .bind(queue)
+    .bind(at)
+    .bind(PROMOTE_CHUNK)
+    .execute(&mut *conn)
+    .await
+    .map_err(sql_err)?;
+    Ok(())
+}
+
 /// Makes the expired leases of `queue` due again, or dead when they used their last
 /// attempt, or cancelled when a newer pending job took their unique key.
 async fn recover_leases(conn: &mut SqliteConnection, queue: &str, at: i64) -> Result<()> {
@@ -785,11 +816,11 @@ async fn recover_leases(conn: &mut SqliteConnection, queue: &str, at: i64) -> Re
         } else if let Some(other) = superseded_by(&mut *conn, id).await? {
             ("cancelled", Some(superseded_error(other)))
         } else {
-            ("scheduled", Some(lease_error(attempts, max)))
+            ("ready", Some(lease_error(attempts, max)))
         };
         sqlx::query(
             "UPDATE jobs SET state = ?, last_error = ?, updated_at = ?,
-                    finished_at = CASE WHEN ? = 'scheduled' THEN NULL ELSE ? END,
+                    finished_at = CASE WHEN ? = 'ready' THEN NULL ELSE ? END,
                     lease_token = NULL, lease_expires_at = NULL
               WHERE id = ?",
         )

@@ -728,11 +728,13 @@ async fn jobs_commit_with_the_change_that_caused_them(b: &Backend) {
 
 // ---- the worker runtime on this backend ------------------------------------------------
 
+/// Job, attempt, when it ran, its run-at time.
+type Run = (JobId, u32, chrono::DateTime<Utc>, chrono::DateTime<Utc>);
+
 /// Records every run of every job.
 #[derive(Default)]
 struct Recorder {
-    /// Job, attempt, when it ran, its run-at time.
-    runs: Mutex<Vec<(JobId, u32, chrono::DateTime<Utc>, chrono::DateTime<Utc>)>>,
+    runs: Mutex<Vec<Run>>,
     fail_first: u32,
 }
 

@@ -5,8 +5,11 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use std::sync::Arc;
+
+use mindsp_core::jobs::{Job, JobFilter, JobQueue, JobScope, JobState};
 use mindsp_core::model::{ActivityCursor, MemberRole, NewUser, Role, SeqWindow};
-use mindsp_core::{ConversationId, Error, UserId};
+use mindsp_core::{ConversationId, Error, JobId, UserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -465,6 +468,195 @@ async fn search(
     Ok(axum::Json(json!({ "results": hits, "next_cursor": next })))
 }
 
+// ---- job monitoring (tenant admins) -------------------------------------------------
+
+/// Longest throughput window `GET /api/admin/jobs/stats` reports, in minutes.
+pub const MAX_STATS_MINUTES: u32 = 120;
+/// Throughput window when `minutes` is not given.
+pub const DEFAULT_STATS_MINUTES: u32 = 15;
+
+/// The queue and the admin's scope, or the refusal: 403 for a non-admin, 503 when no
+/// queue is configured. A tenant admin only ever sees their tenant's jobs.
+fn job_access(state: &AppState, auth: &Authenticated) -> ApiResult<(Arc<dyn JobQueue>, JobScope)> {
+    if auth.actor.role != Role::Admin {
+        return Err(Error::forbidden("tenant administrators only").into());
+    }
+    let queue = state.jobs.clone().ok_or_else(|| {
+        ApiError::http(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_unavailable",
+            "this server has no job queue configured",
+        )
+    })?;
+    Ok((queue, JobScope::Tenant(auth.actor.tenant_id)))
+}
+
+/// The JSON of a job. Written out field by field so the API does not change when the
+/// core's struct grows; the tenant is left out (it is always the caller's).
+fn job_json(job: &Job) -> Value {
+    json!({
+        "id": job.id,
+        "kind": job.kind,
+        "queue": job.queue,
+        "state": job.state,
+        "payload": job.payload,
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "run_at": job.run_at,
+        "unique_key": job.unique_key,
+        "last_error": job.last_error,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "finished_at": job.finished_at,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StatsQuery {
+    minutes: Option<u32>,
+}
+
+/// `GET /api/admin/jobs/stats`: counts per queue and state, and finished jobs per
+/// minute over the last `minutes` minutes.
+pub(crate) async fn job_stats(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Query(q): Query<StatsQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let (queue, scope) = job_access(&state, &auth)?;
+    let minutes = q.minutes.unwrap_or(DEFAULT_STATS_MINUTES);
+    if !(1..=MAX_STATS_MINUTES).contains(&minutes) {
+        return Err(ApiError::bad_request(
+            "invalid_minutes",
+            format!("minutes must be between 1 and {MAX_STATS_MINUTES}"),
+        ));
+    }
+    let counts = queue.counts(scope).await?;
+    let throughput = queue.throughput(scope, minutes).await?;
+    Ok(axum::Json(
+        json!({ "queues": counts, "throughput": throughput }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JobsQuery {
+    state: Option<String>,
+    queue: Option<String>,
+    limit: Option<u32>,
+    /// Opaque cursor returned as `next_cursor`.
+    before: Option<String>,
+}
+
+/// `GET /api/admin/jobs`: the tenant's jobs, latest state change first.
+pub(crate) async fn list_jobs(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Query(q): Query<JobsQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let (queue, scope) = job_access(&state, &auth)?;
+    let job_state = q
+        .state
+        .as_deref()
+        .map(|s| {
+            JobState::parse(s).ok_or_else(|| {
+                let names: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+                ApiError::bad_request(
+                    "invalid_state",
+                    format!("state must be one of {}", names.join(", ")),
+                )
+            })
+        })
+        .transpose()?;
+    if let Some(name) = &q.queue
+        && (name.is_empty() || name.len() > mindsp_core::jobs::MAX_NAME_LEN)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_queue",
+            format!(
+                "a queue name has 1 to {} characters",
+                mindsp_core::jobs::MAX_NAME_LEN
+            ),
+        ));
+    }
+    let limit = state.messaging.limits().page_size(q.limit)?;
+    let before = q.before.as_deref().map(decode_job_cursor).transpose()?;
+    let jobs = queue
+        .list(&JobFilter {
+            scope,
+            state: job_state,
+            queue: q.queue,
+            before,
+            limit,
+        })
+        .await?;
+    let next = (jobs.len() == limit as usize)
+        .then(|| jobs.last().map(encode_job_cursor))
+        .flatten();
+    let jobs: Vec<Value> = jobs.iter().map(job_json).collect();
+    Ok(axum::Json(json!({ "jobs": jobs, "next_cursor": next })))
+}
+
+/// The job `id` in `scope`; a job of another tenant is answered like a missing one.
+async fn job_in_scope(queue: &dyn JobQueue, scope: JobScope, id: JobId) -> ApiResult<Job> {
+    Ok(queue.job(scope, id).await?.ok_or(Error::NotFound("job"))?)
+}
+
+/// `GET /api/admin/jobs/{id}`
+pub(crate) async fn get_job(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<JobId>,
+) -> ApiResult<axum::Json<Value>> {
+    let (queue, scope) = job_access(&state, &auth)?;
+    let job = job_in_scope(queue.as_ref(), scope, id).await?;
+    Ok(axum::Json(json!({ "job": job_json(&job) })))
+}
+
+fn invalid_job_state(action: &str, job: &Job) -> ApiError {
+    Error::conflict(
+        "invalid_job_state",
+        format!("a {} job cannot be {action}", job.state.as_str()),
+    )
+    .into()
+}
+
+/// `POST /api/admin/jobs/{id}/retry`: a dead, retrying or cancelled job becomes due
+/// now with a fresh set of attempts.
+pub(crate) async fn retry_job(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<JobId>,
+) -> ApiResult<axum::Json<Value>> {
+    let (queue, scope) = job_access(&state, &auth)?;
+    let job = job_in_scope(queue.as_ref(), scope, id).await?;
+    // `unique_key_held` (another pending job took the key) comes back as a 409 too.
+    if !queue.retry(scope, id).await? {
+        return Err(invalid_job_state("retried", &job));
+    }
+    tracing::info!(job = %id, kind = %job.kind, admin = %auth.actor.user_id, "job retried by an administrator");
+    let job = job_in_scope(queue.as_ref(), scope, id).await?;
+    Ok(axum::Json(json!({ "job": job_json(&job) })))
+}
+
+/// `POST /api/admin/jobs/{id}/discard`: a dead, retrying or pending job ends cancelled.
+pub(crate) async fn discard_job(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<JobId>,
+) -> ApiResult<axum::Json<Value>> {
+    let (queue, scope) = job_access(&state, &auth)?;
+    let job = job_in_scope(queue.as_ref(), scope, id).await?;
+    if !queue.discard(scope, id).await? {
+        return Err(invalid_job_state("discarded", &job));
+    }
+    tracing::info!(job = %id, kind = %job.kind, admin = %auth.actor.user_id, "job discarded by an administrator");
+    let job = job_in_scope(queue.as_ref(), scope, id).await?;
+    Ok(axum::Json(json!({ "job": job_json(&job) })))
+}
+
 // ---- cursors ------------------------------------------------------------------------
 
 /// Opaque cursors are `<millis>_<uuid>` / `<uuid>_<name>`: readable, but clients must
@@ -486,6 +678,21 @@ fn decode_activity_cursor(s: &str) -> Result<ActivityCursor, ApiError> {
         last_activity_at: chrono::DateTime::from_timestamp_millis(ms).ok_or_else(bad)?,
         id: id.parse().map_err(|_| bad())?,
     })
+}
+
+/// Jobs page by `(updated_at, id)`, like conversations by activity: `<millis>_<uuid>`.
+fn encode_job_cursor(j: &Job) -> String {
+    format!("{}_{}", j.updated_at.timestamp_millis(), j.id)
+}
+
+fn decode_job_cursor(s: &str) -> Result<(chrono::DateTime<chrono::Utc>, JobId), ApiError> {
+    let bad = || ApiError::from(Error::invalid("invalid_cursor", "malformed job cursor"));
+    let (ms, id) = s.split_once('_').ok_or_else(bad)?;
+    let ms: i64 = ms.parse().map_err(|_| bad())?;
+    Ok((
+        chrono::DateTime::from_timestamp_millis(ms).ok_or_else(bad)?,
+        id.parse().map_err(|_| bad())?,
+    ))
 }
 
 fn encode_user_cursor(name: &str, id: UserId) -> String {

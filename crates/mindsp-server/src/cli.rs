@@ -1,4 +1,4 @@
-//! The `mindsp-server` command line: `serve` (the default), `migrate`,
+//! The `mindsp-server` command line: `serve` (the default), `worker`, `migrate`,
 //! `create-tenant`, `create-user`. Every flag has a `MINDSP_*` environment variable.
 
 use std::net::SocketAddr;
@@ -9,10 +9,13 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mindsp_core::Limits;
+use mindsp_core::jobs::JobQueue;
 use mindsp_core::model::{NewUser, Role};
 use mindsp_core::ports::Store;
 use mindsp_core::service::create_user_in;
+use mindsp_queue::worker::{WorkerConfig, WorkerHandle};
 
+use crate::workers::{MailSettings, MailTransport, WorkerSettings, parse_mailbox, start_worker};
 use crate::{AppState, HttpConfig, auth, demo, router, serve, shutdown_signal};
 
 /// MindSP: real-time messaging for fire and rescue services.
@@ -60,8 +63,10 @@ pub enum LogFormat {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the HTTP server (the default).
+    /// Run the HTTP server (the default), with a job worker unless `--no-workers`.
     Serve(ServeArgs),
+    /// Run only the job worker (no HTTP listener) until SIGTERM or SIGINT.
+    Worker(WorkerArgs),
     /// Apply database migrations and exit.
     Migrate,
     /// Create a tenant (a fire department).
@@ -121,13 +126,111 @@ pub struct ServeArgs {
     #[arg(long, env = "MINDSP_MAX_PAGE_SIZE", default_value_t = 100)]
     pub max_page_size: u32,
 
-    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT; then running
+    /// jobs get as long, and unfinished ones are given back to the queue.
     #[arg(long, env = "MINDSP_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
     /// Create the demo tenant `sdis13` (admin@sdis13.fr / Password123!) if absent.
     #[arg(long, env = "MINDSP_DEMO")]
     pub demo: bool,
+
+    /// Run no job worker in this process (same as `--workers 0`): jobs wait for a
+    /// `mindsp-server worker` elsewhere.
+    #[arg(long)]
+    pub no_workers: bool,
+
+    #[command(flatten)]
+    pub jobs: JobArgs,
+}
+
+/// Settings of `worker`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Seconds running jobs get to finish after SIGTERM/SIGINT; unfinished ones are
+    /// given back to the queue.
+    #[arg(long, env = "MINDSP_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+
+    #[command(flatten)]
+    pub jobs: JobArgs,
+}
+
+/// Longest Redis key prefix accepted for the queue.
+const MAX_QUEUE_PREFIX_LEN: usize = 64;
+
+/// The job queue, e-mail and worker settings `serve` and `worker` share.
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    /// Job queue: `sql` (tables in the database of `--database-url`) or
+    /// `redis://[user:password@]host[:port]` (`rediss://` for TLS).
+    #[arg(
+        long,
+        env = "MINDSP_QUEUE_URL",
+        default_value = "sql",
+        hide_env_values = true
+    )]
+    pub queue_url: String,
+
+    /// Key prefix of a Redis queue (every node of a deployment uses the same one).
+    #[arg(long, env = "MINDSP_QUEUE_PREFIX", default_value = "{mindsp}:q:")]
+    pub queue_prefix: String,
+
+    /// SMTP server for e-mail: `smtp://[user:password@]host[:port][?tls=none|starttls]`
+    /// or `smtps://...` (implicit TLS). Percent-encode special characters of the password.
+    #[arg(
+        long,
+        env = "MINDSP_SMTP_URL",
+        hide_env_values = true,
+        conflicts_with = "mail_dir"
+    )]
+    pub smtp_url: Option<String>,
+
+    /// Sender of every e-mail: `Name <address>` or `address`.
+    #[arg(
+        long,
+        env = "MINDSP_MAIL_FROM",
+        default_value = "MindSP <no-reply@localhost>"
+    )]
+    pub mail_from: String,
+
+    /// Write e-mail as `.eml` files into this directory instead of sending it. Without
+    /// this nor `--smtp-url`: `<database file>.mail/` beside a SQLite file, else
+    /// `./mail-outbox`.
+    #[arg(long, env = "MINDSP_MAIL_DIR")]
+    pub mail_dir: Option<PathBuf>,
+
+    /// Jobs of each queue (`default`, `email`) a worker runs at once; 0 runs no worker
+    /// in `serve`.
+    #[arg(long, env = "MINDSP_WORKERS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(0..=crate::workers::MAX_CONCURRENCY as i64))]
+    pub workers: u16,
+
+    /// Job lease in seconds: the jobs of a worker that died run again within about
+    /// this long. Live workers renew their leases every third of it.
+    #[arg(long, env = "MINDSP_JOB_LEASE_SECS",
+          default_value_t = WorkerConfig::default().lease.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub job_lease_secs: u64,
+
+    /// Days finished jobs (succeeded, dead, cancelled) are kept for monitoring; 0 keeps
+    /// them forever.
+    #[arg(long, env = "MINDSP_JOB_RETENTION_DAYS",
+          default_value_t = WorkerConfig::default().retention.map_or(0, |d| d.as_secs() / 86_400),
+          value_parser = clap::value_parser!(u64).range(0..=3650))]
+    pub job_retention_days: u64,
+}
+
+impl JobArgs {
+    fn worker_settings(&self) -> WorkerSettings {
+        WorkerSettings {
+            concurrency: usize::from(self.workers),
+            lease: Duration::from_secs(self.job_lease_secs),
+            retention: (self.job_retention_days > 0)
+                .then(|| Duration::from_secs(self.job_retention_days * 86_400)),
+            ..WorkerSettings::default()
+        }
+    }
 }
 
 /// Parses the command line and runs it.
@@ -140,6 +243,7 @@ pub async fn run() -> anyhow::Result<()> {
     match cli.command {
         None => run_serve(store, &cli.database_url, cli.serve).await,
         Some(Command::Serve(args)) => run_serve(store, &cli.database_url, args).await,
+        Some(Command::Worker(args)) => run_worker(store, &cli.database_url, args).await,
         Some(Command::Migrate) => {
             tracing::info!("migrations are up to date");
             Ok(())
@@ -208,20 +312,135 @@ async fn run_serve(
             ..Limits::default()
         },
     };
-    let app = router(AppState::new(store, &config));
+    // Installed before any job runs, so an early SIGTERM still stops gracefully.
+    let shutdown = shutdown_signal();
+    let queue = open_queue(&args.jobs, store.as_ref()).await?;
+    let app = router(AppState::with_queue(store, queue.clone(), &config));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let worker = if args.no_workers || args.jobs.workers == 0 {
+        tracing::info!("no job worker in this process; run `mindsp-server worker` elsewhere");
+        None
+    } else {
+        Some(start_jobs(database_url, &args.jobs, queue)?)
+    };
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    serve(
-        listener,
-        app,
-        shutdown_signal(),
-        Duration::from_secs(args.shutdown_grace_secs),
-    )
-    .await?;
+    let served = serve(listener, app, shutdown, grace).await;
+    // HTTP first: in-flight requests finish (and may still enqueue jobs). Then the
+    // worker: running jobs get the same grace, the rest go back to the queue.
+    if let Some(worker) = worker {
+        worker.shutdown(grace).await;
+    }
+    served?;
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn run_worker(
+    store: Arc<dyn Store>,
+    database_url: &str,
+    args: WorkerArgs,
+) -> anyhow::Result<()> {
+    if args.jobs.workers == 0 {
+        bail!("the worker command needs --workers of at least 1");
+    }
+    // Installed before any job runs, so an early SIGTERM still stops gracefully.
+    let shutdown = shutdown_signal();
+    let queue = open_queue(&args.jobs, store.as_ref()).await?;
+    let worker = start_jobs(database_url, &args.jobs, queue)?;
+    shutdown.await;
+    worker
+        .shutdown(Duration::from_secs(args.shutdown_grace_secs))
+        .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Opens the queue `--queue-url` names.
+async fn open_queue(args: &JobArgs, store: &dyn Store) -> anyhow::Result<Arc<dyn JobQueue>> {
+    let url = args.queue_url.trim();
+    let shown = redact(url);
+    let queue = if url.is_empty() || url == "sql" {
+        mindsp_queue::sql_queue(store)?
+    } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+        let prefix = &args.queue_prefix;
+        if prefix.is_empty()
+            || prefix.len() > MAX_QUEUE_PREFIX_LEN
+            || prefix.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            bail!(
+                "MINDSP_QUEUE_PREFIX has 1 to {MAX_QUEUE_PREFIX_LEN} bytes, without spaces or control characters"
+            );
+        }
+        mindsp_queue::open(url, store, prefix)
+            .await
+            .with_context(|| format!("cannot open the job queue at {shown}"))?
+    } else {
+        bail!("unsupported MINDSP_QUEUE_URL {shown}: expected sql or redis://...");
+    };
+    tracing::info!(queue = %shown, "job queue open");
+    Ok(queue)
+}
+
+/// Builds the mailer and starts a worker on `queue`.
+fn start_jobs(
+    database_url: &str,
+    args: &JobArgs,
+    queue: Arc<dyn JobQueue>,
+) -> anyhow::Result<WorkerHandle> {
+    let settings = mail_settings(database_url, args)?;
+    let built = settings.build().context("invalid e-mail settings")?;
+    tracing::info!(mail = %built.description, from = %args.mail_from.trim(), "e-mail configured");
+    if let Some(smtp) = built.smtp {
+        // A start-up check, for the operator's benefit only: e-mail jobs retry anyway.
+        tokio::spawn(async move {
+            match smtp.check().await {
+                Ok(()) => tracing::info!("SMTP server reachable"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "SMTP server not reachable now; e-mail jobs will retry")
+                }
+            }
+        });
+    }
+    let settings = args.worker_settings();
+    let worker = start_worker(queue, built.mailer, &settings);
+    tracing::info!(
+        queues = "default,email",
+        concurrency = settings.concurrency,
+        lease_secs = settings.lease.as_secs(),
+        "job worker started"
+    );
+    Ok(worker)
+}
+
+/// Where e-mail goes: SMTP, the given directory, or a default directory.
+fn mail_settings(database_url: &str, args: &JobArgs) -> anyhow::Result<MailSettings> {
+    let from = parse_mailbox(&args.mail_from).context("invalid MINDSP_MAIL_FROM")?;
+    let transport = match (&args.smtp_url, &args.mail_dir) {
+        (Some(url), _) => MailTransport::Smtp(url.trim().to_owned()),
+        (None, Some(dir)) => MailTransport::Dir(dir.clone()),
+        (None, None) => {
+            let dir = match mindsp_store::DatabaseUrl::parse(database_url)? {
+                mindsp_store::DatabaseUrl::SqliteFile(path) => mail_dir_beside(Path::new(path)),
+                _ => {
+                    tracing::warn!(
+                        "no MINDSP_SMTP_URL nor MINDSP_MAIL_DIR: e-mail is written into ./mail-outbox, not sent"
+                    );
+                    PathBuf::from("mail-outbox")
+                }
+            };
+            MailTransport::Dir(dir)
+        }
+    };
+    Ok(MailSettings { transport, from })
+}
+
+fn mail_dir_beside(db: &Path) -> PathBuf {
+    let mut name = db.file_name().unwrap_or_default().to_os_string();
+    name.push(".mail");
+    db.with_file_name(name)
 }
 
 /// The token secret: given, or generated once and kept beside a SQLite file.

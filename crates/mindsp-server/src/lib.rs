@@ -9,6 +9,10 @@
 //! let app = axum::Router::new().nest("/chat", mindsp_server::router(state));
 //! # Ok(()) }
 //! ```
+//!
+//! [`AppState::new`] monitors the job queue in the store's own database (SQLite or
+//! PostgreSQL); [`AppState::with_queue`] takes another one (Redis, say). Running the
+//! jobs is separate: see [`workers`].
 
 pub mod api;
 pub mod auth;
@@ -16,6 +20,7 @@ pub mod cli;
 pub mod demo;
 pub mod error;
 pub mod extract;
+pub mod workers;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,6 +30,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use mindsp_core::jobs::JobQueue;
 use mindsp_core::ports::Store;
 use mindsp_core::{Limits, Messaging};
 use tokio::net::TcpListener;
@@ -64,15 +70,31 @@ pub struct AppState {
     pub messaging: Messaging,
     /// Token issuer and verifier.
     pub tokens: Tokens,
+    /// The job queue the monitoring routes (`/api/admin/jobs...`) look at. `None` when
+    /// the store has no SQL queue and none was given: those routes then answer 503
+    /// `queue_unavailable`.
+    pub jobs: Option<Arc<dyn JobQueue>>,
     max_body_bytes: usize,
 }
 
 impl AppState {
-    /// Wires the service over a store.
+    /// Wires the service over a store, with the job queue in the store's own database
+    /// when it has one (the SQLite and PostgreSQL stores do).
     pub fn new(store: Arc<dyn Store>, config: &HttpConfig) -> Self {
+        let jobs = mindsp_queue::sql_queue(store.as_ref()).ok();
+        Self::build(store, jobs, config)
+    }
+
+    /// Wires the service over a store and a job queue of the caller's choice.
+    pub fn with_queue(store: Arc<dyn Store>, jobs: Arc<dyn JobQueue>, config: &HttpConfig) -> Self {
+        Self::build(store, Some(jobs), config)
+    }
+
+    fn build(store: Arc<dyn Store>, jobs: Option<Arc<dyn JobQueue>>, config: &HttpConfig) -> Self {
         Self {
             messaging: Messaging::new(store, config.limits.clone()),
             tokens: Tokens::new(&config.jwt_secret, config.token_ttl),
+            jobs,
             max_body_bytes: config.max_body_bytes,
         }
     }
@@ -105,6 +127,11 @@ pub fn router(state: AppState) -> Router {
         .route("/conversations/{id}/read", post(mark_read))
         .route("/conversations/{id}/search", get(search_conversation))
         .route("/search", get(search_all))
+        .route("/admin/jobs", get(list_jobs))
+        .route("/admin/jobs/stats", get(job_stats))
+        .route("/admin/jobs/{id}", get(get_job))
+        .route("/admin/jobs/{id}/retry", post(retry_job))
+        .route("/admin/jobs/{id}/discard", post(discard_job))
         .fallback(not_found);
     Router::new()
         .route("/healthz", get(healthz))
@@ -163,23 +190,42 @@ pub async fn serve(
 }
 
 /// Resolves on SIGINT (ctrl-c) or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+///
+/// The handlers are installed when this is called, not when the future is first
+/// polled: a signal arriving in between is not missed (and does not kill the process
+/// with the default action). Call it inside a Tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let int = signal(SignalKind::interrupt());
+        let term = signal(SignalKind::terminate());
+        async move {
+            let int = async {
+                match int {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            let term = async {
+                match term {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = int => tracing::info!("SIGINT received, shutting down"),
+                () = term => tracing::info!("SIGTERM received, shutting down"),
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
-        () = term => tracing::info!("SIGTERM received, shutting down"),
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("ctrl-c received, shutting down");
     }
 }

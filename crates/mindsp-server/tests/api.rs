@@ -729,3 +729,379 @@ async fn healthz_answers() {
     let r = app.call(Method::GET, "/healthz", None, None).await;
     assert_eq!(r.status, StatusCode::OK);
 }
+
+// ---- job monitoring -------------------------------------------------------------------
+
+mod jobs {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::http::StatusCode;
+    use mindsp_core::jobs::{JobScope, NewJob, OnDuplicate};
+    use mindsp_core::{JobId, TenantId};
+    use mindsp_queue::worker::{Handler, JobError, Worker, WorkerConfig};
+    use serde_json::{Value, json};
+
+    use super::common::TestApp;
+
+    /// Succeeds when the payload says `"ok": true`, fails for good otherwise.
+    struct Outcome;
+
+    #[async_trait::async_trait]
+    impl Handler for Outcome {
+        async fn run(&self, job: &mindsp_core::jobs::Job) -> Result<(), JobError> {
+            if job.payload["ok"] == true {
+                Ok(())
+            } else {
+                Err(JobError::Permanent("refused by the test handler".into()))
+            }
+        }
+    }
+
+    /// A job of `tenant` due in an hour, so it stays put without a worker.
+    async fn later(app: &TestApp, tenant: Option<TenantId>, queue: &str) -> JobId {
+        let mut job = NewJob::new("test.later", json!({"n": 1}))
+            .queue(queue)
+            .delay(Duration::from_secs(3600));
+        job.tenant = tenant;
+        app.queue.enqueue(&job).await.unwrap().id()
+    }
+
+    fn ids(body: &Value) -> Vec<String> {
+        body["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn stats_count_per_queue_and_minute_within_the_tenant() {
+        let app = TestApp::new().await;
+        let a = app.tenant("sdis13").await;
+        let b = app.tenant("sdis83").await;
+        let (ta, tb) = (app.tenant_of(&a).await, app.tenant_of(&b).await);
+        let mut jobs = Vec::new();
+        for (tenant, ok) in [
+            (Some(ta), true),
+            (Some(ta), true),
+            (Some(ta), true),
+            (Some(ta), false),
+            (Some(ta), false),
+            (Some(tb), true),
+            (None, true),
+        ] {
+            let mut job = NewJob::new("test.outcome", json!({ "ok": ok }));
+            job.tenant = tenant;
+            jobs.push(app.queue.enqueue(&job).await.unwrap().id());
+        }
+        let worker = Worker::builder(
+            app.queue.clone(),
+            WorkerConfig {
+                poll_interval: Duration::from_millis(20),
+                ..WorkerConfig::default()
+            },
+        )
+        .handle("test.outcome", Arc::new(Outcome))
+        .start();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for id in &jobs {
+            loop {
+                let job = app.queue.job(JobScope::All, *id).await.unwrap().unwrap();
+                if job.state.is_final() {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{job:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        worker.shutdown(Duration::from_secs(2)).await;
+        // One more job, waiting: counted as scheduled.
+        later(&app, Some(ta), "default").await;
+
+        let r = app.get("/api/admin/jobs/stats?minutes=5", &a).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let queues = r.body["queues"].as_array().unwrap();
+        assert_eq!(queues.len(), 1, "{:?}", r.body);
+        let q = &queues[0];
+        assert_eq!(q["queue"], "default");
+        assert_eq!(
+            (&q["succeeded"], &q["dead"], &q["scheduled"], &q["running"]),
+            (&json!(3), &json!(2), &json!(1), &json!(0))
+        );
+        let minutes = r.body["throughput"].as_array().unwrap();
+        assert_eq!(minutes.len(), 5);
+        let sum = |k: &str| minutes.iter().map(|m| m[k].as_u64().unwrap()).sum::<u64>();
+        assert_eq!((sum("succeeded"), sum("failed")), (3, 2));
+        assert!(minutes.iter().all(|m| m["minute"].is_string()));
+
+        // The other tenant sees its own job only; the default window is 15 minutes.
+        let r = app.get("/api/admin/jobs/stats", &b).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let q = &r.body["queues"][0];
+        assert_eq!((&q["succeeded"], &q["dead"]), (&json!(1), &json!(0)));
+        let minutes = r.body["throughput"].as_array().unwrap();
+        assert_eq!(minutes.len(), 15);
+        let sum = |k: &str| minutes.iter().map(|m| m[k].as_u64().unwrap()).sum::<u64>();
+        assert_eq!((sum("succeeded"), sum("failed")), (1, 0));
+
+        for bad in ["0", "121"] {
+            let r = app
+                .get(&format!("/api/admin/jobs/stats?minutes={bad}"), &a)
+                .await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::BAD_REQUEST, "invalid_minutes")
+            );
+        }
+        assert_eq!(
+            app.get("/api/admin/jobs/stats?minutes=120", &a)
+                .await
+                .status,
+            StatusCode::OK
+        );
+        let r = app.get("/api/admin/jobs/stats?minutes=abc", &a).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, "invalid_query_string")
+        );
+    }
+
+    #[tokio::test]
+    async fn monitoring_is_for_admins_only() {
+        let app = TestApp::new().await;
+        let admin = app.tenant("sdis13").await;
+        let (_, member) = app.user(&admin, "sdis13", "Karim Benali").await;
+        let id = later(&app, Some(app.tenant_of(&admin).await), "default").await;
+        for (uri, post) in [
+            ("/api/admin/jobs/stats".to_owned(), false),
+            ("/api/admin/jobs".to_owned(), false),
+            (format!("/api/admin/jobs/{id}"), false),
+            (format!("/api/admin/jobs/{id}/retry"), true),
+            (format!("/api/admin/jobs/{id}/discard"), true),
+        ] {
+            let r = if post {
+                app.post_empty(&uri, &member).await
+            } else {
+                app.get(&uri, &member).await
+            };
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::FORBIDDEN, "forbidden"),
+                "{uri}"
+            );
+            let r = app
+                .call(
+                    if post {
+                        axum::http::Method::POST
+                    } else {
+                        axum::http::Method::GET
+                    },
+                    &uri,
+                    None,
+                    None,
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{uri}");
+        }
+        // The member's attempt to discard changed nothing.
+        let r = app.get(&format!("/api/admin/jobs/{id}"), &admin).await;
+        assert_eq!(r.body["job"]["state"], "scheduled");
+    }
+
+    #[tokio::test]
+    async fn list_filters_pages_and_refuses_bad_parameters() {
+        let app = TestApp::new().await;
+        let admin = app.tenant("sdis13").await;
+        let other = app.tenant("sdis83").await;
+        let tenant = app.tenant_of(&admin).await;
+        let mut mine = Vec::new();
+        for _ in 0..5 {
+            mine.push(later(&app, Some(tenant), "default").await.to_string());
+        }
+        let mail = later(&app, Some(tenant), "email").await.to_string();
+        later(&app, Some(app.tenant_of(&other).await), "default").await;
+        later(&app, None, "default").await;
+
+        // Newest state change first, two at a time, until next_cursor is null.
+        let mut seen = Vec::new();
+        let mut uri = "/api/admin/jobs?queue=default&limit=2".to_owned();
+        loop {
+            let r = app.get(&uri, &admin).await;
+            assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+            seen.extend(ids(&r.body));
+            match r.body["next_cursor"].as_str() {
+                Some(c) => uri = format!("/api/admin/jobs?queue=default&limit=2&before={c}"),
+                None => break,
+            }
+        }
+        let newest_first: Vec<String> = mine.iter().rev().cloned().collect();
+        assert_eq!(seen, newest_first);
+
+        let r = app.get("/api/admin/jobs", &admin).await;
+        assert_eq!(ids(&r.body).len(), 6, "the tenant's jobs only");
+        let j = &r.body["jobs"][0];
+        assert_eq!(j["id"], mail);
+        for key in [
+            "id",
+            "kind",
+            "queue",
+            "state",
+            "payload",
+            "priority",
+            "attempts",
+            "max_attempts",
+            "run_at",
+            "unique_key",
+            "last_error",
+            "created_at",
+            "updated_at",
+            "finished_at",
+        ] {
+            assert!(j.get(key).is_some(), "{key} in {j}");
+        }
+        assert!(j.get("tenant").is_none());
+        let r = app.get("/api/admin/jobs?queue=email", &admin).await;
+        assert_eq!(ids(&r.body), vec![mail]);
+        let r = app.get("/api/admin/jobs?state=scheduled", &admin).await;
+        assert_eq!(ids(&r.body).len(), 6);
+        let r = app.get("/api/admin/jobs?state=dead", &admin).await;
+        assert_eq!(r.body["jobs"], json!([]));
+
+        let r = app.get("/api/admin/jobs?state=zombie", &admin).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, "invalid_state")
+        );
+        let long = "q".repeat(65);
+        let r = app
+            .get(&format!("/api/admin/jobs?queue={long}"), &admin)
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, "invalid_queue")
+        );
+        for limit in ["0", "101"] {
+            let r = app
+                .get(&format!("/api/admin/jobs?limit={limit}"), &admin)
+                .await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_limit")
+            );
+        }
+        for cursor in ["nope", "12_not-a-uuid", "x_0193"] {
+            let r = app
+                .get(&format!("/api/admin/jobs?before={cursor}"), &admin)
+                .await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_cursor")
+            );
+        }
+        let r = app.get("/api/admin/jobs?tenant=all", &admin).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, "invalid_query_string")
+        );
+    }
+
+    #[tokio::test]
+    async fn retry_and_discard_follow_the_job_state() {
+        let app = TestApp::new().await;
+        let admin = app.tenant("sdis13").await;
+        let other = app.tenant("sdis83").await;
+        let tenant = app.tenant_of(&admin).await;
+        let id = later(&app, Some(tenant), "default").await;
+        let retry = format!("/api/admin/jobs/{id}/retry");
+        let discard = format!("/api/admin/jobs/{id}/discard");
+
+        // Pending: cannot be retried, can be discarded (once).
+        let r = app.post_empty(&retry, &admin).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::CONFLICT, "invalid_job_state")
+        );
+        let r = app.post_empty(&discard, &admin).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.body["job"]["state"], "cancelled");
+        assert!(r.body["job"]["finished_at"].is_string());
+        let r = app.post_empty(&discard, &admin).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::CONFLICT, "invalid_job_state")
+        );
+        // Cancelled: a retry makes it due now, with fresh attempts.
+        let r = app.post_empty(&retry, &admin).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.body["job"]["state"], "ready");
+        assert_eq!(r.body["job"]["attempts"], 0);
+        assert!(r.body["job"]["finished_at"].is_null());
+
+        // Missing, foreign and malformed ids.
+        let missing = JobId::new();
+        for uri in [
+            format!("/api/admin/jobs/{missing}"),
+            format!("/api/admin/jobs/{missing}/retry"),
+            format!("/api/admin/jobs/{missing}/discard"),
+        ] {
+            let r = if uri.ends_with(&missing.to_string()) {
+                app.get(&uri, &admin).await
+            } else {
+                app.post_empty(&uri, &admin).await
+            };
+            assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+        }
+        let r = app.post_empty(&discard, &other).await;
+        assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+        let r = app.get(&format!("/api/admin/jobs/{id}"), &admin).await;
+        assert_eq!(
+            r.body["job"]["state"], "ready",
+            "the stranger changed nothing"
+        );
+        let r = app.get("/api/admin/jobs/not-a-uuid", &admin).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, "invalid_id")
+        );
+
+        // A job whose unique key another pending job took cannot come back.
+        let key_job = |run_in: u64| {
+            NewJob::new("test.later", json!({}))
+                .tenant(tenant)
+                .unique("rappel-fmpa-42", OnDuplicate::Keep)
+                .delay(Duration::from_secs(run_in))
+        };
+        let first = app.queue.enqueue(&key_job(3600)).await.unwrap().id();
+        let r = app
+            .post_empty(&format!("/api/admin/jobs/{first}/discard"), &admin)
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let second = app.queue.enqueue(&key_job(7200)).await.unwrap().id();
+        assert_ne!(first, second);
+        let r = app
+            .post_empty(&format!("/api/admin/jobs/{first}/retry"), &admin)
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::CONFLICT, "unique_key_held")
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_queue_the_routes_say_so() {
+        use mindsp_server::{AppState, HttpConfig, router};
+        let mut app = TestApp::new().await;
+        let admin = app.tenant("sdis13").await;
+        let mut state = AppState::new(app.store.clone(), &HttpConfig::with_secret(super::SECRET));
+        assert!(state.jobs.is_some(), "AppState::new finds the SQL queue");
+        state.jobs = None;
+        app.app = router(state);
+        let r = app.get("/api/admin/jobs", &admin).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable")
+        );
+    }
+}

@@ -1,6 +1,6 @@
 //! The binary as an operator runs it: `serve --demo` on a fresh SQLite file, a login as
-//! the demo administrator, a conversation read over real HTTP, then SIGTERM; and the
-//! `create-tenant` / `create-user` commands.
+//! the demo administrator, a conversation read over real HTTP, then SIGTERM; the
+//! `create-tenant` / `create-user` commands; and `worker`, which sends queued e-mail.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -356,5 +356,117 @@ async fn acknowledged_messages_survive_sigkill() {
         stored.len() - acked.len()
     );
     drop(server);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The scaled profile's worker process: `mindsp-server worker` (no HTTP listener) takes
+/// an e-mail job enqueued beforehand through the library, writes the e-mail into
+/// `--mail-dir`, and exits 0 on SIGTERM, the job recorded as done.
+#[tokio::test]
+async fn worker_delivers_a_queued_email_into_the_mail_dir_and_stops_on_sigterm() {
+    use mindsp_core::jobs::{JobScope, JobState};
+    use mindsp_core::mail::{Email, Mailbox};
+    use mindsp_queue::mail::EmailJob;
+
+    let dir = temp_dir();
+    let url = format!("sqlite://{}", dir.join("jobs.db").display());
+    let outbox = dir.join("outbox");
+    let email = Email {
+        to: Mailbox {
+            name: Some("Adjudant Sébastien Giraud".into()),
+            address: "sebastien.giraud@sdis83.fr".into(),
+        },
+        subject: "Rappel : garde au CIS Fréjus samedi".into(),
+        text: "Bonjour,\nVotre garde commence samedi à 7 h 00.".into(),
+        html: Some("<p>Bonjour,</p><p>Votre garde commence samedi à 7 h 00.</p>".into()),
+    };
+    let id = {
+        let store = mindsp_store::open(&url).await.unwrap();
+        let queue = mindsp_queue::sql_queue(store.as_ref()).unwrap();
+        queue
+            .enqueue(&EmailJob::new(email.clone()).to_job())
+            .await
+            .unwrap()
+            .id()
+    };
+
+    let mut child = bin()
+        .args([
+            "worker",
+            "--database-url",
+            &url,
+            "--workers",
+            "2",
+            "--mail-dir",
+        ])
+        .arg(&outbox)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mindsp-server worker");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let eml = loop {
+        let found = std::fs::read_dir(&outbox).ok().and_then(|entries| {
+            entries
+                .map_while(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "eml"))
+        });
+        if let Some(path) = found {
+            break path;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no .eml file appeared; log:\n{}",
+            log.lock().unwrap()
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("worker exited ({status}); log:\n{}", log.lock().unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let raw = std::fs::read(&eml).unwrap();
+    let parsed = mail_parser::MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(parsed.subject(), Some(email.subject.as_str()));
+    let to = parsed.to().and_then(|t| t.first()).unwrap();
+    assert_eq!(to.address(), Some("sebastien.giraud@sdis83.fr"));
+    let from = parsed.from().and_then(|f| f.first()).unwrap();
+    assert_eq!(
+        from.address(),
+        Some("no-reply@localhost"),
+        "the default sender"
+    );
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "log:\n{}", log.lock().unwrap());
+    let log = log.lock().unwrap().clone();
+    assert!(log.contains("job worker started"), "{log}");
+    assert!(!log.contains("listening"), "no HTTP listener: {log}");
+
+    // The job was marked done before the worker stopped.
+    let store = mindsp_store::open(&url).await.unwrap();
+    let queue = mindsp_queue::sql_queue(store.as_ref()).unwrap();
+    let job = queue.job(JobScope::All, id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Succeeded, 1));
+    drop(store);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -1,7 +1,10 @@
-//! Shared helpers for the server's tests: an app over a fresh SQLite file, driven
-//! in-process through `tower::ServiceExt::oneshot`, and a way to run the real binary.
+//! Shared helpers for the server's tests: an app over a fresh SQLite file (and the job
+//! queue in it), driven in-process through `tower::ServiceExt::oneshot`; a real SMTP
+//! server in `smtp`.
 
 #![allow(dead_code, unreachable_pub)]
+
+pub mod smtp;
 
 use std::sync::Arc;
 
@@ -9,6 +12,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
+use mindsp_core::jobs::JobQueue;
 use mindsp_core::model::{NewUser, Role};
 use mindsp_core::ports::Store;
 use mindsp_server::{AppState, HttpConfig, router};
@@ -21,6 +25,8 @@ pub const PASSWORD: &str = "Motdepasse-42";
 pub struct TestApp {
     pub app: Router,
     pub store: Arc<dyn Store>,
+    /// The SQL job queue in the store's database, the one the routes monitor.
+    pub queue: Arc<dyn JobQueue>,
     dir: std::path::PathBuf,
 }
 
@@ -54,8 +60,25 @@ impl TestApp {
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("sqlite://{}", dir.join("test.db").display());
         let store = mindsp_store::open(&url).await.unwrap();
-        let app = router(AppState::new(store.clone(), &config));
-        Self { app, store, dir }
+        let queue = mindsp_queue::sql_queue(store.as_ref()).unwrap();
+        let app = router(AppState::with_queue(store.clone(), queue.clone(), &config));
+        Self {
+            app,
+            store,
+            queue,
+            dir,
+        }
+    }
+
+    /// The tenant of the user holding `token`.
+    pub async fn tenant_of(&self, token: &str) -> mindsp_core::TenantId {
+        let me = self.get("/api/me", token).await;
+        assert_eq!(me.status, StatusCode::OK, "{:?}", me.body);
+        me.body["user"]["tenant_id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     /// Creates a tenant with an admin; returns the admin's token.
@@ -144,5 +167,10 @@ impl TestApp {
 
     pub async fn post(&self, uri: &str, token: &str, body: Value) -> Reply {
         self.call(Method::POST, uri, Some(token), Some(body)).await
+    }
+
+    /// A POST without a body.
+    pub async fn post_empty(&self, uri: &str, token: &str) -> Reply {
+        self.call(Method::POST, uri, Some(token), None).await
     }
 }

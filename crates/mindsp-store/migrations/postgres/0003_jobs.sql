@@ -1,7 +1,8 @@
 -- The durable job queue of mindsp-queue, in the same database as the messages so a job
--- can be stored in the transaction of the change that caused it. `state` stores
--- 'scheduled' for both scheduled and ready jobs: which one depends on run_at and the
--- clock. Workers serve every tenant, so these tables carry no row-level policy;
+-- can be stored in the transaction of the change that caused it. A job waits as
+-- 'scheduled' (or 'retrying') until its run_at; a reservation first promotes the due
+-- ones to 'ready', then takes the best 'ready' ones by priority. Workers serve every
+-- tenant, so these tables carry no row-level policy;
 -- monitoring filters by tenant explicitly.
 
 CREATE TABLE jobs (
@@ -14,7 +15,7 @@ CREATE TABLE jobs (
     payload           jsonb NOT NULL,
     priority          smallint NOT NULL,
     state             text NOT NULL CHECK (state IN
-                        ('scheduled', 'running', 'succeeded', 'retrying', 'dead', 'cancelled')),
+                        ('scheduled', 'ready', 'running', 'succeeded', 'retrying', 'dead', 'cancelled')),
     run_at            timestamptz NOT NULL,
     attempts          integer NOT NULL DEFAULT 0,
     max_attempts      integer NOT NULL,
@@ -26,11 +27,12 @@ CREATE TABLE jobs (
     updated_at        timestamptz NOT NULL,
     finished_at       timestamptz
 );
-CREATE INDEX jobs_due ON jobs (queue, priority DESC, run_at, id)
-    WHERE state IN ('scheduled', 'retrying');
+CREATE INDEX jobs_due ON jobs (queue, priority DESC, run_at, id) WHERE state = 'ready';
+-- Jobs waiting for their time: promoted to 'ready' when due, and the next wake-up.
+CREATE INDEX jobs_next ON jobs (queue, run_at) WHERE state IN ('scheduled', 'retrying');
 CREATE INDEX jobs_leases ON jobs (queue, lease_expires_at) WHERE state = 'running';
 CREATE UNIQUE INDEX jobs_unique ON jobs (uniq_scope, unique_key)
-    WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'retrying');
+    WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'ready', 'retrying');
 CREATE INDEX jobs_by_state ON jobs (state, tenant_id, updated_at, id);
 
 CREATE TABLE job_ticks (
