@@ -3,6 +3,7 @@
 //! Every change of state is one Lua script run by `EVALSHA` (loaded once when the queue
 //! connects, sent again with `EVAL` if the server answers `NOSCRIPT`), so a job moves
 //! from one set to the next atomically: no job is lost or handed to two healthy workers.
+//! A batch (`enqueue_batch`, `reserve` of many, `complete` of many) is one script call.
 //! The clock is the caller's: each call sends its time in milliseconds.
 //!
 //! # Keys
@@ -16,8 +17,8 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P j:<id>` | hash | one job: `t` tenant (empty for none), `k` kind, `q` queue, `p` payload JSON, `pr` priority, `s` state, `r` run-at, `a` attempts, `m` max attempts, `u` unique key, `e` last error, `c` created, `up` updated, `f` finished, `tk` lease token |
-//! | `P r:Q` | sorted set | due jobs, score `(100 - priority) * 2^42 + run_at`, so the lowest score is the highest priority, then the earliest run-at, then (same score) the smallest id |
+//! | `P j:<id>` | hash | one job (fields below) |
+//! | `P r:Q` | sorted set | due jobs, score `(100 - priority) * 2^42 + run_at`: the lowest score is the highest priority, then the earliest run-at, then (equal scores) the smallest id |
 //! | `P d:Q` | sorted set | jobs waiting for their run-at time (scheduled or retrying), score run-at |
 //! | `P l:Q` | sorted set | leased (running) jobs, score lease expiry |
 //! | `P i:S:<state>` | sorted set | the jobs of a scope in a state, score last change: the listing index (running jobs are listed from `P l:Q` instead, as few as the workers' concurrency) |
@@ -27,6 +28,15 @@
 //! | `P ticks` | sorted set | claimed schedule firings, member `<fire_at>\|<schedule>`, score fire-at |
 //! | `P queues`, `P scopes` | sets | the queue names and scopes ever used |
 //!
+//! A job hash keeps few fields, so each script touches little: `d` is a JSON document
+//! of what changes only when a unique job is replaced (`{"c": created, "m": max
+//! attempts, "pr": priority, "k": kind, "q": queue, "t": tenant, "u": unique key, "p":
+//! payload}`, in that order, so a script reads `c` and `m` with an anchored pattern
+//! instead of decoding the payload); beside it `s` state, `r` run-at, `up` last change,
+//! `q` queue, and only when they are not empty or zero `t` tenant, `pr` priority, `u`
+//! unique key, `a` attempts, `e` last error, `tk` lease token. A final job's finishing
+//! time is its last change.
+//!
 //! Times are milliseconds since the epoch. Stored states are those of [`JobState`],
 //! where `ready` means "in `P r:Q`": a due job moves from `P d:Q` to `P r:Q` when a
 //! `reserve`, `counts` or `list` call notices it (at most [`PROMOTE_LIMIT`] per call),
@@ -35,10 +45,22 @@
 //!
 //! Monitoring never scans all jobs: counts are counters kept by the scripts, throughput
 //! per-minute counters, and a listing is a merge of ranges of the `P i:S:<state>` sets
-//! (only one per state for a tenant; one per scope and state for all tenants).
+//! (one per state for a tenant; one per scope and state for all tenants).
+//!
+//! # Calls
+//!
+//! Each argument costs the client, the server's parser and Lua alike, so the scripts
+//! take few: a job to enqueue is two (`id|tenant|queue|priority|run_at|score|policy|key`
+//! and its document), a lease one (`<id>:<token>`). A reservation sends one random
+//! version-4 UUID; the n-th job it leases gets that UUID with n added to its low 48
+//! bits as its token, so polling for many jobs costs no more than polling for one.
+//! A script whose connection drops before it answers is not sent again (it may have
+//! run): the caller gets a storage error, as with any backend whose commit outcome is
+//! unknown.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -46,13 +68,14 @@ use chrono::{DateTime, Utc};
 use fred::bytes_utils::Str;
 use fred::clients::Pool;
 use fred::error::Error as RedisError;
-use fred::interfaces::{ClientLike, HashesInterface, LuaInterface};
+use fred::interfaces::{ClientLike, HashesInterface, KeysInterface, LuaInterface};
 use fred::types::config::{Config, ReconnectPolicy};
 use fred::types::{Builder, Key, Value};
 use mindsp_core::error::{Error, Result};
 use mindsp_core::ids::{JobId, TenantId};
 use mindsp_core::jobs::*;
 use mindsp_core::model::now;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// The key prefix used unless configured otherwise.
@@ -118,7 +141,7 @@ pub struct RedisQueue {
     /// The key named to Redis in every script call: it routes the call to the prefix's
     /// slot in a cluster. The scripts derive every other key from the prefix.
     anchor: Key,
-    scripts: std::sync::Arc<Scripts>,
+    scripts: Arc<Scripts>,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -154,7 +177,13 @@ impl RedisQueue {
         let timeout = config.command_timeout;
         builder
             .with_performance_config(|p| p.default_command_timeout = timeout)
-            .with_connection_config(|c| c.connection_timeout = Duration::from_secs(5))
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(5);
+                // A script whose connection closed before it answered may have run:
+                // sending it again could store a batch twice or lease jobs nobody
+                // receives. The caller gets the error and decides.
+                c.max_command_attempts = 1;
+            })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
         let pool = builder
             .build_pool(config.pool_size.max(1))
@@ -163,7 +192,7 @@ impl RedisQueue {
         Self::with_pool(pool, &config.prefix).await
     }
 
-    /// A queue on connections the caller set up (and initialised), keys under `prefix`.
+    /// A queue on connections the caller set up and initialised, keys under `prefix`.
     pub async fn with_pool(pool: Pool, prefix: &str) -> Result<Self> {
         let scripts = Scripts::load(&pool).await?;
         let prefix = Str::from(prefix);
@@ -172,7 +201,7 @@ impl RedisQueue {
             pool,
             prefix,
             anchor,
-            scripts: std::sync::Arc::new(scripts),
+            scripts: Arc::new(scripts),
         })
     }
 
@@ -192,15 +221,44 @@ impl RedisQueue {
     }
 
     /// Deletes every key under the prefix: all jobs, counters and claims of this queue.
-    /// For tests and decommissioning; it walks the keyspace with `SCAN` inside one
-    /// script, so it blocks the server for as long as that takes. Answers how many
-    /// keys were deleted.
+    /// For tests and decommissioning, while nothing else uses the prefix: it walks the
+    /// keyspace page by page with `SCAN` (never blocking the server for long), so it is
+    /// not atomic. Answers how many keys were deleted.
     pub async fn purge(&self) -> Result<u64> {
-        let args = self.args(0, 0);
-        let v = self.call(&self.scripts.purge, args).await?;
-        v.as_i64()
-            .map(|n| n.max(0) as u64)
-            .ok_or_else(|| bad_reply("purge"))
+        let mut pattern = String::with_capacity(self.prefix.len() + 1);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        let mut cursor = String::from("0");
+        let mut deleted = 0;
+        loop {
+            let page: Value = self
+                .pool
+                .scan_page(cursor.clone(), pattern.clone(), Some(1_000), None)
+                .await
+                .map_err(redis_err)?;
+            let mut page = array(page);
+            let (Some(keys), Some(next)) = (page.pop(), page.pop()) else {
+                return Err(bad_reply("SCAN"));
+            };
+            cursor = text(&next).ok_or_else(|| bad_reply("SCAN"))?.into_owned();
+            let keys: Vec<Key> = array(keys)
+                .into_iter()
+                .filter_map(Value::into_string)
+                .map(Key::from)
+                .collect();
+            if !keys.is_empty() {
+                let n: i64 = self.pool.unlink(keys).await.map_err(redis_err)?;
+                deleted += n.max(0) as u64;
+            }
+            if cursor == "0" {
+                return Ok(deleted);
+            }
+        }
     }
 
     /// The first two arguments of every script: the prefix and the time.
@@ -212,17 +270,28 @@ impl RedisQueue {
     }
 
     async fn call(&self, script: &Script, args: Vec<Value>) -> Result<Value> {
+        let again = args.clone();
+        self.call_with(script, move || Ok(again), args).await
+    }
+
+    /// Runs `script` with `args`; if the server has lost it (restart, `SCRIPT FLUSH`,
+    /// failover), runs its source with `EVAL` (which caches it again) and arguments
+    /// from `rebuild`. Big argument lists are rebuilt rather than kept for that case.
+    async fn call_with(
+        &self,
+        script: &Script,
+        rebuild: impl FnOnce() -> Result<Vec<Value>> + Send,
+        args: Vec<Value>,
+    ) -> Result<Value> {
         let keys = vec![self.anchor.clone()];
         let first = self
             .pool
-            .evalsha::<Value, _, _, _>(script.sha.clone(), keys.clone(), args.clone())
+            .evalsha::<Value, _, _, _>(script.sha.clone(), keys.clone(), args)
             .await;
         match first {
-            // The server lost its script cache (restart, SCRIPT FLUSH, failover): EVAL
-            // runs the source and caches it again.
             Err(e) if e.details().starts_with("NOSCRIPT") => self
                 .pool
-                .eval::<Value, _, _, _>(script.src.clone(), keys, args)
+                .eval::<Value, _, _, _>(script.src.clone(), keys, rebuild()?)
                 .await
                 .map_err(redis_err),
             other => other.map_err(redis_err),
@@ -230,61 +299,101 @@ impl RedisQueue {
     }
 
     /// Stores up to [`ENQUEUE_CHUNK`] validated jobs, with a tick claim if given.
+    /// `None` when the tick was already claimed.
     async fn enqueue_chunk(
         &self,
         jobs: &[NewJob],
         claim: Option<(String, i64)>,
     ) -> Result<Option<Vec<Enqueued>>> {
         let at = ms(now());
-        let mut args = self.args(at, 2 + jobs.len() * 10);
+        let ids: Vec<JobId> = jobs.iter().map(|_| JobId::new()).collect();
+        let build = || self.enqueue_args(at, jobs, &ids, claim.as_ref());
+        let args = build()?;
+        let reply = array(self.call_with(&self.scripts.enqueue, build, args).await?);
+        let Some(codes) = reply.first().and_then(text) else {
+            // Only a tick whose firing was already claimed answers nothing.
+            return Ok(None);
+        };
+        if codes.len() != jobs.len() {
+            return Err(bad_reply("enqueue"));
+        }
+        // One letter per job; the holder's id follows for each kept or replaced one.
+        let mut holders = reply[1..].iter();
+        let mut holder = || {
+            holders
+                .next()
+                .and_then(parse_id)
+                .ok_or_else(|| bad_reply("enqueue"))
+        };
+        codes
+            .bytes()
+            .zip(ids)
+            .map(|(code, id)| {
+                Ok(match code {
+                    b'c' => Enqueued::Created(id),
+                    b'k' => Enqueued::Kept(holder()?),
+                    b'r' => Enqueued::Replaced(holder()?),
+                    _ => return Err(bad_reply("enqueue")),
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    fn enqueue_args(
+        &self,
+        at: i64,
+        jobs: &[NewJob],
+        ids: &[JobId],
+        claim: Option<&(String, i64)>,
+    ) -> Result<Vec<Value>> {
+        let mut args = self.args(at, 2 + jobs.len() * 2);
         match claim {
             Some((member, score)) => {
-                args.push(Value::from(member));
-                args.push(Value::Integer(score));
+                args.push(Value::from(member.as_str()));
+                args.push(Value::Integer(*score));
             }
             None => {
                 args.push(Value::from(""));
                 args.push(Value::Integer(0));
             }
         }
-        for job in jobs {
-            let payload = serde_json::to_string(&job.payload)
-                .map_err(|e| Error::invalid("invalid_payload", e.to_string()))?;
-            args.push(Value::from(JobId::new().to_string()));
-            args.push(Value::from(tenant_str(job.tenant)));
-            args.push(Value::from(job.kind.as_str()));
-            args.push(Value::from(job.queue.as_str()));
-            args.push(Value::from(payload));
-            args.push(Value::Integer(job.priority.into()));
-            args.push(Value::Integer(job.run_at.map(ms).unwrap_or(at)));
-            args.push(Value::Integer(job.max_attempts.into()));
-            args.push(Value::from(job.unique_key.as_deref().unwrap_or("")));
-            args.push(Value::from(match job.on_duplicate {
-                OnDuplicate::Keep => "k",
-                OnDuplicate::Replace => "r",
-            }));
-        }
-        let reply = array(self.call(&self.scripts.enqueue, args).await?);
-        if reply.is_empty() && !jobs.is_empty() {
-            // Only a tick whose firing was already claimed answers nothing.
-            return Ok(None);
-        }
-        if reply.len() != jobs.len() * 2 {
-            return Err(bad_reply("enqueue"));
-        }
-        reply
-            .chunks_exact(2)
-            .map(|pair| {
-                let id = parse_id(&pair[1]).ok_or_else(|| bad_reply("enqueue"))?;
-                Ok(match text(&pair[0]).as_deref() {
-                    Some("c") => Enqueued::Created(id),
-                    Some("k") => Enqueued::Kept(id),
-                    Some("r") => Enqueued::Replaced(id),
-                    _ => return Err(bad_reply("enqueue")),
-                })
+        for (job, id) in jobs.iter().zip(ids) {
+            let data = serde_json::to_string(&DataOut {
+                c: at,
+                m: job.max_attempts,
+                pr: job.priority,
+                k: &job.kind,
+                q: &job.queue,
+                t: job.tenant,
+                u: job.unique_key.as_deref(),
+                p: &job.payload,
             })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+            .map_err(|e| Error::invalid("invalid_payload", e.to_string()))?;
+            let run_at = job.run_at.map(ms).unwrap_or(at);
+            // Its score in the set it waits in: ready or delayed.
+            let score = if run_at <= at {
+                ready_score(job.priority, run_at)
+            } else {
+                run_at.to_string()
+            };
+            // One text per job (fewer arguments make a faster call): the unique key
+            // comes last as it may hold any character; names cannot hold '|'.
+            let head = format!(
+                "{id}|{}|{}|{}|{run_at}|{score}|{}|{}",
+                tenant_str(job.tenant),
+                job.queue,
+                job.priority,
+                match job.on_duplicate {
+                    OnDuplicate::Keep => 'k',
+                    OnDuplicate::Replace => 'r',
+                },
+                job.unique_key.as_deref().unwrap_or(""),
+            );
+            args.push(Value::from(head));
+            args.push(Value::from(data));
+        }
+        Ok(args)
     }
 
     /// Cancel, discard or cancel-unique, by `mode`.
@@ -294,8 +403,35 @@ impl RedisQueue {
         args.push(Value::from(scope));
         args.push(Value::from(target));
         let v = self.call(&self.scripts.drop, args).await?;
-        Ok(v.as_i64() == Some(1))
+        Ok(int(&v) == Some(1))
     }
+}
+
+/// The `d` field of a job hash as written. The order of the fields matters: the
+/// scripts read `c` and `m` at the start of the text.
+#[derive(Serialize)]
+struct DataOut<'a> {
+    c: i64,
+    m: u32,
+    pr: i16,
+    k: &'a str,
+    q: &'a str,
+    t: Option<TenantId>,
+    u: Option<&'a str>,
+    p: &'a serde_json::Value,
+}
+
+/// The `d` field of a job hash as read.
+#[derive(Deserialize)]
+struct DataIn {
+    c: i64,
+    m: u32,
+    pr: i16,
+    k: String,
+    q: String,
+    t: Option<TenantId>,
+    u: Option<String>,
+    p: serde_json::Value,
 }
 
 fn ms(t: DateTime<Utc>) -> i64 {
@@ -308,6 +444,15 @@ fn from_ms(v: i64) -> DateTime<Utc> {
     } else {
         DateTime::<Utc>::MAX_UTC
     })
+}
+
+/// The score of a due job in `P r:Q`: higher priority first, then earlier run-at. Both
+/// parts fit in the 53 bits a double holds exactly.
+fn ready_score(priority: i16, run_at: i64) -> String {
+    const RUN_AT_BITS: u32 = 42;
+    let run_at = run_at.clamp(0, (1 << RUN_AT_BITS) - 1);
+    let rank = i64::from(MAX_PRIORITY) - i64::from(priority.clamp(-MAX_PRIORITY, MAX_PRIORITY));
+    ((rank << RUN_AT_BITS) + run_at).to_string()
 }
 
 fn duration_ms(d: Duration) -> i64 {
@@ -324,6 +469,14 @@ fn tenant_str(t: Option<TenantId>) -> String {
 fn scope_str(scope: JobScope) -> String {
     match scope {
         JobScope::All => "*".to_owned(),
+        JobScope::Tenant(t) => t.to_string(),
+    }
+}
+
+/// The scope part of counter keys: `all` for every tenant.
+fn counter_scope(scope: JobScope) -> String {
+    match scope {
+        JobScope::All => "all".to_owned(),
         JobScope::Tenant(t) => t.to_string(),
     }
 }
@@ -351,62 +504,55 @@ fn parse_id(v: &Value) -> Option<JobId> {
     text(v).and_then(|s| Uuid::parse_str(&s).ok()).map(JobId)
 }
 
-/// Fields of a job hash, in the order the scripts answer them.
-const FIELDS: [&str; 15] = [
-    "t", "k", "q", "p", "pr", "s", "r", "a", "m", "u", "e", "c", "up", "f", "tk",
-];
+/// Fields of a job hash a script answers for a job, after its id.
+const FIELDS: [&str; 6] = ["d", "s", "r", "a", "e", "up"];
 /// One job in a script's answer: its id, then [`FIELDS`].
 const RECORD: usize = 1 + FIELDS.len();
+/// One job in the answer of `reserve`: its id, `d`, `r`, `a`, `e` (it is running, and
+/// changed now).
+const LEASED: usize = 5;
 
 /// A job from its id and the values of [`FIELDS`]; `at` tells scheduled from ready.
 fn parse_job(id: JobId, f: &[Value], at: i64) -> Result<Job> {
     let corrupt = |what: &str| Error::Storage(format!("redis: job {id} has a bad {what}"));
-    let req_int = |i: usize, what: &str| int(&f[i]).ok_or_else(|| corrupt(what));
-    let opt_text = |i: usize| text(&f[i]).map(Cow::into_owned);
-    let tenant = match text(&f[0]) {
-        Some(t) if !t.is_empty() => Some(TenantId(
-            Uuid::parse_str(&t).map_err(|_| corrupt("tenant"))?,
-        )),
-        Some(_) => None,
-        None => return Err(corrupt("tenant")),
-    };
-    let stored = text(&f[5]).ok_or_else(|| corrupt("state"))?;
-    let run_at = req_int(6, "run-at")?;
+    let data = text(&f[0]).ok_or_else(|| corrupt("document"))?;
+    let data: DataIn = serde_json::from_str(&data).map_err(|_| corrupt("document"))?;
+    let stored = text(&f[1]).ok_or_else(|| corrupt("state"))?;
+    let run_at = int(&f[2]).ok_or_else(|| corrupt("run-at"))?;
     let state = match JobState::parse(&stored).ok_or_else(|| corrupt("state"))? {
         JobState::Scheduled if run_at <= at => JobState::Ready,
         s => s,
     };
-    let payload = text(&f[3]).ok_or_else(|| corrupt("payload"))?;
+    let updated_at = from_ms(int(&f[5]).ok_or_else(|| corrupt("update time"))?);
     Ok(Job {
         id,
-        tenant,
-        kind: opt_text(1).ok_or_else(|| corrupt("kind"))?,
-        queue: opt_text(2).ok_or_else(|| corrupt("queue"))?,
-        payload: serde_json::from_str(&payload).map_err(|_| corrupt("payload"))?,
-        priority: i16::try_from(req_int(4, "priority")?).map_err(|_| corrupt("priority"))?,
+        tenant: data.t,
+        kind: data.k,
+        queue: data.q,
+        payload: data.p,
+        priority: data.pr,
         state,
         run_at: from_ms(run_at),
-        attempts: u32::try_from(req_int(7, "attempt count")?.max(0)).unwrap_or(u32::MAX),
-        max_attempts: u32::try_from(req_int(8, "max attempts")?.max(0)).unwrap_or(u32::MAX),
-        unique_key: opt_text(9),
-        last_error: opt_text(10),
-        created_at: from_ms(req_int(11, "creation time")?),
-        updated_at: from_ms(req_int(12, "update time")?),
-        finished_at: int(&f[13]).map(from_ms),
+        attempts: u32::try_from(int(&f[3]).unwrap_or(0).max(0)).unwrap_or(u32::MAX),
+        max_attempts: data.m,
+        unique_key: data.u,
+        last_error: text(&f[4]).map(Cow::into_owned),
+        created_at: from_ms(data.c),
+        updated_at,
+        finished_at: state.is_final().then_some(updated_at),
     })
 }
 
 /// Jobs from a flat list of records.
-fn parse_records(values: &[Value], at: i64, what: &str) -> Result<Vec<(Job, Option<Uuid>)>> {
-    if values.len() % RECORD != 0 {
+fn parse_records(values: &[Value], at: i64, what: &str) -> Result<Vec<Job>> {
+    if !values.len().is_multiple_of(RECORD) {
         return Err(bad_reply(what));
     }
     values
         .chunks_exact(RECORD)
         .map(|rec| {
             let id = parse_id(&rec[0]).ok_or_else(|| bad_reply(what))?;
-            let token = text(&rec[RECORD - 1]).and_then(|s| Uuid::parse_str(&s).ok());
-            Ok((parse_job(id, &rec[1..], at)?, token))
+            parse_job(id, &rec[1..], at)
         })
         .collect()
 }
@@ -444,20 +590,37 @@ impl JobQueue for RedisQueue {
         }
         let at = ms(now());
         let lease_ms = duration_ms(lease);
-        let mut args = self.args(at, 2 + max);
+        // The n-th job leased gets the token `base + n` (in its low 48 bits): fresh and
+        // random per call, unique within it, and one argument instead of `max`.
+        let base = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+        let mut args = self.args(at, 4);
         args.push(Value::from(queue));
         args.push(Value::Integer(lease_ms));
-        for _ in 0..max {
-            args.push(Value::from(Uuid::new_v4().to_string()));
-        }
+        args.push(Value::Integer(max as i64));
+        args.push(Value::from(base.to_string()));
         let reply = array(self.call(&self.scripts.reserve, args).await?);
         let expires_at = from_ms(at.saturating_add(lease_ms));
-        parse_records(&reply, at, "reserve")?
-            .into_iter()
-            .map(|(job, token)| {
+        if !reply.len().is_multiple_of(LEASED) || reply.len() / LEASED > max {
+            return Err(bad_reply("reserve"));
+        }
+        reply
+            .chunks_exact(LEASED)
+            .enumerate()
+            .map(|(n, rec)| {
+                let id = parse_id(&rec[0]).ok_or_else(|| bad_reply("reserve"))?;
+                let running = Value::from("running");
+                let updated = Value::Integer(at);
+                let fields = [
+                    rec[1].clone(),
+                    running,
+                    rec[2].clone(),
+                    rec[3].clone(),
+                    rec[4].clone(),
+                    updated,
+                ];
                 Ok(Lease {
-                    job,
-                    token: token.ok_or_else(|| bad_reply("reserve"))?,
+                    job: parse_job(id, &fields, at)?,
+                    token: nth_token(base, n as u64 + 1),
                     expires_at,
                 })
             })
@@ -475,7 +638,7 @@ impl JobQueue for RedisQueue {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let mut args = self.args(ms(now()), 1 + 2 * leases.len());
+        let mut args = self.args(ms(now()), 1 + leases.len());
         args.push(Value::Integer(duration_ms(lease)));
         push_leases(&mut args, leases);
         let reply = array(self.call(&self.scripts.renew, args).await?);
@@ -489,9 +652,14 @@ impl JobQueue for RedisQueue {
         if leases.is_empty() {
             return Ok(0);
         }
-        let mut args = self.args(ms(now()), 2 * leases.len());
-        push_leases(&mut args, leases);
-        let v = self.call(&self.scripts.complete, args).await?;
+        let at = ms(now());
+        let build = || {
+            let mut args = self.args(at, leases.len());
+            push_leases(&mut args, leases);
+            Ok(args)
+        };
+        let args = build()?;
+        let v = self.call_with(&self.scripts.complete, build, args).await?;
         int(&v)
             .map(|n| n.max(0) as u64)
             .ok_or_else(|| bad_reply("complete"))
@@ -503,7 +671,7 @@ impl JobQueue for RedisQueue {
         error: &str,
         retry_at: Option<DateTime<Utc>>,
     ) -> Result<Option<JobState>> {
-        let mut args = self.args(ms(now()), 4);
+        let mut args = self.args(ms(now()), 3);
         push_leases(&mut args, std::slice::from_ref(lease));
         args.push(Value::from(clip_error(error)));
         args.push(match retry_at {
@@ -523,7 +691,7 @@ impl JobQueue for RedisQueue {
         if leases.is_empty() {
             return Ok(0);
         }
-        let mut args = self.args(ms(now()), 2 * leases.len());
+        let mut args = self.args(ms(now()), leases.len());
         push_leases(&mut args, leases);
         let v = self.call(&self.scripts.release, args).await?;
         int(&v)
@@ -542,7 +710,7 @@ impl JobQueue for RedisQueue {
         if values.len() != FIELDS.len() {
             return Err(bad_reply("HMGET"));
         }
-        if values[5].is_null() {
+        if values[1].is_null() {
             return Ok(None);
         }
         let job = parse_job(id, &values, ms(now()))?;
@@ -574,10 +742,7 @@ impl JobQueue for RedisQueue {
 
     async fn counts(&self, scope: JobScope) -> Result<Vec<QueueCounts>> {
         let mut args = self.args(ms(now()), 1);
-        args.push(Value::from(match scope {
-            JobScope::All => "all".to_owned(),
-            JobScope::Tenant(t) => t.to_string(),
-        }));
+        args.push(Value::from(counter_scope(scope)));
         let reply = array(self.call(&self.scripts.counts, args).await?);
         let mut by_queue: BTreeMap<String, QueueCounts> = BTreeMap::new();
         for pair in reply.chunks_exact(2) {
@@ -615,10 +780,7 @@ impl JobQueue for RedisQueue {
         // Older minutes have expired; ask only for the retained ones.
         let asked = minutes.min(i64::from(THROUGHPUT_RETENTION_MINUTES));
         let mut args = self.args(0, 3);
-        args.push(Value::from(match scope {
-            JobScope::All => "all".to_owned(),
-            JobScope::Tenant(t) => t.to_string(),
-        }));
+        args.push(Value::from(counter_scope(scope)));
         args.push(Value::Integer(current - (asked - 1)));
         args.push(Value::Integer(asked));
         let reply = array(self.call(&self.scripts.throughput, args).await?);
@@ -644,7 +806,9 @@ impl JobQueue for RedisQueue {
             let at = ms(now());
             let mut args = self.args(at, 7);
             args.push(Value::from(scope_str(filter.scope)));
-            args.push(Value::from(filter.state.map(JobState::as_str).unwrap_or("")));
+            args.push(Value::from(
+                filter.state.map(JobState::as_str).unwrap_or(""),
+            ));
             args.push(Value::from(filter.queue.as_deref().unwrap_or("")));
             match &cursor {
                 Some((t, id)) => {
@@ -664,7 +828,7 @@ impl JobQueue for RedisQueue {
             }
             let done = int(&reply[0]) == Some(1);
             let last = int(&reply[1]).zip(text(&reply[2]).map(Cow::into_owned));
-            for (job, _) in parse_records(&reply[3..], at, "list")? {
+            for job in parse_records(&reply[3..], at, "list")? {
                 // A scheduled job may have come due between the index and the clock.
                 if filter.state.is_none_or(|s| s == job.state) {
                     out.push(job);
@@ -709,10 +873,8 @@ impl JobQueue for RedisQueue {
             args.push(Value::Integer(ms(before)));
             args.push(Value::Integer(PRUNE_CHUNK.into()));
             let reply = array(self.call(&self.scripts.prune, args).await?);
-            let (Some(n), Some(more)) = (
-                reply.first().and_then(int),
-                reply.get(1).and_then(int),
-            ) else {
+            let (Some(n), Some(more)) = (reply.first().and_then(int), reply.get(1).and_then(int))
+            else {
                 return Err(bad_reply("prune"));
             };
             total += n.max(0) as u64;
@@ -723,14 +885,30 @@ impl JobQueue for RedisQueue {
     }
 }
 
+/// One argument per lease: `<id>:<token>`, both in the 36-character UUID form.
 fn push_leases(args: &mut Vec<Value>, leases: &[LeaseRef]) {
     for l in leases {
-        args.push(Value::from(l.id.to_string()));
-        args.push(Value::from(l.token.to_string()));
+        let mut text = String::with_capacity(73);
+        text.push_str(l.id.0.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+        text.push(':');
+        text.push_str(
+            l.token
+                .hyphenated()
+                .encode_lower(&mut Uuid::encode_buffer()),
+        );
+        args.push(Value::from(text));
     }
 }
 
-/// One script: its source (prelude included) and its SHA-1 as the server computed it.
+/// The token of the `n`-th job a reservation leases (from 1): `base` with `n` added to
+/// its low 48 bits, as the reserve script computes it.
+fn nth_token(base: Uuid, n: u64) -> Uuid {
+    const LOW: u128 = (1 << 48) - 1;
+    let b = base.as_u128();
+    Uuid::from_u128((b & !LOW) | ((b & LOW).wrapping_add(u128::from(n)) & LOW))
+}
+
+/// One script: its source (helpers included) and its SHA-1 as the server computed it.
 struct Script {
     src: Str,
     sha: Str,
@@ -750,13 +928,12 @@ struct Scripts {
     list: Script,
     next_due: Script,
     prune: Script,
-    purge: Script,
 }
 
 impl Scripts {
     async fn load(pool: &Pool) -> Result<Self> {
         async fn one(pool: &Pool, body: &str) -> Result<Script> {
-            let src = Str::from(format!("{PRELUDE}\n{body}"));
+            let src = Str::from(script_source(body));
             let sha: String = pool.script_load(src.clone()).await.map_err(redis_err)?;
             Ok(Script {
                 src,
@@ -777,7 +954,6 @@ impl Scripts {
             list: one(pool, LIST).await?,
             next_due: one(pool, NEXT_DUE).await?,
             prune: one(pool, PRUNE).await?,
-            purge: one(pool, PURGE).await?,
         })
     }
 }
@@ -786,84 +962,216 @@ impl Scripts {
 //
 // Every script gets KEYS[1] = `P queues` (for routing only), ARGV[1] = the prefix and
 // ARGV[2] = the caller's time in ms. Writes to sets and counters that nothing later in
-// the same script reads are gathered and sent at the end (`flush`), as one ZADD / ZREM
-// per key and one HINCRBY per counter, which keeps batches cheap.
+// the same script reads are gathered and sent at the end (`flush`): one ZADD or ZREM per
+// key and one HINCRBY per counter, which keeps batches cheap. Key names are built once
+// per call and kept in small tables.
 
-const PRELUDE: &str = r#"
+/// What every script starts with.
+const BASE: &str = r#"
 local P = ARGV[1]
-local NOW = tonumber(ARGV[2])
-local RB = 4398046511104
-local TP_TTL = 604800 + 3600
-local PROMOTE_LIMIT = 10000
-local F = {'t','k','q','p','pr','s','r','a','m','u','e','c','up','f','tk'}
+local NOW_S = ARGV[2]
+local NOW = tonumber(NOW_S)
+"#;
 
+/// Helpers, each with the names it defines, in order: a helper uses only those before
+/// it. A script gets those its body names, and what they name in turn (see
+/// [`script_source`]), since defining a Lua function costs time on every call.
+const HELPERS: &[(&[&str], &str)] = &[
+    (
+        &["rscore"],
+        r#"
 local function rscore(pr, r)
+  local RB = 4398046511104
   if r < 0 then r = 0 elseif r >= RB then r = RB - 1 end
   return (100 - pr) * RB + r
 end
-local function sc(t) if t == '' then return '-' end return t end
-local function jk(id) return P .. 'j:' .. id end
-local function ik(t, st) return P .. 'i:' .. sc(t) .. ':' .. st end
-local function uk(t) return P .. 'u:' .. sc(t) end
+"#,
+    ),
+    (
+        &["pending"],
+        r#"
 local function pending(st) return st == 'scheduled' or st == 'ready' or st == 'retrying' end
-
-local ZA, ZR, CN, TP = {}, {}, {}, {}
-local function push(tab, key, a, b)
-  local l = tab[key]
-  if not l then l = {}; tab[key] = l end
+"#,
+    ),
+    (
+        &["jk"],
+        r#"
+local function jk(id) return P .. 'j:' .. id end
+"#,
+    ),
+    (
+        &["istr"],
+        r#"
+-- Small integers as strings: Lua numbers given to redis.call are formatted slowly.
+local IS = {}
+local function istr(n)
+  local s = IS[n]
+  if not s then s = string.format('%d', n); IS[n] = s end
+  return s
+end
+"#,
+    ),
+    (
+        &["sc"],
+        r#"
+local function sc(t) if t == '' then return '-' end return t end
+"#,
+    ),
+    (
+        &["max_of"],
+        r#"
+-- The max attempts in a job's document.
+local function max_of(d) return tonumber(string.match(d, '^{"c":%-?%d+,"m":(%d+)')) end
+"#,
+    ),
+    (
+        &["key"],
+        r#"
+local KC = {}
+-- P .. kind .. name, built once per call.
+local function key(kind, name)
+  local m = KC[kind]
+  if not m then m = {}; KC[kind] = m end
+  local k = m[name]
+  if not k then k = P .. kind .. name; m[name] = k end
+  return k
+end
+"#,
+    ),
+    (
+        &["ik"],
+        r#"
+local IK = {}
+-- The index set of tenant `t` ('' for none) and state `st`.
+local function ik(t, st)
+  local m = IK[t]
+  if not m then m = {}; IK[t] = m end
+  local k = m[st]
+  if not k then k = P .. 'i:' .. sc(t) .. ':' .. st; m[st] = k end
+  return k
+end
+"#,
+    ),
+    (
+        &["uk"],
+        r#"
+local function uk(t) return key('u:', sc(t)) end
+"#,
+    ),
+    (
+        &["push", "ZA", "ZR"],
+        r#"
+local ZA, ZR = {}, {}
+local function push(tab, k, a, b)
+  local l = tab[k]
+  if not l then l = {}; tab[k] = l end
   l[#l + 1] = a
   if b ~= nil then l[#l + 1] = b end
 end
-local function bump(tab, key, field, d)
-  local h = tab[key]
-  if not h then h = {}; tab[key] = h end
-  h[field] = (h[field] or 0) + d
-end
+"#,
+    ),
+    (
+        &["count", "CN"],
+        r#"
+local CN = {}
 local function count(t, q, st, d)
-  local f = q .. '|' .. st
-  bump(CN, P .. 'c:all', f, d)
-  if t ~= '' then bump(CN, P .. 'c:' .. t, f, d) end
+  local a = CN[t]
+  if not a then a = {}; CN[t] = a end
+  local b = a[q]
+  if not b then b = {}; a[q] = b end
+  b[st] = (b[st] or 0) + d
 end
+"#,
+    ),
+    (
+        &["move"],
+        r#"
 local function move(t, q, from, to)
-  if from then count(t, q, from, -1) end
-  if to then count(t, q, to, 1) end
+  count(t, q, from, -1)
+  count(t, q, to, 1)
 end
+"#,
+    ),
+    (
+        &["tput", "TPN"],
+        r#"
+local TPN = {}
 local function tput(t, field)
-  local m = string.format('%d', math.floor(NOW / 60000))
-  bump(TP, P .. 'tp:all:' .. m, field, 1)
-  if t ~= '' then bump(TP, P .. 'tp:' .. t .. ':' .. m, field, 1) end
+  local a = TPN[t]
+  if not a then a = {s = 0, f = 0}; TPN[t] = a end
+  a[field] = a[field] + 1
 end
-local function run(cmd, key, l, step)
+"#,
+    ),
+    (
+        &["run"],
+        r#"
+local function run(cmd, k, l, step)
   local n = #l
   local i = 1
   while i <= n do
     local j = i + step - 1
     if j > n then j = n end
-    redis.call(cmd, key, unpack(l, i, j))
+    redis.call(cmd, k, unpack(l, i, j))
     i = j + 1
   end
 end
+"#,
+    ),
+    (
+        &["flush"],
+        r#"
+-- Sends the gathered writes: set members, counters, throughput.
 local function flush()
-  for key, l in pairs(ZR) do run('ZREM', key, l, 4000) end
-  for key, l in pairs(ZA) do run('ZADD', key, l, 4000) end
-  for key, h in pairs(CN) do
-    for f, d in pairs(h) do
-      if d ~= 0 then redis.call('HINCRBY', key, f, d) end
+  for k, l in pairs(ZR) do run('ZREM', k, l, 4000) end
+  for k, l in pairs(ZA) do run('ZADD', k, l, 4000) end
+  for t, a in pairs(CN) do
+    for q, b in pairs(a) do
+      for st, d in pairs(b) do
+        if d ~= 0 then
+          local f = q .. '|' .. st
+          redis.call('HINCRBY', P .. 'c:all', f, d)
+          if t ~= '' then redis.call('HINCRBY', P .. 'c:' .. t, f, d) end
+        end
+      end
     end
   end
-  for key, h in pairs(TP) do
-    for f, d in pairs(h) do redis.call('HINCRBY', key, f, d) end
-    redis.call('EXPIRE', key, TP_TTL)
+  local minute = string.format('%d', math.floor(NOW / 60000))
+  local all = {s = 0, f = 0}
+  for t, a in pairs(TPN) do
+    all.s = all.s + a.s
+    all.f = all.f + a.f
+    if t ~= '' then
+      local k = P .. 'tp:' .. t .. ':' .. minute
+      if a.s > 0 then redis.call('HINCRBY', k, 's', a.s) end
+      if a.f > 0 then redis.call('HINCRBY', k, 'f', a.f) end
+      redis.call('EXPIRE', k, TP_TTL)
+    end
   end
-  ZA, ZR, CN, TP = {}, {}, {}, {}
+  if all.s + all.f > 0 then
+    local k = P .. 'tp:all:' .. minute
+    if all.s > 0 then redis.call('HINCRBY', k, 's', all.s) end
+    if all.f > 0 then redis.call('HINCRBY', k, 'f', all.f) end
+    redis.call('EXPIRE', k, TP_TTL)
+  end
+  ZA, ZR, CN, TPN = {}, {}, {}, {}
 end
-
+"#,
+    ),
+    (
+        &["holder"],
+        r#"
 -- The pending job other than `id` holding unique key `u` in `t`'s scope, if any.
 local function holder(t, u, id)
   local h = redis.call('HGET', uk(t), u)
   if h and h ~= id and pending(redis.call('HGET', jk(h), 's')) then return h end
   return nil
 end
+"#,
+    ),
+    (
+        &["take"],
+        r#"
 -- Takes key `u` for `id` going back to pending; answers the other holder instead if
 -- there is one.
 local function take(t, u, id)
@@ -873,50 +1181,82 @@ local function take(t, u, id)
   redis.call('HSET', uk(t), u, id)
   return nil
 end
+"#,
+    ),
+    (
+        &["drop_key"],
+        r#"
 local function drop_key(t, u, id)
   if u and redis.call('HGET', uk(t), u) == id then redis.call('HDEL', uk(t), u) end
 end
--- Puts a pending job where it waits: ready now, or delayed. Answers the stored state.
-local function place(id, q, pr, r)
+"#,
+    ),
+    (
+        &["place"],
+        r#"
+-- Puts a pending job where it waits: ready now, or delayed; `z` is its score there if
+-- known. Answers the stored state.
+local function place(id, q, pr, r, z)
   if r <= NOW then
-    redis.call('ZADD', P .. 'r:' .. q, rscore(pr, r), id)
+    redis.call('ZADD', key('r:', q), z or rscore(pr, r), id)
     return 'ready'
   end
-  redis.call('ZADD', P .. 'd:' .. q, r, id)
+  redis.call('ZADD', key('d:', q), z or r, id)
   return 'scheduled'
 end
+"#,
+    ),
+    (
+        &["unplace"],
+        r#"
 local function unplace(id, q)
-  redis.call('ZREM', P .. 'r:' .. q, id)
-  redis.call('ZREM', P .. 'd:' .. q, id)
+  redis.call('ZREM', key('r:', q), id)
+  redis.call('ZREM', key('d:', q), id)
 end
+"#,
+    ),
+    (
+        &["supersede"],
+        r#"
 -- A running job whose key another pending job took ends cancelled.
 local function supersede(id, t, q, other)
   redis.call('HSET', jk(id), 's', 'cancelled', 'e', 'superseded by job ' .. other,
-    'up', NOW, 'f', NOW)
-  redis.call('ZADD', ik(t, 'cancelled'), NOW, id)
+    'up', NOW_S)
+  redis.call('ZADD', ik(t, 'cancelled'), NOW_S, id)
   move(t, q, 'running', 'cancelled')
 end
+"#,
+    ),
+    (
+        &["promote"],
+        r#"
 -- Moves up to `limit` jobs of `q` whose run-at time has come from delayed to ready.
 local function promote(q, limit)
-  local dk = P .. 'd:' .. q
+  local dk = key('d:', q)
   local due = redis.call('ZRANGEBYSCORE', dk, '-inf', NOW, 'LIMIT', 0, limit)
   if #due == 0 then return 0 end
-  local rk = P .. 'r:' .. q
+  local rk = key('r:', q)
   for _, id in ipairs(due) do
     local j = redis.call('HMGET', jk(id), 's', 'pr', 'r', 't', 'up')
     if j[1] == 'scheduled' or j[1] == 'retrying' then
-      redis.call('ZADD', rk, rscore(tonumber(j[2]), tonumber(j[3])), id)
+      redis.call('ZADD', rk, rscore(tonumber(j[2] or 0), tonumber(j[3])), id)
       if j[1] == 'scheduled' then
+        local t = j[4] or ''
         redis.call('HSET', jk(id), 's', 'ready')
-        redis.call('ZREM', ik(j[4], 'scheduled'), id)
-        redis.call('ZADD', ik(j[4], 'ready'), j[5], id)
-        move(j[4], q, 'scheduled', 'ready')
+        redis.call('ZREM', ik(t, 'scheduled'), id)
+        redis.call('ZADD', ik(t, 'ready'), j[5], id)
+        move(t, q, 'scheduled', 'ready')
       end
     end
   end
   run('ZREM', dk, due, 4000)
   return #due
 end
+"#,
+    ),
+    (
+        &["promote_all"],
+        r#"
 local function promote_all(only, limit)
   if only ~= '' then return promote(only, limit) end
   local n = 0
@@ -926,107 +1266,150 @@ local function promote_all(only, limit)
   end
   return n
 end
-"#;
+"#,
+    ),
+];
 
-/// ARGV[3], ARGV[4]: a tick claim (member, score) or ''; then 10 values per job: id,
-/// tenant, kind, queue, payload, priority, run-at, max attempts, unique key, policy
-/// (`k` keep, `r` replace). Answers (outcome, id) per job, or nothing when the tick was
-/// already claimed.
+/// The source of a script: [`BASE`], the [`HELPERS`] it needs, its body.
+fn script_source(body: &str) -> String {
+    fn mentions(text: &str, name: &str) -> bool {
+        let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        text.match_indices(name).any(|(i, _)| {
+            !text[..i].chars().next_back().is_some_and(ident)
+                && !text[i + name.len()..].chars().next().is_some_and(ident)
+        })
+    }
+    let mut needed = body.to_owned();
+    let mut parts = Vec::new();
+    for (names, code) in HELPERS.iter().rev() {
+        if names.iter().any(|n| mentions(&needed, n)) {
+            parts.push(*code);
+            needed.push_str(code);
+        }
+    }
+    let mut src = String::from(BASE);
+    src.push_str(&format!(
+        "local PROMOTE_LIMIT = {PROMOTE_LIMIT}\nlocal RECOVER_LIMIT = {RECOVER_LIMIT}\n\
+         local TP_TTL = {}\n",
+        (u64::from(THROUGHPUT_RETENTION_MINUTES) + 60) * 60
+    ));
+    src.extend(parts.into_iter().rev());
+    src.push_str(body);
+    src
+}
+
+/// ARGV[3], ARGV[4]: a tick claim (member, score) or ''; then 2 values per job:
+/// `id|tenant|queue|priority|run-at|score|policy|unique key` (the score in the ready or
+/// delayed set, as the run-at time says; policy `k` keep, `r` replace) and the document.
+/// Answers a text with one letter per job (`c` created, `k` kept, `r` replaced) then the
+/// holder's id for each `k` and `r`; nothing when the tick was claimed before.
 const ENQUEUE: &str = r#"
 if ARGV[3] ~= '' then
   if redis.call('ZADD', P .. 'ticks', 'NX', ARGV[4], ARGV[3]) == 0 then return {} end
 end
-local out = {}
+local codes, out = {}, {''}
 local queues, scopes = {}, {}
-for i = 5, #ARGV, 10 do
-  local id, t, kind, q, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local pr, r, m = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), ARGV[i + 7]
-  local u, pol = ARGV[i + 8], ARGV[i + 9]
+for i = 5, #ARGV, 2 do
+  local id, t, q, prs, rs, z, pol, u = string.match(ARGV[i],
+    '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  local d = ARGV[i + 1]
+  local pr, r = tonumber(prs), tonumber(rs)
   queues[q] = true
-  scopes[sc(t)] = true
+  scopes[t] = true
   local h = nil
   if u ~= '' then h = holder(t, u, id) end
   if h and pol == 'k' then
-    out[#out + 1] = 'k'
+    codes[#codes + 1] = 'k'
     out[#out + 1] = h
   elseif h then
+    -- Replace: the new document keeps the holder's creation time.
     local k = jk(h)
-    local o = redis.call('HMGET', k, 's', 'q')
+    local o = redis.call('HMGET', k, 's', 'q', 'd')
+    local c = string.match(o[3], '^{"c":(%-?%d+)')
+    d = '{"c":' .. c .. string.sub(d, #string.match(d, '^{"c":%-?%d+') + 1)
     unplace(h, o[2])
-    local st = place(h, q, pr, r)
-    redis.call('HSET', k, 'k', kind, 'q', q, 'p', payload, 'pr', pr, 'r', r, 'm', m,
-      'a', 0, 's', st, 'up', NOW)
-    redis.call('HDEL', k, 'e')
+    local st = place(h, q, pr, r, z)
+    redis.call('HSET', k, 'd', d, 'q', q, 'pr', prs, 'r', rs, 's', st, 'up', NOW_S)
+    redis.call('HDEL', k, 'a', 'e')
     redis.call('ZREM', ik(t, o[1]), h)
-    redis.call('ZADD', ik(t, st), NOW, h)
-    move(t, o[2], o[1], nil)
-    move(t, q, nil, st)
-    out[#out + 1] = 'r'
+    redis.call('ZADD', ik(t, st), NOW_S, h)
+    count(t, o[2], o[1], -1)
+    count(t, q, st, 1)
+    codes[#codes + 1] = 'r'
     out[#out + 1] = h
   else
     local k = jk(id)
-    -- A call repeated after a lost reply finds its jobs already there.
-    if redis.call('EXISTS', k) == 0 then
-      local st
-      if u ~= '' then
-        st = place(id, q, pr, r)
-        redis.call('HSET', k, 't', t, 'k', kind, 'q', q, 'p', payload, 'pr', pr, 's', st,
-          'r', r, 'a', 0, 'm', m, 'u', u, 'c', NOW, 'up', NOW)
-        redis.call('HSET', uk(t), u, id)
-        redis.call('ZADD', ik(t, st), NOW, id)
+    local st = 'scheduled'
+    if r <= NOW then st = 'ready' end
+    if u == '' and pr == 0 then
+      if t == '' then
+        redis.call('HSET', k, 'd', d, 's', st, 'r', rs, 'up', NOW_S, 'q', q)
       else
-        if r <= NOW then
-          st = 'ready'
-          push(ZA, P .. 'r:' .. q, rscore(pr, r), id)
-        else
-          st = 'scheduled'
-          push(ZA, P .. 'd:' .. q, r, id)
-        end
-        redis.call('HSET', k, 't', t, 'k', kind, 'q', q, 'p', payload, 'pr', pr, 's', st,
-          'r', r, 'a', 0, 'm', m, 'c', NOW, 'up', NOW)
-        push(ZA, ik(t, st), NOW, id)
+        redis.call('HSET', k, 'd', d, 's', st, 'r', rs, 'up', NOW_S, 'q', q, 't', t)
       end
-      count(t, q, st, 1)
+    else
+      local f = {'d', d, 's', st, 'r', rs, 'up', NOW_S, 'q', q}
+      if t ~= '' then f[#f + 1] = 't'; f[#f + 1] = t end
+      if pr ~= 0 then f[#f + 1] = 'pr'; f[#f + 1] = prs end
+      if u ~= '' then f[#f + 1] = 'u'; f[#f + 1] = u end
+      redis.call('HSET', k, unpack(f))
     end
-    out[#out + 1] = 'c'
-    out[#out + 1] = id
+    if u ~= '' then
+      -- Written at once: a later job of this batch may find it by its key.
+      redis.call('HSET', uk(t), u, id)
+      place(id, q, pr, r, z)
+      redis.call('ZADD', ik(t, st), NOW_S, id)
+    else
+      if st == 'ready' then
+        push(ZA, key('r:', q), z, id)
+      else
+        push(ZA, key('d:', q), z, id)
+      end
+      push(ZA, ik(t, st), NOW_S, id)
+    end
+    count(t, q, st, 1)
+    codes[#codes + 1] = 'c'
   end
 end
 for q in pairs(queues) do redis.call('SADD', P .. 'queues', q) end
-for s in pairs(scopes) do redis.call('SADD', P .. 'scopes', s) end
+for t in pairs(scopes) do redis.call('SADD', P .. 'scopes', sc(t)) end
 flush()
+out[1] = table.concat(codes)
 return out
 "#;
 
-/// ARGV[3] queue, ARGV[4] lease ms, then one fresh token per job wanted. Recovers
-/// expired leases, promotes due jobs, leases the best ready ones. Answers records.
+/// ARGV[3] queue, ARGV[4] lease ms, ARGV[5] most jobs, ARGV[6] a random UUID: the n-th
+/// job leased gets it with n added to its low 48 bits as its token. Recovers expired
+/// leases, promotes due jobs, leases the best ready ones. Answers (id, d, r, a, e) per
+/// job.
 const RESERVE: &str = r#"
 local q = ARGV[3]
-local exp = NOW + tonumber(ARGV[4])
-local max = #ARGV - 4
-local rk, lk = P .. 'r:' .. q, P .. 'l:' .. q
-local lost = redis.call('ZRANGEBYSCORE', lk, '-inf', NOW, 'LIMIT', 0, 1000)
+local exp = string.format('%d', NOW + tonumber(ARGV[4]))
+local max = tonumber(ARGV[5])
+local tbase, tlow = string.sub(ARGV[6], 1, 24), tonumber(string.sub(ARGV[6], 25), 16)
+local rk, lk = key('r:', q), key('l:', q)
+local lost = redis.call('ZRANGEBYSCORE', lk, '-inf', NOW, 'LIMIT', 0, RECOVER_LIMIT)
 for _, id in ipairs(lost) do
   local k = jk(id)
-  local j = redis.call('HMGET', k, 's', 'a', 'm', 't', 'u', 'pr', 'r')
+  local j = redis.call('HMGET', k, 's', 'a', 't', 'u', 'pr', 'r', 'd')
   redis.call('ZREM', lk, id)
   if j[1] == 'running' then
-    local a, m, t = tonumber(j[2]), tonumber(j[3]), j[4]
+    local a, m, t = tonumber(j[2] or 0), max_of(j[7]), j[3] or ''
     local of = string.format('%d of %d', a, m)
     if a >= m then
       redis.call('HSET', k, 's', 'dead', 'e', 'worker lost: lease expired on attempt ' .. of,
-        'up', NOW, 'f', NOW)
-      redis.call('ZADD', ik(t, 'dead'), NOW, id)
+        'up', NOW_S)
+      redis.call('ZADD', ik(t, 'dead'), NOW_S, id)
       move(t, q, 'running', 'dead')
     else
-      local other = take(t, j[5] or nil, id)
+      local other = take(t, j[4] or nil, id)
       if other then
         supersede(id, t, q, other)
       else
         redis.call('HSET', k, 's', 'ready',
-          'e', 'lease expired on attempt ' .. of .. '; the job runs again', 'up', NOW)
-        redis.call('ZADD', rk, rscore(tonumber(j[6]), tonumber(j[7])), id)
-        redis.call('ZADD', ik(t, 'ready'), NOW, id)
+          'e', 'lease expired on attempt ' .. of .. '; the job runs again', 'up', NOW_S)
+        redis.call('ZADD', rk, rscore(tonumber(j[5] or 0), tonumber(j[6])), id)
+        redis.call('ZADD', ik(t, 'ready'), NOW_S, id)
         move(t, q, 'running', 'ready')
       end
     end
@@ -1039,43 +1422,43 @@ local n = 0
 for i = 1, #popped, 2 do
   local id = popped[i]
   local k = jk(id)
-  local j = redis.call('HMGET', k, unpack(F))
-  local st = j[6]
+  local j = redis.call('HMGET', k, 'd', 's', 'a', 't', 'u', 'r', 'e')
+  local st = j[2]
   if pending(st) then
     n = n + 1
-    local tok = ARGV[4 + n]
-    local a = tonumber(j[8]) + 1
-    local t = j[1]
-    redis.call('HSET', k, 's', 'running', 'a', a, 'tk', tok, 'up', NOW)
-    if j[10] then drop_key(t, j[10], id) end
+    local a = istr(tonumber(j[3] or 0) + 1)
+    local t = j[4] or ''
+    local tok = tbase .. string.format('%012x', (tlow + n) % 281474976710656)
+    redis.call('HSET', k, 's', 'running', 'a', a, 'tk', tok, 'up', NOW_S)
+    if j[5] then drop_key(t, j[5], id) end
     push(ZR, ik(t, st), id)
     push(ZA, lk, exp, id)
     move(t, q, st, 'running')
-    j[6] = 'running'
-    j[8] = a
-    j[13] = NOW
-    j[15] = tok
     out[#out + 1] = id
-    for x = 1, 15 do out[#out + 1] = j[x] end
+    out[#out + 1] = j[1]
+    out[#out + 1] = j[6]
+    out[#out + 1] = a
+    out[#out + 1] = j[7]
   end
 end
 flush()
 return out
 "#;
 
-/// (id, token) pairs. Answers how many were marked succeeded.
+/// `<id>:<token>` per lease. Answers how many were marked succeeded.
 const COMPLETE: &str = r#"
 local n = 0
-for i = 3, #ARGV, 2 do
-  local id = ARGV[i]
+for i = 3, #ARGV do
+  local id = string.sub(ARGV[i], 1, 36)
   local k = jk(id)
   local j = redis.call('HMGET', k, 's', 'tk', 't', 'q')
-  if j[1] == 'running' and j[2] == ARGV[i + 1] then
-    redis.call('HSET', k, 's', 'succeeded', 'up', NOW, 'f', NOW)
-    push(ZR, P .. 'l:' .. j[4], id)
-    push(ZA, ik(j[3], 'succeeded'), NOW, id)
-    move(j[3], j[4], 'running', 'succeeded')
-    tput(j[3], 's')
+  if j[1] == 'running' and j[2] == string.sub(ARGV[i], 38) then
+    local t, q = j[3] or '', j[4]
+    redis.call('HSET', k, 's', 'succeeded', 'up', NOW_S)
+    push(ZR, key('l:', q), id)
+    push(ZA, ik(t, 'succeeded'), NOW_S, id)
+    move(t, q, 'running', 'succeeded')
+    tput(t, 's')
     n = n + 1
   end
 end
@@ -1083,21 +1466,21 @@ flush()
 return n
 "#;
 
-/// ARGV[3] id, ARGV[4] token, ARGV[5] error, ARGV[6] retry-at or ''. Answers the new
-/// state, or nil when the lease is not held.
+/// ARGV[3] `<id>:<token>`, ARGV[4] error, ARGV[5] retry-at or ''.
+/// Answers the new state, or nil when the lease is not held.
 const FAIL: &str = r#"
-local id = ARGV[3]
+local id = string.sub(ARGV[3], 1, 36)
 local k = jk(id)
 local j = redis.call('HMGET', k, 's', 'tk', 't', 'q', 'u', 'pr')
-if j[1] ~= 'running' or j[2] ~= ARGV[4] then return false end
-local t, q = j[3], j[4]
-redis.call('ZREM', P .. 'l:' .. q, id)
+if j[1] ~= 'running' or j[2] ~= string.sub(ARGV[3], 38) then return false end
+local t, q = j[3] or '', j[4]
+redis.call('ZREM', key('l:', q), id)
 tput(t, 'f')
 local st
-if ARGV[6] == '' then
+if ARGV[5] == '' then
   st = 'dead'
-  redis.call('HSET', k, 's', st, 'e', ARGV[5], 'up', NOW, 'f', NOW)
-  redis.call('ZADD', ik(t, st), NOW, id)
+  redis.call('HSET', k, 's', st, 'e', ARGV[4], 'up', NOW_S)
+  redis.call('ZADD', ik(t, st), NOW_S, id)
   move(t, q, 'running', st)
 else
   local other = take(t, j[5] or nil, id)
@@ -1106,14 +1489,14 @@ else
     supersede(id, t, q, other)
   else
     st = 'retrying'
-    local r = tonumber(ARGV[6])
-    redis.call('HSET', k, 's', st, 'e', ARGV[5], 'r', r, 'up', NOW)
+    local r = tonumber(ARGV[5])
+    redis.call('HSET', k, 's', st, 'e', ARGV[4], 'r', ARGV[5], 'up', NOW_S)
     if r <= NOW then
-      redis.call('ZADD', P .. 'r:' .. q, rscore(tonumber(j[6]), r), id)
+      redis.call('ZADD', key('r:', q), rscore(tonumber(j[6] or 0), r), id)
     else
-      redis.call('ZADD', P .. 'd:' .. q, r, id)
+      redis.call('ZADD', key('d:', q), ARGV[5], id)
     end
-    redis.call('ZADD', ik(t, st), NOW, id)
+    redis.call('ZADD', ik(t, st), NOW_S, id)
     move(t, q, 'running', st)
   end
 end
@@ -1121,14 +1504,15 @@ flush()
 return st
 "#;
 
-/// ARGV[3] lease ms, then (id, token) pairs. Answers 1 or 0 per pair.
+/// ARGV[3] lease ms, then `<id>:<token>` per lease. Answers 1 or 0 per lease.
 const RENEW: &str = r#"
-local exp = NOW + tonumber(ARGV[3])
+local exp = string.format('%d', NOW + tonumber(ARGV[3]))
 local out = {}
-for i = 4, #ARGV, 2 do
-  local j = redis.call('HMGET', jk(ARGV[i]), 's', 'tk', 'q')
-  if j[1] == 'running' and j[2] == ARGV[i + 1] then
-    redis.call('ZADD', P .. 'l:' .. j[3], 'XX', exp, ARGV[i])
+for i = 4, #ARGV do
+  local id = string.sub(ARGV[i], 1, 36)
+  local j = redis.call('HMGET', jk(id), 's', 'tk', 'q')
+  if j[1] == 'running' and j[2] == string.sub(ARGV[i], 38) then
+    redis.call('ZADD', key('l:', j[3]), 'XX', exp, id)
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -1137,28 +1521,28 @@ end
 return out
 "#;
 
-/// (id, token) pairs. Gives the jobs back, due now, the attempt not counted (or
+/// `<id>:<token>` per lease. Gives the jobs back, due now, the attempt not counted (or
 /// cancelled when superseded). Answers how many.
 const RELEASE: &str = r#"
 local n = 0
-for i = 3, #ARGV, 2 do
-  local id = ARGV[i]
+for i = 3, #ARGV do
+  local id = string.sub(ARGV[i], 1, 36)
   local k = jk(id)
   local j = redis.call('HMGET', k, 's', 'tk', 't', 'q', 'u', 'pr', 'a', 'r')
-  if j[1] == 'running' and j[2] == ARGV[i + 1] then
-    local t, q = j[3], j[4]
-    redis.call('ZREM', P .. 'l:' .. q, id)
+  if j[1] == 'running' and j[2] == string.sub(ARGV[i], 38) then
+    local t, q = j[3] or '', j[4]
+    redis.call('ZREM', key('l:', q), id)
     local other = take(t, j[5] or nil, id)
     if other then
       supersede(id, t, q, other)
     else
-      local a = tonumber(j[7]) - 1
+      local a = tonumber(j[7] or 0) - 1
       if a < 0 then a = 0 end
       local r = tonumber(j[8])
       if r > NOW then r = NOW end
-      redis.call('HSET', k, 's', 'ready', 'a', a, 'r', r, 'up', NOW)
-      redis.call('ZADD', P .. 'r:' .. q, rscore(tonumber(j[6]), r), id)
-      redis.call('ZADD', ik(t, 'ready'), NOW, id)
+      redis.call('HSET', k, 's', 'ready', 'a', a, 'r', string.format('%d', r), 'up', NOW_S)
+      redis.call('ZADD', key('r:', q), rscore(tonumber(j[6] or 0), r), id)
+      redis.call('ZADD', ik(t, 'ready'), NOW_S, id)
       move(t, q, 'running', 'ready')
     end
     n = n + 1
@@ -1180,15 +1564,15 @@ if mode == 'u' then
 end
 local k = jk(id)
 local j = redis.call('HMGET', k, 's', 't', 'q', 'u')
-local st, t, q = j[1], j[2], j[3]
+local st, t, q = j[1], j[2] or '', j[3]
 if not st then return 0 end
 if scope ~= '*' and t ~= scope then return 0 end
 if not (pending(st) or (mode == 'd' and st == 'dead')) then return 0 end
 unplace(id, q)
 if j[4] then drop_key(t, j[4], id) end
-redis.call('HSET', k, 's', 'cancelled', 'up', NOW, 'f', NOW)
+redis.call('HSET', k, 's', 'cancelled', 'up', NOW_S)
 redis.call('ZREM', ik(t, st), id)
-redis.call('ZADD', ik(t, 'cancelled'), NOW, id)
+redis.call('ZADD', ik(t, 'cancelled'), NOW_S, id)
 move(t, q, st, 'cancelled')
 flush()
 return 1
@@ -1200,17 +1584,17 @@ const RETRY: &str = r#"
 local id = ARGV[4]
 local k = jk(id)
 local j = redis.call('HMGET', k, 's', 't', 'q', 'u', 'pr')
-local st, t, q = j[1], j[2], j[3]
+local st, t, q = j[1], j[2] or '', j[3]
 if not st then return 0 end
 if ARGV[3] ~= '*' and t ~= ARGV[3] then return 0 end
 if not (st == 'dead' or st == 'retrying' or st == 'cancelled') then return 0 end
 if j[4] and take(t, j[4], id) then return -1 end
 unplace(id, q)
-redis.call('HSET', k, 's', 'ready', 'a', 0, 'r', NOW, 'up', NOW)
-redis.call('HDEL', k, 'f')
-redis.call('ZADD', P .. 'r:' .. q, rscore(tonumber(j[5]), NOW), id)
+redis.call('HSET', k, 's', 'ready', 'r', NOW_S, 'up', NOW_S)
+redis.call('HDEL', k, 'a')
+redis.call('ZADD', key('r:', q), rscore(tonumber(j[5] or 0), NOW), id)
 redis.call('ZREM', ik(t, st), id)
-redis.call('ZADD', ik(t, 'ready'), NOW, id)
+redis.call('ZADD', ik(t, 'ready'), NOW_S, id)
 move(t, q, st, 'ready')
 flush()
 return 1
@@ -1227,10 +1611,10 @@ return redis.call('HGETALL', P .. 'c:' .. ARGV[3])
 /// Answers (succeeded, failed) per minute.
 const THROUGHPUT: &str = r#"
 local first, n = tonumber(ARGV[4]), tonumber(ARGV[5])
+local base = P .. 'tp:' .. ARGV[3] .. ':'
 local out = {}
 for i = 0, n - 1 do
-  local v = redis.call('HMGET', P .. 'tp:' .. ARGV[3] .. ':' .. string.format('%d', first + i),
-    's', 'f')
+  local v = redis.call('HMGET', base .. string.format('%d', first + i), 's', 'f')
   out[#out + 1] = v[1]
   out[#out + 1] = v[2]
 end
@@ -1240,20 +1624,20 @@ return out
 /// ARGV[3] queue. Answers a time in ms, or nil.
 const NEXT_DUE: &str = r#"
 local q = ARGV[3]
-if redis.call('ZCARD', P .. 'r:' .. q) > 0 then return NOW end
+if redis.call('ZCARD', key('r:', q)) > 0 then return NOW end
 local best = false
-local d = redis.call('ZRANGE', P .. 'd:' .. q, 0, 0, 'WITHSCORES')
+local d = redis.call('ZRANGE', key('d:', q), 0, 0, 'WITHSCORES')
 if d[2] then best = tonumber(d[2]) end
-local l = redis.call('ZRANGE', P .. 'l:' .. q, 0, 0, 'WITHSCORES')
+local l = redis.call('ZRANGE', key('l:', q), 0, 0, 'WITHSCORES')
 if l[2] and (not best or tonumber(l[2]) < best) then best = tonumber(l[2]) end
 return best
 "#;
 
-/// ARGV[3] scope (`*` or a tenant), ARGV[4] state ('' any; a stored state name),
-/// ARGV[5] queue ('' any), ARGV[6], ARGV[7] cursor (updated ms, id) or '', ARGV[8]
-/// limit, ARGV[9] most entries to examine. Merges the index sets newest first from
-/// just after the cursor. Answers (done, last examined ms, last examined id) then
-/// records; `done` is 0 when it stopped at the examine limit.
+/// ARGV[3] scope (`*` or a tenant), ARGV[4] state ('' any), ARGV[5] queue ('' any),
+/// ARGV[6], ARGV[7] cursor (updated ms, id) or '', ARGV[8] limit, ARGV[9] most entries
+/// to examine. Merges the index sets newest first from just after the cursor. Answers
+/// (done, last examined ms, last examined id) then records; `done` is 0 when it stopped
+/// at the examine limit.
 const LIST: &str = r#"
 local scope, want, wq = ARGV[3], ARGV[4], ARGV[5]
 local cs, cid = nil, ARGV[7]
@@ -1281,9 +1665,10 @@ for _, st in ipairs(states) do
     local queues
     if wq ~= '' then queues = {wq} else queues = redis.call('SMEMBERS', P .. 'queues') end
     for _, q in ipairs(queues) do
-      for _, id in ipairs(redis.call('ZRANGE', P .. 'l:' .. q, 0, -1)) do
+      for _, id in ipairs(redis.call('ZRANGE', key('l:', q), 0, -1)) do
         local j = redis.call('HMGET', jk(id), 't', 'up')
-        if j[1] and (scope == '*' or j[1] == scope) then
+        local t = j[1] or ''
+        if j[2] and (scope == '*' or t == scope) then
           local s = tonumber(j[2])
           if not cs or s < cs or (s == cs and id < cid) then buf[#buf + 1] = {s, id} end
         end
@@ -1293,22 +1678,22 @@ for _, st in ipairs(states) do
     src[#src + 1] = {buf = buf, bi = 1, done = true}
   else
     for _, s in ipairs(scopes) do
-      local key = P .. 'i:' .. s .. ':' .. st
-      if redis.call('EXISTS', key) == 1 then
+      local k = P .. 'i:' .. s .. ':' .. st
+      if redis.call('EXISTS', k) == 1 then
         local pos = 0
         if cs then
           -- First rank (newest first) after the cursor: past every newer score, then a
           -- binary search among the entries of the cursor's score, ordered by id.
-          local lo = redis.call('ZCOUNT', key, '(' .. ARGV[6], '+inf')
-          local hi = lo + redis.call('ZCOUNT', key, ARGV[6], ARGV[6])
+          local lo = redis.call('ZCOUNT', k, '(' .. ARGV[6], '+inf')
+          local hi = lo + redis.call('ZCOUNT', k, ARGV[6], ARGV[6])
           while lo < hi do
             local mid = math.floor((lo + hi) / 2)
-            local m = redis.call('ZRANGE', key, mid, mid, 'REV')[1]
+            local m = redis.call('ZRANGE', k, mid, mid, 'REV')[1]
             if m < cid then hi = mid else lo = mid + 1 end
           end
           pos = lo
         end
-        src[#src + 1] = {key = key, pos = pos, buf = {}, bi = 1, done = false}
+        src[#src + 1] = {key = k, pos = pos, buf = {}, bi = 1, done = false}
       end
     end
   end
@@ -1344,11 +1729,11 @@ while got < limit and seen < cap do
   best.bi = best.bi + 1
   seen = seen + 1
   last = bh
-  local j = redis.call('HMGET', jk(bh[2]), unpack(F))
-  if j[6] and (wq == '' or j[3] == wq) then
+  local j = redis.call('HMGET', jk(bh[2]), 'd', 's', 'r', 'a', 'e', 'up', 'q')
+  if j[2] and (wq == '' or j[7] == wq) then
     got = got + 1
     out[#out + 1] = bh[2]
-    for x = 1, 15 do out[#out + 1] = j[x] end
+    for x = 1, 6 do out[#out + 1] = j[x] end
   end
 end
 if exhausted or got >= limit then out[1] = 1 end
@@ -1370,39 +1755,24 @@ for _, s in ipairs(redis.call('SMEMBERS', P .. 'scopes')) do
       more = 1
       break
     end
-    local key = P .. 'i:' .. s .. ':' .. st
-    local ids = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. before, 'LIMIT', 0, lim - n)
+    local k = P .. 'i:' .. s .. ':' .. st
+    local ids = redis.call('ZRANGEBYSCORE', k, '-inf', '(' .. before, 'LIMIT', 0, lim - n)
     if #ids > 0 then
       for _, id in ipairs(ids) do
-        local k = jk(id)
-        local j = redis.call('HMGET', k, 's', 't', 'q')
+        local jkey = jk(id)
+        local j = redis.call('HMGET', jkey, 's', 't', 'q')
         if j[1] == st then
-          redis.call('DEL', k)
-          count(j[2], j[3], st, -1)
+          redis.call('DEL', jkey)
+          count(j[2] or '', j[3], st, -1)
           deleted = deleted + 1
         end
         n = n + 1
       end
-      run('ZREM', key, ids, 4000)
+      run('ZREM', k, ids, 4000)
     end
   end
 end
 if more == 0 then redis.call('ZREMRANGEBYSCORE', P .. 'ticks', '-inf', '(' .. before) end
 flush()
 return {deleted, more}
-"#;
-
-/// Deletes every key under the prefix. Answers how many.
-const PURGE: &str = r#"
-local pattern = P:gsub('[%*%?%[%]\\]', '\\%0') .. '*'
-local cursor, n = '0', 0
-repeat
-  local r = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 1000)
-  cursor = r[1]
-  if #r[2] > 0 then
-    for _, key in ipairs(r[2]) do redis.call('DEL', key) end
-    n = n + #r[2]
-  end
-until cursor == '0'
-return n
 "#;

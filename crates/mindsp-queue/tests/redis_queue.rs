@@ -60,7 +60,12 @@ fn filter(scope: JobScope, state: Option<JobState>) -> JobFilter {
 }
 
 async fn listed(q: &RedisQueue, f: JobFilter) -> Vec<JobId> {
-    q.list(&f).await.unwrap().into_iter().map(|j| j.id).collect()
+    q.list(&f)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect()
 }
 
 #[tokio::test]
@@ -74,7 +79,10 @@ async fn reserve_orders_by_priority_then_run_at_then_id() {
     let mid = enq(NewJob::new("t.a", json!({})).run_at(now - ms(3000))).await;
     let old = enq(NewJob::new("t.b", json!({})).run_at(now - ms(5000))).await;
     let urgent = enq(NewJob::new("t.c", json!({})).priority(10)).await;
-    let low = enq(NewJob::new("t.d", json!({})).priority(-100).run_at(now - ms(9000))).await;
+    let low = enq(NewJob::new("t.d", json!({}))
+        .priority(-100)
+        .run_at(now - ms(9000)))
+    .await;
     let top = enq(NewJob::new("t.e", json!({})).priority(100)).await;
     let later = enq(NewJob::new("t.f", json!({})).run_at(now + chrono::Duration::hours(1))).await;
     // Same priority and run-at: the smaller (older) id first.
@@ -123,13 +131,36 @@ async fn delayed_jobs_wait_and_next_due_tells_when() {
     assert!(reserve_ids(&q, DEFAULT_QUEUE, 10).await.is_empty());
     assert_eq!(q.next_due(DEFAULT_QUEUE).await.unwrap(), Some(job.run_at));
 
+    let counts = q.counts(JobScope::All).await.unwrap();
+    assert_eq!((counts[0].scheduled, counts[0].ready), (1, 0));
+    assert_eq!(
+        listed(&q, filter(JobScope::All, Some(JobState::Scheduled))).await,
+        vec![id]
+    );
+
     tokio::time::sleep(Duration::from_millis(350)).await;
     // Due but not yet moved: reported ready all the same.
     assert_eq!(get(&q, id).await.state, JobState::Ready);
+    let counts = q.counts(JobScope::All).await.unwrap();
+    assert_eq!((counts[0].scheduled, counts[0].ready), (0, 1));
+    assert!(
+        listed(&q, filter(JobScope::All, Some(JobState::Scheduled)))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        listed(&q, filter(JobScope::All, Some(JobState::Ready))).await,
+        vec![id]
+    );
+    let job = get(&q, id).await;
+    assert_eq!(job.updated_at, job.created_at, "coming due is not a change");
     assert!(q.next_due(DEFAULT_QUEUE).await.unwrap().unwrap() <= Utc::now());
     let lease = q.reserve(DEFAULT_QUEUE, 10, LEASE).await.unwrap().remove(0);
     assert_eq!(lease.job.id, id);
-    assert_eq!(q.next_due(DEFAULT_QUEUE).await.unwrap(), Some(lease.expires_at));
+    assert_eq!(
+        q.next_due(DEFAULT_QUEUE).await.unwrap(),
+        Some(lease.expires_at)
+    );
 
     // Ready jobs make next_due "now".
     q.enqueue(&NewJob::new("t.now", json!({}))).await.unwrap();
@@ -142,24 +173,37 @@ async fn failures_retry_then_die_and_count() {
     let Some(q) = queue().await else { return };
     let tenant = TenantId::new();
     let id = q
-        .enqueue(&NewJob::new("t.flaky", json!({})).tenant(tenant).max_attempts(2))
+        .enqueue(
+            &NewJob::new("t.flaky", json!({}))
+                .tenant(tenant)
+                .max_attempts(2),
+        )
         .await
         .unwrap()
         .id();
     let first = q.reserve(DEFAULT_QUEUE, 1, LEASE).await.unwrap().remove(0);
     let retry_at = Utc::now() + ms(250);
     assert_eq!(
-        q.fail(&first.lease_ref(), "SMTP 421", Some(retry_at)).await.unwrap(),
+        q.fail(&first.lease_ref(), "SMTP 421", Some(retry_at))
+            .await
+            .unwrap(),
         Some(JobState::Retrying)
     );
     let job = get(&q, id).await;
     assert_eq!(job.state, JobState::Retrying);
     assert_eq!(job.last_error.as_deref(), Some("SMTP 421"));
     assert_eq!(job.run_at.timestamp_millis(), retry_at.timestamp_millis());
-    assert_eq!(q.fail(&first.lease_ref(), "again", None).await.unwrap(), None);
+    assert_eq!(
+        q.fail(&first.lease_ref(), "again", None).await.unwrap(),
+        None
+    );
     assert!(reserve_ids(&q, DEFAULT_QUEUE, 1).await.is_empty());
     assert_eq!(
-        listed(&q, filter(JobScope::Tenant(tenant), Some(JobState::Retrying))).await,
+        listed(
+            &q,
+            filter(JobScope::Tenant(tenant), Some(JobState::Retrying))
+        )
+        .await,
         vec![id]
     );
 
@@ -205,7 +249,9 @@ async fn unique_keys_keep_replace_and_scope_per_tenant() {
     assert!(matches!(first, Enqueued::Created(_)));
     let id = first.id();
     assert_eq!(
-        q.enqueue(&job(2).unique(key, OnDuplicate::Keep)).await.unwrap(),
+        q.enqueue(&job(2).unique(key, OnDuplicate::Keep))
+            .await
+            .unwrap(),
         Enqueued::Kept(id)
     );
     assert_eq!(get(&q, id).await.payload, json!({ "v": 1 }));
@@ -241,7 +287,11 @@ async fn unique_keys_keep_replace_and_scope_per_tenant() {
 
     // Same key, other tenant, or no tenant: other scopes.
     let other = q
-        .enqueue(&NewJob::new("fmpa.reminder", json!({})).tenant(t2).unique(key, OnDuplicate::Keep))
+        .enqueue(
+            &NewJob::new("fmpa.reminder", json!({}))
+                .tenant(t2)
+                .unique(key, OnDuplicate::Keep),
+        )
         .await
         .unwrap();
     assert!(matches!(other, Enqueued::Created(o) if o != id));
@@ -264,6 +314,56 @@ async fn unique_keys_keep_replace_and_scope_per_tenant() {
         .await
         .unwrap();
     assert!(matches!(again, Enqueued::Created(o) if o != id));
+
+    // Replace may move the job to another queue and kind.
+    let moving = q
+        .enqueue(&NewJob::new("t.m", json!({})).unique("mover", OnDuplicate::Keep))
+        .await
+        .unwrap()
+        .id();
+    let moved = q
+        .enqueue(
+            &NewJob::new("t.n", json!({ "v": 2 }))
+                .queue("elsewhere")
+                .unique("mover", OnDuplicate::Replace),
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved, Enqueued::Replaced(moving));
+    let job = get(&q, moving).await;
+    assert_eq!(
+        (job.kind.as_str(), job.queue.as_str()),
+        ("t.n", "elsewhere")
+    );
+    assert!(job.created_at <= job.updated_at);
+    let leased = q.reserve("elsewhere", 5, LEASE).await.unwrap();
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].job.id, moving);
+    let counts = q.counts(JobScope::All).await.unwrap();
+    assert!(
+        counts
+            .iter()
+            .any(|c| c.queue == "elsewhere" && c.running == 1)
+    );
+
+    // Any text is a key, separators included.
+    let odd = "a|b|c:\n é|";
+    let first_odd = q
+        .enqueue(&NewJob::new("t.o", json!({})).unique(odd, OnDuplicate::Keep))
+        .await
+        .unwrap();
+    assert!(matches!(first_odd, Enqueued::Created(_)));
+    assert_eq!(
+        q.enqueue(&NewJob::new("t.o", json!({})).unique(odd, OnDuplicate::Keep))
+            .await
+            .unwrap(),
+        Enqueued::Kept(first_odd.id())
+    );
+    assert_eq!(
+        get(&q, first_odd.id()).await.unique_key.as_deref(),
+        Some(odd)
+    );
+    assert!(q.cancel_unique(None, odd).await.unwrap());
 
     // Inside one batch, the second of two same-key jobs finds the first.
     let batch = q
@@ -299,7 +399,9 @@ async fn a_running_holder_frees_its_key_and_is_superseded() {
         .unwrap();
     assert!(matches!(newer, Enqueued::Created(id) if id != running));
     assert_eq!(
-        q.fail(&lease.lease_ref(), "boom", Some(Utc::now())).await.unwrap(),
+        q.fail(&lease.lease_ref(), "boom", Some(Utc::now()))
+            .await
+            .unwrap(),
         Some(JobState::Cancelled)
     );
     let job1 = get(&q, running).await;
@@ -311,7 +413,9 @@ async fn a_running_holder_frees_its_key_and_is_superseded() {
     assert_eq!(get(&q, newer.id()).await.state, JobState::Scheduled);
     // The key stays with the newer one.
     assert_eq!(
-        q.enqueue(&job(3).unique(key, OnDuplicate::Keep)).await.unwrap(),
+        q.enqueue(&job(3).unique(key, OnDuplicate::Keep))
+            .await
+            .unwrap(),
         Enqueued::Kept(newer.id())
     );
     assert!(q.cancel(JobScope::All, newer.id()).await.unwrap());
@@ -320,7 +424,11 @@ async fn a_running_holder_frees_its_key_and_is_superseded() {
     let second = q.enqueue(&job(4)).await.unwrap().id();
     let lease = q.reserve(DEFAULT_QUEUE, 1, LEASE).await.unwrap().remove(0);
     assert_eq!(lease.job.id, second);
-    let third = q.enqueue(&job(5).delay(Duration::from_secs(60))).await.unwrap().id();
+    let third = q
+        .enqueue(&job(5).delay(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .id();
     assert_eq!(q.release(&[lease.lease_ref()]).await.unwrap(), 1);
     assert_eq!(get(&q, second).await.state, JobState::Cancelled);
     assert!(q.cancel(JobScope::All, third).await.unwrap());
@@ -333,7 +441,11 @@ async fn a_running_holder_frees_its_key_and_is_superseded() {
         .unwrap()
         .remove(0);
     assert_eq!(lease.job.id, fourth);
-    let fifth = q.enqueue(&job(7).delay(Duration::from_secs(60))).await.unwrap().id();
+    let fifth = q
+        .enqueue(&job(7).delay(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .id();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(reserve_ids(&q, DEFAULT_QUEUE, 5).await.is_empty());
     let lost = get(&q, fourth).await;
@@ -345,13 +457,19 @@ async fn a_running_holder_frees_its_key_and_is_superseded() {
     let sixth = q.enqueue(&job(8)).await.unwrap().id();
     let lease = q.reserve(DEFAULT_QUEUE, 1, LEASE).await.unwrap().remove(0);
     assert_eq!(
-        q.fail(&lease.lease_ref(), "later", Some(Utc::now() + chrono::Duration::hours(1)))
-            .await
-            .unwrap(),
+        q.fail(
+            &lease.lease_ref(),
+            "later",
+            Some(Utc::now() + chrono::Duration::hours(1))
+        )
+        .await
+        .unwrap(),
         Some(JobState::Retrying)
     );
     assert_eq!(
-        q.enqueue(&job(9).unique(key, OnDuplicate::Keep)).await.unwrap(),
+        q.enqueue(&job(9).unique(key, OnDuplicate::Keep))
+            .await
+            .unwrap(),
         Enqueued::Kept(sixth)
     );
     // A retry of a dead or cancelled job whose key is held now is refused.
@@ -369,30 +487,61 @@ async fn cancel_and_discard_touch_only_what_they_may() {
     let Some(q) = queue().await else { return };
     let tenant = TenantId::new();
     let delayed = q
-        .enqueue(&NewJob::new("t.c", json!({})).tenant(tenant).delay(Duration::from_secs(60)))
+        .enqueue(
+            &NewJob::new("t.c", json!({}))
+                .tenant(tenant)
+                .delay(Duration::from_secs(60)),
+        )
         .await
         .unwrap()
         .id();
-    assert!(!q.cancel(JobScope::Tenant(TenantId::new()), delayed).await.unwrap());
+    assert!(
+        !q.cancel(JobScope::Tenant(TenantId::new()), delayed)
+            .await
+            .unwrap()
+    );
     assert!(q.cancel(JobScope::Tenant(tenant), delayed).await.unwrap());
     assert!(!q.cancel(JobScope::All, delayed).await.unwrap());
     assert!(!q.cancel(JobScope::All, JobId::new()).await.unwrap());
-    assert_eq!(q.next_due(DEFAULT_QUEUE).await.unwrap(), None, "out of the queue");
+    assert_eq!(
+        q.next_due(DEFAULT_QUEUE).await.unwrap(),
+        None,
+        "out of the queue"
+    );
 
-    let running = q.enqueue(&NewJob::new("t.c", json!({}))).await.unwrap().id();
+    let running = q
+        .enqueue(&NewJob::new("t.c", json!({})))
+        .await
+        .unwrap()
+        .id();
     let lease = q.reserve(DEFAULT_QUEUE, 1, LEASE).await.unwrap().remove(0);
     assert!(!q.cancel(JobScope::All, running).await.unwrap());
     assert!(!q.discard(JobScope::All, running).await.unwrap());
     // A tenant's scope never covers jobs of no tenant.
-    assert!(q.job(JobScope::Tenant(tenant), running).await.unwrap().is_none());
-    assert_eq!(q.fail(&lease.lease_ref(), "bad", None).await.unwrap(), Some(JobState::Dead));
-    assert!(!q.cancel(JobScope::All, running).await.unwrap(), "dead is finished");
+    assert!(
+        q.job(JobScope::Tenant(tenant), running)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        q.fail(&lease.lease_ref(), "bad", None).await.unwrap(),
+        Some(JobState::Dead)
+    );
+    assert!(
+        !q.cancel(JobScope::All, running).await.unwrap(),
+        "dead is finished"
+    );
     assert!(q.discard(JobScope::All, running).await.unwrap());
     assert_eq!(get(&q, running).await.state, JobState::Cancelled);
     assert_eq!(get(&q, running).await.last_error.as_deref(), Some("bad"));
     assert!(!q.discard(JobScope::All, running).await.unwrap());
 
-    let ready = q.enqueue(&NewJob::new("t.c", json!({}))).await.unwrap().id();
+    let ready = q
+        .enqueue(&NewJob::new("t.c", json!({})))
+        .await
+        .unwrap()
+        .id();
     assert!(q.discard(JobScope::All, ready).await.unwrap());
     assert!(reserve_ids(&q, DEFAULT_QUEUE, 10).await.is_empty());
     let counts = q.counts(JobScope::All).await.unwrap();
@@ -458,7 +607,10 @@ async fn expired_leases_come_back_then_die() {
     let short = Duration::from_millis(150);
     let lost = q.reserve(DEFAULT_QUEUE, 1, short).await.unwrap().remove(0);
     assert!(q.reserve(DEFAULT_QUEUE, 1, short).await.unwrap().is_empty());
-    assert_eq!(q.next_due(DEFAULT_QUEUE).await.unwrap(), Some(lost.expires_at));
+    assert_eq!(
+        q.next_due(DEFAULT_QUEUE).await.unwrap(),
+        Some(lost.expires_at)
+    );
     assert_eq!(
         listed(&q, filter(JobScope::All, Some(JobState::Running))).await,
         vec![id]
@@ -470,7 +622,10 @@ async fn expired_leases_come_back_then_die() {
     assert!(again.job.last_error.unwrap().contains("lease expired"));
     assert_ne!(again.token, lost.token);
     // The first worker's lease is stale now: everything it tries is ignored.
-    assert_eq!(q.renew(&[lost.lease_ref()], LEASE).await.unwrap(), vec![false]);
+    assert_eq!(
+        q.renew(&[lost.lease_ref()], LEASE).await.unwrap(),
+        vec![false]
+    );
     assert_eq!(q.complete(&[lost.lease_ref()]).await.unwrap(), 0);
     assert_eq!(q.release(&[lost.lease_ref()]).await.unwrap(), 0);
     assert_eq!(q.fail(&lost.lease_ref(), "late", None).await.unwrap(), None);
@@ -500,7 +655,11 @@ async fn expired_leases_come_back_then_die() {
 #[tokio::test]
 async fn renew_holds_and_release_gives_back_the_attempt() {
     let Some(q) = queue().await else { return };
-    let a = q.enqueue(&NewJob::new("t.long", json!({}))).await.unwrap().id();
+    let a = q
+        .enqueue(&NewJob::new("t.long", json!({})))
+        .await
+        .unwrap()
+        .id();
     let b = q
         .enqueue(&NewJob::new("t.long", json!({})).max_attempts(1))
         .await
@@ -523,7 +682,7 @@ async fn renew_holds_and_release_gives_back_the_attempt() {
     let again = q.reserve(DEFAULT_QUEUE, 5, LEASE).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!((again[0].job.id, again[0].job.attempts), (b, 1));
-    assert_eq!(q.renew(&[], LEASE).await.unwrap(), vec![]);
+    assert!(q.renew(&[], LEASE).await.unwrap().is_empty());
     assert_eq!(q.complete(&[]).await.unwrap(), 0);
     done(q).await;
 }
@@ -542,7 +701,11 @@ async fn monitoring_counts_lists_and_pages_per_tenant() {
         .unwrap()
         .id();
     let theirs = q
-        .enqueue(&NewJob::new("t.mon", json!({})).tenant(sdis84).max_attempts(1))
+        .enqueue(
+            &NewJob::new("t.mon", json!({}))
+                .tenant(sdis84)
+                .max_attempts(1),
+        )
         .await
         .unwrap()
         .id();
@@ -560,7 +723,9 @@ async fn monitoring_counts_lists_and_pages_per_tenant() {
         } else {
             assert_eq!(l.job.id, theirs);
             assert_eq!(
-                q.fail(&l.lease_ref(), "no such address", None).await.unwrap(),
+                q.fail(&l.lease_ref(), "no such address", None)
+                    .await
+                    .unwrap(),
                 Some(JobState::Dead)
             );
         }
@@ -570,36 +735,71 @@ async fn monitoring_counts_lists_and_pages_per_tenant() {
     let by: HashMap<&str, &QueueCounts> = counts.iter().map(|c| (c.queue.as_str(), c)).collect();
     assert_eq!(by.len(), 2);
     let d = by[DEFAULT_QUEUE];
-    assert_eq!((d.succeeded, d.scheduled, d.dead, d.ready, d.running), (1, 1, 0, 0, 0));
+    assert_eq!(
+        (d.succeeded, d.scheduled, d.dead, d.ready, d.running),
+        (1, 1, 0, 0, 0)
+    );
     assert_eq!(by["email"].ready, 1);
     let all = q.counts(JobScope::All).await.unwrap();
     assert_eq!(all.iter().map(|c| c.dead).sum::<u64>(), 1);
     assert_eq!(all.iter().map(|c| c.ready).sum::<u64>(), 2);
-    assert!(q.counts(JobScope::Tenant(TenantId::new())).await.unwrap().is_empty());
+    assert!(
+        q.counts(JobScope::Tenant(TenantId::new()))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let tp = q.throughput(JobScope::Tenant(sdis13), 5).await.unwrap();
     assert_eq!(tp.len(), 5);
-    assert!(tp.windows(2).all(|w| w[1].minute - w[0].minute == chrono::Duration::minutes(1)));
+    assert!(
+        tp.windows(2)
+            .all(|w| w[1].minute - w[0].minute == chrono::Duration::minutes(1))
+    );
     assert!(tp[4].minute <= Utc::now() && Utc::now() - tp[4].minute < chrono::Duration::minutes(1));
-    assert_eq!(tp.iter().map(|m| (m.succeeded, m.failed)).fold((0, 0), |s, m| (s.0 + m.0, s.1 + m.1)), (1, 0));
+    assert_eq!(
+        tp.iter()
+            .map(|m| (m.succeeded, m.failed))
+            .fold((0, 0), |s, m| (s.0 + m.0, s.1 + m.1)),
+        (1, 0)
+    );
     let tp_all = q.throughput(JobScope::All, 1).await.unwrap();
     assert_eq!(tp_all.len(), 1);
     assert_eq!((tp_all[0].succeeded, tp_all[0].failed), (1, 1));
     assert_eq!(q.throughput(JobScope::All, 0).await.unwrap().len(), 1);
-    assert_eq!(q.throughput(JobScope::All, 20_000).await.unwrap().len(), 20_000);
+    assert_eq!(
+        q.throughput(JobScope::All, 20_000).await.unwrap().len(),
+        20_000
+    );
 
     // Another tenant's job is invisible and untouchable.
     let scoped = JobScope::Tenant(sdis13);
     assert!(q.job(scoped, theirs).await.unwrap().is_none());
     assert!(!q.retry(scoped, theirs).await.unwrap());
     assert!(!q.discard(scoped, theirs).await.unwrap());
-    assert!(listed(&q, filter(scoped, Some(JobState::Dead))).await.is_empty());
-    assert_eq!(listed(&q, filter(JobScope::All, Some(JobState::Dead))).await, vec![theirs]);
+    assert!(
+        listed(&q, filter(scoped, Some(JobState::Dead)))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        listed(&q, filter(JobScope::All, Some(JobState::Dead))).await,
+        vec![theirs]
+    );
 
     // Listing by state, by queue, across tenants.
-    assert_eq!(listed(&q, filter(scoped, Some(JobState::Scheduled))).await, vec![later]);
-    assert_eq!(listed(&q, filter(scoped, Some(JobState::Ready))).await, vec![email]);
-    assert_eq!(listed(&q, filter(scoped, Some(JobState::Succeeded))).await, vec![a]);
+    assert_eq!(
+        listed(&q, filter(scoped, Some(JobState::Scheduled))).await,
+        vec![later]
+    );
+    assert_eq!(
+        listed(&q, filter(scoped, Some(JobState::Ready))).await,
+        vec![email]
+    );
+    assert_eq!(
+        listed(&q, filter(scoped, Some(JobState::Succeeded))).await,
+        vec![a]
+    );
     let mut ready_all = listed(&q, filter(JobScope::All, Some(JobState::Ready))).await;
     ready_all.sort();
     let mut expected = vec![email, nobody];
@@ -613,9 +813,11 @@ async fn monitoring_counts_lists_and_pages_per_tenant() {
 
     // Paging, newest change first, without repeats.
     let everything = q.list(&filter(JobScope::All, None)).await.unwrap();
-    assert!(everything
-        .windows(2)
-        .all(|w| (w[0].updated_at, w[0].id) > (w[1].updated_at, w[1].id)));
+    assert!(
+        everything
+            .windows(2)
+            .all(|w| (w[0].updated_at, w[0].id) > (w[1].updated_at, w[1].id))
+    );
     let mut seen = Vec::new();
     let mut before = None;
     loop {
@@ -642,9 +844,15 @@ async fn monitoring_counts_lists_and_pages_per_tenant() {
     let theirs_scope = JobScope::Tenant(sdis84);
     assert!(q.retry(theirs_scope, theirs).await.unwrap());
     let job = get(&q, theirs).await;
-    assert_eq!((job.state, job.attempts, job.finished_at), (JobState::Ready, 0, None));
+    assert_eq!(
+        (job.state, job.attempts, job.finished_at),
+        (JobState::Ready, 0, None)
+    );
     assert_eq!(job.last_error.as_deref(), Some("no such address"));
-    assert!(!q.retry(theirs_scope, theirs).await.unwrap(), "only failed jobs");
+    assert!(
+        !q.retry(theirs_scope, theirs).await.unwrap(),
+        "only failed jobs"
+    );
     assert!(q.discard(theirs_scope, theirs).await.unwrap());
     assert_eq!(get(&q, theirs).await.state, JobState::Cancelled);
     done(q).await;
@@ -720,7 +928,11 @@ async fn prune_removes_only_old_finished_jobs() {
         .await
         .unwrap()
         .id();
-    let bad = q.enqueue(&NewJob::new("t.p", json!({}))).await.unwrap().id();
+    let bad = q
+        .enqueue(&NewJob::new("t.p", json!({})))
+        .await
+        .unwrap()
+        .id();
     let leases = q.reserve(DEFAULT_QUEUE, 2, LEASE).await.unwrap();
     for l in &leases {
         if l.job.id == ok {
@@ -729,17 +941,30 @@ async fn prune_removes_only_old_finished_jobs() {
             q.fail(&l.lease_ref(), "x", None).await.unwrap();
         }
     }
-    let gone = q.enqueue(&NewJob::new("t.p", json!({}))).await.unwrap().id();
+    let gone = q
+        .enqueue(&NewJob::new("t.p", json!({})))
+        .await
+        .unwrap()
+        .id();
     assert!(q.cancel(JobScope::All, gone).await.unwrap());
     let pending = q
         .enqueue(&NewJob::new("t.p", json!({})).delay(Duration::from_secs(60)))
         .await
         .unwrap()
         .id();
-    let running = q.enqueue(&NewJob::new("t.p", json!({}))).await.unwrap().id();
+    let running = q
+        .enqueue(&NewJob::new("t.p", json!({})))
+        .await
+        .unwrap()
+        .id();
     assert_eq!(reserve_ids(&q, DEFAULT_QUEUE, 1).await, vec![running]);
 
-    assert_eq!(q.prune(Utc::now() - chrono::Duration::hours(1)).await.unwrap(), 0);
+    assert_eq!(
+        q.prune(Utc::now() - chrono::Duration::hours(1))
+            .await
+            .unwrap(),
+        0
+    );
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(q.prune(Utc::now()).await.unwrap(), 3);
     for id in [ok, bad, gone] {
@@ -751,7 +976,10 @@ async fn prune_removes_only_old_finished_jobs() {
     let counts = q.counts(JobScope::All).await.unwrap();
     assert_eq!(counts.len(), 1);
     let c = &counts[0];
-    assert_eq!((c.succeeded, c.dead, c.cancelled, c.scheduled, c.running), (0, 0, 0, 1, 1));
+    assert_eq!(
+        (c.succeeded, c.dead, c.cancelled, c.scheduled, c.running),
+        (0, 0, 0, 1, 1)
+    );
     assert!(q.counts(JobScope::Tenant(tenant)).await.unwrap().is_empty());
     assert_eq!(listed(&q, filter(JobScope::All, None)).await.len(), 2);
     done(q).await;
@@ -761,7 +989,9 @@ async fn prune_removes_only_old_finished_jobs() {
 async fn concurrent_reservers_never_share_a_job() {
     let Some(q) = queue().await else { return };
     const N: usize = 3_000;
-    let jobs: Vec<NewJob> = (0..N).map(|i| NewJob::new("t.race", json!({ "i": i }))).collect();
+    let jobs: Vec<NewJob> = (0..N)
+        .map(|i| NewJob::new("t.race", json!({ "i": i })))
+        .collect();
     q.enqueue_batch(&jobs).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..6 {
@@ -800,8 +1030,14 @@ async fn bad_jobs_are_refused_and_nothing_is_written() {
     let cases = [
         (NewJob::new("Bad Kind!", json!({})), "invalid_kind"),
         (NewJob::new("t.ok", json!({})).queue(""), "invalid_queue"),
-        (NewJob::new("t.ok", json!({})).priority(101), "invalid_priority"),
-        (NewJob::new("t.ok", json!({})).max_attempts(0), "invalid_max_attempts"),
+        (
+            NewJob::new("t.ok", json!({})).priority(101),
+            "invalid_priority",
+        ),
+        (
+            NewJob::new("t.ok", json!({})).max_attempts(0),
+            "invalid_max_attempts",
+        ),
         (
             NewJob::new("t.ok", json!({})).unique("", OnDuplicate::Keep),
             "invalid_unique_key",
@@ -824,16 +1060,22 @@ async fn bad_jobs_are_refused_and_nothing_is_written() {
     // Extremes that are valid are stored as given.
     let id = q
         .enqueue(
-            &NewJob::new("a.b_c-d:e", json!({ "s": "ünïcødé \u{1F692}", "n": [1, 2.5, null] }))
-                .priority(-100)
-                .max_attempts(MAX_ATTEMPTS)
-                .unique("k".repeat(MAX_UNIQUE_KEY_LEN), OnDuplicate::Keep),
+            &NewJob::new(
+                "a.b_c-d:e",
+                json!({ "s": "ünïcødé \u{1F692}", "n": [1, 2.5, null] }),
+            )
+            .priority(-100)
+            .max_attempts(MAX_ATTEMPTS)
+            .unique("k".repeat(MAX_UNIQUE_KEY_LEN), OnDuplicate::Keep),
         )
         .await
         .unwrap()
         .id();
     let job = get(&q, id).await;
-    assert_eq!(job.payload, json!({ "s": "ünïcødé \u{1F692}", "n": [1, 2.5, null] }));
+    assert_eq!(
+        job.payload,
+        json!({ "s": "ünïcødé \u{1F692}", "n": [1, 2.5, null] })
+    );
     assert_eq!((job.priority, job.max_attempts), (-100, MAX_ATTEMPTS));
     assert_eq!(job.tenant, None);
     assert_eq!(job.kind, "a.b_c-d:e");
@@ -843,7 +1085,11 @@ async fn bad_jobs_are_refused_and_nothing_is_written() {
 #[tokio::test]
 async fn the_scripts_come_back_after_a_script_flush() {
     let Some(q) = queue().await else { return };
-    let id = q.enqueue(&NewJob::new("t.a", json!({}))).await.unwrap().id();
+    let id = q
+        .enqueue(&NewJob::new("t.a", json!({})))
+        .await
+        .unwrap()
+        .id();
     let _: () = fred::interfaces::LuaInterface::script_flush(q.pool(), false)
         .await
         .unwrap();
@@ -863,12 +1109,9 @@ async fn an_unreachable_server_is_a_storage_error() {
     }
     let mut config = mindsp_queue::redis::RedisQueueConfig::new("redis://127.0.0.1:1");
     config.command_timeout = Duration::from_secs(2);
-    let res = tokio::time::timeout(
-        Duration::from_secs(20),
-        RedisQueue::connect_with(config),
-    )
-    .await
-    .expect("connecting gives up");
+    let res = tokio::time::timeout(Duration::from_secs(20), RedisQueue::connect_with(config))
+        .await
+        .expect("connecting gives up");
     match res {
         Err(Error::Storage(_)) => {}
         other => panic!("{other:?}"),

@@ -19,7 +19,7 @@ pub struct Backend {
 enum Cleanup {
     File(std::path::PathBuf),
     Schema { url: String, schema: String },
-    Redis,
+    Redis(mindsp_queue::redis::RedisQueue),
 }
 
 impl Backend {
@@ -77,9 +77,9 @@ impl Backend {
             .expect("connect redis");
         Some(Self {
             name: "redis",
-            queue: Arc::new(queue),
+            queue: Arc::new(queue.clone()),
             store: None,
-            cleanup: Cleanup::Redis,
+            cleanup: Cleanup::Redis(queue),
         })
     }
 
@@ -100,8 +100,9 @@ impl Backend {
                         .await;
                 }
             }
-            // Keys of a test prefix are few and small; the server keeps nothing on disk.
-            Cleanup::Redis => {}
+            Cleanup::Redis(queue) => {
+                let _ = queue.purge().await;
+            }
         }
     }
 }
