@@ -7,8 +7,10 @@
 //! - [`service`]: the rules (membership, roles, limits) on top of the ports.
 //! - [`jobs`]: the durable job queue port.
 //! - [`mail`]: the mailer port.
+//! - [`events`]: real-time events and the [`events::Publisher`] port.
 
 pub mod error;
+pub mod events;
 pub mod ids;
 pub mod jobs;
 pub mod mail;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::events::{Envelope, Event, Publisher};
 use crate::ids::{ConversationId, MessageId, TenantId, UserId};
 use crate::model::{
     ActivityCursor, Appended, Conversation, ConversationKind, ConversationSummary, Member,
@@ -80,16 +81,71 @@ impl Limits {
 }
 
 /// Conversation, message, user and search operations for authenticated actors.
+///
+/// With a [`Publisher`], every committed change that live clients must see is
+/// published after its commit (never before): messages, read markers, membership and
+/// name changes, deactivations.
 #[derive(Clone)]
 pub struct Messaging {
     store: Arc<dyn Store>,
     limits: Limits,
+    publisher: Option<Arc<dyn Publisher>>,
 }
 
 impl Messaging {
-    /// Builds the service over a store.
+    /// Builds the service over a store, publishing nothing.
     pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
-        Self { store, limits }
+        Self {
+            store,
+            limits,
+            publisher: None,
+        }
+    }
+
+    /// The same service, publishing committed changes through `publisher`.
+    pub fn with_publisher(mut self, publisher: Arc<dyn Publisher>) -> Self {
+        self.publisher = Some(publisher);
+        self
+    }
+
+    /// The publisher, if any.
+    pub fn publisher(&self) -> Option<&Arc<dyn Publisher>> {
+        self.publisher.as_ref()
+    }
+
+    fn publishing(&self) -> bool {
+        self.publisher.is_some()
+    }
+
+    async fn publish(&self, envelope: Envelope) {
+        if let Some(p) = &self.publisher {
+            p.publish(envelope).await;
+        }
+    }
+
+    /// Publishes a `conversation_updated` to the members after the change and to the
+    /// `removed` ones.
+    async fn publish_conversation(
+        &self,
+        tenant: TenantId,
+        conv: &Conversation,
+        members: Vec<Member>,
+        removed: Vec<UserId>,
+    ) {
+        let mut audience: Vec<UserId> = members.iter().map(|m| m.user_id).collect();
+        audience.extend(removed.iter().copied());
+        self.publish(Envelope::to_users(
+            tenant,
+            audience,
+            Event::ConversationUpdated {
+                conversation_id: conv.id,
+                kind: conv.kind,
+                name: conv.name.clone(),
+                members,
+                removed,
+            },
+        ))
+        .await;
     }
 
     /// The store underneath.
@@ -146,6 +202,14 @@ impl Messaging {
             .await?
             .ok_or(Error::NotFound("user"))?;
         tx.commit().await?;
+        if !active {
+            self.publish(Envelope::to_users(
+                actor.tenant_id,
+                vec![id],
+                Event::AccountDeactivated { user_id: id },
+            ))
+            .await;
+        }
         Ok(user)
     }
 
@@ -179,7 +243,16 @@ impl Messaging {
             };
             match tx.insert_conversation(&new).await {
                 Ok(c) => {
+                    let members = if self.publishing() {
+                        tx.members(c.id).await?
+                    } else {
+                        Vec::new()
+                    };
                     tx.commit().await?;
+                    if self.publishing() {
+                        self.publish_conversation(actor.tenant_id, &c, members, Vec::new())
+                            .await;
+                    }
                     return Ok((c, true));
                 }
                 // Someone opened the same pair concurrently: read theirs.
@@ -235,7 +308,16 @@ impl Messaging {
                 members: roles,
             })
             .await?;
+        let members = if self.publishing() {
+            tx.members(conv.id).await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await?;
+        if self.publishing() {
+            self.publish_conversation(actor.tenant_id, &conv, members, Vec::new())
+                .await;
+        }
         Ok(conv)
     }
 
@@ -271,7 +353,21 @@ impl Messaging {
         require_group(&conv)?;
         require_member_role(&me, MemberRole::Admin, "rename this group")?;
         tx.rename_conversation(id, &name).await?;
-        tx.commit().await
+        let members = if self.publishing() {
+            tx.members(id).await?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await?;
+        if self.publishing() {
+            let conv = Conversation {
+                name: Some(name),
+                ..conv
+            };
+            self.publish_conversation(actor.tenant_id, &conv, members, Vec::new())
+                .await;
+        }
+        Ok(())
     }
 
     /// Adds users to a group as plain members; its owners and admins only. Users
@@ -312,11 +408,16 @@ impl Messaging {
                 ),
             ));
         }
+        let added = !new.is_empty();
         for u in new {
             tx.upsert_member(id, u, MemberRole::Member).await?;
         }
         let members = tx.members(id).await?;
         tx.commit().await?;
+        if added {
+            self.publish_conversation(actor.tenant_id, &conv, members.clone(), Vec::new())
+                .await;
+        }
         Ok(members)
     }
 
@@ -362,7 +463,17 @@ impl Messaging {
                     .await?;
             }
         }
-        tx.commit().await
+        let after = if self.publishing() {
+            tx.members(id).await?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await?;
+        if self.publishing() {
+            self.publish_conversation(actor.tenant_id, &conv, after, vec![user])
+                .await;
+        }
+        Ok(())
     }
 
     /// Changes a member's role; owners only. The last owner cannot step down.
@@ -393,7 +504,17 @@ impl Messaging {
             ));
         }
         tx.upsert_member(id, user, role).await?;
-        tx.commit().await
+        let after = if self.publishing() {
+            tx.members(id).await?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await?;
+        if self.publishing() {
+            self.publish_conversation(actor.tenant_id, &conv, after, Vec::new())
+                .await;
+        }
+        Ok(())
     }
 
     // ---- messages ----------------------------------------------------------------
@@ -429,7 +550,13 @@ impl Messaging {
         };
         for attempt in 0..2 {
             match self.store.append(actor.tenant_id, &new).await {
-                Ok(appended) => return Ok(appended),
+                Ok(appended) => {
+                    if appended.created() && self.publishing() {
+                        self.publish_message(actor.tenant_id, appended.message())
+                            .await;
+                    }
+                    return Ok(appended);
+                }
                 // A concurrent send with the same key won the race; the retry reads it.
                 Err(Error::Conflict {
                     code: "duplicate_idempotency_key",
@@ -442,6 +569,37 @@ impl Messaging {
             "duplicate_idempotency_key",
             "a message with this idempotency key is being sent concurrently; retry",
         ))
+    }
+
+    /// Publishes a committed message to the conversation's members as they are now.
+    /// The append is group-committed by the store, so the members are read after it,
+    /// from the read pool: a member removed meanwhile does not get it, one added
+    /// meanwhile does (and starts with nothing unread).
+    async fn publish_message(&self, tenant: TenantId, message: &Message) {
+        let members = match self.store.read(tenant).await {
+            Ok(mut tx) => tx.members(message.conversation_id).await,
+            Err(e) => Err(e),
+        };
+        match members {
+            Ok(members) => {
+                let audience = members.into_iter().map(|m| m.user_id).collect();
+                self.publish(Envelope::to_users(
+                    tenant,
+                    audience,
+                    Event::NewMessage {
+                        conversation_id: message.conversation_id,
+                        message: message.clone(),
+                    },
+                ))
+                .await;
+            }
+            // Committed all the same: live clients fill the gap from history when the
+            // next message reaches them, or when they resume.
+            Err(e) => {
+                tracing::warn!(error = %e, conversation = %message.conversation_id,
+                    "message committed but not published: cannot read its members");
+            }
+        }
     }
 
     /// A page of a conversation's history, ascending by `seq`.
@@ -481,11 +639,40 @@ impl Messaging {
             return Err(Error::invalid("invalid_seq", "seq must be ≥ 0"));
         }
         let mut tx = self.store.begin(actor.tenant_id).await?;
-        let (c, _) = membership(tx.as_mut(), conv, actor.user_id).await?;
+        let (c, me) = membership(tx.as_mut(), conv, actor.user_id).await?;
         let marker = tx
             .mark_read(conv, actor.user_id, seq.unwrap_or(c.last_seq))
             .await?;
+        let others: Vec<UserId> = if self.publishing() && marker != me.last_read_seq {
+            tx.members(conv)
+                .await?
+                .into_iter()
+                .map(|m| m.user_id)
+                .filter(|u| *u != actor.user_id)
+                .collect()
+        } else {
+            Vec::new()
+        };
         tx.commit().await?;
+        if self.publishing() && marker != me.last_read_seq {
+            let event = |unread| Event::MessageRead {
+                conversation_id: conv,
+                user_id: actor.user_id,
+                seq: marker,
+                unread,
+            };
+            if !others.is_empty() {
+                self.publish(Envelope::to_users(actor.tenant_id, others, event(None)))
+                    .await;
+            }
+            let unread = (c.last_seq - marker).max(0);
+            self.publish(Envelope::to_users(
+                actor.tenant_id,
+                vec![actor.user_id],
+                event(Some(unread)),
+            ))
+            .await;
+        }
         Ok(marker)
     }
 

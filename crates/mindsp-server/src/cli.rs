@@ -142,6 +142,77 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub jobs: JobArgs,
+
+    #[command(flatten)]
+    pub ws: WsArgs,
+}
+
+/// WebSocket (`/ws`) limits; see `docs/PROTOCOL.md`.
+#[derive(Debug, Clone, Args)]
+pub struct WsArgs {
+    /// Browser origins allowed to open a WebSocket, comma-separated
+    /// (`https://chat.sdis13.fr`), or `*`. Empty: the server's own origin only. Clients
+    /// sending no `Origin` (not browsers) are always allowed.
+    #[arg(long, env = "MINDSP_WS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub ws_allowed_origins: Vec<String>,
+
+    /// Largest WebSocket message from a client, in bytes (closed with 1009 beyond).
+    #[arg(long, env = "MINDSP_WS_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
+    pub ws_max_message_bytes: u32,
+
+    /// Events queued per connection; a client that lets it fill is cut off (4008).
+    #[arg(long, env = "MINDSP_WS_QUEUE", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub ws_queue: u32,
+
+    /// Commands per second per connection, on average (`rate_limited` beyond).
+    #[arg(long, env = "MINDSP_WS_RATE", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub ws_rate: u32,
+
+    /// Commands per connection in a burst.
+    #[arg(long, env = "MINDSP_WS_BURST", default_value_t = 40,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub ws_burst: u32,
+
+    /// Seconds between server pings.
+    #[arg(long, env = "MINDSP_WS_PING_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ws_ping_secs: u64,
+
+    /// Seconds without any frame (pongs included) before a connection is closed (4002).
+    #[arg(long, env = "MINDSP_WS_IDLE_SECS", default_value_t = 75,
+          value_parser = clap::value_parser!(u64).range(2..=7200))]
+    pub ws_idle_secs: u64,
+
+    /// Milliseconds a `typing start` lasts without a refresh before `typing stop` is sent.
+    #[arg(long, env = "MINDSP_WS_TYPING_TTL_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub ws_typing_ttl_ms: u64,
+}
+
+impl WsArgs {
+    fn config(&self) -> crate::ws::WsConfig {
+        let ttl = Duration::from_millis(self.ws_typing_ttl_ms);
+        crate::ws::WsConfig {
+            allowed_origins: self
+                .ws_allowed_origins
+                .iter()
+                .map(|o| o.trim().to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            max_message_bytes: self.ws_max_message_bytes as usize,
+            queue_capacity: self.ws_queue as usize,
+            rate_per_sec: self.ws_rate,
+            rate_burst: self.ws_burst,
+            ping_interval: Duration::from_secs(self.ws_ping_secs),
+            idle_timeout: Duration::from_secs(self.ws_idle_secs),
+            typing_throttle: (ttl * 2 / 5).max(Duration::from_millis(50)),
+            typing_ttl: ttl,
+            ..crate::ws::WsConfig::default()
+        }
+    }
 }
 
 /// Settings of `worker`.
@@ -311,11 +382,13 @@ async fn run_serve(
             default_page_size: args.max_page_size.min(50),
             ..Limits::default()
         },
+        ws: args.ws.config(),
     };
     // Installed before any job runs, so an early SIGTERM still stops gracefully.
     let shutdown = shutdown_signal();
     let queue = open_queue(&args.jobs, store.as_ref()).await?;
-    let app = router(AppState::with_queue(store, queue.clone(), &config));
+    let state = AppState::with_queue(store, queue.clone(), &config);
+    let app = router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -327,7 +400,16 @@ async fn run_serve(
     };
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     tracing::info!(addr = %listener.local_addr()?, "listening");
+    // WebSockets are told to reconnect elsewhere (1012) as soon as the signal comes.
+    let hub = state.realtime.hub().clone();
+    let shutdown = async move {
+        shutdown.await;
+        hub.shutdown();
+    };
     let served = serve(listener, app, shutdown, grace).await;
+    if !state.close_websockets(grace).await {
+        tracing::warn!("some WebSockets did not close within the grace period");
+    }
     // HTTP first: in-flight requests finish (and may still enqueue jobs). Then the
     // worker: running jobs get the same grace, the rest go back to the queue.
     if let Some(worker) = worker {

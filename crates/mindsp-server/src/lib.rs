@@ -21,6 +21,7 @@ pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod workers;
+pub mod ws;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use axum::routing::{get, post};
 use mindsp_core::jobs::JobQueue;
 use mindsp_core::ports::Store;
 use mindsp_core::{Limits, Messaging};
+use mindsp_realtime::Realtime;
 use tokio::net::TcpListener;
 
 use crate::auth::Tokens;
@@ -49,6 +51,8 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Content, page and name bounds enforced by the core.
     pub limits: Limits,
+    /// WebSocket limits and timings.
+    pub ws: ws::WsConfig,
 }
 
 impl HttpConfig {
@@ -59,6 +63,7 @@ impl HttpConfig {
             token_ttl: Duration::from_secs(12 * 3600),
             max_body_bytes: 64 * 1024,
             limits: Limits::default(),
+            ws: ws::WsConfig::default(),
         }
     }
 }
@@ -74,6 +79,10 @@ pub struct AppState {
     /// the store has no SQL queue and none was given: those routes then answer 503
     /// `queue_unavailable`.
     pub jobs: Option<Arc<dyn JobQueue>>,
+    /// This node's live connections, presence and broker; `messaging` publishes
+    /// through it.
+    pub realtime: Realtime,
+    ws: Arc<ws::WsConfig>,
     max_body_bytes: usize,
 }
 
@@ -91,16 +100,38 @@ impl AppState {
     }
 
     fn build(store: Arc<dyn Store>, jobs: Option<Arc<dyn JobQueue>>, config: &HttpConfig) -> Self {
+        let realtime = Realtime::in_process(config.ws.queue_capacity);
+        Self::assemble(store, jobs, realtime, config)
+    }
+
+    /// Wires the service over a store, a job queue (if any) and a real-time stack of
+    /// the caller's choice (another broker, say).
+    pub fn assemble(
+        store: Arc<dyn Store>,
+        jobs: Option<Arc<dyn JobQueue>>,
+        realtime: Realtime,
+        config: &HttpConfig,
+    ) -> Self {
         Self {
-            messaging: Messaging::new(store, config.limits.clone()),
+            messaging: Messaging::new(store, config.limits.clone())
+                .with_publisher(realtime.publisher()),
             tokens: Tokens::new(&config.jwt_secret, config.token_ttl),
             jobs,
+            realtime,
+            ws: Arc::new(config.ws.clone()),
             max_body_bytes: config.max_body_bytes,
         }
     }
+
+    /// Starts closing every WebSocket with 1012 (reconnect elsewhere) and refuses new
+    /// ones; then waits, at most `grace`, until they are gone. True when all are.
+    pub async fn close_websockets(&self, grace: Duration) -> bool {
+        self.realtime.hub().shutdown();
+        self.realtime.hub().drained(grace).await
+    }
 }
 
-/// The API routes (`/api/...` and `/healthz`), ready to serve or to nest.
+/// The API routes (`/api/...`, `/ws` and `/healthz`), ready to serve or to nest.
 pub fn router(state: AppState) -> Router {
     use api::*;
     let api = Router::new()
@@ -149,6 +180,9 @@ pub fn router(state: AppState) -> Router {
                     tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
                 ),
         )
+        // After the trace layer: its spans show the URI, and `/ws?token=` carries a
+        // token.
+        .route("/ws", get(ws::handler))
         .with_state(state)
 }
 

@@ -1,0 +1,431 @@
+//! The hub: this node's live connections, indexed by tenant and user, each with a
+//! bounded outbound queue.
+//!
+//! Delivery never waits: an envelope is pushed into the queue of every local connection
+//! of every user of its audience with `try_send`. A queue that is full belongs to a
+//! client that does not read; that connection is told to close with
+//! [`CloseReason::TooSlow`] and nobody else is slowed down. Memory per connection is
+//! therefore bounded by the queue capacity.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use mindsp_core::events::{Audience, Envelope, Event};
+use mindsp_core::{TenantId, UserId};
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::close;
+
+/// Why the server closes a connection on its own initiative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The outbound queue was full: the client does not read ([`close::TOO_SLOW`]).
+    TooSlow,
+    /// The account was deactivated ([`close::DEACTIVATED`]).
+    Deactivated,
+    /// The node is shutting down: reconnect, possibly elsewhere
+    /// ([`close::SERVICE_RESTART`]).
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The WebSocket close code.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::TooSlow => close::TOO_SLOW,
+            CloseReason::Deactivated => close::DEACTIVATED,
+            CloseReason::Shutdown => close::SERVICE_RESTART,
+        }
+    }
+
+    /// The close reason text.
+    pub fn text(self) -> &'static str {
+        match self {
+            CloseReason::TooSlow => "too slow: send buffer full",
+            CloseReason::Deactivated => "account deactivated",
+            CloseReason::Shutdown => "server restarting: reconnect",
+        }
+    }
+}
+
+/// An envelope on its way to connections, with its client frame serialised once for
+/// every recipient.
+#[derive(Debug)]
+pub struct Delivery {
+    /// What is delivered.
+    pub envelope: Envelope,
+    frame: OnceLock<String>,
+}
+
+#[derive(Serialize)]
+struct Frame<'a> {
+    v: u8,
+    #[serde(flatten)]
+    event: &'a Event,
+}
+
+impl Delivery {
+    /// Wraps an envelope.
+    pub fn new(envelope: Envelope) -> Self {
+        Self {
+            envelope,
+            frame: OnceLock::new(),
+        }
+    }
+
+    /// The event as a protocol frame: `{"v":1,"type":...}`.
+    pub fn frame(&self) -> &str {
+        self.frame.get_or_init(|| event_frame(&self.envelope.event))
+    }
+}
+
+/// An event as a protocol frame: `{"v":1,"type":...}`.
+pub fn event_frame(event: &Event) -> String {
+    serde_json::to_string(&Frame { v: 1, event }).unwrap_or_else(|e| {
+        format!(r#"{{"v":1,"type":"error","code":"internal","message":"{e}"}}"#)
+    })
+}
+
+struct Slot {
+    id: u64,
+    tx: mpsc::Sender<Arc<Delivery>>,
+    close: watch::Sender<Option<CloseReason>>,
+}
+
+impl Slot {
+    fn close(&self, reason: CloseReason) {
+        // The first reason wins: a slow client being deactivated is still "too slow".
+        self.close.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+type Users = HashMap<UserId, Vec<Slot>>;
+
+/// The live connections of this node.
+pub struct Hub {
+    tenants: RwLock<HashMap<TenantId, Users>>,
+    next_id: AtomicU64,
+    live: AtomicUsize,
+    drained: Notify,
+    closing: AtomicBool,
+    capacity: usize,
+    dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("connections", &self.connection_count())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+/// One registered connection: its queue and its close signal. Dropping it removes it
+/// from the hub.
+pub struct Connection {
+    /// Identifier, unique within this hub.
+    pub id: u64,
+    /// The user's tenant.
+    pub tenant: TenantId,
+    /// The user.
+    pub user: UserId,
+    /// Events to send to the client, in delivery order.
+    pub events: mpsc::Receiver<Arc<Delivery>>,
+    /// Set when the hub wants this connection closed.
+    pub closed: watch::Receiver<Option<CloseReason>>,
+    hub: Arc<Hub>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.id)
+            .field("user", &self.user)
+            .finish()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.hub.remove(self.tenant, self.user, self.id);
+    }
+}
+
+impl Hub {
+    /// An empty hub whose connections each queue at most `capacity` events.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            tenants: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            live: AtomicUsize::new(0),
+            drained: Notify::new(),
+            closing: AtomicBool::new(false),
+            capacity: capacity.max(1),
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Registers a connection of `user`. Returns it and whether it is the user's first
+    /// on this node; `None` once [`Hub::shutdown`] was called.
+    pub fn register(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        user: UserId,
+    ) -> Option<(Connection, bool)> {
+        let (tx, rx) = mpsc::channel(self.capacity);
+        let (close_tx, close_rx) = watch::channel(None);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let first = {
+            let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
+            // Checked under the lock, so shutdown() sees every registered connection.
+            if self.closing.load(Ordering::SeqCst) {
+                return None;
+            }
+            let slots = tenants.entry(tenant).or_default().entry(user).or_default();
+            slots.push(Slot {
+                id,
+                tx,
+                close: close_tx,
+            });
+            self.live.fetch_add(1, Ordering::SeqCst);
+            slots.len() == 1
+        };
+        Some((
+            Connection {
+                id,
+                tenant,
+                user,
+                events: rx,
+                closed: close_rx,
+                hub: self.clone(),
+            },
+            first,
+        ))
+    }
+
+    /// Removes a connection; true when it was the user's last one on this node.
+    fn remove(&self, tenant: TenantId, user: UserId, id: u64) -> bool {
+        let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
+        let Some(users) = tenants.get_mut(&tenant) else {
+            return false;
+        };
+        let Some(slots) = users.get_mut(&user) else {
+            return false;
+        };
+        let before = slots.len();
+        slots.retain(|s| s.id != id);
+        let removed = slots.len() < before;
+        let last = slots.is_empty();
+        if last {
+            users.remove(&user);
+            if users.is_empty() {
+                tenants.remove(&tenant);
+            }
+        }
+        drop(tenants);
+        if removed && self.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.drained.notify_waiters();
+        }
+        removed && last
+    }
+
+    /// Number of local connections of `user`.
+    pub fn connections_of(&self, tenant: TenantId, user: UserId) -> usize {
+        let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        tenants
+            .get(&tenant)
+            .and_then(|u| u.get(&user))
+            .map_or(0, Vec::len)
+    }
+
+    /// Number of live connections on this node.
+    pub fn connection_count(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Connections cut so far because their queue was full.
+    pub fn slow_disconnects(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Queues an envelope for every local connection of its audience; never waits.
+    /// [`Event::AccountDeactivated`] is not queued: it closes the user's connections.
+    pub fn deliver(&self, envelope: Envelope) {
+        if let Event::AccountDeactivated { user_id } = envelope.event {
+            self.close_user(envelope.tenant, user_id, CloseReason::Deactivated);
+            return;
+        }
+        let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        let Some(users) = tenants.get(&envelope.tenant) else {
+            return;
+        };
+        let delivery = Arc::new(Delivery::new(envelope));
+        let push = |slots: &Vec<Slot>| {
+            for slot in slots {
+                match slot.tx.try_send(delivery.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        if slot.close.borrow().is_none() {
+                            self.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        slot.close(CloseReason::TooSlow);
+                    }
+                    // The connection is going away; its slot leaves with it.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        };
+        match &delivery.envelope.audience {
+            Audience::Users(list) => {
+                for user in list {
+                    if let Some(slots) = users.get(user) {
+                        push(slots);
+                    }
+                }
+            }
+            Audience::Tenant => users.values().for_each(push),
+        }
+    }
+
+    /// Asks every local connection of `user` to close.
+    pub fn close_user(&self, tenant: TenantId, user: UserId, reason: CloseReason) {
+        let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(slots) = tenants.get(&tenant).and_then(|u| u.get(&user)) {
+            slots.iter().for_each(|s| s.close(reason));
+        }
+    }
+
+    /// Refuses new connections and asks every live one to close with
+    /// [`CloseReason::Shutdown`].
+    pub fn shutdown(&self) {
+        let tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
+        self.closing.store(true, Ordering::SeqCst);
+        for slots in tenants.values().flat_map(HashMap::values) {
+            slots.iter().for_each(|s| s.close(CloseReason::Shutdown));
+        }
+    }
+
+    /// Whether [`Hub::shutdown`] was called.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no connection is left, at most `limit`. True when none is left.
+    pub async fn drained(&self, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.drained.notified();
+                if self.connection_count() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mindsp_core::ConversationId;
+    use mindsp_core::events::{PresenceStatus, TypingState};
+
+    fn typing(tenant: TenantId, to: Vec<UserId>) -> Envelope {
+        Envelope::to_users(
+            tenant,
+            to,
+            Event::Typing {
+                conversation_id: ConversationId::new(),
+                user_id: UserId::new(),
+                state: TypingState::Start,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn delivers_to_the_audience_of_the_tenant_only() {
+        let hub = Hub::new(8);
+        let (t1, t2) = (TenantId::new(), TenantId::new());
+        let (a, b) = (UserId::new(), UserId::new());
+        let (mut a1, first) = hub.register(t1, a).unwrap();
+        assert!(first);
+        let (mut a2, first) = hub.register(t1, a).unwrap();
+        assert!(!first);
+        let (mut b1, _) = hub.register(t1, b).unwrap();
+        // Same user id in another tenant: never reached by t1's envelopes.
+        let (mut other, _) = hub.register(t2, a).unwrap();
+        hub.deliver(typing(t1, vec![a]));
+        assert!(a1.events.try_recv().is_ok());
+        assert!(a2.events.try_recv().is_ok());
+        assert!(b1.events.try_recv().is_err());
+        assert!(other.events.try_recv().is_err());
+        hub.deliver(Envelope {
+            tenant: t1,
+            audience: Audience::Tenant,
+            event: Event::Presence {
+                user_id: a,
+                status: PresenceStatus::Online,
+                last_seen: None,
+            },
+        });
+        let d = b1.events.try_recv().unwrap();
+        assert!(
+            d.frame().starts_with(r#"{"v":1,"type":"presence""#),
+            "{}",
+            d.frame()
+        );
+        assert!(other.events.try_recv().is_err());
+        assert_eq!(hub.connection_count(), 4);
+        drop(a1);
+        assert_eq!(hub.connections_of(t1, a), 1);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_closes_that_connection_only() {
+        let hub = Hub::new(2);
+        let t = TenantId::new();
+        let (slow, fast) = (UserId::new(), UserId::new());
+        let (s, _) = hub.register(t, slow).unwrap();
+        let (mut f, _) = hub.register(t, fast).unwrap();
+        for _ in 0..5 {
+            hub.deliver(typing(t, vec![slow, fast]));
+            while f.events.try_recv().is_ok() {}
+        }
+        assert_eq!(*s.closed.borrow(), Some(CloseReason::TooSlow));
+        assert_eq!(*f.closed.borrow(), None);
+        assert_eq!(hub.slow_disconnects(), 1);
+    }
+
+    #[tokio::test]
+    async fn deactivation_and_shutdown_close_connections() {
+        let hub = Hub::new(4);
+        let t = TenantId::new();
+        let (u, v) = (UserId::new(), UserId::new());
+        let (c, _) = hub.register(t, u).unwrap();
+        let (d, _) = hub.register(t, v).unwrap();
+        hub.deliver(Envelope::to_users(
+            t,
+            vec![u],
+            Event::AccountDeactivated { user_id: u },
+        ));
+        assert_eq!(*c.closed.borrow(), Some(CloseReason::Deactivated));
+        assert_eq!(*d.closed.borrow(), None);
+        hub.shutdown();
+        assert_eq!(*d.closed.borrow(), Some(CloseReason::Shutdown));
+        assert!(hub.register(t, u).is_none());
+        drop((c, d));
+        assert!(hub.drained(Duration::from_secs(1)).await);
+    }
+}

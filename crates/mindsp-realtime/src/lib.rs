@@ -1,0 +1,141 @@
+//! MindSP real time: what turns committed changes into frames on live connections.
+//!
+//! - [`hub`]: this node's connections by tenant and user, bounded queues, close signals.
+//! - [`broker`]: the fan-out port between nodes; [`broker::InProcessBroker`] for one node.
+//! - [`presence`]: who is online; [`presence::LocalPresence`] for one node.
+//! - [`typing`]: per-connection typing throttle and expiry.
+//! - [`limit`]: the per-connection command rate limiter.
+//! - [`close`]: the WebSocket close codes the server uses.
+//!
+//! [`Realtime`] puts them together for a server; the WebSocket protocol itself lives in
+//! the server (`mindsp-server`'s `ws` module, `docs/PROTOCOL.md`).
+
+pub mod broker;
+pub mod hub;
+pub mod limit;
+pub mod presence;
+pub mod typing;
+
+use std::sync::Arc;
+
+use mindsp_core::events::{Audience, Envelope, Event, PresenceStatus, Publisher};
+use mindsp_core::{TenantId, UserId};
+
+pub use broker::{Broker, BrokerPublisher};
+pub use hub::{CloseReason, Connection, Delivery, Hub};
+pub use presence::{LocalPresence, Presence, UserPresence};
+
+/// WebSocket close codes, documented in `docs/PROTOCOL.md`.
+pub mod close {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// A frame or message exceeded the size limit.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// A server fault.
+    pub const INTERNAL: u16 = 1011;
+    /// The node is shutting down: reconnect (possibly to another node) and resume.
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// The access token expired and was not refreshed.
+    pub const TOKEN_EXPIRED: u16 = 4001;
+    /// Nothing (not even a pong) was heard from the client within the idle timeout.
+    pub const IDLE: u16 = 4002;
+    /// The account was deactivated.
+    pub const DEACTIVATED: u16 = 4003;
+    /// The client did not read: its send buffer filled up.
+    pub const TOO_SLOW: u16 = 4008;
+}
+
+/// The real-time stack of one node: hub, broker and presence.
+#[derive(Clone)]
+pub struct Realtime {
+    hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
+    presence: Arc<dyn Presence>,
+}
+
+impl std::fmt::Debug for Realtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Realtime").field("hub", &self.hub).finish()
+    }
+}
+
+impl Realtime {
+    /// Assembles a stack; `broker` must feed `hub`.
+    pub fn new(hub: Arc<Hub>, broker: Arc<dyn Broker>, presence: Arc<dyn Presence>) -> Self {
+        Self {
+            hub,
+            broker,
+            presence,
+        }
+    }
+
+    /// The one-node stack: in-process broker and presence; each connection queues at
+    /// most `queue_capacity` events.
+    #[cfg(feature = "in-process")]
+    pub fn in_process(queue_capacity: usize) -> Self {
+        let hub = Hub::new(queue_capacity);
+        let broker = Arc::new(broker::InProcessBroker::new(hub.clone()));
+        Self::new(hub, broker, Arc::new(LocalPresence::new()))
+    }
+
+    /// The local hub.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// The broker as core's publisher port, for `Messaging::with_publisher`.
+    pub fn publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(BrokerPublisher(self.broker.clone()))
+    }
+
+    /// Publishes an envelope through the broker.
+    pub async fn publish(&self, envelope: Envelope) {
+        self.broker.publish(envelope).await;
+    }
+
+    /// Registers a connection of `user` and, when it brings them online, tells the
+    /// tenant. `None` while shutting down.
+    pub async fn open(&self, tenant: TenantId, user: UserId) -> Option<Connection> {
+        let (conn, _) = self.hub.register(tenant, user)?;
+        if self.presence.connected(tenant, user).await {
+            self.presence_changed(tenant, user, PresenceStatus::Online, None)
+                .await;
+        }
+        Some(conn)
+    }
+
+    /// Unregisters a connection and, when it was the user's last, tells the tenant.
+    pub async fn close(&self, conn: Connection) {
+        let (tenant, user) = (conn.tenant, conn.user);
+        drop(conn);
+        if let Some(seen) = self.presence.disconnected(tenant, user).await {
+            self.presence_changed(tenant, user, PresenceStatus::Offline, Some(seen))
+                .await;
+        }
+    }
+
+    /// The presence of `users` of `tenant`.
+    pub async fn presence(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence> {
+        self.presence.query(tenant, users).await
+    }
+
+    async fn presence_changed(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        status: PresenceStatus,
+        last_seen: Option<chrono::DateTime<chrono::Utc>>,
+    ) {
+        self.broker
+            .publish(Envelope {
+                tenant,
+                audience: Audience::Tenant,
+                event: Event::Presence {
+                    user_id: user,
+                    status,
+                    last_seen,
+                },
+            })
+            .await;
+    }
+}

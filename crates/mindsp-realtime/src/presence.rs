@@ -1,0 +1,123 @@
+//! Presence: a user is online while they have at least one live connection, and
+//! offline (with `last_seen`) once the last one closes.
+//!
+//! [`Presence`] is the port; [`LocalPresence`] counts the connections of this process.
+//! A multi-node deployment needs a shared implementation (Redis, with heartbeats that
+//! expire when a node dies).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use mindsp_core::events::PresenceStatus;
+use mindsp_core::{TenantId, UserId};
+use serde::{Deserialize, Serialize};
+
+/// One user's presence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserPresence {
+    /// The user.
+    pub user_id: UserId,
+    /// Online or offline.
+    pub status: PresenceStatus,
+    /// When their last connection closed; `None` while online or when never seen
+    /// since this node started.
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+/// Tracks who is online, per tenant.
+#[async_trait]
+pub trait Presence: Send + Sync + 'static {
+    /// `user` opened a connection. True when this made them online.
+    async fn connected(&self, tenant: TenantId, user: UserId) -> bool;
+    /// A connection of `user` closed. `Some(last_seen)` when this made them offline.
+    async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<DateTime<Utc>>;
+    /// The presence of each of `users`, in the same order.
+    async fn query(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence>;
+}
+
+#[derive(Default)]
+struct Entry {
+    connections: u32,
+    last_seen: Option<DateTime<Utc>>,
+}
+
+/// Presence from the connections of this process: the embedded, one-node profile.
+#[derive(Default)]
+pub struct LocalPresence {
+    users: Mutex<HashMap<(TenantId, UserId), Entry>>,
+}
+
+impl LocalPresence {
+    /// Nobody online.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Presence for LocalPresence {
+    async fn connected(&self, tenant: TenantId, user: UserId) -> bool {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let e = users.entry((tenant, user)).or_default();
+        e.connections += 1;
+        e.connections == 1
+    }
+
+    async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<DateTime<Utc>> {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let e = users.get_mut(&(tenant, user))?;
+        if e.connections == 0 {
+            return None;
+        }
+        e.connections -= 1;
+        if e.connections > 0 {
+            return None;
+        }
+        let now = mindsp_core::model::now();
+        e.last_seen = Some(now);
+        Some(now)
+    }
+
+    async fn query(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence> {
+        let map = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        users
+            .iter()
+            .map(|u| match map.get(&(tenant, *u)) {
+                Some(e) if e.connections > 0 => UserPresence {
+                    user_id: *u,
+                    status: PresenceStatus::Online,
+                    last_seen: None,
+                },
+                e => UserPresence {
+                    user_id: *u,
+                    status: PresenceStatus::Offline,
+                    last_seen: e.and_then(|e| e.last_seen),
+                },
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn online_until_the_last_connection_closes() {
+        let p = LocalPresence::new();
+        let (t, u) = (TenantId::new(), UserId::new());
+        assert!(p.connected(t, u).await);
+        assert!(!p.connected(t, u).await);
+        assert!(p.disconnected(t, u).await.is_none());
+        assert_eq!(p.query(t, &[u]).await[0].status, PresenceStatus::Online);
+        let seen = p.disconnected(t, u).await.expect("offline now");
+        let q = p.query(t, &[u]).await;
+        assert_eq!(q[0].status, PresenceStatus::Offline);
+        assert_eq!(q[0].last_seen, Some(seen));
+        // Another tenant's user of the same id is someone else.
+        assert_eq!(p.query(TenantId::new(), &[u]).await[0].last_seen, None);
+        assert!(p.disconnected(t, u).await.is_none());
+    }
+}

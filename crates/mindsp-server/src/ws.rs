@@ -1,0 +1,977 @@
+//! `GET /ws`: the WebSocket endpoint. The protocol is documented, frame by frame, in
+//! `docs/PROTOCOL.md`.
+//!
+//! Before the upgrade: the `Origin` is checked against the allow-list (403) and the
+//! token (`?token=` or `Authorization: Bearer`) must name an active user (401); no
+//! socket is opened otherwise.
+//!
+//! Each connection runs two halves in one task:
+//! - the *reader* parses client frames, applies the rate limit, runs commands through
+//!   the same [`Messaging`](mindsp_core::Messaging) service as REST, relays typing and
+//!   watches token expiry and idleness;
+//! - the *writer* owns the socket's sending side: replies from the reader, events from
+//!   the hub (with the per-conversation cursors that make delivery gap-free and
+//!   duplicate-free), resume replays, pings, and the close frame.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use mindsp_core::events::{Envelope, Event, TypingState};
+use mindsp_core::model::{Message as StoredMessage, SeqWindow};
+use mindsp_core::{Actor, ConversationId, Error};
+use mindsp_realtime::limit::TokenBucket;
+use mindsp_realtime::typing::{Start, Typing};
+use mindsp_realtime::{CloseReason, Connection, Delivery, close, hub::event_frame};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Limits and timings of the WebSocket endpoint.
+#[derive(Debug, Clone)]
+pub struct WsConfig {
+    /// Browser origins allowed to open a socket (`scheme://host[:port]`), or `*` for
+    /// any. Empty: only the server's own origin (same `Host`). Requests without an
+    /// `Origin` header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Largest client message (and frame), in bytes; larger closes with 1009.
+    pub max_message_bytes: usize,
+    /// Events queued per connection before the client counts as too slow (4008).
+    pub queue_capacity: usize,
+    /// Commands per second a connection may send on average (`rate_limited` beyond).
+    pub rate_per_sec: u32,
+    /// Commands a connection may send in a burst.
+    pub rate_burst: u32,
+    /// How often the server pings.
+    pub ping_interval: Duration,
+    /// A connection silent (not even a pong) for this long is closed (4002).
+    pub idle_timeout: Duration,
+    /// At most one `typing start` relayed per conversation and connection per this.
+    pub typing_throttle: Duration,
+    /// A `typing start` not refreshed within this expires: `typing stop` is sent.
+    pub typing_ttl: Duration,
+    /// Most conversations in one `resume`.
+    pub max_resume_conversations: usize,
+    /// How long a close frame may take to go out before the socket is dropped.
+    pub close_timeout: Duration,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_message_bytes: 64 * 1024,
+            queue_capacity: 256,
+            rate_per_sec: 20,
+            rate_burst: 40,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            typing_throttle: Duration::from_secs(2),
+            typing_ttl: Duration::from_secs(5),
+            max_resume_conversations: 1000,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Longest request id, in bytes.
+const MAX_ID_BYTES: usize = 64;
+/// Longest token accepted, in bytes.
+const MAX_TOKEN_BYTES: usize = 4096;
+/// Most conversations one connection may show as typing at once.
+const MAX_TYPING: usize = 32;
+/// Replies queued from the reader to the writer.
+const REPLY_QUEUE: usize = 64;
+/// Bytes the writer buffers before writing to the socket (it flushes after each batch).
+const WRITE_BUFFER: usize = 8 * 1024;
+/// Events the writer sends in one batch before flushing.
+const BATCH: usize = 64;
+
+// ---- before the upgrade ---------------------------------------------------------------
+
+/// `GET /ws`
+pub(crate) async fn handler(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match accept(&state, &headers, query.as_deref()).await {
+        Ok((actor, expires)) => {
+            let upgrade = match upgrade {
+                Ok(u) => u,
+                Err(_) => {
+                    return ApiError::http(
+                        StatusCode::BAD_REQUEST,
+                        "websocket_required",
+                        "this route only accepts WebSocket upgrades",
+                    )
+                    .into_response();
+                }
+            };
+            let max = state.ws.max_message_bytes;
+            upgrade
+                .max_message_size(max)
+                .max_frame_size(max)
+                .read_buffer_size(4096)
+                .write_buffer_size(WRITE_BUFFER)
+                .on_upgrade(move |socket| run(state, actor, expires, socket))
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<(Actor, i64), ApiError> {
+    check_origin(&state.ws.allowed_origins, headers)?;
+    let token = token(headers, query)?;
+    let (actor, expires) = authenticate(state, &token).await?;
+    if state.realtime.hub().is_closing() {
+        return Err(ApiError::http(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "this server is shutting down: connect again",
+        ));
+    }
+    Ok((actor, expires))
+}
+
+fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let forbidden = || {
+        ApiError::http(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this origin may not open a WebSocket here",
+        )
+    };
+    let origin = origin
+        .to_str()
+        .map_err(|_| forbidden())?
+        .trim_end_matches('/');
+    let ok = if allowed.is_empty() {
+        // Same origin only: the host the browser connected to.
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        host.is_some_and(|h| origin == format!("http://{h}") || origin == format!("https://{h}"))
+    } else {
+        allowed
+            .iter()
+            .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    };
+    if ok { Ok(()) } else { Err(forbidden()) }
+}
+
+fn token(headers: &HeaderMap, query: Option<&str>) -> Result<String, ApiError> {
+    let mut found = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != "token" || found.is_some() {
+            return Err(ApiError::bad_request(
+                "invalid_query_string",
+                "the only query parameter is `token`, once",
+            ));
+        }
+        let v = percent_encoding::percent_decode_str(v)
+            .decode_utf8()
+            .map_err(|_| {
+                ApiError::unauthorized("invalid_token", "the access token is not valid")
+            })?;
+        found = Some(v.into_owned());
+    }
+    if found.is_none()
+        && let Some(h) = headers.get(header::AUTHORIZATION)
+    {
+        found = h
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_owned());
+    }
+    let token = found.filter(|t| !t.is_empty()).ok_or_else(|| {
+        ApiError::unauthorized(
+            "unauthorized",
+            "missing token: use ?token=<access token> or Authorization: Bearer",
+        )
+    })?;
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(ApiError::unauthorized(
+            "invalid_token",
+            "the access token is not valid",
+        ));
+    }
+    Ok(token)
+}
+
+/// The actor of a valid token for an active user, and the token's expiry (seconds
+/// since the epoch).
+async fn authenticate(state: &AppState, token: &str) -> Result<(Actor, i64), ApiError> {
+    let claims = state.tokens.verify(token)?;
+    let mut tx = state.messaging.store().read(claims.tid).await?;
+    let user = tx
+        .user(claims.sub)
+        .await?
+        .filter(|u| u.active)
+        .ok_or_else(|| {
+            ApiError::unauthorized("invalid_token", "the account is unknown or deactivated")
+        })?;
+    Ok((
+        Actor {
+            tenant_id: user.tenant_id,
+            user_id: user.id,
+            role: user.role,
+        },
+        claims.exp,
+    ))
+}
+
+// ---- one connection -------------------------------------------------------------------
+
+/// What the reader hands the writer.
+enum Out {
+    /// A frame to send as is.
+    Frame(String),
+    /// Set cursors and replay from the store, then acknowledge.
+    Resume {
+        id: Value,
+        cursors: Vec<(ConversationId, i64)>,
+    },
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+    /// The client closed or vanished.
+    Gone,
+}
+
+async fn run(state: AppState, actor: Actor, expires: i64, socket: WebSocket) {
+    let realtime = state.realtime.clone();
+    let Some(mut conn) = realtime.open(actor.tenant_id, actor.user_id).await else {
+        let (mut sink, _) = socket.split();
+        let _ = sink
+            .send(close_message(
+                close::SERVICE_RESTART,
+                CloseReason::Shutdown.text(),
+            ))
+            .await;
+        return;
+    };
+    tracing::debug!(user = %actor.user_id, conn = conn.id, "websocket open");
+    let (sink, stream) = socket.split();
+    let (out_tx, out_rx) = mpsc::channel(REPLY_QUEUE);
+    let config = &state.ws;
+    let mut reader = Reader {
+        state: &state,
+        actor,
+        stream,
+        out: out_tx,
+        expires: expiry_instant(expires),
+        typing: Typing::new(config.typing_throttle, config.typing_ttl, MAX_TYPING),
+        bucket: TokenBucket::new(config.rate_per_sec, config.rate_burst),
+        last_heard: Instant::now(),
+    };
+    let mut writer = Writer {
+        state: &state,
+        actor,
+        sink,
+        replies: out_rx,
+        closed: conn.closed.clone(),
+        cursors: HashMap::new(),
+        floors: HashMap::new(),
+    };
+    tokio::select! {
+        () = writer.run(&mut conn) => {}
+        () = reader.run() => {}
+    }
+    // Whoever was typing stops.
+    for (conv, audience) in reader.typing.drain() {
+        publish_typing(&state, actor, conv, audience, TypingState::Stop).await;
+    }
+    tracing::debug!(user = %actor.user_id, conn = conn.id, "websocket closed");
+    realtime.close(conn).await;
+    // After a close frame of ours, keep the socket until the client answers it (or
+    // for the close timeout), so it reads our code rather than a reset.
+    let _ = tokio::time::timeout(state.ws.close_timeout, async {
+        while let Some(Ok(m)) = reader.stream.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// A token expiry (seconds since the epoch) as a deadline on the monotonic clock.
+fn expiry_instant(exp: i64) -> Instant {
+    let left = exp - chrono::Utc::now().timestamp();
+    Instant::now() + Duration::from_secs(left.max(0) as u64)
+}
+
+fn close_message(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }))
+}
+
+async fn publish_typing(
+    state: &AppState,
+    actor: Actor,
+    conv: ConversationId,
+    audience: Vec<mindsp_core::UserId>,
+    typing: TypingState,
+) {
+    if audience.is_empty() {
+        return;
+    }
+    state
+        .realtime
+        .publish(Envelope::to_users(
+            actor.tenant_id,
+            audience,
+            Event::Typing {
+                conversation_id: conv,
+                user_id: actor.user_id,
+                state: typing,
+            },
+        ))
+        .await;
+}
+
+// ---- reader ---------------------------------------------------------------------------
+
+struct Reader<'a> {
+    state: &'a AppState,
+    actor: Actor,
+    stream: SplitStream<WebSocket>,
+    out: mpsc::Sender<Out>,
+    expires: Instant,
+    typing: Typing,
+    bucket: TokenBucket,
+    last_heard: Instant,
+}
+
+/// A client command. Unknown fields are refused.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Command {
+    Send {
+        conversation_id: ConversationId,
+        content: String,
+        idempotency_key: Option<String>,
+    },
+    Typing {
+        conversation_id: ConversationId,
+        state: TypingState,
+    },
+    MarkRead {
+        conversation_id: ConversationId,
+        seq: Option<i64>,
+    },
+    Resume {
+        cursors: HashMap<ConversationId, i64>,
+    },
+    RefreshToken {
+        token: String,
+    },
+    Presence {
+        conversation_id: ConversationId,
+    },
+    Ping {},
+}
+
+const COMMANDS: &[&str] = &[
+    "send",
+    "typing",
+    "mark_read",
+    "resume",
+    "refresh_token",
+    "presence",
+    "ping",
+];
+
+/// An error answered in an `error` frame.
+struct Refusal {
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Self {
+        let message = match &e {
+            Error::Storage(_) => {
+                tracing::error!(error = %e, "internal error on a websocket command");
+                "internal error".to_owned()
+            }
+            _ => e.to_string(),
+        };
+        Self {
+            code: e.code(),
+            message,
+        }
+    }
+}
+
+impl From<ApiError> for Refusal {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::Core(e) => e.into(),
+            ApiError::Http { code, message, .. } => Self { code, message },
+        }
+    }
+}
+
+fn ack(id: &Value, mut body: Value) -> String {
+    body["v"] = json!(1);
+    body["type"] = json!("ack");
+    body["id"] = id.clone();
+    body.to_string()
+}
+
+fn error_frame(id: &Value, r: &Refusal) -> String {
+    json!({"v": 1, "type": "error", "id": id, "code": r.code, "message": r.message}).to_string()
+}
+
+impl Reader<'_> {
+    /// Reads until the connection must end, tells the writer how, then waits for the
+    /// writer to finish (it never returns first).
+    async fn run(&mut self) {
+        let end = self.read().await;
+        let _ = self.out.send(end).await;
+        std::future::pending::<()>().await;
+    }
+
+    async fn read(&mut self) -> Out {
+        let idle = self.state.ws.idle_timeout;
+        loop {
+            let typing_due = self.typing.next_expiry();
+            tokio::select! {
+                frame = self.stream.next() => {
+                    self.last_heard = Instant::now();
+                    match frame {
+                        None => return Out::Gone,
+                        Some(Err(e)) => return read_error(e),
+                        Some(Ok(Message::Text(text))) => {
+                            let reply = self.frame(text.as_str()).await;
+                            if let Some(reply) = reply
+                                && self.out.send(Out::Frame(reply)).await.is_err()
+                            {
+                                return Out::Gone;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            let r = Refusal::new("unsupported_frame", "frames are JSON text; binary frames are not accepted");
+                            if self.out.send(Out::Frame(error_frame(&Value::Null, &r))).await.is_err() {
+                                return Out::Gone;
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) => return Out::Gone,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    }
+                }
+                () = sleep_until(self.expires) => {
+                    return Out::Close(close::TOKEN_EXPIRED, "token expired");
+                }
+                () = sleep_until(self.last_heard + idle) => {
+                    return Out::Close(close::IDLE, "idle: no pong received");
+                }
+                () = sleep_until(typing_due.unwrap_or_else(Instant::now)), if typing_due.is_some() => {
+                    for (conv, audience) in self.typing.expired(Instant::now()) {
+                        publish_typing(self.state, self.actor, conv, audience, TypingState::Stop).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one text frame; the reply to send, if any.
+    async fn frame(&mut self, text: &str) -> Option<String> {
+        let allowed = self.bucket.take(Instant::now());
+        let value: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                let r = Refusal::new("malformed_json", format!("the frame is not JSON: {e}"));
+                return Some(error_frame(&Value::Null, &r));
+            }
+        };
+        let Value::Object(mut map) = value else {
+            let r = Refusal::new("invalid_frame", "a frame is a JSON object");
+            return Some(error_frame(&Value::Null, &r));
+        };
+        let id = map.remove("id").unwrap_or(Value::Null);
+        let id_ok = match &id {
+            Value::String(s) => !s.is_empty() && s.len() <= MAX_ID_BYTES,
+            Value::Number(n) => n.is_u64() || n.is_i64(),
+            _ => false,
+        };
+        if !allowed {
+            let wait = self.bucket.wait().as_millis();
+            let r = Refusal::new(
+                "rate_limited",
+                format!("too many commands: slow down (retry in {wait} ms)"),
+            );
+            return Some(error_frame(if id_ok { &id } else { &Value::Null }, &r));
+        }
+        if id.is_null() {
+            let r = Refusal::new("missing_id", "a command needs an `id` (string or integer)");
+            return Some(error_frame(&Value::Null, &r));
+        }
+        if !id_ok {
+            let r = Refusal::new(
+                "invalid_id",
+                format!("`id` is a string of 1 to {MAX_ID_BYTES} bytes or an integer"),
+            );
+            return Some(error_frame(&Value::Null, &r));
+        }
+        match map.remove("v") {
+            None => {}
+            Some(v) if v == json!(1) => {}
+            Some(_) => {
+                let r = Refusal::new("unsupported_version", "this server speaks version 1");
+                return Some(error_frame(&id, &r));
+            }
+        }
+        match map.get("type") {
+            Some(Value::String(t)) if COMMANDS.contains(&t.as_str()) => {}
+            Some(Value::String(t)) => {
+                let shown: String = t.chars().take(40).collect();
+                let r = Refusal::new(
+                    "unknown_type",
+                    format!(
+                        "unknown command type {shown:?}; expected one of {}",
+                        COMMANDS.join(", ")
+                    ),
+                );
+                return Some(error_frame(&id, &r));
+            }
+            _ => {
+                let r = Refusal::new("invalid_frame", "a command needs a `type` string");
+                return Some(error_frame(&id, &r));
+            }
+        }
+        let command: Command = match serde_json::from_value(Value::Object(map)) {
+            Ok(c) => c,
+            Err(e) => {
+                return Some(error_frame(
+                    &id,
+                    &Refusal::new("invalid_frame", e.to_string()),
+                ));
+            }
+        };
+        match self.command(&id, command).await {
+            Ok(Some(body)) => Some(ack(&id, body)),
+            // Answered by the writer (resume).
+            Ok(None) => None,
+            Err(r) => Some(error_frame(&id, &r)),
+        }
+    }
+
+    async fn command(&mut self, id: &Value, command: Command) -> Result<Option<Value>, Refusal> {
+        let messaging = &self.state.messaging;
+        let actor = &self.actor;
+        match command {
+            Command::Send {
+                conversation_id,
+                content,
+                idempotency_key,
+            } => {
+                let appended = messaging
+                    .send(actor, conversation_id, &content, idempotency_key)
+                    .await?;
+                Ok(Some(json!({
+                    "message": appended.message(),
+                    "created": appended.created(),
+                })))
+            }
+            Command::MarkRead {
+                conversation_id,
+                seq,
+            } => {
+                let marker = messaging.mark_read(actor, conversation_id, seq).await?;
+                Ok(Some(json!({ "last_read_seq": marker })))
+            }
+            Command::Typing {
+                conversation_id,
+                state: TypingState::Start,
+            } => {
+                let now = Instant::now();
+                match self.typing.start(conversation_id, now) {
+                    Start::Refresh => {}
+                    Start::Refused => {
+                        return Err(Refusal::new(
+                            "too_many_typing",
+                            format!("typing in at most {MAX_TYPING} conversations at once"),
+                        ));
+                    }
+                    Start::Relay => {
+                        let (_, members) = messaging.conversation(actor, conversation_id).await?;
+                        let audience: Vec<_> = members
+                            .into_iter()
+                            .map(|m| m.user_id)
+                            .filter(|u| *u != actor.user_id)
+                            .collect();
+                        self.typing.relayed(conversation_id, audience.clone(), now);
+                        publish_typing(
+                            self.state,
+                            *actor,
+                            conversation_id,
+                            audience,
+                            TypingState::Start,
+                        )
+                        .await;
+                    }
+                }
+                Ok(Some(json!({})))
+            }
+            Command::Typing {
+                conversation_id,
+                state: TypingState::Stop,
+            } => {
+                if let Some(audience) = self.typing.stop(conversation_id) {
+                    publish_typing(
+                        self.state,
+                        *actor,
+                        conversation_id,
+                        audience,
+                        TypingState::Stop,
+                    )
+                    .await;
+                }
+                Ok(Some(json!({})))
+            }
+            Command::Presence { conversation_id } => {
+                let (_, members) = messaging.conversation(actor, conversation_id).await?;
+                let ids: Vec<_> = members.iter().map(|m| m.user_id).collect();
+                let presence = self.state.realtime.presence(actor.tenant_id, &ids).await;
+                Ok(Some(
+                    json!({ "conversation_id": conversation_id, "presence": presence }),
+                ))
+            }
+            Command::RefreshToken { token } => {
+                if token.len() > MAX_TOKEN_BYTES {
+                    return Err(Refusal::new(
+                        "invalid_token",
+                        "the access token is not valid",
+                    ));
+                }
+                let (who, expires) = authenticate(self.state, &token).await?;
+                if who.user_id != actor.user_id || who.tenant_id != actor.tenant_id {
+                    return Err(Refusal::new(
+                        "token_mismatch",
+                        "the new token is for another user",
+                    ));
+                }
+                self.expires = expiry_instant(expires);
+                let at = chrono::DateTime::from_timestamp(expires, 0);
+                Ok(Some(json!({ "expires_at": at })))
+            }
+            Command::Resume { cursors } => {
+                let max = self.state.ws.max_resume_conversations;
+                if cursors.len() > max {
+                    return Err(Refusal::new(
+                        "too_many_cursors",
+                        format!("resume at most {max} conversations at once"),
+                    ));
+                }
+                if cursors.values().any(|s| *s < 0) {
+                    return Err(Refusal::new(
+                        "invalid_cursor",
+                        "cursors are sequence numbers ≥ 0",
+                    ));
+                }
+                let cursors = cursors.into_iter().collect();
+                self.out
+                    .send(Out::Resume {
+                        id: id.clone(),
+                        cursors,
+                    })
+                    .await
+                    .map_err(|_| Refusal::new("internal", "connection closing"))?;
+                Ok(None)
+            }
+            Command::Ping {} => Ok(Some(json!({}))),
+        }
+    }
+}
+
+fn read_error(e: axum::Error) -> Out {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let inner = e.into_inner();
+    match inner.downcast_ref::<WsError>() {
+        Some(WsError::Capacity(_)) => Out::Close(close::MESSAGE_TOO_BIG, "message too big"),
+        _ => Out::Gone,
+    }
+}
+
+// ---- writer ---------------------------------------------------------------------------
+
+struct Writer<'a> {
+    state: &'a AppState,
+    actor: Actor,
+    sink: SplitSink<WebSocket, Message>,
+    replies: mpsc::Receiver<Out>,
+    closed: watch::Receiver<Option<CloseReason>>,
+    /// Per conversation, the last `seq` delivered on this connection.
+    cursors: HashMap<ConversationId, i64>,
+    /// Per conversation without a resume cursor, the first `seq` seen live: messages
+    /// below it that arrive later (published out of order) were never delivered here.
+    floors: HashMap<ConversationId, i64>,
+}
+
+/// Why writing stopped.
+enum Stop {
+    /// The hub asked to close.
+    Hub(CloseReason),
+    /// The socket failed.
+    Broken,
+}
+
+impl Writer<'_> {
+    async fn run(&mut self, conn: &mut Connection) {
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + self.state.ws.ping_interval,
+            self.state.ws.ping_interval,
+        );
+        let stop = loop {
+            if let Some(reason) = *self.closed.borrow_and_update() {
+                break Stop::Hub(reason);
+            }
+            let step = tokio::select! {
+                biased;
+                r = self.closed.changed() => match r {
+                    Ok(()) => continue,
+                    Err(_) => Err(Stop::Broken),
+                },
+                out = self.replies.recv() => match out {
+                    Some(Out::Frame(f)) => self.send(Message::text(f)).await,
+                    Some(Out::Resume { id, cursors }) => self.resume(id, cursors).await,
+                    Some(Out::Close(code, reason)) => {
+                        self.close(code, reason).await;
+                        return;
+                    }
+                    Some(Out::Gone) | None => {
+                        let t = self.state.ws.close_timeout;
+                        let _ = tokio::time::timeout(t, self.sink.close()).await;
+                        return;
+                    }
+                },
+                d = conn.events.recv() => match d {
+                    Some(d) => self.deliver_batch(d, conn).await,
+                    None => Err(Stop::Broken),
+                },
+                _ = ping.tick() => self.send(Message::Ping(Default::default())).await,
+            };
+            if let Err(stop) = step {
+                break stop;
+            }
+        };
+        if let Stop::Hub(reason) = stop {
+            self.close(reason.code(), reason.text()).await;
+        }
+    }
+
+    /// Sends a frame and flushes, unless the hub asks to close first.
+    async fn send(&mut self, message: Message) -> Result<(), Stop> {
+        self.feed(message).await?;
+        self.flush().await
+    }
+
+    /// Buffers a frame (writing out what exceeds the buffer), unless the hub asks to
+    /// close first. A client that does not read blocks this; the hub then fills its
+    /// queue and asks to close.
+    async fn feed(&mut self, message: Message) -> Result<(), Stop> {
+        if let Some(reason) = *self.closed.borrow() {
+            return Err(Stop::Hub(reason));
+        }
+        tokio::select! {
+            r = self.sink.feed(message) => r.map_err(|_| Stop::Broken),
+            r = self.closed.changed() => Err(self.stop_from(r)),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        tokio::select! {
+            r = self.sink.flush() => r.map_err(|_| Stop::Broken),
+            r = self.closed.changed() => Err(self.stop_from(r)),
+        }
+    }
+
+    fn stop_from(&self, changed: Result<(), watch::error::RecvError>) -> Stop {
+        match (changed, *self.closed.borrow()) {
+            (Ok(()), Some(reason)) => Stop::Hub(reason),
+            _ => Stop::Broken,
+        }
+    }
+
+    /// Delivers `first` and whatever else is already queued (up to a batch), then
+    /// flushes once.
+    async fn deliver_batch(
+        &mut self,
+        first: Arc<Delivery>,
+        conn: &mut Connection,
+    ) -> Result<(), Stop> {
+        self.deliver(&first).await?;
+        for _ in 1..BATCH {
+            match conn.events.try_recv() {
+                Ok(d) => self.deliver(&d).await?,
+                Err(_) => break,
+            }
+        }
+        self.flush().await
+    }
+
+    async fn close(&mut self, code: u16, reason: &'static str) {
+        let t = self.state.ws.close_timeout;
+        let _ = tokio::time::timeout(t, async {
+            self.sink.send(close_message(code, reason)).await?;
+            self.sink.close().await
+        })
+        .await;
+    }
+
+    /// Sends an event from the hub, keeping each conversation's messages in order,
+    /// without gap or duplicate.
+    async fn deliver(&mut self, d: &Delivery) -> Result<(), Stop> {
+        match &d.envelope.event {
+            Event::NewMessage {
+                conversation_id,
+                message,
+            } => {
+                let conv = *conversation_id;
+                match self.cursors.get(&conv).copied() {
+                    // First message seen live in this conversation: start there.
+                    None => {
+                        self.floors.insert(conv, message.seq);
+                    }
+                    // Older than where this connection started: each message is
+                    // published once, so it was not delivered here yet.
+                    Some(_) if self.floors.get(&conv).is_some_and(|f| message.seq < *f) => {
+                        return self.feed(Message::text(d.frame())).await;
+                    }
+                    Some(c) if message.seq <= c => return Ok(()),
+                    Some(c) if message.seq == c + 1 => {}
+                    // Missed some (published out of order, or lost): fetch them first.
+                    Some(c) => {
+                        if !self.replay(conv, c, Some(message.seq - 1)).await? {
+                            return Ok(());
+                        }
+                        if self.cursors.get(&conv).is_some_and(|c| message.seq <= *c) {
+                            return Ok(());
+                        }
+                    }
+                }
+                self.cursors.insert(conv, message.seq);
+                self.feed(Message::text(d.frame())).await
+            }
+            Event::ConversationUpdated {
+                conversation_id,
+                removed,
+                ..
+            } => {
+                if removed.contains(&self.actor.user_id) {
+                    self.cursors.remove(conversation_id);
+                    self.floors.remove(conversation_id);
+                }
+                self.feed(Message::text(d.frame())).await
+            }
+            Event::AccountDeactivated { .. } => Ok(()),
+            _ => self.feed(Message::text(d.frame())).await,
+        }
+    }
+
+    /// Sends the stored messages after `from` (up to `to` when given) that this
+    /// connection has not delivered, moving the cursor. False when the user cannot see
+    /// the conversation (any more).
+    async fn replay(
+        &mut self,
+        conv: ConversationId,
+        from: i64,
+        to: Option<i64>,
+    ) -> Result<bool, Stop> {
+        let page = self.state.messaging.limits().max_page_size;
+        let mut after = from;
+        loop {
+            let messages = match self
+                .state
+                .messaging
+                .history(&self.actor, conv, SeqWindow::After(after), Some(page))
+                .await
+            {
+                Ok(m) => m,
+                Err(Error::NotFound(_)) => {
+                    self.cursors.remove(&conv);
+                    return Ok(false);
+                }
+                Err(e) => {
+                    // The live message still goes out; the client can resume later.
+                    tracing::warn!(error = %e, "cannot read history to fill a gap");
+                    return Ok(true);
+                }
+            };
+            let full = messages.len() as u32 == page;
+            for m in messages {
+                if to.is_some_and(|t| m.seq > t) {
+                    return Ok(true);
+                }
+                after = m.seq;
+                self.send_stored(conv, m).await?;
+            }
+            if !full || to.is_some_and(|t| after >= t) {
+                return Ok(true);
+            }
+        }
+    }
+
+    async fn send_stored(&mut self, conv: ConversationId, m: StoredMessage) -> Result<(), Stop> {
+        if self.cursors.get(&conv).is_some_and(|c| m.seq <= *c) {
+            return Ok(());
+        }
+        self.cursors.insert(conv, m.seq);
+        let frame = event_frame(&Event::NewMessage {
+            conversation_id: conv,
+            message: m,
+        });
+        self.feed(Message::text(frame)).await
+    }
+
+    /// Sets the cursors, replays everything after them, then acknowledges. Live events
+    /// queued meanwhile go through [`Writer::deliver`] afterwards, whose cursors drop
+    /// what the replay already sent.
+    async fn resume(&mut self, id: Value, cursors: Vec<(ConversationId, i64)>) -> Result<(), Stop> {
+        let mut not_found = Vec::new();
+        let mut replayed = 0usize;
+        for (conv, seq) in cursors {
+            self.cursors.insert(conv, seq);
+            self.floors.remove(&conv);
+            if self.replay(conv, seq, None).await? {
+                replayed += (self.cursors.get(&conv).copied().unwrap_or(seq) - seq) as usize;
+            } else {
+                not_found.push(conv);
+            }
+        }
+        let body = json!({ "replayed": replayed, "not_found": not_found });
+        self.send(Message::text(ack(&id, body))).await
+    }
+}

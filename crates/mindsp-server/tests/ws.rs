@@ -1,0 +1,670 @@
+//! The WebSocket endpoint as clients see it: a real server on 127.0.0.1 over SQLite,
+//! real tokio-tungstenite clients. See `docs/PROTOCOL.md`.
+
+mod wsclient;
+
+use std::time::Duration;
+
+use futures::SinkExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use wsclient::{Client, Server, config};
+
+fn seq(frame: &Value) -> i64 {
+    frame["message"]["seq"].as_i64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_chat_with_typing_and_read_receipts_and_outsiders_get_nothing() {
+    let mut cfg = config();
+    cfg.ws.typing_ttl = Duration::from_millis(300);
+    cfg.ws.typing_throttle = Duration::from_millis(100);
+    let s = Server::start(cfg).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let carol = s.user(&admin, "sdis13", "Carol").await;
+    let other_admin = s.tenant("sdis83").await;
+    let conv = s.group(&alice, &[&bob]).await;
+
+    let mut a = s.connect(&alice).await;
+    let mut b = s.connect(&bob).await;
+    let mut b2 = s.connect(&bob).await;
+    let mut c = s.connect(&carol).await;
+    let mut x = s.connect(&other_admin).await;
+
+    // Sent over the socket: acked with the stored message.
+    let ack = a
+        .ok(
+            "send",
+            json!({"conversation_id": conv, "content": "Départ VSAV 1", "idempotency_key": "k1"}),
+        )
+        .await;
+    assert_eq!(ack["created"], true);
+    let stored = seq(&ack);
+    let got = b.next("new_message").await;
+    assert_eq!(got["conversation_id"], conv.as_str());
+    assert_eq!(seq(&got), stored);
+    assert_eq!(got["message"]["content"], "Départ VSAV 1");
+    assert_eq!(seq(&b2.next("new_message").await), stored);
+    // The sender's own connection gets it too (for its other devices' sake).
+    assert_eq!(seq(&a.next("new_message").await), stored);
+    let history = s
+        .get(&format!("/api/conversations/{conv}/messages"), &bob.token)
+        .await;
+    let last = history["messages"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["seq"].as_i64(), Some(stored));
+    assert_eq!(last["id"], got["message"]["id"]);
+
+    // The same key again: the stored message, nothing new delivered.
+    let again = a
+        .ok(
+            "send",
+            json!({"conversation_id": conv, "content": "Départ VSAV 1", "idempotency_key": "k1"}),
+        )
+        .await;
+    assert_eq!(again["created"], false);
+    assert_eq!(seq(&again), stored);
+
+    // Typing reaches the other member, and stops by itself.
+    a.ok("typing", json!({"conversation_id": conv, "state": "start"}))
+        .await;
+    let t = b.next("typing").await;
+    assert_eq!(
+        (t["user_id"].as_str(), t["state"].as_str()),
+        (Some(alice.id.as_str()), Some("start"))
+    );
+    let t = b.next("typing").await;
+    assert_eq!(
+        (t["user_id"].as_str(), t["state"].as_str()),
+        (Some(alice.id.as_str()), Some("stop"))
+    );
+
+    // Read receipt: the sender sees ✓✓; the reader's other device its unread count.
+    let r = b.ok("mark_read", json!({"conversation_id": conv})).await;
+    assert_eq!(r["last_read_seq"].as_i64(), Some(stored));
+    let receipt = a.next("message_read").await;
+    assert_eq!(receipt["user_id"], bob.id.as_str());
+    assert_eq!(receipt["seq"].as_i64(), Some(stored));
+    assert!(receipt.get("unread").is_none(), "{receipt}");
+    let mine = b2.next("message_read").await;
+    assert_eq!(mine["unread"].as_i64(), Some(0));
+
+    // Sent through REST: the same path, delivered over the socket.
+    let rest = s
+        .post(
+            &format!("/api/conversations/{conv}/messages"),
+            &alice.token,
+            json!({"content": "Retour CIS"}),
+        )
+        .await;
+    let got = b.next("new_message").await;
+    assert_eq!(seq(&got), rest["message"]["seq"].as_i64().unwrap());
+    assert_eq!(seq(&got), stored + 1);
+    // Bob's second device is now one message behind.
+    let mine = b2.next("new_message").await;
+    assert_eq!(seq(&mine), stored + 1);
+
+    // A member of the tenant outside the conversation, and another tenant: nothing.
+    let leaked = c.quiet_except_presence().await;
+    assert!(leaked.is_empty(), "carol received {leaked:?}");
+    let leaked = x.drain().await;
+    assert!(
+        leaked.iter().all(|f| f["type"] == "presence"),
+        "sdis83 received {leaked:?}"
+    );
+    // Presence never crosses tenants either: sdis83 saw only its own admin (itself).
+    assert!(
+        leaked
+            .iter()
+            .all(|f| f["user_id"] == other_admin.id.as_str()),
+        "{leaked:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_follows_the_last_tab() {
+    let s = Server::start(config()).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let conv = s.group(&alice, &[&bob]).await;
+    let mut b = s.connect(&bob).await;
+
+    let mut tab1 = s.connect(&alice).await;
+    let online = b
+        .next_where("presence", |f| f["user_id"] == alice.id.as_str())
+        .await;
+    assert_eq!(online["status"], "online");
+    let tab2 = s.connect(&alice).await;
+    let q = b.ok("presence", json!({"conversation_id": conv})).await;
+    let find = |q: &Value, id: &str| {
+        q["presence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["user_id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(find(&q, &alice.id)["status"], "online");
+    assert_eq!(find(&q, &bob.id)["status"], "online");
+
+    // One tab closes: still online, and nobody is told otherwise.
+    tab1.ws.close(None).await.unwrap();
+    drop(tab1);
+    let seen = b.quiet_except_presence().await;
+    assert!(seen.is_empty(), "{seen:?}");
+    let q = b.ok("presence", json!({"conversation_id": conv})).await;
+    assert_eq!(find(&q, &alice.id)["status"], "online");
+
+    // The last one closes: offline, with last_seen.
+    drop(tab2);
+    let offline = b
+        .next_where("presence", |f| {
+            f["user_id"] == alice.id.as_str() && f["status"] == "offline"
+        })
+        .await;
+    assert!(offline["last_seen"].is_string(), "{offline}");
+    let q = b.ok("presence", json!({"conversation_id": conv})).await;
+    assert_eq!(find(&q, &alice.id)["status"], "offline");
+    assert_eq!(find(&q, &alice.id)["last_seen"], offline["last_seen"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_replays_exactly_what_was_missed_then_live_without_seam() {
+    let s = Server::start(config()).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let conv = s.group(&alice, &[&bob]).await;
+    let cid: mindsp_core::ConversationId = conv.parse().unwrap();
+
+    let mut b = s.connect(&bob).await;
+    let first = s
+        .post(
+            &format!("/api/conversations/{conv}/messages"),
+            &alice.token,
+            json!({"content": "m0"}),
+        )
+        .await;
+    let cursor = seq(&b.next("new_message").await);
+    assert_eq!(cursor, first["message"]["seq"].as_i64().unwrap());
+    drop(b);
+
+    // 100 messages while Bob is away.
+    for i in 1..=100 {
+        s.state
+            .messaging
+            .send(&alice.actor, cid, &format!("m{i}"), None)
+            .await
+            .unwrap();
+    }
+
+    // Bob comes back; 20 more are sent while he resumes.
+    let mut b = s.connect(&bob).await;
+    let messaging = s.state.messaging.clone();
+    let actor = alice.actor;
+    let live = tokio::spawn(async move {
+        for i in 101..=120 {
+            messaging
+                .send(&actor, cid, &format!("m{i}"), None)
+                .await
+                .unwrap();
+        }
+    });
+    let id = b
+        .command("resume", json!({"cursors": {conv.clone(): cursor}}))
+        .await;
+    live.await.unwrap();
+    let mut seqs = Vec::new();
+    let mut acked = None;
+    while seqs.len() < 120 {
+        let deadline = tokio::time::Instant::now() + wsclient::WAIT;
+        let f = tokio::time::timeout_at(deadline, b.next_any())
+            .await
+            .expect("frames keep coming");
+        match f["type"].as_str() {
+            Some("new_message") => {
+                assert_eq!(f["message"]["content"], format!("m{}", seqs.len() + 1));
+                seqs.push(seq(&f));
+            }
+            Some("ack") => {
+                assert_eq!(f["id"], id);
+                acked = Some(f);
+            }
+            Some("presence") => {}
+            _ => panic!("unexpected {f}"),
+        }
+    }
+    let expected: Vec<i64> = (cursor + 1..=cursor + 120).collect();
+    assert_eq!(
+        seqs, expected,
+        "every missed and live message once, in order"
+    );
+    let acked = match acked {
+        Some(a) => a,
+        None => b.reply_to(&id).await,
+    };
+    assert!(acked["replayed"].as_u64().unwrap() >= 100, "{acked}");
+    // No duplicate follows; the next live one comes once.
+    s.post(
+        &format!("/api/conversations/{conv}/messages"),
+        &alice.token,
+        json!({"content": "m121"}),
+    )
+    .await;
+    let f = b.next("new_message").await;
+    assert_eq!(seq(&f), cursor + 121);
+    let rest = b.quiet_except_presence().await;
+    assert!(rest.is_empty(), "{rest:?}");
+
+    // A cursor for a conversation Bob cannot see is answered, not obeyed.
+    let other = s.tenant("sdis83").await;
+    let foreign = s.group(&other, &[]).await;
+    let r = b
+        .ok("resume", json!({"cursors": {foreign.clone(): 0}}))
+        .await;
+    assert_eq!(r["not_found"], json!([foreign]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_their_answers_and_the_server_keeps_serving() {
+    let mut cfg = config();
+    cfg.ws.max_message_bytes = 8 * 1024;
+    cfg.ws.rate_per_sec = 5;
+    cfg.ws.rate_burst = 20;
+    cfg.ws.allowed_origins = vec!["https://chat.sdis13.fr".into()];
+    let s = Server::start(cfg).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let conv = s.group(&alice, &[&bob]).await;
+    let other = s.tenant("sdis83").await;
+    let foreign = s.group(&other, &[]).await;
+    let mut b = s.connect(&bob).await;
+    let mut a = s.connect(&alice).await;
+
+    async fn error_of(a: &mut Client, raw: &str) -> Value {
+        a.send_raw(raw).await;
+        a.next("error").await
+    }
+    let e = error_of(&mut a, "not json").await;
+    assert_eq!(
+        (e["code"].as_str(), &e["id"]),
+        (Some("malformed_json"), &Value::Null)
+    );
+    let e = error_of(&mut a, "[1,2]").await;
+    assert_eq!(e["code"], "invalid_frame");
+    let e = error_of(&mut a, r#"{"v":1,"type":"ping"}"#).await;
+    assert_eq!(e["code"], "missing_id");
+    let e = error_of(&mut a, r#"{"v":1,"id":"x","type":"launch_missiles"}"#).await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("unknown_type"), Some("x"))
+    );
+    let e = error_of(
+        &mut a,
+        r#"{"v":1,"id":"y","type":"send","conversation_id":5,"content":"x"}"#,
+    )
+    .await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_str()),
+        (Some("invalid_frame"), Some("y"))
+    );
+    let e = error_of(&mut a, r#"{"v":1,"id":"z","type":"ping","extra":true}"#).await;
+    assert_eq!(e["code"], "invalid_frame");
+    let e = error_of(&mut a, r#"{"v":2,"id":"w","type":"ping"}"#).await;
+    assert_eq!(e["code"], "unsupported_version");
+    a.ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(a.next("error").await["code"], "unsupported_frame");
+    // Another tenant's conversation, or a missing one: not_found, alike.
+    let e = a
+        .call("send", json!({"conversation_id": foreign, "content": "x"}))
+        .await;
+    assert_eq!(e["code"], "not_found");
+    let missing = uuid::Uuid::now_v7().to_string();
+    let e2 = a
+        .call("send", json!({"conversation_id": missing, "content": "x"}))
+        .await;
+    assert_eq!(
+        (e2["code"].clone(), e2["message"].clone()),
+        (e["code"].clone(), e["message"].clone())
+    );
+    let e = a
+        .call(
+            "typing",
+            json!({"conversation_id": foreign, "state": "start"}),
+        )
+        .await;
+    assert_eq!(e["code"], "not_found");
+    let e = a
+        .call("presence", json!({"conversation_id": foreign}))
+        .await;
+    assert_eq!(e["code"], "not_found");
+    let e = a
+        .call("send", json!({"conversation_id": conv, "content": "  "}))
+        .await;
+    assert_eq!(e["code"], "empty_content");
+
+    // A flood beyond the rate limit: rate_limited, and the connection stays.
+    let before = tokio::time::Instant::now();
+    let ids: Vec<Value> = {
+        let mut ids = Vec::new();
+        for _ in 0..50 {
+            ids.push(a.command("ping", json!({})).await);
+        }
+        ids
+    };
+    let mut limited = 0;
+    for id in &ids {
+        let r = a.reply_to(id).await;
+        if r["type"] == "error" {
+            assert_eq!(r["code"], "rate_limited");
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "50 commands at once with a burst of 20");
+    // Still usable once the bucket refills (bounded wait).
+    loop {
+        let r = a.call("ping", json!({})).await;
+        if r["type"] == "ack" {
+            break;
+        }
+        assert!(
+            before.elapsed() < wsclient::WAIT,
+            "the connection stays usable"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Oversize: closed with 1009.
+    let mut big = s.connect(&alice).await;
+    big.send_raw(&"x".repeat(9 * 1024)).await;
+    assert_eq!(big.close_code().await, Some(1009));
+
+    // Refused before any socket: no token, forged token, foreign origin.
+    let (st, body) = Client::refused(format!("ws://{}/ws", s.addr)).await;
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let forged = {
+        let mut t = alice.token.clone();
+        t.pop();
+        t.push(if alice.token.ends_with('A') { 'B' } else { 'A' });
+        t
+    };
+    let (st, body) = Client::refused(s.ws_url(&forged)).await;
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
+        (401, Some("invalid_token"))
+    );
+    let mut req = s.ws_url(&alice.token).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    let (st, body) = Client::refused(req).await;
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
+        (403, Some("origin_not_allowed"))
+    );
+    let mut req = s.ws_url(&alice.token).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://chat.sdis13.fr".parse().unwrap());
+    let (_ok, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    // The Authorization header works as well as the query.
+    let mut req = format!("ws://{}/ws", s.addr).into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", alice.token).parse().unwrap(),
+    );
+    let (_ok, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let (st, _) = Client::refused(format!("ws://{}/ws?token={}&x=1", s.addr, alice.token)).await;
+    assert_eq!(st, 400);
+
+    // After all that, everyone is still served (Alice's first socket has spent its
+    // rate budget: she sends from another one).
+    let mut a2 = s.connect(&alice).await;
+    let ack = a2
+        .ok(
+            "send",
+            json!({"conversation_id": conv, "content": "toujours là"}),
+        )
+        .await;
+    let got = b.next("new_message").await;
+    assert_eq!(seq(&got), seq(&ack));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_refresh_extends_the_connection_and_expiry_closes_it() {
+    let mut cfg = config();
+    cfg.token_ttl = Duration::from_secs(2);
+    let s = Server::start(cfg).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+
+    let mut refreshed = s.connect(&alice).await;
+    let mut left = s.connect(&alice).await;
+    // A token of an hour, signed with the server's secret (as a login would give).
+    let long = mindsp_server::auth::Tokens::new(wsclient::SECRET, Duration::from_secs(3600));
+    let me = s.get("/api/me", &alice.token).await;
+    let user: mindsp_core::model::User = serde_json::from_value(me["user"].clone()).unwrap();
+    let r = refreshed
+        .ok(
+            "refresh_token",
+            json!({"token": long.issue(&user).unwrap()}),
+        )
+        .await;
+    assert!(r["expires_at"].is_string(), "{r}");
+    // Someone else's token, or a forged one, is refused and changes nothing.
+    let e = refreshed
+        .call("refresh_token", json!({"token": bob.token}))
+        .await;
+    assert_eq!(e["code"], "token_mismatch");
+    let e = refreshed
+        .call("refresh_token", json!({"token": "not-a-token"}))
+        .await;
+    assert_eq!(e["code"], "invalid_token");
+
+    assert_eq!(left.close_code().await, Some(4001));
+    // The first token has expired by now; the refreshed connection is still served.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    refreshed.ok("ping", json!({})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deactivation_closes_sockets_and_removal_stops_deliveries() {
+    let s = Server::start(config()).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let carol = s.user(&admin, "sdis13", "Carol").await;
+    let conv = s.group(&alice, &[&bob, &carol]).await;
+    let mut a = s.connect(&alice).await;
+    let mut b = s.connect(&bob).await;
+    let mut c = s.connect(&carol).await;
+
+    // Removal: Carol learns it, then gets nothing more of the conversation.
+    let (st, _) = s
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/api/conversations/{conv}/members/{}", carol.id),
+            &alice.token,
+            None,
+        )
+        .await;
+    assert_eq!(st, 204);
+    let upd = c.next("conversation_updated").await;
+    assert_eq!(upd["removed"], json!([carol.id]));
+    assert_eq!(upd["members"].as_array().unwrap().len(), 2);
+    let upd = b.next("conversation_updated").await;
+    assert_eq!(upd["conversation_id"], conv.as_str());
+    a.ok(
+        "send",
+        json!({"conversation_id": conv, "content": "sans Carol"}),
+    )
+    .await;
+    b.next("new_message").await;
+    let seen = c.quiet_except_presence().await;
+    assert!(seen.is_empty(), "{seen:?}");
+    let e = c
+        .call(
+            "send",
+            json!({"conversation_id": conv, "content": "encore moi"}),
+        )
+        .await;
+    assert_eq!(e["code"], "not_found");
+
+    // Deactivation: Bob's socket closes at once with 4003; others carry on.
+    let (st, _) = s
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/api/admin/users/{}", bob.id),
+            &admin.token,
+            Some(json!({"active": false})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(b.close_code().await, Some(4003));
+    let (st, _) = Client::refused(s.ws_url(&bob.token)).await;
+    assert_eq!(st, 401);
+    a.ok("ping", json!({})).await;
+}
+
+#[tokio::test]
+async fn sigterm_closes_sockets_with_1012_and_exits() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = std::env::temp_dir().join(format!("mindsp-ws-bin-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mindsp-server"))
+        .env_remove("MINDSP_JWT_SECRET")
+        .env_remove("MINDSP_DATABASE_URL")
+        .env("MINDSP_LOG", "info")
+        .args([
+            "serve",
+            "--demo",
+            "--no-workers",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+        ])
+        .arg(format!("sqlite://{}", dir.join("m.db").display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("addr=") {
+                let _ = tx.send(
+                    line[i + 5..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_owned(),
+                );
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("listening");
+    let http = reqwest::Client::new();
+    let v: Value = http
+        .post(format!("http://{addr}/api/auth/login"))
+        .json(&json!({"tenant": "sdis13", "email": "admin@sdis13.fr", "password": "Password123!"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = v["access_token"].as_str().unwrap();
+    let mut c = Client::connect(&format!("ws://{addr}/ws?token={token}")).await;
+    c.ok("ping", json!({})).await;
+    let list: Value = http
+        .get(format!("http://{addr}/api/conversations"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conv = list["conversations"][0]["id"].as_str().unwrap().to_owned();
+    let ack = c
+        .ok(
+            "send",
+            json!({"conversation_id": conv, "content": "avant l'arrêt"}),
+        )
+        .await;
+
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(c.close_code().await, Some(1012));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "server did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+
+    // The acked message survived: a restarted server has it.
+    let store = mindsp_store::open(&format!("sqlite://{}", dir.join("m.db").display()))
+        .await
+        .unwrap();
+    let t = store.tenant_by_slug("sdis13").await.unwrap().unwrap();
+    let mut tx = store.read(t.id).await.unwrap();
+    let msgs = tx
+        .messages(
+            conv.parse().unwrap(),
+            mindsp_core::model::SeqWindow::Latest,
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(msgs.last().unwrap().seq, seq(&ack));
+    drop(tx);
+    drop(store);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_pinged_and_reaped() {
+    let mut cfg = config();
+    cfg.ws.ping_interval = Duration::from_millis(200);
+    cfg.ws.idle_timeout = Duration::from_secs(1);
+    let s = Server::start(cfg).await;
+    let admin = s.tenant("sdis13").await;
+    let mut silent = s.connect(&admin).await;
+    let mut alive = s.connect(&admin).await;
+    // `alive` reads (its client answers pings); `silent` does not read at all.
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(1800) {
+        alive.drain().await;
+    }
+    alive.ok("ping", json!({})).await;
+    assert_eq!(silent.close_code().await, Some(4002));
+}
