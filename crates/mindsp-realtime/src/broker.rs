@@ -1,15 +1,17 @@
 //! Fan-out between nodes. A [`Broker`] takes an envelope published on any node and
-//! hands it to the [`Hub`] of every node, this one included.
+//! hands it to the [`Hub`](crate::hub::Hub) of every node, this one included.
 //!
 //! Each adapter is built with the local hub it feeds: [`InProcessBroker`] calls
-//! [`Hub::deliver`] directly; a pub/sub adapter publishes to its channel and feeds the
-//! hub from its subscription.
+//! [`Hub::deliver`](crate::hub::Hub::deliver) directly; the Redis adapter (feature
+//! `redis`, `crate::redis::RedisBroker`) publishes to its channel and feeds the hub
+//! from its subscription only.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use mindsp_core::events::{Envelope, Publisher};
 
+#[cfg(feature = "in-process")]
 use crate::hub::Hub;
 
 /// Fan-out of envelopes to the hubs of every node.

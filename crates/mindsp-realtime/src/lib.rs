@@ -3,6 +3,8 @@
 //! - [`hub`]: this node's connections by tenant and user, bounded queues, close signals.
 //! - [`broker`]: the fan-out port between nodes; [`broker::InProcessBroker`] for one node.
 //! - [`presence`]: who is online; [`presence::LocalPresence`] for one node.
+//! - `redis` (feature `redis`): [`redis::RedisBroker`] and [`redis::RedisPresence`],
+//!   the scaled profile where several nodes share one Redis.
 //! - [`typing`]: per-connection typing throttle and expiry.
 //! - [`limit`]: the per-connection command rate limiter.
 //! - [`close`]: the WebSocket close codes the server uses.
@@ -14,6 +16,8 @@ pub mod broker;
 pub mod hub;
 pub mod limit;
 pub mod presence;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod typing;
 
 use std::sync::Arc;
@@ -76,6 +80,22 @@ impl Realtime {
         let hub = Hub::new(queue_capacity);
         let broker = Arc::new(broker::InProcessBroker::new(hub.clone()));
         Self::new(hub, broker, Arc::new(LocalPresence::new()))
+    }
+
+    /// The scaled stack: envelopes go through Redis pub/sub and presence is shared
+    /// through Redis (see [`redis`]); each connection queues at most `queue_capacity`
+    /// events.
+    #[cfg(feature = "redis")]
+    pub async fn redis(
+        config: &redis::RedisConfig,
+        queue_capacity: usize,
+    ) -> Result<Self, redis::RedisError> {
+        let hub = Hub::new(queue_capacity);
+        let broker = Arc::new(redis::RedisBroker::connect(hub.clone(), config).await?);
+        let client = broker.client().clone();
+        let broker: Arc<dyn Broker> = broker;
+        let presence = redis::RedisPresence::start(client, broker.clone(), config).await?;
+        Ok(Self::new(hub, broker, Arc::new(presence)))
     }
 
     /// The local hub.

@@ -2,8 +2,8 @@
 //! offline (with `last_seen`) once the last one closes.
 //!
 //! [`Presence`] is the port; [`LocalPresence`] counts the connections of this process.
-//! A multi-node deployment needs a shared implementation (Redis, with heartbeats that
-//! expire when a node dies).
+//! Several nodes share `crate::redis::RedisPresence` (feature `redis`), whose node
+//! heartbeats expire when a node dies.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -61,6 +61,8 @@ pub enum LogFormat {
 }
 
 /// Subcommands.
+// Parsed once at start-up: the size of `Serve` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server (the default), with a job worker unless `--no-workers`.
@@ -145,6 +147,90 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub ws: WsArgs,
+
+    #[command(flatten)]
+    pub realtime: RealtimeArgs,
+}
+
+/// Real time across nodes: without `--redis-url`, one node (in-process fan-out and
+/// presence).
+#[derive(Debug, Clone, Args)]
+pub struct RealtimeArgs {
+    /// Redis shared by every node for real-time fan-out (pub/sub) and presence:
+    /// `redis://[user:password@]host[:port][/db]` (`rediss://` for TLS). Unset: this
+    /// node alone.
+    #[arg(long, env = "MINDSP_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of the real-time channel and presence keys (the same on every node).
+    #[arg(long, env = "MINDSP_REDIS_PREFIX", default_value = "{mindsp}:rt:")]
+    pub redis_prefix: String,
+
+    /// Seconds between a node's presence heartbeats (and sweeps of dead nodes).
+    #[arg(long, env = "MINDSP_PRESENCE_HEARTBEAT_SECS", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub presence_heartbeat_secs: u64,
+
+    /// Seconds without a heartbeat after which a node counts as dead and its users turn
+    /// offline (the same on every node; more than the heartbeat).
+    #[arg(long, env = "MINDSP_PRESENCE_WINDOW_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub presence_window_secs: u64,
+}
+
+impl RealtimeArgs {
+    /// The real-time stack these settings name.
+    async fn open(&self, queue_capacity: usize) -> anyhow::Result<mindsp_realtime::Realtime> {
+        let Some(url) = self
+            .redis_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        else {
+            return Ok(mindsp_realtime::Realtime::in_process(queue_capacity));
+        };
+        open_redis_realtime(self, url, queue_capacity).await
+    }
+}
+
+#[cfg(feature = "redis")]
+async fn open_redis_realtime(
+    args: &RealtimeArgs,
+    url: &str,
+    queue_capacity: usize,
+) -> anyhow::Result<mindsp_realtime::Realtime> {
+    let prefix = &args.redis_prefix;
+    if prefix.is_empty()
+        || prefix.len() > MAX_QUEUE_PREFIX_LEN
+        || prefix.chars().any(|c| c.is_control() || c.is_whitespace())
+    {
+        bail!(
+            "MINDSP_REDIS_PREFIX has 1 to {MAX_QUEUE_PREFIX_LEN} bytes, without spaces or control characters"
+        );
+    }
+    if args.presence_window_secs <= args.presence_heartbeat_secs {
+        bail!("MINDSP_PRESENCE_WINDOW_SECS must be longer than MINDSP_PRESENCE_HEARTBEAT_SECS");
+    }
+    let config = mindsp_realtime::redis::RedisConfig {
+        url: url.to_owned(),
+        prefix: prefix.clone(),
+        heartbeat: Duration::from_secs(args.presence_heartbeat_secs),
+        window: Duration::from_secs(args.presence_window_secs),
+    };
+    let realtime = mindsp_realtime::Realtime::redis(&config, queue_capacity)
+        .await
+        .with_context(|| format!("cannot connect to Redis at {}", redact(url)))?;
+    tracing::info!(redis = %redact(url), prefix = %prefix, "real time through Redis");
+    Ok(realtime)
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis_realtime(
+    _args: &RealtimeArgs,
+    _url: &str,
+    _queue_capacity: usize,
+) -> anyhow::Result<mindsp_realtime::Realtime> {
+    bail!("this build has no Redis support (cargo feature `redis`)")
 }
 
 /// WebSocket (`/ws`) limits; see `docs/PROTOCOL.md`.
@@ -387,7 +473,8 @@ async fn run_serve(
     // Installed before any job runs, so an early SIGTERM still stops gracefully.
     let shutdown = shutdown_signal();
     let queue = open_queue(&args.jobs, store.as_ref()).await?;
-    let state = AppState::with_queue(store, queue.clone(), &config);
+    let realtime = args.realtime.open(config.ws.queue_capacity).await?;
+    let state = AppState::assemble(store, Some(queue.clone()), realtime, &config);
     let app = router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -1,0 +1,655 @@
+//! The scaled profile: several nodes share one Redis (feature `redis`, through `fred`).
+//!
+//! # Fan-out: [`RedisBroker`]
+//!
+//! Every node publishes each envelope, as JSON, to **one** pub/sub channel,
+//! `<prefix>events`, and one subscriber connection per node feeds the local [`Hub`] with
+//! everything it receives, its own envelopes included. The publishing node does not
+//! deliver locally as well, so each node's hub sees each envelope exactly once.
+//!
+//! One channel rather than one per tenant: behind a load balancer every node holds
+//! users of every active tenant, so per-tenant channels would save no traffic, and
+//! subscribing to a tenant's channel when its first local user connects would race with
+//! that user's first events. The hub drops envelopes of tenants it has no connection of
+//! with one map lookup.
+//!
+//! Pub/sub is at-most-once. `fred` reconnects by itself and [`SubscriberClient`]
+//! subscribes again after each reconnection; what was published in between is lost for
+//! this node. A lost `new_message` is not lost for clients: in a conversation where the
+//! connection has a cursor (it resumed, or saw a message live), the next message
+//! arrives with a `seq` beyond the cursor and the connection reads the missing ones
+//! from the store first (`mindsp-server`'s `ws` module); until such a next message, or
+//! if the connection had no cursor there, the client gets it by resuming. Typing, read receipts
+//! and presence changes published during the outage are lost (they are transient, and a
+//! `presence` query reads Redis).
+//!
+//! # Presence: [`RedisPresence`]
+//!
+//! Each node counts its connections per (tenant, user) in memory and writes to Redis
+//! only the transitions 0 → 1 and 1 → 0 of those counts. Keys (all under the prefix, so
+//! a prefix with a hash tag such as the default `{mindsp}:rt:` keeps them in one
+//! Redis Cluster slot):
+//!
+//! - `nodes`: sorted set, node id → time of its last heartbeat (Redis server time, ms);
+//! - `n:<node>`: set of `<tenant>:<user>` with a connection on that node;
+//! - `u:<tenant>:<user>`: hash, node id → 1 for each node where the user is connected;
+//! - `seen:<tenant>`: hash, user → `last_seen` (ms).
+//!
+//! A user is online while `u:<tenant>:<user>` names a node. Every node heartbeats every
+//! `heartbeat` and, at the same pace, sweeps: a Lua script takes the nodes whose last
+//! heartbeat is older than `window`, removes each from `nodes` and its users' hashes,
+//! and returns the users left with no node. The script is atomic and removes the dead
+//! node first, so exactly one surviving node publishes each `offline` event (with
+//! `last_seen` = the dead node's last heartbeat). A killed node's users therefore turn
+//! offline within `window` plus one `heartbeat`. All times are Redis's clock, so the
+//! nodes' clocks need not agree; every node of a deployment must use the same `window`.
+//!
+//! A node that finds itself missing from `nodes` at a heartbeat (it was swept after a
+//! long pause or a partition, or Redis lost its data) announces its local users again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use fred::clients::{Client, SubscriberClient};
+use fred::interfaces::{ClientLike, EventInterface, LuaInterface, PubsubInterface};
+use fred::types::config::{Config, ReconnectPolicy};
+use fred::types::{Builder, Value};
+use mindsp_core::events::{Audience, Envelope, Event, PresenceStatus};
+use mindsp_core::{TenantId, UserId};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinHandle;
+
+use crate::broker::Broker;
+use crate::hub::Hub;
+use crate::presence::{Presence, UserPresence};
+
+pub use fred::error::Error as RedisError;
+
+/// The default key and channel prefix: a hash tag, so every key lands in one slot of a
+/// Redis Cluster.
+pub const DEFAULT_PREFIX: &str = "{mindsp}:rt:";
+
+/// Settings of the Redis real-time stack.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host[:port][/db]` or `rediss://...`.
+    pub url: String,
+    /// Prefix of the channel and of every key; the same on every node of a deployment.
+    pub prefix: String,
+    /// How often a node refreshes its heartbeat and sweeps dead nodes.
+    pub heartbeat: Duration,
+    /// A node silent this long is dead: its users turn offline. Same on every node;
+    /// longer than `heartbeat` (two or three heartbeats).
+    pub window: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for `url`: [`DEFAULT_PREFIX`], a 3 s heartbeat and a 10 s window.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            heartbeat: Duration::from_secs(3),
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Envelopes queued between `fred`'s reader and the hub feeder before the oldest are
+/// dropped (and recovered by gap filling).
+const SUBSCRIBER_BUFFER: usize = 16 * 1024;
+
+fn builder(url: &str) -> Result<Builder, RedisError> {
+    let config = Config::from_url(url)?;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(5);
+        })
+        .with_performance_config(|p| {
+            p.broadcast_channel_capacity = SUBSCRIBER_BUFFER;
+        })
+        // Forever, backing off up to 2 s: a node without Redis cannot fan out.
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+    Ok(builder)
+}
+
+/// Fan-out through one Redis pub/sub channel; see the [module documentation](self).
+pub struct RedisBroker {
+    client: Client,
+    subscriber: SubscriberClient,
+    channel: String,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("channel", &self.channel)
+            .finish()
+    }
+}
+
+impl RedisBroker {
+    /// Connects a publishing and a subscribing connection and starts feeding `hub`.
+    /// Returns once the subscription is active.
+    pub async fn connect(hub: Arc<Hub>, config: &RedisConfig) -> Result<Self, RedisError> {
+        let builder = builder(&config.url)?;
+        let client = builder.build()?;
+        client.init().await?;
+        let subscriber = builder.build_subscriber_client()?;
+        subscriber.init().await?;
+        let channel = format!("{}events", config.prefix);
+        // Before subscribing, so nothing published after the subscription is missed.
+        let mut messages = subscriber.message_rx();
+        let resubscriber = subscriber.manage_subscriptions();
+        let feeder = {
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                loop {
+                    match messages.recv().await {
+                        Ok(m) => {
+                            if *m.channel != *channel {
+                                continue;
+                            }
+                            match m.value.as_bytes().map(serde_json::from_slice::<Envelope>) {
+                                Some(Ok(envelope)) => hub.deliver(envelope),
+                                _ => tracing::warn!(
+                                    channel = %channel,
+                                    "ignoring a message that is not an envelope"
+                                ),
+                            }
+                        }
+                        Err(RecvError::Lagged(n)) => tracing::warn!(
+                            dropped = n,
+                            "real-time subscriber fell behind; dropped envelopes (messages \
+                             are recovered from the store by gap filling)"
+                        ),
+                        Err(RecvError::Closed) => break,
+                    }
+                }
+            })
+        };
+        subscriber.subscribe(channel.as_str()).await?;
+        let reconnects = {
+            let mut rx = subscriber.reconnect_rx();
+            tokio::spawn(async move {
+                while rx.recv().await.is_ok() {
+                    tracing::info!(
+                        "real-time subscriber (re)connected to Redis; subscription restored"
+                    );
+                }
+            })
+        };
+        Ok(Self {
+            client,
+            subscriber,
+            channel,
+            tasks: vec![feeder, resubscriber, reconnects],
+        })
+    }
+
+    /// The publishing connection (shared with [`RedisPresence`]).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The channel envelopes go through.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(JoinHandle::abort);
+        let (c, s) = (self.client.clone(), self.subscriber.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = s.quit().await;
+                let _ = c.quit().await;
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, envelope: Envelope) {
+        let payload = match serde_json::to_string(&envelope) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialise an envelope");
+                return;
+            }
+        };
+        if let Err(e) = self
+            .client
+            .publish::<i64, _, _>(self.channel.as_str(), payload)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot publish to Redis; clients recover messages by resuming");
+        }
+    }
+}
+
+// ---- presence -------------------------------------------------------------------------
+
+/// Redis server time in ms, in every script.
+const NOW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// KEYS[1] nodes; ARGV prefix, node, tenant, user. Returns {became online, node was
+/// missing from `nodes`}.
+const CONNECT: &str = r"
+local p, node, tu = ARGV[1], ARGV[2], ARGV[3] .. ':' .. ARGV[4]
+local missing = 0
+if not redis.call('ZSCORE', KEYS[1], node) then
+  redis.call('ZADD', KEYS[1], now, node)
+  missing = 1
+end
+local ukey = p .. 'u:' .. tu
+local added = redis.call('HSET', ukey, node, '1')
+redis.call('SADD', p .. 'n:' .. node, tu)
+local online = 0
+if added == 1 and redis.call('HLEN', ukey) == 1 then online = 1 end
+return {online, missing}
+";
+
+/// KEYS[1] nodes; ARGV prefix, node, tenant, user. Returns last_seen (ms) when the
+/// user is now offline everywhere, else -1.
+const DISCONNECT: &str = r"
+local p, node, tenant, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local tu = tenant .. ':' .. user
+local ukey = p .. 'u:' .. tu
+local removed = redis.call('HDEL', ukey, node)
+redis.call('SREM', p .. 'n:' .. node, tu)
+if removed == 1 and redis.call('HLEN', ukey) == 0 then
+  redis.call('HSET', p .. 'seen:' .. tenant, user, now)
+  return now
+end
+return -1
+";
+
+/// KEYS[1] nodes; ARGV node. Returns 1 when the node was missing.
+const HEARTBEAT: &str = r"
+local missing = 0
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then missing = 1 end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+return missing
+";
+
+/// KEYS[1] nodes; ARGV prefix, window ms, most nodes per sweep. Returns a flat list
+/// tenant, user, last_seen of the users the dead nodes left offline.
+const SWEEP: &str = r"
+local p, window, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window, 'LIMIT', 0, limit)
+local out = {}
+for _, node in ipairs(dead) do
+  local last = redis.call('ZSCORE', KEYS[1], node)
+  redis.call('ZREM', KEYS[1], node)
+  local nkey = p .. 'n:' .. node
+  for _, tu in ipairs(redis.call('SMEMBERS', nkey)) do
+    local ukey = p .. 'u:' .. tu
+    if redis.call('HDEL', ukey, node) == 1 and redis.call('HLEN', ukey) == 0 then
+      local sep = string.find(tu, ':', 1, true)
+      local tenant, user = string.sub(tu, 1, sep - 1), string.sub(tu, sep + 1)
+      redis.call('HSET', p .. 'seen:' .. tenant, user, last)
+      table.insert(out, tenant)
+      table.insert(out, user)
+      table.insert(out, last)
+    end
+  end
+  redis.call('DEL', nkey)
+end
+return out
+";
+
+/// KEYS[1] nodes; ARGV prefix, tenant, users... Returns per user {online, last_seen or ''}.
+const QUERY: &str = r"
+local p, tenant = ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #ARGV do
+  local online = redis.call('HLEN', p .. 'u:' .. tenant .. ':' .. ARGV[i])
+  table.insert(out, online > 0 and 1 or 0)
+  table.insert(out, redis.call('HGET', p .. 'seen:' .. tenant, ARGV[i]) or '')
+end
+return out
+";
+
+/// Most dead nodes one sweep handles (the next sweep takes the rest).
+const SWEEP_LIMIT: i64 = 16;
+
+fn script(body: &str) -> String {
+    format!("{NOW}{body}")
+}
+
+fn millis(ms: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms)
+}
+
+type Slot = Arc<tokio::sync::Mutex<u32>>;
+
+struct Shared {
+    client: Client,
+    broker: Arc<dyn Broker>,
+    prefix: String,
+    nodes_key: String,
+    node: String,
+    window: Duration,
+    /// This node's connection counts. A count changes, and its transition is written
+    /// to Redis, under the slot's lock: transitions of one user stay in order.
+    local: Mutex<HashMap<(TenantId, UserId), Slot>>,
+    /// Set when a script found this node missing from `nodes`: announce every local
+    /// user again at the next heartbeat.
+    reannounce: AtomicBool,
+}
+
+/// Presence shared by every node through Redis; see the [module documentation](self).
+pub struct RedisPresence {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for RedisPresence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPresence")
+            .field("node", &self.shared.node)
+            .finish()
+    }
+}
+
+impl RedisPresence {
+    /// Registers this node (a fresh id), then heartbeats and sweeps every
+    /// `config.heartbeat` until dropped; offline events of dead nodes' users go out
+    /// through `broker`.
+    pub async fn start(
+        client: Client,
+        broker: Arc<dyn Broker>,
+        config: &RedisConfig,
+    ) -> Result<Self, RedisError> {
+        let shared = Arc::new(Shared {
+            client,
+            broker,
+            prefix: config.prefix.clone(),
+            nodes_key: format!("{}nodes", config.prefix),
+            node: uuid::Uuid::new_v4().simple().to_string(),
+            window: config.window,
+            local: Mutex::new(HashMap::new()),
+            reannounce: AtomicBool::new(false),
+        });
+        shared.heartbeat().await?;
+        let every = config.heartbeat.max(Duration::from_millis(100));
+        let task = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    shared.tick().await;
+                }
+            })
+        };
+        tracing::info!(node = %shared.node, "presence node registered in Redis");
+        Ok(Self { shared, task })
+    }
+
+    /// This node's id in Redis.
+    pub fn node(&self) -> &str {
+        &self.shared.node
+    }
+}
+
+impl Drop for RedisPresence {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Shared {
+    async fn eval(&self, body: &str, args: Vec<Value>) -> Result<Value, RedisError> {
+        self.client
+            .eval(script(body), self.nodes_key.as_str(), args)
+            .await
+    }
+
+    fn ids(&self, tenant: TenantId, user: UserId) -> Vec<Value> {
+        vec![
+            self.prefix.as_str().into(),
+            self.node.as_str().into(),
+            tenant.to_string().into(),
+            user.to_string().into(),
+        ]
+    }
+
+    /// Writes a 0 → 1 transition; true when the user came online everywhere.
+    async fn connect(&self, tenant: TenantId, user: UserId) -> Result<bool, RedisError> {
+        let v = self.eval(CONNECT, self.ids(tenant, user)).await?;
+        let v: Vec<i64> = v.convert()?;
+        if v.get(1) == Some(&1) {
+            self.reannounce.store(true, Ordering::SeqCst);
+        }
+        Ok(v.first() == Some(&1))
+    }
+
+    async fn heartbeat(&self) -> Result<bool, RedisError> {
+        let v: i64 = self
+            .eval(HEARTBEAT, vec![self.node.as_str().into()])
+            .await?
+            .convert()?;
+        Ok(v == 1)
+    }
+
+    async fn publish_presence(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        status: PresenceStatus,
+        last_seen: Option<DateTime<Utc>>,
+    ) {
+        self.broker
+            .publish(Envelope {
+                tenant,
+                audience: Audience::Tenant,
+                event: Event::Presence {
+                    user_id: user,
+                    status,
+                    last_seen,
+                },
+            })
+            .await;
+    }
+
+    async fn tick(&self) {
+        match self.heartbeat().await {
+            Ok(true) => {
+                tracing::warn!(node = %self.node, "this node was missing from Redis presence; announcing its users again");
+                self.reannounce.store(true, Ordering::SeqCst);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "presence heartbeat failed");
+                return;
+            }
+        }
+        if self.reannounce.swap(false, Ordering::SeqCst) {
+            self.announce_all().await;
+        }
+        if let Err(e) = self.sweep().await {
+            tracing::warn!(error = %e, "presence sweep failed");
+        }
+    }
+
+    async fn announce_all(&self) {
+        let slots: Vec<_> = {
+            let local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            local.iter().map(|(k, s)| (*k, s.clone())).collect()
+        };
+        for ((tenant, user), slot) in slots {
+            let n = slot.lock().await;
+            if *n == 0 {
+                continue;
+            }
+            match self.connect(tenant, user).await {
+                Ok(true) => {
+                    self.publish_presence(tenant, user, PresenceStatus::Online, None)
+                        .await
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot announce a user's presence");
+                    self.reannounce.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    async fn sweep(&self) -> Result<(), RedisError> {
+        let window = i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX);
+        let out = self
+            .eval(
+                SWEEP,
+                vec![
+                    self.prefix.as_str().into(),
+                    window.into(),
+                    SWEEP_LIMIT.into(),
+                ],
+            )
+            .await?;
+        let out: Vec<String> = out.convert()?;
+        for chunk in out.chunks_exact(3) {
+            let (Ok(tenant), Ok(user)) = (chunk[0].parse::<TenantId>(), chunk[1].parse::<UserId>())
+            else {
+                continue;
+            };
+            let seen = chunk[2].parse::<i64>().ok().and_then(millis);
+            tracing::debug!(%user, "user of a dead node is offline");
+            self.publish_presence(tenant, user, PresenceStatus::Offline, seen)
+                .await;
+        }
+        Ok(())
+    }
+
+    fn slot(&self, tenant: TenantId, user: UserId) -> Slot {
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        local.entry((tenant, user)).or_default().clone()
+    }
+
+    /// Forgets a slot nobody uses and whose count is zero.
+    fn forget(&self, tenant: TenantId, user: UserId, slot: Slot) {
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        // The map and `slot` hold the only references: nobody else can reach it.
+        if Arc::strong_count(&slot) == 2 && slot.try_lock().is_ok_and(|n| *n == 0) {
+            local.remove(&(tenant, user));
+        }
+    }
+}
+
+#[async_trait]
+impl Presence for RedisPresence {
+    async fn connected(&self, tenant: TenantId, user: UserId) -> bool {
+        let s = &self.shared;
+        let slot = s.slot(tenant, user);
+        let mut n = slot.lock().await;
+        *n += 1;
+        if *n > 1 {
+            return false;
+        }
+        match s.connect(tenant, user).await {
+            Ok(online) => online,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record presence in Redis; will retry at the next heartbeat");
+                s.reannounce.store(true, Ordering::SeqCst);
+                false
+            }
+        }
+    }
+
+    async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<DateTime<Utc>> {
+        let s = &self.shared;
+        let slot = {
+            let local = s.local.lock().unwrap_or_else(|e| e.into_inner());
+            local.get(&(tenant, user))?.clone()
+        };
+        let seen = {
+            let mut n = slot.lock().await;
+            if *n == 0 {
+                return None;
+            }
+            *n -= 1;
+            if *n > 0 {
+                return None;
+            }
+            match s.eval(DISCONNECT, s.ids(tenant, user)).await {
+                Ok(v) => v
+                    .convert::<i64>()
+                    .ok()
+                    .filter(|ms| *ms >= 0)
+                    .and_then(millis),
+                Err(e) => {
+                    // The entry stays until this node's heartbeats stop; logged only.
+                    tracing::warn!(error = %e, "cannot record a disconnection in Redis");
+                    None
+                }
+            }
+        };
+        s.forget(tenant, user, slot);
+        seen
+    }
+
+    async fn query(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence> {
+        let s = &self.shared;
+        let offline = |u: &UserId| UserPresence {
+            user_id: *u,
+            status: PresenceStatus::Offline,
+            last_seen: None,
+        };
+        if users.is_empty() {
+            return Vec::new();
+        }
+        let mut args: Vec<Value> = vec![s.prefix.as_str().into(), tenant.to_string().into()];
+        args.extend(users.iter().map(|u| Value::from(u.to_string())));
+        let out = match s
+            .eval(QUERY, args)
+            .await
+            .and_then(|v| v.convert::<Vec<Value>>())
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read presence from Redis");
+                return users.iter().map(offline).collect();
+            }
+        };
+        users
+            .iter()
+            .zip(out.chunks_exact(2))
+            .map(|(u, pair)| {
+                let online = pair[0].as_i64() == Some(1);
+                UserPresence {
+                    user_id: *u,
+                    status: if online {
+                        PresenceStatus::Online
+                    } else {
+                        PresenceStatus::Offline
+                    },
+                    last_seen: if online {
+                        None
+                    } else {
+                        pair[1]
+                            .as_str()
+                            .and_then(|s| s.parse::<i64>().ok())
+                            .and_then(millis)
+                    },
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,144 @@
+//! The Redis adapters against a real Redis (`MINDSP_TEST_REDIS_URL`; skipped with a
+//! message otherwise), each test under a fresh key prefix, purged at the end: two
+//! stacks in one process stand for two nodes.
+
+use std::time::Duration;
+
+use fred::interfaces::{ClientLike, LuaInterface};
+use mindsp_core::events::{Envelope, Event, PresenceStatus, TypingState};
+use mindsp_core::{ConversationId, TenantId, UserId};
+use mindsp_realtime::Realtime;
+use mindsp_realtime::redis::RedisConfig;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config() -> Option<RedisConfig> {
+    let Ok(url) = std::env::var("MINDSP_TEST_REDIS_URL") else {
+        eprintln!("skipped: set MINDSP_TEST_REDIS_URL to run the Redis real-time tests");
+        return None;
+    };
+    let mut c = RedisConfig::new(url);
+    c.prefix = format!("{{mindsp-test-{}}}:rt:", uuid::Uuid::new_v4().simple());
+    c.heartbeat = Duration::from_millis(200);
+    c.window = Duration::from_millis(600);
+    Some(c)
+}
+
+async fn purge(c: &RedisConfig) {
+    let config = fred::types::config::Config::from_url(&c.url).unwrap();
+    let client = fred::types::Builder::from_config(config).build().unwrap();
+    client.init().await.unwrap();
+    let _: i64 = client
+        .eval(
+            "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
+             redis.call('DEL', k) n = n + 1 end return n",
+            Vec::<String>::new(),
+            vec![format!("{}*", c.prefix)],
+        )
+        .await
+        .unwrap();
+    let _ = client.quit().await;
+}
+
+async fn next_frame(conn: &mut mindsp_realtime::Connection) -> String {
+    let d = tokio::time::timeout(WAIT, conn.events.recv())
+        .await
+        .expect("an event arrives")
+        .expect("queue open");
+    d.frame().to_owned()
+}
+
+/// The next frame that names `user` (the watcher's own presence is skipped).
+async fn next_about(conn: &mut mindsp_realtime::Connection, user: UserId) -> String {
+    loop {
+        let f = next_frame(conn).await;
+        if f.contains(&user.to_string()) {
+            return f;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_delivers_each_envelope_once_its_own_included() {
+    let Some(c) = config() else { return };
+    let n1 = Realtime::redis(&c, 16).await.unwrap();
+    let n2 = Realtime::redis(&c, 16).await.unwrap();
+    let (t, other) = (TenantId::new(), TenantId::new());
+    let u = UserId::new();
+    let (mut on1, _) = n1.hub().register(t, u).unwrap();
+    let (mut on2, _) = n2.hub().register(t, u).unwrap();
+    let (mut foreign, _) = n2.hub().register(other, u).unwrap();
+    for _ in 0..3 {
+        n1.publish(Envelope::to_users(
+            t,
+            vec![u],
+            Event::Typing {
+                conversation_id: ConversationId::new(),
+                user_id: UserId::new(),
+                state: TypingState::Start,
+            },
+        ))
+        .await;
+    }
+    for conn in [&mut on1, &mut on2] {
+        for _ in 0..3 {
+            assert!(next_frame(conn).await.contains(r#""type":"typing""#));
+        }
+    }
+    // Watching for what should not come.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        on1.events.try_recv().is_err(),
+        "delivered twice on the publishing node"
+    );
+    assert!(on2.events.try_recv().is_err());
+    assert!(foreign.events.try_recv().is_err(), "crossed tenants");
+    drop((n1, n2));
+    purge(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_shared_and_a_dead_node_is_swept_once() {
+    let Some(c) = config() else { return };
+    let n1 = Realtime::redis(&c, 64).await.unwrap();
+    let n2 = Realtime::redis(&c, 64).await.unwrap();
+    let t = TenantId::new();
+    let (u, watcher) = (UserId::new(), UserId::new());
+    let mut w = n2.open(t, watcher).await.unwrap();
+
+    // Online on node 1: node 2 is told and its query agrees.
+    let a = n1.open(t, u).await.unwrap();
+    let f = next_about(&mut w, u).await;
+    assert!(f.contains(r#""status":"online""#), "{f}");
+    let q = n2.presence(t, &[u, UserId::new()]).await;
+    assert_eq!(q[0].status, PresenceStatus::Online);
+    assert_eq!(q[1].status, PresenceStatus::Offline);
+    // A second connection on node 2, closed again: no event, still online.
+    let b = n2.open(t, u).await.unwrap();
+    n2.close(b).await;
+    assert_eq!(n1.presence(t, &[u]).await[0].status, PresenceStatus::Online);
+    // The same user id in another tenant is someone else.
+    assert_eq!(
+        n1.presence(TenantId::new(), &[u]).await[0].status,
+        PresenceStatus::Offline
+    );
+
+    // Node 1 stops heartbeating with the connection still open (as if killed): node 2
+    // sweeps it and announces the user offline, with last_seen.
+    std::mem::forget(a);
+    drop(n1);
+    let f = next_about(&mut w, u).await;
+    assert!(
+        f.contains(r#""status":"offline""#) && f.contains("last_seen"),
+        "{f}"
+    );
+    let q = n2.presence(t, &[u]).await;
+    assert_eq!(q[0].status, PresenceStatus::Offline);
+    assert!(q[0].last_seen.is_some());
+    // One event for that transition: several sweeps later, nothing more.
+    tokio::time::sleep(c.window * 2).await;
+    assert!(w.events.try_recv().is_err());
+    n2.close(w).await;
+    drop(n2);
+    purge(&c).await;
+}
