@@ -1,8 +1,9 @@
 //! What the SQLite and PostgreSQL queues share: error mapping, scopes, error texts.
 
+use chrono::{DateTime, Utc};
 use mindsp_core::error::{Error, Result};
 use mindsp_core::ids::TenantId;
-use mindsp_core::jobs::NewJob;
+use mindsp_core::jobs::{JobState, MinuteStat, NewJob, QueueCounts};
 use uuid::Uuid;
 
 pub(crate) fn sql_err(e: sqlx::Error) -> Error {
@@ -14,6 +15,14 @@ pub(crate) fn sql_err(e: sqlx::Error) -> Error {
 /// the throughput counters.
 pub(crate) fn scope_of(tenant: Option<TenantId>) -> Uuid {
     tenant.map(|t| t.0).unwrap_or_else(Uuid::nil)
+}
+
+/// The scope under which throughput is counted: the tenant, or nil for all.
+pub(crate) fn throughput_scope(scope: mindsp_core::jobs::JobScope) -> Uuid {
+    match scope {
+        mindsp_core::jobs::JobScope::All => Uuid::nil(),
+        mindsp_core::jobs::JobScope::Tenant(t) => t.0,
+    }
 }
 
 /// Start of the minute containing `ms` (milliseconds since the epoch).
@@ -69,4 +78,69 @@ pub(crate) fn with_total(counts: &[ScopeCount]) -> Vec<ScopeCount> {
         out.push((Uuid::nil(), s, f));
     }
     out
+}
+
+/// A stored state as reported: a scheduled job whose time has come is `Ready`.
+pub(crate) fn reported_state(stored: &str, due: bool) -> Result<JobState> {
+    let state = JobState::parse(stored)
+        .ok_or_else(|| Error::Storage(format!("unknown job state {stored:?}")))?;
+    Ok(if state == JobState::Scheduled && due {
+        JobState::Ready
+    } else {
+        state
+    })
+}
+
+/// Folds `(queue, stored state, due, count)` rows, ordered by queue, into counts per
+/// queue.
+pub(crate) fn fold_counts(
+    rows: impl IntoIterator<Item = Result<(String, String, bool, i64)>>,
+) -> Result<Vec<QueueCounts>> {
+    let mut out: Vec<QueueCounts> = Vec::new();
+    for row in rows {
+        let (queue, state, due, n) = row?;
+        let state = reported_state(&state, due)?;
+        if out.last().is_none_or(|c| c.queue != queue) {
+            out.push(QueueCounts {
+                queue,
+                ..Default::default()
+            });
+        }
+        if let Some(c) = out.last_mut() {
+            c.add(state, n as u64);
+        }
+    }
+    Ok(out)
+}
+
+/// The last `minutes` minutes, oldest first, the current one included: their starts in
+/// ms since the epoch.
+pub(crate) fn minute_window(now_ms: i64, minutes: u32) -> Vec<i64> {
+    let current = minute_of(now_ms);
+    let n = minutes.max(1) as i64;
+    (0..n).map(|i| current - 60_000 * (n - 1 - i)).collect()
+}
+
+/// One stat per minute of `window`, filled from `(minute start ms, succeeded, failed)`
+/// rows; minutes without a row count zero.
+pub(crate) fn minute_stats(
+    window: &[i64],
+    rows: impl IntoIterator<Item = Result<(i64, i64, i64)>>,
+) -> Result<Vec<MinuteStat>> {
+    let mut stats: Vec<MinuteStat> = window
+        .iter()
+        .map(|m| MinuteStat {
+            minute: DateTime::<Utc>::from_timestamp_millis(*m).unwrap_or_default(),
+            succeeded: 0,
+            failed: 0,
+        })
+        .collect();
+    for row in rows {
+        let (minute, succeeded, failed) = row?;
+        if let Some(i) = window.iter().position(|m| *m == minute) {
+            stats[i].succeeded = succeeded as u64;
+            stats[i].failed = failed as u64;
+        }
+    }
+    Ok(stats)
 }

@@ -21,8 +21,9 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::sql::{
-    ScopeCount, lease_error, lost_error, minute_of, scope_of, sql_err, superseded_error,
-    tenant_scope, with_total,
+    ScopeCount, fold_counts, lease_error, lost_error, minute_of, minute_stats, minute_window,
+    reported_state, scope_of, sql_err, superseded_error, tenant_scope, throughput_scope,
+    with_total,
 };
 
 const COLS: &str = "id, tenant_id, kind, queue, payload, priority, state, run_at, attempts, \
@@ -55,11 +56,7 @@ fn job_from_row(r: &SqliteRow, at: DateTime<Utc>) -> Result<Job> {
     let payload: String = r.try_get("payload").map_err(sql_err)?;
     let state: String = r.try_get("state").map_err(sql_err)?;
     let run_at = from_ms(r.try_get("run_at").map_err(sql_err)?);
-    let mut state = JobState::parse(&state)
-        .ok_or_else(|| Error::Storage(format!("unknown job state {state:?}")))?;
-    if state == JobState::Scheduled && run_at <= at {
-        state = JobState::Ready;
-    }
+    let state = reported_state(&state, run_at <= at)?;
     Ok(Job {
         id: JobId(r.try_get("id").map_err(sql_err)?),
         tenant: r
@@ -572,62 +569,37 @@ impl JobQueue for SqliteQueue {
             q = q.bind(t.0);
         }
         let rows = q.fetch_all(&self.pool).await.map_err(sql_err)?;
-        let mut out: Vec<QueueCounts> = Vec::new();
-        for r in rows {
-            let queue: String = r.try_get("queue").map_err(sql_err)?;
-            let state: String = r.try_get("state").map_err(sql_err)?;
-            let due: bool = r.try_get("due").map_err(sql_err)?;
-            let n: i64 = r.try_get("n").map_err(sql_err)?;
-            let mut state = JobState::parse(&state)
-                .ok_or_else(|| Error::Storage(format!("unknown job state {state:?}")))?;
-            if state == JobState::Scheduled && due {
-                state = JobState::Ready;
-            }
-            if out.last().is_none_or(|c| c.queue != queue) {
-                out.push(QueueCounts {
-                    queue,
-                    ..Default::default()
-                });
-            }
-            if let Some(c) = out.last_mut() {
-                c.add(state, n as u64);
-            }
-        }
-        Ok(out)
+        fold_counts(rows.iter().map(|r| {
+            Ok((
+                r.try_get("queue").map_err(sql_err)?,
+                r.try_get("state").map_err(sql_err)?,
+                r.try_get("due").map_err(sql_err)?,
+                r.try_get("n").map_err(sql_err)?,
+            ))
+        }))
     }
 
     async fn throughput(&self, scope: JobScope, minutes: u32) -> Result<Vec<MinuteStat>> {
-        let current = minute_of(ms(now()));
-        let first = current - 60_000 * (minutes.max(1) as i64 - 1);
-        let scope = match scope {
-            JobScope::All => Uuid::nil(),
-            JobScope::Tenant(t) => t.0,
-        };
+        let window = minute_window(ms(now()), minutes);
         let rows = sqlx::query(
             "SELECT minute, succeeded, failed FROM job_minutes
               WHERE scope = ? AND minute >= ? ORDER BY minute",
         )
-        .bind(scope)
-        .bind(first)
+        .bind(throughput_scope(scope))
+        .bind(window[0])
         .fetch_all(&self.pool)
         .await
         .map_err(sql_err)?;
-        let mut stats: Vec<MinuteStat> = (0..minutes.max(1) as i64)
-            .map(|i| MinuteStat {
-                minute: from_ms(first + i * 60_000),
-                succeeded: 0,
-                failed: 0,
-            })
-            .collect();
-        for r in rows {
-            let minute: i64 = r.try_get("minute").map_err(sql_err)?;
-            let i = ((minute - first) / 60_000) as usize;
-            if let Some(s) = stats.get_mut(i) {
-                s.succeeded = r.try_get::<i64, _>("succeeded").map_err(sql_err)? as u64;
-                s.failed = r.try_get::<i64, _>("failed").map_err(sql_err)? as u64;
-            }
-        }
-        Ok(stats)
+        minute_stats(
+            &window,
+            rows.iter().map(|r| {
+                Ok((
+                    r.try_get("minute").map_err(sql_err)?,
+                    r.try_get("succeeded").map_err(sql_err)?,
+                    r.try_get("failed").map_err(sql_err)?,
+                ))
+            }),
+        )
     }
 
     async fn list(&self, filter: &JobFilter) -> Result<Vec<Job>> {
