@@ -13,7 +13,8 @@
 //! `MINDSP_BENCH_POSTGRES_URL` and/or `MINDSP_BENCH_REDIS_URL` for the others.
 //! `MINDSP_BENCH_JOBS` sets the number of jobs per throughput run (default 100,000),
 //! `MINDSP_BENCH_DELAYED` the number of delayed jobs (default 100,000),
-//! `MINDSP_BENCH_ONLY` a comma list among enqueue, process, delayed, recovery.
+//! `MINDSP_BENCH_ONLY` a comma list among enqueue, process, delayed, recovery;
+//! `MINDSP_BENCH_SKIP_SQLITE=1` leaves SQLite out.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,7 +84,10 @@ async fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("mindsp-qbench-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
 
-    let mut backends = vec![Backend::Sqlite(dir.clone())];
+    let mut backends = Vec::new();
+    if std::env::var_os("MINDSP_BENCH_SKIP_SQLITE").is_none() {
+        backends.push(Backend::Sqlite(dir.clone()));
+    }
     if let Ok(url) = std::env::var("MINDSP_BENCH_POSTGRES_URL") {
         backends.push(Backend::Postgres(url));
     }

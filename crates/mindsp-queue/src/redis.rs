@@ -21,6 +21,7 @@
 //! | `P r:Q` | sorted set | due jobs, score `(100 - priority) * 2^42 + run_at`: the lowest score is the highest priority, then the earliest run-at, then (equal scores) the smallest id |
 //! | `P d:Q` | sorted set | jobs waiting for their run-at time (scheduled or retrying), score run-at |
 //! | `P l:Q` | sorted set | leased (running) jobs, score lease expiry |
+//! | `P lt` | hash | job id → `<token>\|Q\|<tenant>` of every running job, so `complete` reads a batch of leases in one call instead of one job hash each |
 //! | `P i:S:<state>` | sorted set | the jobs of a scope in a state, score last change: the listing index (running jobs are listed from `P l:Q` instead, as few as the workers' concurrency) |
 //! | `P u:S` | hash | unique key → the pending job holding it |
 //! | `P c:all`, `P c:<tenant>` | hash | counters, field `Q\|<state>` |
@@ -1394,6 +1395,7 @@ for _, id in ipairs(lost) do
   local j = redis.call('HMGET', k, 's', 'a', 't', 'u', 'pr', 'r', 'd')
   redis.call('ZREM', lk, id)
   if j[1] == 'running' then
+    redis.call('HDEL', P .. 'lt', id)
     local a, m, t = tonumber(j[2] or 0), max_of(j[7]), j[3] or ''
     local of = string.format('%d of %d', a, m)
     if a >= m then
@@ -1416,7 +1418,7 @@ for _, id in ipairs(lost) do
   end
 end
 promote(q, PROMOTE_LIMIT)
-local out = {}
+local out, held = {}, {}
 local popped = redis.call('ZPOPMIN', rk, max)
 local n = 0
 for i = 1, #popped, 2 do
@@ -1433,6 +1435,8 @@ for i = 1, #popped, 2 do
     if j[5] then drop_key(t, j[5], id) end
     push(ZR, ik(t, st), id)
     push(ZA, lk, exp, id)
+    held[#held + 1] = id
+    held[#held + 1] = tok .. '|' .. q .. '|' .. t
     move(t, q, st, 'running')
     out[#out + 1] = id
     out[#out + 1] = j[1]
@@ -1441,27 +1445,39 @@ for i = 1, #popped, 2 do
     out[#out + 1] = j[7]
   end
 end
+run('HSET', P .. 'lt', held, 4000)
 flush()
 return out
 "#;
 
-/// `<id>:<token>` per lease. Answers how many were marked succeeded.
+/// `<id>:<token>` per lease. Answers how many were marked succeeded. The leases are
+/// read from `P lt` in one call per 4,000 (a job hash is only written).
 const COMPLETE: &str = r#"
 local n = 0
-for i = 3, #ARGV do
-  local id = string.sub(ARGV[i], 1, 36)
-  local k = jk(id)
-  local j = redis.call('HMGET', k, 's', 'tk', 't', 'q')
-  if j[1] == 'running' and j[2] == string.sub(ARGV[i], 38) then
-    local t, q = j[3] or '', j[4]
-    redis.call('HSET', k, 's', 'succeeded', 'up', NOW_S)
-    push(ZR, key('l:', q), id)
-    push(ZA, ik(t, 'succeeded'), NOW_S, id)
-    move(t, q, 'running', 'succeeded')
-    tput(t, 's')
-    n = n + 1
+local ltk = P .. 'lt'
+local gone, done = {}, {}
+for first = 3, #ARGV, 4000 do
+  local last = first + 3999
+  if last > #ARGV then last = #ARGV end
+  local ids = {}
+  for i = first, last do ids[#ids + 1] = string.sub(ARGV[i], 1, 36) end
+  local held = redis.call('HMGET', ltk, unpack(ids))
+  for x = 1, #ids do
+    local id, h = ids[x], held[x]
+    if h and not done[id] and string.sub(h, 1, 36) == string.sub(ARGV[first + x - 1], 38) then
+      done[id] = true
+      local q, t = string.match(h, '^([^|]*)|(.*)$', 38)
+      redis.call('HSET', jk(id), 's', 'succeeded', 'up', NOW_S)
+      gone[#gone + 1] = id
+      push(ZR, key('l:', q), id)
+      push(ZA, ik(t, 'succeeded'), NOW_S, id)
+      move(t, q, 'running', 'succeeded')
+      tput(t, 's')
+      n = n + 1
+    end
   end
 end
+run('HDEL', ltk, gone, 4000)
 flush()
 return n
 "#;
@@ -1475,6 +1491,7 @@ local j = redis.call('HMGET', k, 's', 'tk', 't', 'q', 'u', 'pr')
 if j[1] ~= 'running' or j[2] ~= string.sub(ARGV[3], 38) then return false end
 local t, q = j[3] or '', j[4]
 redis.call('ZREM', key('l:', q), id)
+redis.call('HDEL', P .. 'lt', id)
 tput(t, 'f')
 local st
 if ARGV[5] == '' then
@@ -1532,6 +1549,7 @@ for i = 3, #ARGV do
   if j[1] == 'running' and j[2] == string.sub(ARGV[i], 38) then
     local t, q = j[3] or '', j[4]
     redis.call('ZREM', key('l:', q), id)
+    redis.call('HDEL', P .. 'lt', id)
     local other = take(t, j[5] or nil, id)
     if other then
       supersede(id, t, q, other)

@@ -1,0 +1,975 @@
+//! Real-time load generator (issue 3, "Speed and scale"): the release `mindsp-server`
+//! binary on a fresh SQLite file, driven over real WebSockets on loopback.
+//!
+//! ```sh
+//! export CARGO_TARGET_DIR=/var/tmp/mindsp-target
+//! cargo build --release -p mindsp-server
+//! cargo bench -p mindsp-benches --bench load
+//! ```
+//!
+//! The server binary is `MINDSP_LOAD_SERVER` if set, else
+//! `$CARGO_TARGET_DIR/release/mindsp-server`, else `target/release/mindsp-server`; the
+//! bench does not build it. Build it from the same tree just before: the bench writes
+//! the database with the store library, and each side refuses the other's migrations
+//! if they differ. It is started with `serve` as an operator would (job
+//! worker included, messages persisted, `synchronous=NORMAL`), with two changes: the
+//! per-connection command rate limit is lifted (`--ws-rate`/`--ws-burst` 10,000),
+//! because one generated client sends for a whole user's day in seconds, and the token
+//! secret is given (`MINDSP_JWT_SECRET`) so that the bench mints its own tokens.
+//!
+//! Setup shortcuts (before the server starts, through the store library on the same
+//! file): users are inserted directly, all with the *same* argon2 hash computed once
+//! (hashing is deliberately slow; logging in would cost the same per user), and tokens
+//! are signed with the server's own code and secret instead of logging in.
+//!
+//! Scenarios, in this order:
+//! - (c) idle: `MINDSP_LOAD_IDLE` (10,000) authenticated connections that only answer
+//!   pings, in tenants of `MINDSP_LOAD_IDLE_TENANT` (1,000) users; server RSS is read
+//!   before, at half and at all connections (`/proc/<pid>/status`). Then closed.
+//! - (a) `MINDSP_LOAD_CLIENTS` (1,000) clients in conversations of `MINDSP_LOAD_SMALL`
+//!   (10), offered rates `MINDSP_LOAD_SMALL_RATES` (500,1000,2000,5000,10000 messages/s);
+//! - (b) the same clients in groups of `MINDSP_LOAD_GROUP` (100), offered rates
+//!   `MINDSP_LOAD_GROUP_RATES` (50,100,200,500,1000 messages/s).
+//!
+//! Each step lasts `MINDSP_LOAD_STEP_SECS` (10) and is open loop: message `i` has a
+//! scheduled send time `start + i / rate`, written into its content with the step and
+//! `i`; latency is receive time minus scheduled time, so a stall anywhere (generator,
+//! kernel, server) shows. A message is delivered to every member's connection, the
+//! sender's own included (its other devices), so one message is S deliveries; each is
+//! counted, and a step ends when all arrived or `MINDSP_LOAD_DRAIN_SECS` (10) after the
+//! last send. Stepping stops after a step with p99 above 50 ms or a loss. Server CPU is
+//! utime + stime of `/proc/<pid>/stat` over the step.
+//!
+//! Clients bind to 127.0.0.2, 127.0.0.3, ... (`MINDSP_LOAD_SOURCES`, 8) so that no
+//! source address runs out of ephemeral ports. Both processes need one descriptor per
+//! connection: `ulimit -n` bounds the idle scenario. All traffic stays on 127.0.0.0/8;
+//! the bench stops the server (SIGTERM, then SIGKILL) and removes its files.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use mindsp_core::model::{NewUser, Role, User};
+use mindsp_core::ports::Store;
+use mindsp_core::{Actor, Limits, Messaging};
+use mindsp_server::auth::{Tokens, hash_password};
+use mindsp_store::sqlite::{SqliteConfig, SqliteStore};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// p99 above which stepping up stops.
+const P99_LIMIT_MS: f64 = 50.0;
+/// Latency histograms per step, sharded by client to keep locks uncontended.
+const SHARDS: usize = 16;
+/// Connections being opened at once.
+const CONNECT_CONCURRENCY: usize = 128;
+/// How long opening one connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// What every message says after its measurement fields.
+const TEXT: &str = "Départ VSAV pour un secours à personne, CIS Aix";
+const PASSWORD: &str = "Motdepasse-bench-42";
+
+struct Config {
+    server: PathBuf,
+    clients: usize,
+    small: usize,
+    group: usize,
+    small_rates: Vec<u64>,
+    group_rates: Vec<u64>,
+    step_secs: u64,
+    drain_secs: u64,
+    idle: usize,
+    idle_tenant: usize,
+    sources: u8,
+}
+
+impl Config {
+    fn from_env() -> anyhow::Result<Self> {
+        let server = match std::env::var_os("MINDSP_LOAD_SERVER") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let target = std::env::var_os("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+                target.join("release/mindsp-server")
+            }
+        };
+        if !server.is_file() {
+            bail!(
+                "no server binary at {}: run `cargo build --release -p mindsp-server` (same CARGO_TARGET_DIR) or set MINDSP_LOAD_SERVER",
+                server.display()
+            );
+        }
+        let cfg = Self {
+            server,
+            clients: env_or("MINDSP_LOAD_CLIENTS", 1000),
+            small: env_or("MINDSP_LOAD_SMALL", 10),
+            group: env_or("MINDSP_LOAD_GROUP", 100),
+            small_rates: rates("MINDSP_LOAD_SMALL_RATES", &[500, 1000, 2000, 5000, 10_000])?,
+            group_rates: rates("MINDSP_LOAD_GROUP_RATES", &[50, 100, 200, 500, 1000])?,
+            step_secs: env_or("MINDSP_LOAD_STEP_SECS", 10),
+            drain_secs: env_or("MINDSP_LOAD_DRAIN_SECS", 10),
+            idle: env_or("MINDSP_LOAD_IDLE", 10_000),
+            idle_tenant: env_or("MINDSP_LOAD_IDLE_TENANT", 1000),
+            sources: env_or("MINDSP_LOAD_SOURCES", 8),
+        };
+        if cfg.small < 2 || cfg.group < 2 || cfg.clients < cfg.group.max(cfg.small) {
+            bail!("need conversations of at least 2 and at least one group's worth of clients");
+        }
+        if cfg.small > 500 || cfg.group > 500 {
+            bail!("a group has at most 500 members");
+        }
+        if !(1..=250).contains(&cfg.sources) || cfg.idle_tenant == 0 || cfg.step_secs == 0 {
+            bail!("MINDSP_LOAD_SOURCES is 1 to 250; tenant size and step length at least 1");
+        }
+        Ok(cfg)
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rates(name: &str, default: &[u64]) -> anyhow::Result<Vec<u64>> {
+    let Ok(v) = std::env::var(name) else {
+        return Ok(default.to_vec());
+    };
+    v.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|r| *r > 0)
+                .with_context(|| format!("{name}: {s:?} is not a positive rate"))
+        })
+        .collect()
+}
+
+// ---- measurement ----------------------------------------------------------------------
+
+/// What the clients record for one step.
+struct StepStats {
+    members: u16,
+    /// Deliveries seen per message of the step.
+    counts: Vec<AtomicU16>,
+    delivered: AtomicU64,
+    duplicates: AtomicU64,
+    /// Latest receive time, µs since [`Shared::base`].
+    last_us: AtomicU64,
+    latency_us: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl StepStats {
+    fn new(messages: usize, members: usize) -> Self {
+        Self {
+            members: members as u16,
+            counts: (0..messages).map(|_| AtomicU16::new(0)).collect(),
+            delivered: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            last_us: AtomicU64::new(0),
+            latency_us: (0..SHARDS)
+                .map(|_| Mutex::new(Histogram::new(3).expect("histogram")))
+                .collect(),
+        }
+    }
+
+    fn latency(&self) -> Histogram<u64> {
+        let mut all = Histogram::<u64>::new(3).expect("histogram");
+        for h in &self.latency_us {
+            all.add(&*h.lock().expect("histogram lock"))
+                .expect("same histogram shape");
+        }
+        all
+    }
+}
+
+/// State every client task shares.
+struct Shared {
+    base: Instant,
+    steps: Vec<StepStats>,
+    /// `error` frames received (a send refused counts as lost too).
+    errors: AtomicU64,
+    /// Connections the server closed, and connections that broke.
+    closed: AtomicU64,
+    /// The first few errors and close codes, to print.
+    notes: Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        self.base.elapsed().as_micros() as u64
+    }
+
+    fn note(&self, what: String) {
+        let mut notes = self.notes.lock().expect("notes lock");
+        if notes.len() < 8 {
+            notes.push(what);
+        }
+    }
+
+    /// One text frame received by client `shard`.
+    fn on_text(&self, shard: usize, text: &str) {
+        if !text.starts_with(r#"{"v":1,"type":"new_message""#) {
+            if text.contains(r#""type":"error""#) {
+                self.errors.fetch_add(1, Relaxed);
+                self.note(format!("error frame: {}", truncate(text, 200)));
+            }
+            return;
+        }
+        let now = self.now_us();
+        let Some(at) = text.find(r#""content":""#) else {
+            return;
+        };
+        let mut fields = text[at + 11..].splitn(4, ' ');
+        let mut next = || fields.next().and_then(|f| f.parse::<u64>().ok());
+        let (Some(step), Some(i), Some(scheduled)) = (next(), next(), next()) else {
+            return;
+        };
+        let Some(st) = self.steps.get(step as usize) else {
+            return;
+        };
+        let Some(count) = st.counts.get(i as usize) else {
+            return;
+        };
+        if count.fetch_add(1, Relaxed) >= st.members {
+            st.duplicates.fetch_add(1, Relaxed);
+            return;
+        }
+        st.delivered.fetch_add(1, Relaxed);
+        st.last_us.fetch_max(now, Relaxed);
+        let _ = st.latency_us[shard % SHARDS]
+            .lock()
+            .expect("histogram lock")
+            .record(now.saturating_sub(scheduled).max(1));
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// CPU time (user + system) of a process, from `/proc/<pid>/stat`.
+fn cpu_time(pid: &str, ticks_per_sec: f64) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_secs_f64((ticks(14) + ticks(15)) as f64 / ticks_per_sec)
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Busy and total jiffies of the whole machine, from `/proc/stat`.
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// CPU usage over a window, for the server, the generator and the machine.
+struct CpuWindow {
+    at: Instant,
+    server: Duration,
+    generator: Duration,
+    machine: (u64, u64),
+}
+
+impl CpuWindow {
+    fn start(server: &ServerProc) -> Self {
+        Self {
+            at: Instant::now(),
+            server: cpu_time(&server.pid, server.ticks),
+            generator: cpu_time("self", server.ticks),
+            machine: machine_jiffies(),
+        }
+    }
+
+    /// Server and generator CPU used since the start, the elapsed time, and the share
+    /// of the machine's cores that were busy (everything on it).
+    fn end(&self, server: &ServerProc) -> (Duration, Duration, Duration, f64) {
+        let (busy, total) = machine_jiffies();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let busy = (busy - self.machine.0) as f64 / (total - self.machine.1).max(1) as f64;
+        (
+            cpu_time(&server.pid, server.ticks).saturating_sub(self.server),
+            cpu_time("self", server.ticks).saturating_sub(self.generator),
+            self.at.elapsed(),
+            busy * cores,
+        )
+    }
+}
+
+// ---- the server process ---------------------------------------------------------------
+
+struct ServerProc {
+    child: tokio::process::Child,
+    pid: String,
+    addr: SocketAddr,
+    log: PathBuf,
+    ticks: f64,
+}
+
+impl ServerProc {
+    async fn start(cfg: &Config, db: &Path, secret: &str) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let log = db.with_extension("server.log");
+        let out = std::fs::File::create(&log)?;
+        let mut child = tokio::process::Command::new(&cfg.server)
+            .arg("serve")
+            .arg("--database-url")
+            .arg(format!("sqlite://{}", db.display()))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(["--log", "warn", "--ws-rate", "10000", "--ws-burst", "10000"])
+            .env("MINDSP_JWT_SECRET", secret)
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", cfg.server.display()))?;
+        let pid = child.id().context("server exited at once")?.to_string();
+        let ticks = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0);
+        let ready = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("server exited with {status}: {}", text.trim());
+            }
+            if TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            if ready.elapsed() > Duration::from_secs(30) {
+                bail!("server not listening after 30 s; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            child,
+            pid,
+            addr,
+            log,
+            ticks,
+        })
+    }
+
+    /// SIGTERM, then SIGKILL if it has not stopped within 30 s.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid])
+            .status();
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(status) => println!("server stopped: {}", status?),
+            Err(_) => {
+                self.child.kill().await?;
+                println!("server did not stop within 30 s of SIGTERM: killed");
+            }
+        }
+        Ok(())
+    }
+}
+
+// ---- data set-up ----------------------------------------------------------------------
+
+/// A conversation and its members (indexes into the active clients).
+struct Conv {
+    id: String,
+    members: Vec<usize>,
+}
+
+struct Population {
+    active: Vec<String>,
+    small: Vec<Conv>,
+    groups: Vec<Conv>,
+    idle: Vec<String>,
+}
+
+async fn populate(cfg: &Config, db: &Path, secret: &str) -> anyhow::Result<Population> {
+    let started = Instant::now();
+    let sqlite = SqliteStore::open(SqliteConfig::file(db.display().to_string())).await?;
+    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
+    let hash = hash_password(PASSWORD)?;
+    let tokens = Tokens::new(secret.as_bytes(), Duration::from_secs(12 * 3600));
+    let mint = |u: &User| tokens.issue(u).map_err(|e| anyhow::anyhow!("{e:?}"));
+
+    let people = users(&store, "charge", cfg.clients, &hash).await?;
+    let active = people.iter().map(&mint).collect::<anyhow::Result<_>>()?;
+    let svc = Messaging::new(store.clone(), Limits::default());
+    let small = conversations(&svc, &people, cfg.small, "Garde").await?;
+    let groups = conversations(&svc, &people, cfg.group, "Groupement").await?;
+
+    let mut idle = Vec::with_capacity(cfg.idle);
+    let mut t = 0;
+    while idle.len() < cfg.idle {
+        let n = cfg.idle_tenant.min(cfg.idle - idle.len());
+        for u in users(&store, &format!("veille{t}"), n, &hash).await? {
+            idle.push(mint(&u)?);
+        }
+        t += 1;
+    }
+    drop((svc, store));
+    sqlite.close().await;
+    println!(
+        "set-up: {} active users, {} conversations of {}, {} groups of {}, {} idle users in {} tenants, in {:.1} s",
+        cfg.clients,
+        small.len(),
+        cfg.small,
+        groups.len(),
+        cfg.group,
+        cfg.idle,
+        t,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Population {
+        active,
+        small,
+        groups,
+        idle,
+    })
+}
+
+/// Consecutive blocks of `size` people, each one group conversation.
+async fn conversations(
+    svc: &Messaging,
+    people: &[User],
+    size: usize,
+    label: &str,
+) -> anyhow::Result<Vec<Conv>> {
+    let mut out = Vec::new();
+    for (k, chunk) in people.chunks_exact(size).enumerate() {
+        let owner = Actor {
+            tenant_id: chunk[0].tenant_id,
+            user_id: chunk[0].id,
+            role: Role::Member,
+        };
+        let others: Vec<_> = chunk[1..].iter().map(|u| u.id).collect();
+        let conv = svc
+            .create_group(&owner, &format!("{label} {k}"), &others)
+            .await?;
+        out.push(Conv {
+            id: conv.id.0.to_string(),
+            members: (k * size..(k + 1) * size).collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// A tenant of `n` members sharing one password hash (a bench shortcut).
+async fn users(
+    store: &Arc<dyn Store>,
+    slug: &str,
+    n: usize,
+    hash: &str,
+) -> anyhow::Result<Vec<User>> {
+    let t = store.create_tenant(slug, &format!("SDIS {slug}")).await?;
+    let mut tx = store.begin(t.id).await?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push(
+            tx.insert_user(&NewUser {
+                email: format!("sp{i}@{slug}.fr"),
+                display_name: format!("Sapeur {i}"),
+                role: Role::Member,
+                password_hash: hash.to_owned(),
+            })
+            .await?,
+        );
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+// ---- clients --------------------------------------------------------------------------
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// A connected client: frames to send go through `tx`; its task reads everything.
+struct Client {
+    tx: mpsc::UnboundedSender<String>,
+    task: JoinHandle<()>,
+}
+
+async fn connect(server: SocketAddr, source: Ipv4Addr, token: &str) -> anyhow::Result<Ws> {
+    let socket = TcpSocket::new_v4()?;
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .with_context(|| format!("bind {source}"))?;
+    let stream = socket.connect(server).await.context("connect")?;
+    stream.set_nodelay(true)?;
+    let url = format!("ws://{server}/ws?token={token}");
+    // Small buffers, as the server's own: the default read buffer is 128 KiB, eagerly.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(4096);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
+        .await
+        .context("upgrade")?;
+    Ok(ws)
+}
+
+fn source(cfg: &Config, i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, 2 + (i % cfg.sources as usize) as u8)
+}
+
+fn spawn_client(mut ws: Ws, shared: Arc<Shared>, shard: usize) -> Client {
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                out = rx.recv() => {
+                    let Some(frame) = out else { break };
+                    let mut ok = ws.feed(Message::text(frame)).await.is_ok();
+                    while ok && let Ok(frame) = rx.try_recv() {
+                        ok = ws.feed(Message::text(frame)).await.is_ok();
+                    }
+                    if !ok || ws.flush().await.is_err() {
+                        shared.closed.fetch_add(1, Relaxed);
+                        shared.note("a client could not write".into());
+                        return;
+                    }
+                }
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(text))) => shared.on_text(shard, text.as_str()),
+                    Some(Ok(Message::Close(frame))) => {
+                        shared.closed.fetch_add(1, Relaxed);
+                        shared.note(format!("closed by the server: {frame:?}"));
+                        return;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        shared.closed.fetch_add(1, Relaxed);
+                        shared.note(format!("connection broken: {e}"));
+                        return;
+                    }
+                    None => {
+                        shared.closed.fetch_add(1, Relaxed);
+                        shared.note("connection ended".into());
+                        return;
+                    }
+                },
+            }
+        }
+        // Asked to stop: close and read until the server's close (bounded).
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = ws.close(None).await;
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+    });
+    Client { tx, task }
+}
+
+/// Opens connections for `tokens[i]`, numbered from `first`, until all are open or one
+/// fails; returns the clients opened and the first failure.
+async fn connect_all(
+    cfg: &Config,
+    server: SocketAddr,
+    shared: &Arc<Shared>,
+    tokens: &[String],
+    first: usize,
+) -> (Vec<Client>, Option<anyhow::Error>) {
+    let mut clients = Vec::with_capacity(tokens.len());
+    let mut opening = futures::stream::iter(tokens.iter().enumerate())
+        .map(|(k, token)| {
+            let src = source(cfg, first + k);
+            async move {
+                let opened = tokio::time::timeout(CONNECT_TIMEOUT, connect(server, src, token))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))
+                    });
+                (k, opened)
+            }
+        })
+        .buffered(CONNECT_CONCURRENCY);
+    while let Some((k, result)) = opening.next().await {
+        match result {
+            Ok(ws) => clients.push(spawn_client(ws, shared.clone(), first + k)),
+            Err(e) => {
+                return (
+                    clients,
+                    Some(e.context(format!("connection {}", first + k + 1))),
+                );
+            }
+        }
+    }
+    (clients, None)
+}
+
+/// Closes the clients and waits (bounded) for their tasks.
+async fn close_all(clients: Vec<Client>) {
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|c| {
+            drop(c.tx);
+            c.task
+        })
+        .collect();
+    let _ = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(tasks)).await;
+}
+
+// ---- scenarios ------------------------------------------------------------------------
+
+async fn idle_scenario(
+    cfg: &Config,
+    server: &ServerProc,
+    shared: &Arc<Shared>,
+    tokens: &[String],
+) -> anyhow::Result<()> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "\n## (c) idle connections: {} in tenants of {}",
+        tokens.len(),
+        cfg.idle_tenant
+    );
+    let rss0 = rss_kib(&server.pid);
+    let gen0 = rss_kib("self");
+    let half = tokens.len() / 2;
+    let mut clients = Vec::new();
+    let mut points = Vec::new();
+    let mut failure = None;
+    let started = Instant::now();
+    let cpu = CpuWindow::start(server);
+    for (from, to) in [(0, half), (half, tokens.len())] {
+        let (more, err) = connect_all(cfg, server.addr, shared, &tokens[from..to], from).await;
+        clients.extend(more);
+        // Let the presence announcements settle before reading memory.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        points.push((clients.len(), rss_kib(&server.pid)));
+        if err.is_some() {
+            failure = err;
+            break;
+        }
+    }
+    let (server_cpu, _, _, _) = cpu.end(server);
+    let connected = clients.len();
+    println!(
+        "connected {connected} of {} in {:.1} s ({:.0} µs of server CPU per connection, presence announcements included)",
+        tokens.len(),
+        started.elapsed().as_secs_f64(),
+        server_cpu.as_secs_f64() * 1e6 / connected.max(1) as f64
+    );
+    if let Some(e) = &failure {
+        println!("stopped by: {e:#}");
+    }
+    println!("server RSS: {rss0} KiB before any connection");
+    let mut prev = (0, rss0);
+    for (n, rss) in &points {
+        println!(
+            "  {n} connections: {rss} KiB, {:.2} KiB per connection overall, {:.2} KiB per connection since the previous point",
+            (*rss as f64 - rss0 as f64) / (*n).max(1) as f64,
+            (*rss as f64 - prev.1 as f64) / (n - prev.0).max(1) as f64
+        );
+        prev = (*n, *rss);
+    }
+    println!(
+        "generator RSS: {:.2} KiB per connection",
+        (rss_kib("self") as f64 - gen0 as f64) / connected.max(1) as f64
+    );
+    let closed = shared.closed.load(Relaxed);
+    if closed > 0 {
+        println!("{closed} connections closed during the scenario");
+    }
+    close_all(clients).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
+}
+
+struct Outcome {
+    p99_ms: f64,
+    lost: u64,
+}
+
+/// One step: `rate` messages/s for `cfg.step_secs` across `convs`, senders taking turns.
+async fn run_step(
+    cfg: &Config,
+    server: &ServerProc,
+    shared: &Arc<Shared>,
+    step: usize,
+    clients: &[Client],
+    convs: &[Conv],
+    rate: u64,
+) -> Outcome {
+    let st = &shared.steps[step];
+    let messages = st.counts.len();
+    let members = st.members as u64;
+    let expected = messages as u64 * members;
+    let errors0 = shared.errors.load(Relaxed);
+    let closed0 = shared.closed.load(Relaxed);
+    let cpu = CpuWindow::start(server);
+    let start = shared.now_us() + 20_000;
+    let scheduled = |i: usize| start + i as u64 * 1_000_000 / rate;
+    let mut i = 0;
+    while i < messages {
+        let now = shared.now_us();
+        while i < messages && scheduled(i) <= now {
+            let conv = &convs[i % convs.len()];
+            let sender = conv.members[(i / convs.len()) % conv.members.len()];
+            let at = scheduled(i);
+            let frame = format!(
+                r#"{{"v":1,"type":"send","id":{i},"conversation_id":"{}","content":"{step} {i} {at} {TEXT}","idempotency_key":"{step}-{i}"}}"#,
+                conv.id
+            );
+            // A dead client's message is simply never delivered: counted as lost.
+            let _ = clients[sender].tx.send(frame);
+            i += 1;
+        }
+        if i < messages {
+            let wake = shared.base + Duration::from_micros(scheduled(i));
+            tokio::time::sleep_until(wake.into()).await;
+        }
+    }
+    let deadline = scheduled(messages - 1) + cfg.drain_secs * 1_000_000;
+    while st.delivered.load(Relaxed) < expected && shared.now_us() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (server_cpu, gen_cpu, _, busy) = cpu.end(server);
+    let delivered = st.delivered.load(Relaxed);
+    let span = st.last_us.load(Relaxed).saturating_sub(start).max(1) as f64 / 1e6;
+    let hist = st.latency();
+    let ms = |v: u64| v as f64 / 1000.0;
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / delivered.max(1) as f64;
+    let lost = expected - delivered;
+    println!(
+        "{rate} msg/s offered ({} deliveries/s), {messages} messages: delivered {delivered}/{expected} in {span:.2} s = {:.0} deliveries/s ({:.0} msg/s); lost {lost}, duplicates {}, error frames {}, connections closed {}",
+        rate * members,
+        delivered as f64 / span,
+        delivered as f64 / span / members as f64,
+        st.duplicates.load(Relaxed),
+        shared.errors.load(Relaxed) - errors0,
+        shared.closed.load(Relaxed) - closed0,
+    );
+    println!(
+        "  latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        ms(hist.value_at_quantile(0.5)),
+        ms(hist.value_at_quantile(0.9)),
+        ms(hist.value_at_quantile(0.99)),
+        ms(hist.value_at_quantile(0.999)),
+        ms(hist.max()),
+    );
+    println!(
+        "  server CPU {:.2} s = {:.2} µs/delivery ({:.0} µs/message); generator {:.2} µs/delivery; machine busy {:.2} of {} cores",
+        server_cpu.as_secs_f64(),
+        per(server_cpu),
+        per(server_cpu) * members as f64,
+        per(gen_cpu),
+        busy,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    Outcome {
+        p99_ms: ms(hist.value_at_quantile(0.99)),
+        lost,
+    }
+}
+
+async fn load_scenario(
+    cfg: &Config,
+    server: &ServerProc,
+    shared: &Arc<Shared>,
+    clients: &[Client],
+    convs: &[Conv],
+    steps: std::ops::Range<usize>,
+    rates: &[u64],
+) {
+    for (step, rate) in steps.zip(rates) {
+        let outcome = run_step(cfg, server, shared, step, clients, convs, *rate).await;
+        if outcome.p99_ms > P99_LIMIT_MS || outcome.lost > 0 {
+            println!("  stepping stops: p99 above {P99_LIMIT_MS} ms or a loss");
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    // Let a backlog of the last step finish before anything else is measured.
+    let st = shared.steps.iter().map(|s| &s.delivered);
+    let total = || st.clone().map(|d| d.load(Relaxed)).sum::<u64>();
+    for _ in 0..60 {
+        let before = total();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if total() == before {
+            break;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cfg = Config::from_env()?;
+    let dir = std::env::temp_dir().join(format!("mindsp-load-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run(&cfg, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run(cfg: &Config, dir: &Path) -> anyhow::Result<()> {
+    println!(
+        "# load: server {}, load average {}",
+        cfg.server.display(),
+        load_average()
+    );
+    let db = dir.join("load.db");
+    let secret = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let pop = populate(cfg, &db, &secret).await?;
+
+    let mut steps = Vec::new();
+    for r in &cfg.small_rates {
+        steps.push(StepStats::new((r * cfg.step_secs) as usize, cfg.small));
+    }
+    for r in &cfg.group_rates {
+        steps.push(StepStats::new((r * cfg.step_secs) as usize, cfg.group));
+    }
+    let shared = Arc::new(Shared {
+        base: Instant::now(),
+        steps,
+        errors: AtomicU64::new(0),
+        closed: AtomicU64::new(0),
+        notes: Mutex::new(Vec::new()),
+    });
+
+    let server = ServerProc::start(cfg, &db, &secret).await?;
+    let outcome = scenarios(cfg, &server, &shared, &pop).await;
+    let log = server.log.clone();
+    server.stop().await?;
+    let notes = shared.notes.lock().expect("notes lock").clone();
+    if !notes.is_empty() {
+        println!("first problems seen: {notes:#?}");
+    }
+    if outcome.is_err()
+        && let Ok(text) = std::fs::read_to_string(&log)
+    {
+        println!(
+            "server log (tail): {}",
+            &text[text.len().saturating_sub(2000)..]
+        );
+    }
+    println!("load average at the end: {}", load_average());
+    outcome
+}
+
+async fn scenarios(
+    cfg: &Config,
+    server: &ServerProc,
+    shared: &Arc<Shared>,
+    pop: &Population,
+) -> anyhow::Result<()> {
+    let cpu = CpuWindow::start(server);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (idle_cpu, _, elapsed, busy) = cpu.end(server);
+    println!(
+        "server idle: {:.1} % of a core, RSS {} KiB; machine busy {busy:.2} cores before the bench starts",
+        idle_cpu.as_secs_f64() * 100.0 / elapsed.as_secs_f64(),
+        rss_kib(&server.pid)
+    );
+
+    idle_scenario(cfg, server, shared, &pop.idle).await?;
+
+    let started = Instant::now();
+    let (clients, err) = connect_all(cfg, server.addr, shared, &pop.active, 0).await;
+    if let Some(e) = err {
+        close_all(clients).await;
+        return Err(e.context("opening the active clients"));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "\n{} active clients connected in {:.1} s over {} source addresses",
+        clients.len(),
+        started.elapsed().as_secs_f64(),
+        cfg.sources
+    );
+    let small_steps = 0..cfg.small_rates.len();
+    let group_steps = small_steps.end..small_steps.end + cfg.group_rates.len();
+    println!(
+        "\n## (a) conversations of {}, {} clients, {} s per step",
+        cfg.small, cfg.clients, cfg.step_secs
+    );
+    load_scenario(
+        cfg,
+        server,
+        shared,
+        &clients,
+        &pop.small,
+        small_steps,
+        &cfg.small_rates,
+    )
+    .await;
+    println!(
+        "\n## (b) groups of {}, {} clients, {} s per step",
+        cfg.group, cfg.clients, cfg.step_secs
+    );
+    load_scenario(
+        cfg,
+        server,
+        shared,
+        &clients,
+        &pop.groups,
+        group_steps,
+        &cfg.group_rates,
+    )
+    .await;
+    close_all(clients).await;
+    Ok(())
+}
