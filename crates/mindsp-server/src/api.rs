@@ -630,15 +630,7 @@ pub(crate) async fn retry_job(
     auth: Authenticated,
     Path(id): Path<JobId>,
 ) -> ApiResult<axum::Json<Value>> {
-    let (queue, scope) = job_access(&state, &auth)?;
-    let job = job_in_scope(queue.as_ref(), scope, id).await?;
-    // `unique_key_held` (another pending job took the key) comes back as a 409 too.
-    if !queue.retry(scope, id).await? {
-        return Err(invalid_job_state("retried", &job));
-    }
-    tracing::info!(job = %id, kind = %job.kind, admin = %auth.actor.user_id, "job retried by an administrator");
-    let job = job_in_scope(queue.as_ref(), scope, id).await?;
-    Ok(axum::Json(json!({ "job": job_json(&job) })))
+    act_on_job(&state, &auth, id, JobAction::Retry).await
 }
 
 /// `POST /api/admin/jobs/{id}/discard`: a dead, retrying or pending job ends cancelled.
@@ -647,12 +639,35 @@ pub(crate) async fn discard_job(
     auth: Authenticated,
     Path(id): Path<JobId>,
 ) -> ApiResult<axum::Json<Value>> {
-    let (queue, scope) = job_access(&state, &auth)?;
+    act_on_job(&state, &auth, id, JobAction::Discard).await
+}
+
+/// What an administrator can do to a job.
+#[derive(Clone, Copy)]
+enum JobAction {
+    Retry,
+    Discard,
+}
+
+/// Applies `action` to a job of the administrator's tenant and answers the job after
+/// it: 404 outside the scope, 409 `invalid_job_state` when its state does not allow
+/// it (and `unique_key_held` from a retry, also a 409).
+async fn act_on_job(
+    state: &AppState,
+    auth: &Authenticated,
+    id: JobId,
+    action: JobAction,
+) -> ApiResult<axum::Json<Value>> {
+    let (queue, scope) = job_access(state, auth)?;
     let job = job_in_scope(queue.as_ref(), scope, id).await?;
-    if !queue.discard(scope, id).await? {
-        return Err(invalid_job_state("discarded", &job));
+    let (done, verb) = match action {
+        JobAction::Retry => (queue.retry(scope, id).await?, "retried"),
+        JobAction::Discard => (queue.discard(scope, id).await?, "discarded"),
+    };
+    if !done {
+        return Err(invalid_job_state(verb, &job));
     }
-    tracing::info!(job = %id, kind = %job.kind, admin = %auth.actor.user_id, "job discarded by an administrator");
+    tracing::info!(job = %id, kind = %job.kind, admin = %auth.actor.user_id, "job {verb} by an administrator");
     let job = job_in_scope(queue.as_ref(), scope, id).await?;
     Ok(axum::Json(json!({ "job": job_json(&job) })))
 }
