@@ -10,8 +10,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ConversationId, TenantId, UserId};
+use crate::ids::{ConversationId, NotificationId, TenantId, UserId};
 use crate::model::{ConversationKind, Member, Message};
+use crate::notify::Notification;
 
 /// Something that happened, as clients see it. Serialised with a `type` tag in
 /// snake case, e.g. `{"type": "new_message", ...}`.
@@ -70,6 +71,30 @@ pub enum Event {
         /// Users who are no longer members (a removed member learns it here).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         removed: Vec<UserId>,
+    },
+    /// A notification for the recipient, on every device, with their unread count
+    /// after it.
+    Notification {
+        /// The stored notification.
+        notification: Notification,
+        /// The recipient's unread notifications now.
+        unread: i64,
+    },
+    /// Some or all of the recipient's notifications were read (on any device).
+    NotificationsRead {
+        /// The notifications marked read; empty when `all`.
+        ids: Vec<NotificationId>,
+        /// Every notification was marked read.
+        all: bool,
+        /// The unread count now.
+        unread: i64,
+    },
+    /// One of the recipient's notifications was deleted.
+    NotificationDeleted {
+        /// The deleted notification.
+        id: NotificationId,
+        /// The unread count now.
+        unread: i64,
     },
     /// A user was deactivated: their live connections must close. Never sent to
     /// clients as a frame; the connection is closed instead.

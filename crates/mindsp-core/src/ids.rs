@@ -76,6 +76,14 @@ id_type!(
     MessageId
 );
 id_type!(
+    /// A notification shown to one user.
+    NotificationId
+);
+id_type!(
+    /// A training session (FMPA).
+    SessionId
+);
+id_type!(
     /// A job of the durable queue.
     JobId
 );

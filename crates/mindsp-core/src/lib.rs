@@ -8,6 +8,9 @@
 //! - [`jobs`]: the durable job queue port.
 //! - [`mail`]: the mailer port.
 //! - [`events`]: real-time events and the [`events::Publisher`] port.
+//! - [`notify`]: notifications, preferences and the [`notify::Notifier`] service.
+//! - [`reminders`]: reminder jobs keyed per event, user and lead time.
+//! - [`training`]: training sessions (FMPA), the reference scheduling domain.
 
 pub mod error;
 pub mod events;
@@ -15,9 +18,12 @@ pub mod ids;
 pub mod jobs;
 pub mod mail;
 pub mod model;
+pub mod notify;
 pub mod ports;
+pub mod reminders;
 pub mod service;
+pub mod training;
 
 pub use error::{Error, Result};
-pub use ids::{ConversationId, JobId, MessageId, TenantId, UserId};
+pub use ids::{ConversationId, JobId, MessageId, NotificationId, SessionId, TenantId, UserId};
 pub use service::{Actor, Limits, Messaging};

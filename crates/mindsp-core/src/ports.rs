@@ -11,11 +11,15 @@ use std::any::Any;
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::ids::{ConversationId, TenantId, UserId};
+use chrono::{DateTime, Utc};
+
+use crate::ids::{ConversationId, NotificationId, SessionId, TenantId, UserId};
 use crate::model::{
     ActivityCursor, Appended, Conversation, ConversationSummary, Member, MemberRole, Message,
     NewConversation, NewMessage, NewUser, SearchHit, SeqWindow, Tenant, User,
 };
+use crate::notify::{Notification, NotificationPrefs};
+use crate::training::{Attendance, Invitee, SessionFilter, TrainingSession};
 
 /// How many of the most recent matches a search ranks. A word found in 250,000
 /// messages would otherwise have every one of them scored for each query; in a chat,
@@ -35,6 +39,9 @@ pub trait Store: Send + Sync + 'static {
     /// Looks a tenant up by slug; the one lookup that happens before a scope exists
     /// (login names its tenant).
     async fn tenant_by_slug(&self, slug: &str) -> Result<Option<Tenant>>;
+
+    /// Every tenant's id, for work that sweeps all tenants (the unread digest).
+    async fn tenant_ids(&self) -> Result<Vec<TenantId>>;
 
     /// Opens a read-write unit of work confined to `tenant`. Nothing it wrote is visible
     /// to others until [`TenantTx::commit`]; dropping it rolls back.
@@ -175,4 +182,147 @@ pub trait TenantTx: Send {
         offset: u32,
         limit: u32,
     ) -> Result<Vec<SearchHit>>;
+
+    // ---- notifications -----------------------------------------------------------
+
+    /// The ids of every active user of the tenant (a notification to everyone).
+    async fn active_user_ids(&mut self) -> Result<Vec<UserId>>;
+
+    /// Stores notifications (each names its recipient, a user of the tenant). One whose
+    /// recipient already holds a notification with the same `key` is skipped. Answers
+    /// the ids stored. Many rows at once must stay fast: a whole tenant of 5,000 users
+    /// is notified in one call.
+    async fn insert_notifications(&mut self, rows: &[Notification]) -> Result<Vec<NotificationId>>;
+
+    /// `user`'s notifications, newest first (by id), older than `before`; only unread
+    /// ones if `unread_only`.
+    async fn notifications(
+        &mut self,
+        user: UserId,
+        before: Option<NotificationId>,
+        unread_only: bool,
+        limit: u32,
+    ) -> Result<Vec<Notification>>;
+
+    /// One of `user`'s notifications.
+    async fn notification(
+        &mut self,
+        user: UserId,
+        id: NotificationId,
+    ) -> Result<Option<Notification>>;
+
+    /// Unread notification counts of `users`, in any order; a user with none may be
+    /// absent or 0. Must stay fast with 10,000 notifications per user.
+    async fn notification_unread_counts(&mut self, users: &[UserId]) -> Result<Vec<(UserId, i64)>>;
+
+    /// Marks `user`'s unread notifications among `ids` (all of them when `None`) read
+    /// at `at`. Answers how many changed.
+    async fn mark_notifications_read(
+        &mut self,
+        user: UserId,
+        ids: Option<&[NotificationId]>,
+        at: DateTime<Utc>,
+    ) -> Result<u64>;
+
+    /// Deletes one of `user`'s notifications; `false` if they hold none with that id.
+    async fn delete_notification(&mut self, user: UserId, id: NotificationId) -> Result<bool>;
+
+    /// Stored preferences of those of `users` who have any.
+    async fn user_notification_prefs(
+        &mut self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, NotificationPrefs)>>;
+
+    /// Replaces `user`'s preferences.
+    async fn set_user_notification_prefs(
+        &mut self,
+        user: UserId,
+        prefs: &NotificationPrefs,
+    ) -> Result<()>;
+
+    /// The tenant's default preferences, if set.
+    async fn tenant_notification_prefs(&mut self) -> Result<Option<NotificationPrefs>>;
+
+    /// Replaces the tenant's default preferences.
+    async fn set_tenant_notification_prefs(&mut self, prefs: &NotificationPrefs) -> Result<()>;
+
+    // ---- unread digest -----------------------------------------------------------
+
+    /// Users with a conversation whose oldest unread message (the one after their read
+    /// marker) was created at or before `unread_since`, and with activity after the
+    /// last digest they were sent (all activity if none). At most `limit`, any order.
+    async fn digest_candidates(
+        &mut self,
+        unread_since: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<UserId>>;
+
+    /// For a digest of `user`: each conversation with unread messages newer than their
+    /// last digest, newest activity first (at most `max_conversations`), with its
+    /// unread count and its latest unread messages (at most `max_messages` each,
+    /// oldest first).
+    async fn unread_digest(
+        &mut self,
+        user: UserId,
+        max_conversations: u32,
+        max_messages: u32,
+    ) -> Result<Vec<DigestEntry>>;
+
+    /// Records that `user` was sent (or did not need) a digest covering activity up
+    /// to `at`.
+    async fn set_digest_sent(&mut self, user: UserId, at: DateTime<Utc>) -> Result<()>;
+
+    // ---- training sessions -------------------------------------------------------
+
+    /// Stores a session.
+    async fn insert_session(&mut self, session: &TrainingSession) -> Result<()>;
+
+    /// A session by id.
+    async fn session(&mut self, id: SessionId) -> Result<Option<TrainingSession>>;
+
+    /// Writes every field of an existing session; `false` if there is none.
+    async fn update_session(&mut self, session: &TrainingSession) -> Result<bool>;
+
+    /// Sessions matching `filter`, by start then id.
+    async fn list_sessions(
+        &mut self,
+        filter: &SessionFilter,
+        limit: u32,
+    ) -> Result<Vec<TrainingSession>>;
+
+    /// Invites users (answer pending); those already invited are left as they are.
+    /// Answers those newly invited.
+    async fn add_invitees(&mut self, session: SessionId, users: &[UserId]) -> Result<Vec<UserId>>;
+
+    /// Withdraws invitations; answers those who were invited.
+    async fn remove_invitees(
+        &mut self,
+        session: SessionId,
+        users: &[UserId],
+    ) -> Result<Vec<UserId>>;
+
+    /// Invitees with their display names and answers, by name.
+    async fn invitees(&mut self, session: SessionId) -> Result<Vec<Invitee>>;
+
+    /// Records an invitee's answer; `false` if `user` is not invited.
+    async fn set_response(
+        &mut self,
+        session: SessionId,
+        user: UserId,
+        response: Attendance,
+        at: DateTime<Utc>,
+    ) -> Result<bool>;
+}
+
+/// One conversation of an unread digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestEntry {
+    /// The conversation.
+    pub conversation_id: ConversationId,
+    /// Its name: the group's, or the other member's display name for a direct one.
+    pub title: String,
+    /// Unread messages in it.
+    pub unread: i64,
+    /// The latest unread messages, oldest first: sender's display name, text, time.
+    pub messages: Vec<(String, String, DateTime<Utc>)>,
 }

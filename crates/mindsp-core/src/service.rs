@@ -10,6 +10,7 @@ use crate::model::{
     ActivityCursor, Appended, Conversation, ConversationKind, ConversationSummary, Member,
     MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow, User,
 };
+use crate::notify::{NewNotification, Notifier, kind};
 use crate::ports::{Store, TenantTx};
 
 /// Who is acting: established by authentication, never by request content.
@@ -90,7 +91,11 @@ pub struct Messaging {
     store: Arc<dyn Store>,
     limits: Limits,
     publisher: Option<Arc<dyn Publisher>>,
+    notifier: Option<Notifier>,
 }
+
+/// Most users one message may mention (`too_many_mentions`).
+pub const MAX_MENTIONS: usize = 50;
 
 impl Messaging {
     /// Builds the service over a store, publishing nothing.
@@ -99,7 +104,14 @@ impl Messaging {
             store,
             limits,
             publisher: None,
+            notifier: None,
         }
+    }
+
+    /// The same service, notifying mentioned members (`MENTION`) through `notifier`.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Self {
+        self.notifier = Some(notifier);
+        self
     }
 
     /// The same service, publishing committed changes through `publisher`.
@@ -529,17 +541,7 @@ impl Messaging {
         idempotency_key: Option<String>,
     ) -> Result<Appended> {
         let content = self.check_content(content)?;
-        if let Some(k) = &idempotency_key
-            && (k.is_empty() || k.len() > self.limits.max_idempotency_key_len)
-        {
-            return Err(Error::invalid(
-                "invalid_idempotency_key",
-                format!(
-                    "idempotency key must be 1 to {} bytes",
-                    self.limits.max_idempotency_key_len
-                ),
-            ));
-        }
+        self.check_idempotency_key(idempotency_key.as_deref())?;
         let new = NewMessage {
             id: MessageId::new(),
             conversation_id: conv,
@@ -569,6 +571,107 @@ impl Messaging {
             "duplicate_idempotency_key",
             "a message with this idempotency key is being sent concurrently; retry",
         ))
+    }
+
+    /// Sends a message mentioning some members: each mentioned member other than the
+    /// sender gets a `MENTION` notification, stored in the same transaction as the
+    /// message (so neither exists without the other). Users who are not members are
+    /// ignored: they cannot read the message. Without mentions, or without a notifier,
+    /// this is [`Messaging::send`].
+    pub async fn send_with_mentions(
+        &self,
+        actor: &Actor,
+        conv: ConversationId,
+        content: &str,
+        idempotency_key: Option<String>,
+        mentions: &[UserId],
+    ) -> Result<Appended> {
+        if mentions.len() > MAX_MENTIONS {
+            return Err(Error::invalid(
+                "too_many_mentions",
+                format!("a message mentions at most {MAX_MENTIONS} users"),
+            ));
+        }
+        let Some(notifier) = self.notifier.as_ref().filter(|_| !mentions.is_empty()) else {
+            return self.send(actor, conv, content, idempotency_key).await;
+        };
+        let content = self.check_content(content)?;
+        self.check_idempotency_key(idempotency_key.as_deref())?;
+        let new = NewMessage {
+            id: MessageId::new(),
+            conversation_id: conv,
+            sender_id: actor.user_id,
+            content,
+            idempotency_key,
+            created_at: crate::model::now(),
+        };
+        let mut tx = self.store.begin(actor.tenant_id).await?;
+        let appended = tx.append_message(&new).await?;
+        if !appended.created() {
+            return Ok(appended);
+        }
+        let message = appended.message().clone();
+        let members = tx.members(conv).await?;
+        let mentioned: Vec<UserId> = members
+            .iter()
+            .map(|m| m.user_id)
+            .filter(|u| *u != actor.user_id && mentions.contains(u))
+            .collect();
+        let sender = members
+            .iter()
+            .find(|m| m.user_id == actor.user_id)
+            .map(|m| m.display_name.clone())
+            .unwrap_or_default();
+        let outbox = if mentioned.is_empty() {
+            None
+        } else {
+            let excerpt: String = message.content.chars().take(200).collect();
+            let n = NewNotification::new(
+                kind::MENTION,
+                format!("{sender} vous a mentionné(e)"),
+                excerpt,
+            )
+            .link(format!("/conversations/{conv}?seq={}", message.seq))
+            .data(serde_json::json!({
+                "conversation_id": conv,
+                "message_id": message.id,
+                "seq": message.seq,
+                "sender_id": actor.user_id,
+            }))
+            .key(format!("mention:{}", message.id));
+            Some(notifier.notify_in(tx.as_mut(), &mentioned, &n).await?)
+        };
+        tx.commit().await?;
+        if self.publishing() {
+            self.publish(Envelope::to_users(
+                actor.tenant_id,
+                members.iter().map(|m| m.user_id).collect(),
+                Event::NewMessage {
+                    conversation_id: conv,
+                    message,
+                },
+            ))
+            .await;
+        }
+        if let Some(outbox) = outbox {
+            notifier.deliver(outbox).await;
+        }
+        Ok(appended)
+    }
+
+    fn check_idempotency_key(&self, key: Option<&str>) -> Result<()> {
+        if let Some(k) = key
+            && (k.is_empty() || k.len() > self.limits.max_idempotency_key_len)
+        {
+            return Err(Error::invalid(
+                "invalid_idempotency_key",
+                format!(
+                    "idempotency key must be 1 to {} bytes",
+                    self.limits.max_idempotency_key_len
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Publishes a committed message to the conversation's members as they are now.

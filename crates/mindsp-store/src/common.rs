@@ -7,6 +7,7 @@ use async_trait::async_trait;
 #[cfg(feature = "sqlite")]
 use chrono::{DateTime, Utc};
 use mindsp_core::model::{Appended, Message, NewMessage};
+use mindsp_core::notify::NotificationPrefs;
 use mindsp_core::{Error, MessageId, Result, TenantId, UserId};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -236,6 +237,17 @@ pub(crate) fn plan_batch<'a>(
         results.push(Ok(Appended::Created(message)));
     }
     (results, fresh)
+}
+
+/// Notification preferences as stored (JSON text).
+pub(crate) fn prefs_to_json(prefs: &NotificationPrefs) -> Result<String> {
+    serde_json::to_string(prefs).map_err(|e| Error::Storage(e.to_string()))
+}
+
+/// Notification preferences from their stored JSON.
+pub(crate) fn prefs_from_json(json: &str) -> Result<NotificationPrefs> {
+    serde_json::from_str(json)
+        .map_err(|e| Error::Storage(format!("stored notification preferences: {e}")))
 }
 
 /// The key that makes a direct conversation unique per pair, whatever the order.

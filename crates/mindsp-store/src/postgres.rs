@@ -23,19 +23,25 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use mindsp_core::model::{
     ActivityCursor, Appended, Conversation, ConversationKind, ConversationSummary, Member,
     MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow, Tenant,
     User, now,
 };
-use mindsp_core::ports::{SEARCH_RANK_WINDOW, Store, TenantTx};
-use mindsp_core::{ConversationId, Error, MessageId, Result, TenantId, UserId};
+use mindsp_core::notify::{Notification, NotificationPrefs};
+use mindsp_core::ports::{DigestEntry, SEARCH_RANK_WINDOW, Store, TenantTx};
+use mindsp_core::training::{Attendance, Invitee, SessionFilter, SessionStatus, TrainingSession};
+use mindsp_core::{
+    ConversationId, Error, MessageId, NotificationId, Result, SessionId, TenantId, UserId,
+};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Connection, Executor, Postgres, Row, Transaction};
+use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row, Transaction};
 use uuid::Uuid;
 
 use crate::common::{
     AppendQueue, AppendRequest, BatchState, GroupCommit, db_err, direct_key, plan_batch,
+    prefs_from_json, prefs_to_json,
 };
 
 /// Embedded migrations, exposed so an embedding application can run them itself.
@@ -251,6 +257,14 @@ impl Store for PgStore {
             .as_ref()
             .map(tenant_from_row)
             .transpose()
+    }
+
+    async fn tenant_ids(&self) -> Result<Vec<TenantId>> {
+        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tenants ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(ids.into_iter().map(TenantId).collect())
     }
 
     async fn begin(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
@@ -590,6 +604,60 @@ fn member_from_row(r: &PgRow) -> Result<Member> {
             .map_err(|e| Error::Storage(e.to_string()))?,
         last_read_seq: r.try_get("last_read_seq").map_err(db_err)?,
         joined_at: r.try_get("joined_at").map_err(db_err)?,
+    })
+}
+
+const NOTIFICATION_COLS: &str =
+    "id, user_id, kind, title, body, link, data::text AS data, key, created_at, read_at";
+const SESSION_COLS: &str = "id, title, kind, description, location, start_at, end_at, \
+     organizer_id, status, reminder_offsets, cancel_reason, created_at, updated_at";
+
+/// Notifications to insert, as one array per column (see `insert_notifications`).
+#[derive(Default)]
+struct NotificationColumns<'a> {
+    id: Vec<Uuid>,
+    user_id: Vec<Uuid>,
+    kind: Vec<&'a str>,
+    title: Vec<&'a str>,
+    body: Vec<&'a str>,
+    link: Vec<Option<&'a str>>,
+    data: Vec<String>,
+    key: Vec<Option<&'a str>>,
+    created_at: Vec<DateTime<Utc>>,
+    read_at: Vec<Option<DateTime<Utc>>>,
+}
+
+fn notification_from_row(r: &PgRow) -> Result<Notification> {
+    let data: String = r.try_get("data").map_err(db_err)?;
+    Ok(Notification {
+        id: NotificationId(r.try_get("id").map_err(db_err)?),
+        user_id: UserId(r.try_get("user_id").map_err(db_err)?),
+        kind: r.try_get("kind").map_err(db_err)?,
+        title: r.try_get("title").map_err(db_err)?,
+        body: r.try_get("body").map_err(db_err)?,
+        link: r.try_get("link").map_err(db_err)?,
+        data: serde_json::from_str(&data).map_err(|e| Error::Storage(e.to_string()))?,
+        key: r.try_get("key").map_err(db_err)?,
+        created_at: r.try_get("created_at").map_err(db_err)?,
+        read_at: r.try_get("read_at").map_err(db_err)?,
+    })
+}
+
+fn session_from_row(r: &PgRow) -> Result<TrainingSession> {
+    Ok(TrainingSession {
+        id: SessionId(r.try_get("id").map_err(db_err)?),
+        title: r.try_get("title").map_err(db_err)?,
+        kind: r.try_get("kind").map_err(db_err)?,
+        description: r.try_get("description").map_err(db_err)?,
+        location: r.try_get("location").map_err(db_err)?,
+        start_at: r.try_get("start_at").map_err(db_err)?,
+        end_at: r.try_get("end_at").map_err(db_err)?,
+        organizer_id: UserId(r.try_get("organizer_id").map_err(db_err)?),
+        status: SessionStatus::parse(r.try_get("status").map_err(db_err)?)?,
+        reminder_offsets: r.try_get("reminder_offsets").map_err(db_err)?,
+        cancel_reason: r.try_get("cancel_reason").map_err(db_err)?,
+        created_at: r.try_get("created_at").map_err(db_err)?,
+        updated_at: r.try_get("updated_at").map_err(db_err)?,
     })
 }
 
@@ -1118,5 +1186,568 @@ impl TenantTx for PgTx {
                 })
             })
             .collect()
+    }
+
+    // ---- notifications -----------------------------------------------------------
+
+    async fn active_user_ids(&mut self) -> Result<Vec<UserId>> {
+        let rows: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM users WHERE tenant_id = $1 AND active ORDER BY id")
+                .bind(self.tenant.0)
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(db_err)?;
+        Ok(rows.into_iter().map(UserId).collect())
+    }
+
+    async fn insert_notifications(&mut self, rows: &[Notification]) -> Result<Vec<NotificationId>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One statement whatever the number of rows: the arrays travel as ten
+        // parameters. The join keeps recipients to users of this tenant, the unique key
+        // index skips duplicates, and the statement trigger moves the unread counters.
+        let mut cols = NotificationColumns::default();
+        for n in rows {
+            cols.id.push(n.id.0);
+            cols.user_id.push(n.user_id.0);
+            cols.kind.push(&n.kind);
+            cols.title.push(&n.title);
+            cols.body.push(&n.body);
+            cols.link.push(n.link.as_deref());
+            cols.data
+                .push(serde_json::to_string(&n.data).map_err(|e| Error::Storage(e.to_string()))?);
+            cols.key.push(n.key.as_deref());
+            cols.created_at.push(n.created_at);
+            cols.read_at.push(n.read_at);
+        }
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO notifications
+                    (id, tenant_id, user_id, kind, title, body, link, data, key, created_at, read_at)
+             SELECT r.id, u.tenant_id, r.user_id, r.kind, r.title, r.body, r.link, r.data::jsonb,
+                    r.key, r.created_at, r.read_at
+               FROM unnest($2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[],
+                           $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[])
+                    AS r(id, user_id, kind, title, body, link, data, key, created_at, read_at)
+               JOIN users u ON u.id = r.user_id AND u.tenant_id = $1
+             ON CONFLICT DO NOTHING
+             RETURNING id",
+        )
+        .bind(self.tenant.0)
+        .bind(&cols.id)
+        .bind(&cols.user_id)
+        .bind(&cols.kind)
+        .bind(&cols.title)
+        .bind(&cols.body)
+        .bind(&cols.link)
+        .bind(&cols.data)
+        .bind(&cols.key)
+        .bind(&cols.created_at)
+        .bind(&cols.read_at)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(ids.into_iter().map(NotificationId).collect())
+    }
+
+    async fn notifications(
+        &mut self,
+        user: UserId,
+        before: Option<NotificationId>,
+        unread_only: bool,
+        limit: u32,
+    ) -> Result<Vec<Notification>> {
+        // Distinct statements per shape, so each keeps its index plan when the server
+        // switches the prepared statement to a generic plan.
+        let unread = if unread_only {
+            "AND read_at IS NULL"
+        } else {
+            ""
+        };
+        let cursor = if before.is_some() { "AND id < $4" } else { "" };
+        let sql = format!(
+            "SELECT {NOTIFICATION_COLS} FROM notifications
+              WHERE user_id = $1 AND tenant_id = $2 {cursor} {unread}
+              ORDER BY id DESC LIMIT $3"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(user.0)
+            .bind(self.tenant.0)
+            .bind(i64::from(limit));
+        if let Some(b) = before {
+            q = q.bind(b.0);
+        }
+        let rows = q.fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        rows.iter().map(notification_from_row).collect()
+    }
+
+    async fn notification(
+        &mut self,
+        user: UserId,
+        id: NotificationId,
+    ) -> Result<Option<Notification>> {
+        sqlx::query(&format!(
+            "SELECT {NOTIFICATION_COLS} FROM notifications
+              WHERE id = $1 AND user_id = $2 AND tenant_id = $3"
+        ))
+        .bind(id.0)
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(notification_from_row)
+        .transpose()
+    }
+
+    async fn notification_unread_counts(&mut self, users: &[UserId]) -> Result<Vec<(UserId, i64)>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = users.iter().map(|u| u.0).collect();
+        let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+            "SELECT user_id, unread FROM notification_counters
+              WHERE tenant_id = $1 AND user_id = ANY($2)",
+        )
+        .bind(self.tenant.0)
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(|(u, n)| (UserId(u), n)).collect())
+    }
+
+    async fn mark_notifications_read(
+        &mut self,
+        user: UserId,
+        ids: Option<&[NotificationId]>,
+        at: DateTime<Utc>,
+    ) -> Result<u64> {
+        let done = match ids {
+            None => sqlx::query(
+                "UPDATE notifications SET read_at = $1
+                  WHERE user_id = $2 AND tenant_id = $3 AND read_at IS NULL",
+            )
+            .bind(at)
+            .bind(user.0)
+            .bind(self.tenant.0)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?,
+            Some(ids) => {
+                let ids: Vec<Uuid> = ids.iter().map(|i| i.0).collect();
+                sqlx::query(
+                    "UPDATE notifications SET read_at = $1
+                      WHERE user_id = $2 AND tenant_id = $3 AND read_at IS NULL AND id = ANY($4)",
+                )
+                .bind(at)
+                .bind(user.0)
+                .bind(self.tenant.0)
+                .bind(ids)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(db_err)?
+            }
+        };
+        Ok(done.rows_affected())
+    }
+
+    async fn delete_notification(&mut self, user: UserId, id: NotificationId) -> Result<bool> {
+        let done = sqlx::query(
+            "DELETE FROM notifications WHERE id = $1 AND user_id = $2 AND tenant_id = $3",
+        )
+        .bind(id.0)
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn user_notification_prefs(
+        &mut self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, NotificationPrefs)>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = users.iter().map(|u| u.0).collect();
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(
+            "SELECT user_id, prefs::text FROM notification_prefs
+              WHERE tenant_id = $1 AND user_id = ANY($2)",
+        )
+        .bind(self.tenant.0)
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.into_iter()
+            .map(|(u, p)| Ok((UserId(u), prefs_from_json(&p)?)))
+            .collect()
+    }
+
+    async fn set_user_notification_prefs(
+        &mut self,
+        user: UserId,
+        prefs: &NotificationPrefs,
+    ) -> Result<()> {
+        let done = sqlx::query(
+            "INSERT INTO notification_prefs (user_id, tenant_id, prefs, updated_at)
+             SELECT id, tenant_id, $1::jsonb, $2 FROM users WHERE id = $3 AND tenant_id = $4
+             ON CONFLICT (user_id) DO UPDATE SET prefs = excluded.prefs, updated_at = excluded.updated_at",
+        )
+        .bind(prefs_to_json(prefs)?)
+        .bind(now())
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound("user"));
+        }
+        Ok(())
+    }
+
+    async fn tenant_notification_prefs(&mut self) -> Result<Option<NotificationPrefs>> {
+        let prefs: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT notification_prefs::text FROM tenant_settings WHERE tenant_id = $1",
+        )
+        .bind(self.tenant.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        prefs.flatten().as_deref().map(prefs_from_json).transpose()
+    }
+
+    async fn set_tenant_notification_prefs(&mut self, prefs: &NotificationPrefs) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tenant_settings (tenant_id, notification_prefs, updated_at)
+             VALUES ($1, $2::jsonb, $3)
+             ON CONFLICT (tenant_id) DO UPDATE
+                SET notification_prefs = excluded.notification_prefs, updated_at = excluded.updated_at",
+        )
+        .bind(self.tenant.0)
+        .bind(prefs_to_json(prefs)?)
+        .bind(now())
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    // ---- unread digest -----------------------------------------------------------
+
+    async fn digest_candidates(
+        &mut self,
+        unread_since: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<UserId>> {
+        let rows: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT DISTINCT me.user_id
+               FROM conversations c
+               JOIN conversation_members me ON me.conversation_id = c.id
+               JOIN users u ON u.id = me.user_id
+               JOIN messages first ON first.conversation_id = c.id AND first.seq = me.last_read_seq + 1
+               LEFT JOIN digest_state d ON d.user_id = me.user_id AND d.tenant_id = $1
+              WHERE c.tenant_id = $1 AND me.tenant_id = $1 AND u.tenant_id = $1 AND u.active
+                AND first.tenant_id = $1
+                AND c.last_seq > me.last_read_seq
+                AND first.created_at <= $2
+                AND (d.sent_through IS NULL OR c.last_activity_at > d.sent_through)
+              LIMIT $3",
+        )
+        .bind(self.tenant.0)
+        .bind(unread_since)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(UserId).collect())
+    }
+
+    async fn unread_digest(
+        &mut self,
+        user: UserId,
+        max_conversations: u32,
+        max_messages: u32,
+    ) -> Result<Vec<DigestEntry>> {
+        let convs = sqlx::query(
+            "SELECT c.id, c.kind, c.name, c.last_seq, me.last_read_seq,
+                    (SELECT ou.display_name FROM conversation_members o
+                       JOIN users ou ON ou.id = o.user_id
+                      WHERE o.conversation_id = c.id AND o.user_id <> $1
+                      ORDER BY o.joined_at, o.user_id LIMIT 1) AS other_name
+               FROM conversation_members me
+               JOIN conversations c ON c.id = me.conversation_id
+               LEFT JOIN digest_state d ON d.user_id = me.user_id AND d.tenant_id = $2
+              WHERE me.user_id = $1 AND me.tenant_id = $2 AND c.tenant_id = $2
+                AND c.last_seq > me.last_read_seq
+                AND (d.sent_through IS NULL OR c.last_activity_at > d.sent_through)
+              ORDER BY c.last_activity_at DESC, c.id DESC
+              LIMIT $3",
+        )
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .bind(i64::from(max_conversations))
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        let mut out = Vec::with_capacity(convs.len());
+        for c in &convs {
+            let id: Uuid = c.try_get("id").map_err(db_err)?;
+            let last_seq: i64 = c.try_get("last_seq").map_err(db_err)?;
+            let read: i64 = c.try_get("last_read_seq").map_err(db_err)?;
+            let kind = ConversationKind::parse(c.try_get("kind").map_err(db_err)?)?;
+            let title: Option<String> = match kind {
+                ConversationKind::Direct => c.try_get("other_name").map_err(db_err)?,
+                ConversationKind::Group => c.try_get("name").map_err(db_err)?,
+            };
+            let rows: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT u.display_name, m.content, m.created_at
+                   FROM messages m JOIN users u ON u.id = m.sender_id
+                  WHERE m.conversation_id = $1 AND m.tenant_id = $2 AND m.seq > $3
+                  ORDER BY m.seq DESC LIMIT $4",
+            )
+            .bind(id)
+            .bind(self.tenant.0)
+            .bind(read)
+            .bind(i64::from(max_messages))
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
+            let mut messages = rows;
+            messages.reverse();
+            out.push(DigestEntry {
+                conversation_id: ConversationId(id),
+                title: title.unwrap_or_default(),
+                unread: last_seq - read,
+                messages,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn set_digest_sent(&mut self, user: UserId, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO digest_state (user_id, tenant_id, sent_through)
+             SELECT id, tenant_id, $1 FROM users WHERE id = $2 AND tenant_id = $3
+             ON CONFLICT (user_id) DO UPDATE SET sent_through = excluded.sent_through",
+        )
+        .bind(at)
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    // ---- training sessions -------------------------------------------------------
+
+    async fn insert_session(&mut self, s: &TrainingSession) -> Result<()> {
+        sqlx::query(&format!(
+            "INSERT INTO training_sessions (tenant_id, {SESSION_COLS})
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+        ))
+        .bind(self.tenant.0)
+        .bind(s.id.0)
+        .bind(&s.title)
+        .bind(&s.kind)
+        .bind(&s.description)
+        .bind(&s.location)
+        .bind(s.start_at)
+        .bind(s.end_at)
+        .bind(s.organizer_id.0)
+        .bind(s.status.as_str())
+        .bind(&s.reminder_offsets)
+        .bind(&s.cancel_reason)
+        .bind(s.created_at)
+        .bind(s.updated_at)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn session(&mut self, id: SessionId) -> Result<Option<TrainingSession>> {
+        sqlx::query(&format!(
+            "SELECT {SESSION_COLS} FROM training_sessions WHERE id = $1 AND tenant_id = $2"
+        ))
+        .bind(id.0)
+        .bind(self.tenant.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(session_from_row)
+        .transpose()
+    }
+
+    async fn update_session(&mut self, s: &TrainingSession) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE training_sessions
+                SET title = $1, kind = $2, description = $3, location = $4, start_at = $5,
+                    end_at = $6, organizer_id = $7, status = $8, reminder_offsets = $9,
+                    cancel_reason = $10, created_at = $11, updated_at = $12
+              WHERE id = $13 AND tenant_id = $14",
+        )
+        .bind(&s.title)
+        .bind(&s.kind)
+        .bind(&s.description)
+        .bind(&s.location)
+        .bind(s.start_at)
+        .bind(s.end_at)
+        .bind(s.organizer_id.0)
+        .bind(s.status.as_str())
+        .bind(&s.reminder_offsets)
+        .bind(&s.cancel_reason)
+        .bind(s.created_at)
+        .bind(s.updated_at)
+        .bind(s.id.0)
+        .bind(self.tenant.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn list_sessions(
+        &mut self,
+        filter: &SessionFilter,
+        limit: u32,
+    ) -> Result<Vec<TrainingSession>> {
+        let mut q = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {SESSION_COLS} FROM training_sessions s WHERE s.tenant_id = "
+        ));
+        q.push_bind(self.tenant.0);
+        if !filter.include_cancelled {
+            q.push(" AND s.status = 'scheduled'");
+        }
+        if let Some(from) = filter.from {
+            q.push(" AND s.start_at >= ").push_bind(from);
+        }
+        if let Some(to) = filter.to {
+            q.push(" AND s.start_at < ").push_bind(to);
+        }
+        if let Some((at, id)) = filter.after {
+            q.push(" AND (s.start_at, s.id) > (")
+                .push_bind(at)
+                .push(", ")
+                .push_bind(id.0)
+                .push(")");
+        }
+        if let Some(user) = filter.involving {
+            q.push(" AND (s.organizer_id = ")
+                .push_bind(user.0)
+                .push(
+                    " OR EXISTS (SELECT 1 FROM training_invitees i
+                                  WHERE i.session_id = s.id AND i.user_id = ",
+                )
+                .push_bind(user.0)
+                .push(" AND i.tenant_id = ")
+                .push_bind(self.tenant.0)
+                .push("))");
+        }
+        q.push(" ORDER BY s.start_at, s.id LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = q.build().fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn add_invitees(&mut self, session: SessionId, users: &[UserId]) -> Result<Vec<UserId>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = users.iter().map(|u| u.0).collect();
+        // Only users of this tenant, only into a session of this tenant.
+        let added: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO training_invitees (session_id, user_id, tenant_id, response, responded_at, invited_at)
+             SELECT s.id, u.id, s.tenant_id, 'pending', NULL, $4
+               FROM training_sessions s JOIN users u ON u.tenant_id = s.tenant_id
+              WHERE s.id = $1 AND s.tenant_id = $2 AND u.id = ANY($3)
+             ON CONFLICT DO NOTHING
+             RETURNING user_id",
+        )
+        .bind(session.0)
+        .bind(self.tenant.0)
+        .bind(ids)
+        .bind(now())
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(added.into_iter().map(UserId).collect())
+    }
+
+    async fn remove_invitees(
+        &mut self,
+        session: SessionId,
+        users: &[UserId],
+    ) -> Result<Vec<UserId>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = users.iter().map(|u| u.0).collect();
+        let removed: Vec<Uuid> = sqlx::query_scalar(
+            "DELETE FROM training_invitees
+              WHERE session_id = $1 AND tenant_id = $2 AND user_id = ANY($3)
+             RETURNING user_id",
+        )
+        .bind(session.0)
+        .bind(self.tenant.0)
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(removed.into_iter().map(UserId).collect())
+    }
+
+    async fn invitees(&mut self, session: SessionId) -> Result<Vec<Invitee>> {
+        let rows = sqlx::query(
+            "SELECT i.user_id, u.display_name, i.response, i.responded_at
+               FROM training_invitees i JOIN users u ON u.id = i.user_id
+              WHERE i.session_id = $1 AND i.tenant_id = $2 AND u.tenant_id = $2
+              ORDER BY u.display_name, i.user_id",
+        )
+        .bind(session.0)
+        .bind(self.tenant.0)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(Invitee {
+                    user_id: UserId(r.try_get("user_id").map_err(db_err)?),
+                    display_name: r.try_get("display_name").map_err(db_err)?,
+                    response: Attendance::parse(r.try_get("response").map_err(db_err)?)
+                        .map_err(|e| Error::Storage(e.to_string()))?,
+                    responded_at: r.try_get("responded_at").map_err(db_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_response(
+        &mut self,
+        session: SessionId,
+        user: UserId,
+        response: Attendance,
+        at: DateTime<Utc>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE training_invitees SET response = $1, responded_at = $2
+              WHERE session_id = $3 AND user_id = $4 AND tenant_id = $5",
+        )
+        .bind(response.as_str())
+        .bind(at)
+        .bind(session.0)
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
     }
 }

@@ -17,13 +17,18 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use mindsp_core::model::{
     ActivityCursor, Appended, Conversation, ConversationKind, ConversationSummary, Member,
     MemberRole, Message, NewConversation, NewMessage, NewUser, Role, SearchHit, SeqWindow, Tenant,
     User, now,
 };
-use mindsp_core::ports::{SEARCH_RANK_WINDOW, Store, TenantTx};
-use mindsp_core::{ConversationId, Error, MessageId, Result, TenantId, UserId};
+use mindsp_core::notify::{Notification, NotificationPrefs};
+use mindsp_core::ports::{DigestEntry, SEARCH_RANK_WINDOW, Store, TenantTx};
+use mindsp_core::training::{Attendance, Invitee, SessionFilter, SessionStatus, TrainingSession};
+use mindsp_core::{
+    ConversationId, Error, MessageId, NotificationId, Result, SessionId, TenantId, UserId,
+};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -33,7 +38,7 @@ use uuid::Uuid;
 
 use crate::common::{
     AppendQueue, AppendRequest, BatchState, GroupCommit, db_err, direct_key, french_prefix_stem,
-    from_millis, millis, plan_batch,
+    from_millis, millis, plan_batch, prefs_from_json, prefs_to_json,
 };
 
 /// Embedded migrations, exposed so an embedding application can run them itself.
@@ -206,6 +211,14 @@ impl Store for SqliteStore {
             .as_ref()
             .map(tenant_from_row)
             .transpose()
+    }
+
+    async fn tenant_ids(&self) -> Result<Vec<TenantId>> {
+        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tenants ORDER BY id")
+            .fetch_all(&self.read)
+            .await
+            .map_err(db_err)?;
+        Ok(ids.into_iter().map(TenantId).collect())
     }
 
     async fn begin(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
@@ -434,6 +447,59 @@ fn member_from_row(r: &SqliteRow) -> Result<Member> {
         last_read_seq: r.try_get("last_read_seq").map_err(db_err)?,
         joined_at: from_millis(r.try_get("joined_at").map_err(db_err)?),
     })
+}
+
+/// Notifications per multi-row insert (11 parameters each).
+const NOTIFICATION_CHUNK: usize = 1000;
+/// Ids per `IN (...)` list.
+const ID_CHUNK: usize = 5000;
+
+const NOTIFICATION_COLS: &str =
+    "id, user_id, kind, title, body, link, data, key, created_at, read_at";
+const SESSION_COLS: &str = "id, title, kind, description, location, start_at, end_at, \
+     organizer_id, status, reminder_offsets, cancel_reason, created_at, updated_at";
+
+fn notification_from_row(r: &SqliteRow) -> Result<Notification> {
+    let data: String = r.try_get("data").map_err(db_err)?;
+    Ok(Notification {
+        id: NotificationId(r.try_get("id").map_err(db_err)?),
+        user_id: UserId(r.try_get("user_id").map_err(db_err)?),
+        kind: r.try_get("kind").map_err(db_err)?,
+        title: r.try_get("title").map_err(db_err)?,
+        body: r.try_get("body").map_err(db_err)?,
+        link: r.try_get("link").map_err(db_err)?,
+        data: serde_json::from_str(&data).map_err(|e| Error::Storage(e.to_string()))?,
+        key: r.try_get("key").map_err(db_err)?,
+        created_at: from_millis(r.try_get("created_at").map_err(db_err)?),
+        read_at: r
+            .try_get::<Option<i64>, _>("read_at")
+            .map_err(db_err)?
+            .map(from_millis),
+    })
+}
+
+fn session_from_row(r: &SqliteRow) -> Result<TrainingSession> {
+    let offsets: String = r.try_get("reminder_offsets").map_err(db_err)?;
+    Ok(TrainingSession {
+        id: SessionId(r.try_get("id").map_err(db_err)?),
+        title: r.try_get("title").map_err(db_err)?,
+        kind: r.try_get("kind").map_err(db_err)?,
+        description: r.try_get("description").map_err(db_err)?,
+        location: r.try_get("location").map_err(db_err)?,
+        start_at: from_millis(r.try_get("start_at").map_err(db_err)?),
+        end_at: from_millis(r.try_get("end_at").map_err(db_err)?),
+        organizer_id: UserId(r.try_get("organizer_id").map_err(db_err)?),
+        status: SessionStatus::parse(r.try_get("status").map_err(db_err)?)?,
+        reminder_offsets: serde_json::from_str(&offsets)
+            .map_err(|e| Error::Storage(e.to_string()))?,
+        cancel_reason: r.try_get("cancel_reason").map_err(db_err)?,
+        created_at: from_millis(r.try_get("created_at").map_err(db_err)?),
+        updated_at: from_millis(r.try_get("updated_at").map_err(db_err)?),
+    })
+}
+
+fn offsets_to_json(offsets: &[i64]) -> Result<String> {
+    serde_json::to_string(offsets).map_err(|e| Error::Storage(e.to_string()))
 }
 
 #[async_trait]
@@ -937,5 +1003,598 @@ impl TenantTx for SqliteTx {
                 })
             })
             .collect()
+    }
+
+    // ---- notifications -----------------------------------------------------------
+
+    async fn active_user_ids(&mut self) -> Result<Vec<UserId>> {
+        let rows: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM users WHERE tenant_id = ? AND active = 1 ORDER BY id",
+        )
+        .bind(self.tenant.0)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(UserId).collect())
+    }
+
+    async fn insert_notifications(&mut self, rows: &[Notification]) -> Result<Vec<NotificationId>> {
+        let mut stored = Vec::with_capacity(rows.len());
+        // 11 parameters a row: chunks stay far below SQLite's 32,766 bound. The join
+        // keeps recipients to users of this tenant; the unique key index skips
+        // duplicates, and the trigger moves each recipient's unread counter.
+        for chunk in rows.chunks(NOTIFICATION_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "WITH r(id, user_id, kind, title, body, link, data, key, created_at, read_at) AS (",
+            );
+            let mut data = Vec::with_capacity(chunk.len());
+            for n in chunk {
+                data.push(
+                    serde_json::to_string(&n.data).map_err(|e| Error::Storage(e.to_string()))?,
+                );
+            }
+            q.push_values(chunk.iter().zip(&data), |mut b, (n, d)| {
+                b.push_bind(n.id.0)
+                    .push_bind(n.user_id.0)
+                    .push_bind(n.kind.as_str())
+                    .push_bind(n.title.as_str())
+                    .push_bind(n.body.as_str())
+                    .push_bind(n.link.as_deref())
+                    .push_bind(d.as_str())
+                    .push_bind(n.key.as_deref())
+                    .push_bind(millis(n.created_at))
+                    .push_bind(n.read_at.map(millis));
+            });
+            q.push(
+                ") INSERT INTO notifications
+                     (id, tenant_id, user_id, kind, title, body, link, data, key, created_at, read_at)
+                   SELECT r.id, u.tenant_id, r.user_id, r.kind, r.title, r.body, r.link, r.data,
+                          r.key, r.created_at, r.read_at
+                     FROM r CROSS JOIN users u ON u.id = r.user_id
+                    WHERE u.tenant_id = ",
+            );
+            q.push_bind(self.tenant.0);
+            q.push(" ON CONFLICT DO NOTHING RETURNING id");
+            let ids: Vec<Uuid> = q
+                .build_query_scalar()
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(db_err)?;
+            stored.extend(ids.into_iter().map(NotificationId));
+        }
+        Ok(stored)
+    }
+
+    async fn notifications(
+        &mut self,
+        user: UserId,
+        before: Option<NotificationId>,
+        unread_only: bool,
+        limit: u32,
+    ) -> Result<Vec<Notification>> {
+        let unread = if unread_only {
+            "AND read_at IS NULL"
+        } else {
+            ""
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {NOTIFICATION_COLS} FROM notifications
+              WHERE user_id = ?1 AND tenant_id = ?2 AND (?3 IS NULL OR id < ?3) {unread}
+              ORDER BY id DESC LIMIT ?4"
+        ))
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .bind(before.map(|b| b.0))
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(notification_from_row).collect()
+    }
+
+    async fn notification(
+        &mut self,
+        user: UserId,
+        id: NotificationId,
+    ) -> Result<Option<Notification>> {
+        sqlx::query(&format!(
+            "SELECT {NOTIFICATION_COLS} FROM notifications
+              WHERE id = ? AND user_id = ? AND tenant_id = ?"
+        ))
+        .bind(id.0)
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(notification_from_row)
+        .transpose()
+    }
+
+    async fn notification_unread_counts(&mut self, users: &[UserId]) -> Result<Vec<(UserId, i64)>> {
+        let mut out = Vec::with_capacity(users.len());
+        for chunk in users.chunks(ID_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT user_id, unread FROM notification_counters WHERE tenant_id = ",
+            );
+            q.push_bind(self.tenant.0).push(" AND user_id IN (");
+            let mut sep = q.separated(", ");
+            for u in chunk {
+                sep.push_bind(u.0);
+            }
+            q.push(")");
+            for r in q.build().fetch_all(&mut *self.tx).await.map_err(db_err)? {
+                out.push((
+                    UserId(r.try_get("user_id").map_err(db_err)?),
+                    r.try_get("unread").map_err(db_err)?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn mark_notifications_read(
+        &mut self,
+        user: UserId,
+        ids: Option<&[NotificationId]>,
+        at: DateTime<Utc>,
+    ) -> Result<u64> {
+        let Some(ids) = ids else {
+            let done = sqlx::query(
+                "UPDATE notifications SET read_at = ?
+                  WHERE user_id = ? AND tenant_id = ? AND read_at IS NULL",
+            )
+            .bind(millis(at))
+            .bind(user.0)
+            .bind(self.tenant.0)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
+            return Ok(done.rows_affected());
+        };
+        let mut changed = 0;
+        for chunk in ids.chunks(ID_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new("UPDATE notifications SET read_at = ");
+            q.push_bind(millis(at))
+                .push(" WHERE user_id = ")
+                .push_bind(user.0)
+                .push(" AND tenant_id = ")
+                .push_bind(self.tenant.0)
+                .push(" AND read_at IS NULL AND id IN (");
+            let mut sep = q.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.0);
+            }
+            q.push(")");
+            changed += q
+                .build()
+                .execute(&mut *self.tx)
+                .await
+                .map_err(db_err)?
+                .rows_affected();
+        }
+        Ok(changed)
+    }
+
+    async fn delete_notification(&mut self, user: UserId, id: NotificationId) -> Result<bool> {
+        let done =
+            sqlx::query("DELETE FROM notifications WHERE id = ? AND user_id = ? AND tenant_id = ?")
+                .bind(id.0)
+                .bind(user.0)
+                .bind(self.tenant.0)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn user_notification_prefs(
+        &mut self,
+        users: &[UserId],
+    ) -> Result<Vec<(UserId, NotificationPrefs)>> {
+        let mut out = Vec::new();
+        for chunk in users.chunks(ID_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT user_id, prefs FROM notification_prefs WHERE tenant_id = ",
+            );
+            q.push_bind(self.tenant.0).push(" AND user_id IN (");
+            let mut sep = q.separated(", ");
+            for u in chunk {
+                sep.push_bind(u.0);
+            }
+            q.push(")");
+            for r in q.build().fetch_all(&mut *self.tx).await.map_err(db_err)? {
+                let prefs: String = r.try_get("prefs").map_err(db_err)?;
+                out.push((
+                    UserId(r.try_get("user_id").map_err(db_err)?),
+                    prefs_from_json(&prefs)?,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn set_user_notification_prefs(
+        &mut self,
+        user: UserId,
+        prefs: &NotificationPrefs,
+    ) -> Result<()> {
+        let done = sqlx::query(
+            "INSERT INTO notification_prefs (user_id, tenant_id, prefs, updated_at)
+             SELECT id, tenant_id, ?1, ?2 FROM users WHERE id = ?3 AND tenant_id = ?4
+             ON CONFLICT (user_id) DO UPDATE SET prefs = excluded.prefs, updated_at = excluded.updated_at",
+        )
+        .bind(prefs_to_json(prefs)?)
+        .bind(millis(now()))
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound("user"));
+        }
+        Ok(())
+    }
+
+    async fn tenant_notification_prefs(&mut self) -> Result<Option<NotificationPrefs>> {
+        let prefs: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT notification_prefs FROM tenant_settings WHERE tenant_id = ?",
+        )
+        .bind(self.tenant.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        prefs.flatten().as_deref().map(prefs_from_json).transpose()
+    }
+
+    async fn set_tenant_notification_prefs(&mut self, prefs: &NotificationPrefs) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tenant_settings (tenant_id, notification_prefs, updated_at) VALUES (?, ?, ?)
+             ON CONFLICT (tenant_id) DO UPDATE
+                SET notification_prefs = excluded.notification_prefs, updated_at = excluded.updated_at",
+        )
+        .bind(self.tenant.0)
+        .bind(prefs_to_json(prefs)?)
+        .bind(millis(now()))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    // ---- unread digest -----------------------------------------------------------
+
+    async fn digest_candidates(
+        &mut self,
+        unread_since: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<UserId>> {
+        let rows: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT DISTINCT me.user_id
+               FROM conversations c
+               JOIN conversation_members me ON me.conversation_id = c.id
+               JOIN users u ON u.id = me.user_id
+               JOIN messages first ON first.conversation_id = c.id AND first.seq = me.last_read_seq + 1
+               LEFT JOIN digest_state d ON d.user_id = me.user_id AND d.tenant_id = ?1
+              WHERE c.tenant_id = ?1 AND me.tenant_id = ?1 AND u.tenant_id = ?1 AND u.active = 1
+                AND c.last_seq > me.last_read_seq
+                AND first.created_at <= ?2
+                AND (d.sent_through IS NULL OR c.last_activity_at > d.sent_through)
+              LIMIT ?3",
+        )
+        .bind(self.tenant.0)
+        .bind(millis(unread_since))
+        .bind(limit)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(rows.into_iter().map(UserId).collect())
+    }
+
+    async fn unread_digest(
+        &mut self,
+        user: UserId,
+        max_conversations: u32,
+        max_messages: u32,
+    ) -> Result<Vec<DigestEntry>> {
+        let convs = sqlx::query(
+            "SELECT c.id, c.kind, c.name, c.last_seq, me.last_read_seq,
+                    (SELECT ou.display_name FROM conversation_members o
+                       JOIN users ou ON ou.id = o.user_id
+                      WHERE o.conversation_id = c.id AND o.user_id <> ?1
+                      ORDER BY o.joined_at, o.user_id LIMIT 1) AS other_name
+               FROM conversation_members me
+               JOIN conversations c ON c.id = me.conversation_id
+               LEFT JOIN digest_state d ON d.user_id = me.user_id AND d.tenant_id = ?2
+              WHERE me.user_id = ?1 AND me.tenant_id = ?2 AND c.tenant_id = ?2
+                AND c.last_seq > me.last_read_seq
+                AND (d.sent_through IS NULL OR c.last_activity_at > d.sent_through)
+              ORDER BY c.last_activity_at DESC, c.id DESC
+              LIMIT ?3",
+        )
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .bind(max_conversations)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        let mut out = Vec::with_capacity(convs.len());
+        for c in &convs {
+            let id: Uuid = c.try_get("id").map_err(db_err)?;
+            let last_seq: i64 = c.try_get("last_seq").map_err(db_err)?;
+            let read: i64 = c.try_get("last_read_seq").map_err(db_err)?;
+            let kind = ConversationKind::parse(c.try_get("kind").map_err(db_err)?)?;
+            let title: Option<String> = match kind {
+                ConversationKind::Direct => c.try_get("other_name").map_err(db_err)?,
+                ConversationKind::Group => c.try_get("name").map_err(db_err)?,
+            };
+            let rows = sqlx::query(
+                "SELECT u.display_name, m.content, m.created_at
+                   FROM messages m JOIN users u ON u.id = m.sender_id
+                  WHERE m.conversation_id = ? AND m.tenant_id = ? AND m.seq > ?
+                  ORDER BY m.seq DESC LIMIT ?",
+            )
+            .bind(id)
+            .bind(self.tenant.0)
+            .bind(read)
+            .bind(max_messages)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
+            let mut messages = rows
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get("display_name").map_err(db_err)?,
+                        r.try_get("content").map_err(db_err)?,
+                        from_millis(r.try_get("created_at").map_err(db_err)?),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            messages.reverse();
+            out.push(DigestEntry {
+                conversation_id: ConversationId(id),
+                title: title.unwrap_or_default(),
+                unread: last_seq - read,
+                messages,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn set_digest_sent(&mut self, user: UserId, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO digest_state (user_id, tenant_id, sent_through)
+             SELECT id, tenant_id, ?1 FROM users WHERE id = ?2 AND tenant_id = ?3
+             ON CONFLICT (user_id) DO UPDATE SET sent_through = excluded.sent_through",
+        )
+        .bind(millis(at))
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    // ---- training sessions -------------------------------------------------------
+
+    async fn insert_session(&mut self, s: &TrainingSession) -> Result<()> {
+        sqlx::query(&format!(
+            "INSERT INTO training_sessions (tenant_id, {SESSION_COLS})
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(self.tenant.0)
+        .bind(s.id.0)
+        .bind(&s.title)
+        .bind(&s.kind)
+        .bind(&s.description)
+        .bind(&s.location)
+        .bind(millis(s.start_at))
+        .bind(millis(s.end_at))
+        .bind(s.organizer_id.0)
+        .bind(s.status.as_str())
+        .bind(offsets_to_json(&s.reminder_offsets)?)
+        .bind(&s.cancel_reason)
+        .bind(millis(s.created_at))
+        .bind(millis(s.updated_at))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn session(&mut self, id: SessionId) -> Result<Option<TrainingSession>> {
+        sqlx::query(&format!(
+            "SELECT {SESSION_COLS} FROM training_sessions WHERE id = ? AND tenant_id = ?"
+        ))
+        .bind(id.0)
+        .bind(self.tenant.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(session_from_row)
+        .transpose()
+    }
+
+    async fn update_session(&mut self, s: &TrainingSession) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE training_sessions
+                SET title = ?, kind = ?, description = ?, location = ?, start_at = ?, end_at = ?,
+                    organizer_id = ?, status = ?, reminder_offsets = ?, cancel_reason = ?,
+                    created_at = ?, updated_at = ?
+              WHERE id = ? AND tenant_id = ?",
+        )
+        .bind(&s.title)
+        .bind(&s.kind)
+        .bind(&s.description)
+        .bind(&s.location)
+        .bind(millis(s.start_at))
+        .bind(millis(s.end_at))
+        .bind(s.organizer_id.0)
+        .bind(s.status.as_str())
+        .bind(offsets_to_json(&s.reminder_offsets)?)
+        .bind(&s.cancel_reason)
+        .bind(millis(s.created_at))
+        .bind(millis(s.updated_at))
+        .bind(s.id.0)
+        .bind(self.tenant.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn list_sessions(
+        &mut self,
+        filter: &SessionFilter,
+        limit: u32,
+    ) -> Result<Vec<TrainingSession>> {
+        let mut q = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {SESSION_COLS} FROM training_sessions s WHERE s.tenant_id = "
+        ));
+        q.push_bind(self.tenant.0);
+        if !filter.include_cancelled {
+            q.push(" AND s.status = 'scheduled'");
+        }
+        if let Some(from) = filter.from {
+            q.push(" AND s.start_at >= ").push_bind(millis(from));
+        }
+        if let Some(to) = filter.to {
+            q.push(" AND s.start_at < ").push_bind(millis(to));
+        }
+        if let Some((at, id)) = filter.after {
+            q.push(" AND (s.start_at, s.id) > (")
+                .push_bind(millis(at))
+                .push(", ")
+                .push_bind(id.0)
+                .push(")");
+        }
+        if let Some(user) = filter.involving {
+            q.push(" AND (s.organizer_id = ")
+                .push_bind(user.0)
+                .push(
+                    " OR EXISTS (SELECT 1 FROM training_invitees i
+                                  WHERE i.session_id = s.id AND i.user_id = ",
+                )
+                .push_bind(user.0)
+                .push(" AND i.tenant_id = ")
+                .push_bind(self.tenant.0)
+                .push("))");
+        }
+        q.push(" ORDER BY s.start_at, s.id LIMIT ").push_bind(limit);
+        let rows = q.build().fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn add_invitees(&mut self, session: SessionId, users: &[UserId]) -> Result<Vec<UserId>> {
+        let mut added = Vec::new();
+        let at = millis(now());
+        for chunk in users.chunks(ID_CHUNK) {
+            // Only users of this tenant, only into a session of this tenant.
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO training_invitees (session_id, user_id, tenant_id, response, responded_at, invited_at)
+                 SELECT s.id, u.id, s.tenant_id, 'pending', NULL, ",
+            );
+            q.push_bind(at)
+                .push(" FROM training_sessions s JOIN users u ON u.tenant_id = s.tenant_id WHERE s.id = ")
+                .push_bind(session.0)
+                .push(" AND s.tenant_id = ")
+                .push_bind(self.tenant.0)
+                .push(" AND u.id IN (");
+            let mut sep = q.separated(", ");
+            for u in chunk {
+                sep.push_bind(u.0);
+            }
+            q.push(") ON CONFLICT DO NOTHING RETURNING user_id");
+            let ids: Vec<Uuid> = q
+                .build_query_scalar()
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(db_err)?;
+            added.extend(ids.into_iter().map(UserId));
+        }
+        Ok(added)
+    }
+
+    async fn remove_invitees(
+        &mut self,
+        session: SessionId,
+        users: &[UserId],
+    ) -> Result<Vec<UserId>> {
+        let mut removed = Vec::new();
+        for chunk in users.chunks(ID_CHUNK) {
+            let mut q =
+                QueryBuilder::<Sqlite>::new("DELETE FROM training_invitees WHERE session_id = ");
+            q.push_bind(session.0)
+                .push(" AND tenant_id = ")
+                .push_bind(self.tenant.0)
+                .push(" AND user_id IN (");
+            let mut sep = q.separated(", ");
+            for u in chunk {
+                sep.push_bind(u.0);
+            }
+            q.push(") RETURNING user_id");
+            let ids: Vec<Uuid> = q
+                .build_query_scalar()
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(db_err)?;
+            removed.extend(ids.into_iter().map(UserId));
+        }
+        Ok(removed)
+    }
+
+    async fn invitees(&mut self, session: SessionId) -> Result<Vec<Invitee>> {
+        let rows = sqlx::query(
+            "SELECT i.user_id, u.display_name, i.response, i.responded_at
+               FROM training_invitees i JOIN users u ON u.id = i.user_id
+              WHERE i.session_id = ?1 AND i.tenant_id = ?2 AND u.tenant_id = ?2
+              ORDER BY u.display_name, i.user_id",
+        )
+        .bind(session.0)
+        .bind(self.tenant.0)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(Invitee {
+                    user_id: UserId(r.try_get("user_id").map_err(db_err)?),
+                    display_name: r.try_get("display_name").map_err(db_err)?,
+                    response: Attendance::parse(r.try_get("response").map_err(db_err)?)
+                        .map_err(|e| Error::Storage(e.to_string()))?,
+                    responded_at: r
+                        .try_get::<Option<i64>, _>("responded_at")
+                        .map_err(db_err)?
+                        .map(from_millis),
+                })
+            })
+            .collect()
+    }
+
+    async fn set_response(
+        &mut self,
+        session: SessionId,
+        user: UserId,
+        response: Attendance,
+        at: DateTime<Utc>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE training_invitees SET response = ?, responded_at = ?
+              WHERE session_id = ? AND user_id = ? AND tenant_id = ?",
+        )
+        .bind(response.as_str())
+        .bind(millis(at))
+        .bind(session.0)
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
     }
 }

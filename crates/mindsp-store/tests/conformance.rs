@@ -135,6 +135,14 @@ conformance!(
     appending_a_stored_message_again_answers_it,
     search_folds_accents_and_plurals,
     search_sees_only_members_conversations,
+    notifications_store_dedupe_page_and_count,
+    notifications_stay_with_their_user_and_tenant,
+    notification_prefs_and_tenant_defaults,
+    notifier_over_the_store,
+    notifications_for_a_whole_tenant,
+    training_sessions_store_update_and_list,
+    training_invitees_and_answers,
+    unread_digest_candidates_and_contents,
 );
 
 async fn tenants_and_users(store: Arc<dyn Store>) {
@@ -1091,3 +1099,836 @@ async fn search_sees_only_members_conversations(store: Arc<dyn Store>) {
             .is_empty()
     );
 }
+
+// ---- notifications, digest, training sessions ---------------------------------------
+
+mod fmpa {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    use chrono::{DateTime, TimeDelta, Utc};
+    use mindsp_core::model::{Role, now};
+    use mindsp_core::notify::{
+        ChannelPrefs, NewNotification, Notification, NotificationPrefs, Notifier, NotifyConfig,
+        QuietHours, kind,
+    };
+    use mindsp_core::ports::Store;
+    use mindsp_core::training::{Attendance, SessionFilter, SessionStatus, TrainingSession};
+    use mindsp_core::{Error, Limits, Messaging, NotificationId, SessionId, UserId};
+
+    use super::{dept, new_user};
+
+    fn notif(user: UserId, title: &str, key: Option<&str>) -> Notification {
+        Notification {
+            id: NotificationId::new(),
+            user_id: user,
+            kind: kind::SYSTEM.into(),
+            title: title.into(),
+            body: format!("corps de {title}"),
+            link: Some("/fmpa/1".into()),
+            data: serde_json::json!({"n": title}),
+            key: key.map(str::to_owned),
+            created_at: now(),
+            read_at: None,
+        }
+    }
+
+    async fn unread(store: &Arc<dyn Store>, t: mindsp_core::TenantId, u: UserId) -> i64 {
+        let mut tx = store.read(t).await.unwrap();
+        tx.notification_unread_counts(&[u])
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|(x, _)| *x == u)
+            .map_or(0, |(_, n)| n)
+    }
+
+    pub(super) async fn notifications_store_dedupe_page_and_count(store: Arc<dyn Store>) {
+        let svc = Messaging::new(store.clone(), Limits::default());
+        let a = dept(&svc, "sdis13", 2).await;
+        let (u0, u1) = (a.users[0].user_id, a.users[1].user_id);
+
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        let mut rows: Vec<Notification> = (0..25)
+            .map(|i| notif(u0, &format!("n{i:02}"), None))
+            .collect();
+        rows.push(notif(u0, "keyed", Some("fmpa:1")));
+        rows.push(notif(u1, "keyed", Some("fmpa:1")));
+        let ids = tx.insert_notifications(&rows).await.unwrap();
+        assert_eq!(ids.len(), 27);
+        // The same key again, for u0 (skipped) and a fresh key (stored); an empty call.
+        let again = notif(u0, "keyed again", Some("fmpa:1"));
+        let fresh = notif(u0, "other", Some("fmpa:2"));
+        let ids2 = tx
+            .insert_notifications(&[again.clone(), fresh.clone()])
+            .await
+            .unwrap();
+        assert_eq!(ids2, vec![fresh.id]);
+        assert!(tx.insert_notifications(&[]).await.unwrap().is_empty());
+        // Duplicates inside one call: the first is stored.
+        let d1 = notif(u1, "dup1", Some("k"));
+        let d2 = notif(u1, "dup2", Some("k"));
+        let ids3 = tx.insert_notifications(&[d1.clone(), d2]).await.unwrap();
+        assert_eq!(ids3, vec![d1.id]);
+        tx.commit().await.unwrap();
+
+        assert_eq!(unread(&store, a.tenant, u0).await, 27);
+        assert_eq!(unread(&store, a.tenant, u1).await, 2);
+        let mut tx = store.read(a.tenant).await.unwrap();
+        let mut counts = tx.notification_unread_counts(&[u0, u1]).await.unwrap();
+        counts.sort();
+        let mut want = vec![(u0, 27), (u1, 2)];
+        want.sort();
+        assert_eq!(counts, want);
+        let stored = tx.notification(u0, rows[3].id).await.unwrap().unwrap();
+        assert_eq!(stored, rows[3]);
+        assert!(tx.notification(u1, rows[3].id).await.unwrap().is_none());
+
+        // Pages, newest first by id, with the cursor excluded.
+        let mut all = Vec::new();
+        let mut before = None;
+        loop {
+            let page = tx.notifications(u0, before, false, 10).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            before = page.last().map(|n| n.id);
+            all.extend(page);
+        }
+        assert_eq!(all.len(), 27);
+        let got: Vec<NotificationId> = all.iter().map(|n| n.id).collect();
+        let mut sorted = got.clone();
+        sorted.sort_by(|a, b| b.cmp(a));
+        assert_eq!(got, sorted, "newest first");
+        assert_eq!(all[0].id, fresh.id);
+        assert!(all.iter().all(|n| n.user_id == u0));
+        drop(tx);
+
+        // Mark one, then several (one already read), then all.
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        let at = now();
+        let one = tx
+            .mark_notifications_read(u0, Some(&[rows[0].id]), at)
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
+        let again = tx
+            .mark_notifications_read(u0, Some(&[rows[0].id, rows[1].id, rows[2].id]), at)
+            .await
+            .unwrap();
+        assert_eq!(again, 2);
+        let read = tx.notification(u0, rows[0].id).await.unwrap().unwrap();
+        assert_eq!(read.read_at, Some(at));
+        tx.commit().await.unwrap();
+        assert_eq!(unread(&store, a.tenant, u0).await, 24);
+
+        let mut tx = store.read(a.tenant).await.unwrap();
+        let unread_page = tx.notifications(u0, None, true, 100).await.unwrap();
+        assert_eq!(unread_page.len(), 24);
+        assert!(unread_page.iter().all(|n| n.read_at.is_none()));
+        let cursor = unread_page[9].id;
+        let rest = tx.notifications(u0, Some(cursor), true, 100).await.unwrap();
+        assert_eq!(rest.len(), 14);
+        assert!(rest.iter().all(|n| n.id < cursor));
+        drop(tx);
+
+        // Deleting an unread one and a read one.
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        assert!(tx.delete_notification(u0, rows[5].id).await.unwrap());
+        assert!(tx.delete_notification(u0, rows[0].id).await.unwrap());
+        assert!(!tx.delete_notification(u0, rows[0].id).await.unwrap());
+        tx.commit().await.unwrap();
+        assert_eq!(unread(&store, a.tenant, u0).await, 23);
+
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        assert_eq!(
+            tx.mark_notifications_read(u0, None, now()).await.unwrap(),
+            23
+        );
+        assert_eq!(
+            tx.mark_notifications_read(u0, None, now()).await.unwrap(),
+            0
+        );
+        tx.commit().await.unwrap();
+        assert_eq!(unread(&store, a.tenant, u0).await, 0);
+        assert_eq!(unread(&store, a.tenant, u1).await, 2);
+        let mut tx = store.read(a.tenant).await.unwrap();
+        assert!(
+            tx.notifications(u0, None, true, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            tx.notifications(u0, None, false, 100).await.unwrap().len(),
+            25
+        );
+    }
+
+    pub(super) async fn notifications_stay_with_their_user_and_tenant(store: Arc<dyn Store>) {
+        let svc = Messaging::new(store.clone(), Limits::default());
+        let a = dept(&svc, "sdis13", 2).await;
+        let b = dept(&svc, "sdis83", 1).await;
+        let (u0, u1) = (a.users[0].user_id, a.users[1].user_id);
+        let stranger = b.users[0].user_id;
+
+        let mine = notif(u0, "à moi", None);
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        tx.insert_notifications(std::slice::from_ref(&mine))
+            .await
+            .unwrap();
+        // A recipient of another tenant is never stored through this tenant.
+        let foreign = tx
+            .insert_notifications(&[notif(stranger, "égaré", None)])
+            .await
+            .unwrap();
+        assert!(foreign.is_empty());
+        tx.commit().await.unwrap();
+
+        // Another user of the same tenant.
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        assert!(tx.notification(u1, mine.id).await.unwrap().is_none());
+        assert!(
+            tx.notifications(u1, None, false, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            tx.mark_notifications_read(u1, Some(&[mine.id]), now())
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            tx.mark_notifications_read(u1, None, now()).await.unwrap(),
+            0
+        );
+        assert!(!tx.delete_notification(u1, mine.id).await.unwrap());
+        tx.commit().await.unwrap();
+
+        // Another tenant, even naming the right user.
+        let mut tx = store.begin(b.tenant).await.unwrap();
+        assert!(tx.notification(u0, mine.id).await.unwrap().is_none());
+        assert!(
+            tx.notifications(u0, None, false, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            tx.notifications(stranger, None, false, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let counts = tx
+            .notification_unread_counts(&[u0, stranger])
+            .await
+            .unwrap();
+        assert!(counts.iter().all(|(_, n)| *n == 0), "{counts:?}");
+        assert_eq!(
+            tx.mark_notifications_read(u0, Some(&[mine.id]), now())
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            tx.mark_notifications_read(u0, None, now()).await.unwrap(),
+            0
+        );
+        assert!(!tx.delete_notification(u0, mine.id).await.unwrap());
+        assert!(tx.user_notification_prefs(&[u0]).await.unwrap().is_empty());
+        assert!(!tx.active_user_ids().await.unwrap().contains(&u0));
+        tx.commit().await.unwrap();
+
+        let mut tx = store.read(a.tenant).await.unwrap();
+        let n = tx.notification(u0, mine.id).await.unwrap().unwrap();
+        assert!(n.read_at.is_none());
+        assert_eq!(unread(&store, a.tenant, u0).await, 1);
+        let active: HashSet<UserId> = tx.active_user_ids().await.unwrap().into_iter().collect();
+        let want: HashSet<UserId> = [a.admin.user_id, u0, u1].into_iter().collect();
+        assert_eq!(active, want);
+    }
+
+    pub(super) async fn notification_prefs_and_tenant_defaults(store: Arc<dyn Store>) {
+        let svc = Messaging::new(store.clone(), Limits::default());
+        let a = dept(&svc, "sdis13", 2).await;
+        let b = dept(&svc, "sdis83", 1).await;
+        let (u0, u1) = (a.users[0].user_id, a.users[1].user_id);
+
+        let mut mine = NotificationPrefs::default();
+        mine.types.insert(
+            kind::FMPA_INVITATION.into(),
+            ChannelPrefs {
+                in_app: Some(true),
+                email: Some(false),
+            },
+        );
+        mine.quiet_hours = Some(QuietHours {
+            start: "22:00".into(),
+            end: "07:00".into(),
+            time_zone: "Europe/Paris".into(),
+        });
+        let mut tenant = NotificationPrefs::default();
+        tenant.types.insert(
+            kind::NEW_MESSAGE.into(),
+            ChannelPrefs {
+                in_app: None,
+                email: Some(true),
+            },
+        );
+
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        assert!(tx.tenant_notification_prefs().await.unwrap().is_none());
+        assert!(
+            tx.user_notification_prefs(&[u0, u1])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        tx.set_user_notification_prefs(u0, &mine).await.unwrap();
+        tx.set_tenant_notification_prefs(&tenant).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let mut tx = store.read(a.tenant).await.unwrap();
+        assert_eq!(
+            tx.user_notification_prefs(&[u0, u1]).await.unwrap(),
+            vec![(u0, mine.clone())]
+        );
+        assert_eq!(
+            tx.tenant_notification_prefs().await.unwrap(),
+            Some(tenant.clone())
+        );
+        drop(tx);
+
+        // Replacing, not merging.
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        tx.set_user_notification_prefs(u0, &NotificationPrefs::default())
+            .await
+            .unwrap();
+        tx.set_tenant_notification_prefs(&NotificationPrefs::default())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let mut tx = store.read(a.tenant).await.unwrap();
+        assert_eq!(
+            tx.user_notification_prefs(&[u0]).await.unwrap(),
+            vec![(u0, NotificationPrefs::default())]
+        );
+        assert_eq!(
+            tx.tenant_notification_prefs().await.unwrap(),
+            Some(NotificationPrefs::default())
+        );
+        drop(tx);
+
+        // The other tenant sees neither, and cannot set a user of this one.
+        let mut tx = store.begin(b.tenant).await.unwrap();
+        assert!(tx.tenant_notification_prefs().await.unwrap().is_none());
+        assert!(tx.user_notification_prefs(&[u0]).await.unwrap().is_empty());
+        assert!(matches!(
+            tx.set_user_notification_prefs(u0, &mine).await,
+            Err(Error::NotFound(_))
+        ));
+        drop(tx);
+
+        // Through the service: the tenant default decides for users without their own.
+        let notifier = Notifier::new(store.clone(), NotifyConfig::default());
+        let mut tenant_off = NotificationPrefs::default();
+        tenant_off.types.insert(
+            kind::SYSTEM.into(),
+            ChannelPrefs {
+                in_app: Some(false),
+                email: None,
+            },
+        );
+        notifier
+            .set_tenant_defaults(&a.admin, &tenant_off)
+            .await
+            .unwrap();
+        let mut u1_on = NotificationPrefs::default();
+        u1_on.types.insert(
+            kind::SYSTEM.into(),
+            ChannelPrefs {
+                in_app: Some(true),
+                email: None,
+            },
+        );
+        notifier.set_preferences(&a.users[1], &u1_on).await.unwrap();
+        let stored = notifier
+            .notify(
+                a.tenant,
+                &[u0, u1],
+                &NewNotification::new(kind::SYSTEM, "Essai", "texte"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            stored.iter().map(|n| n.user_id).collect::<Vec<_>>(),
+            vec![u1]
+        );
+    }
+
+    pub(super) async fn notifier_over_the_store(store: Arc<dyn Store>) {
+        let svc = Messaging::new(store.clone(), Limits::default());
+        let a = dept(&svc, "sdis13", 3).await;
+        let notifier = Notifier::new(store.clone(), NotifyConfig::default());
+        let new = NewNotification::new(kind::SYSTEM, "Exercice", "Exercice NRBC samedi")
+            .key("exercice:1");
+        let sent = notifier.broadcast(&a.admin, None, &new).await.unwrap();
+        assert_eq!(sent, 4, "admin and three users");
+        assert_eq!(notifier.broadcast(&a.admin, None, &new).await.unwrap(), 0);
+        let me = a.users[0];
+        let page = notifier.list(&me, None, false, Some(10)).await.unwrap();
+        assert_eq!(page.items.len(), 1);
+        assert_eq!(page.unread, 1);
+        let n = notifier.mark_read(&me, page.items[0].id).await.unwrap();
+        assert!(n.read_at.is_some());
+        assert_eq!(notifier.unread_count(&me).await.unwrap(), 0);
+        assert_eq!(notifier.unread_count(&a.users[1]).await.unwrap(), 1);
+        assert!(matches!(
+            notifier.mark_read(&a.users[1], n.id).await,
+            Err(Error::NotFound(_))
+        ));
+        assert_eq!(notifier.delete(&me, n.id).await.unwrap(), 0);
+        assert_eq!(notifier.mark_all_read(&a.users[1]).await.unwrap(), (1, 0));
+    }
+
+    pub(super) async fn notifications_for_a_whole_tenant(store: Arc<dyn Store>) {
+        const USERS: usize = 5_000;
+        let t = store.create_tenant("sdis59", "SDIS 59").await.unwrap();
+        let mut tx = store.begin(t.id).await.unwrap();
+        let mut users = Vec::with_capacity(USERS);
+        for i in 0..USERS {
+            users.push(
+                tx.insert_user(&new_user(
+                    &format!("sp{i}@sdis59.fr"),
+                    &format!("Sapeur {i:04}"),
+                    Role::Member,
+                ))
+                .await
+                .unwrap()
+                .id,
+            );
+        }
+        tx.commit().await.unwrap();
+
+        let rows: Vec<Notification> = users
+            .iter()
+            .map(|u| notif(*u, "Alerte", Some("alerte:1")))
+            .collect();
+        let started = std::time::Instant::now();
+        let mut tx = store.begin(t.id).await.unwrap();
+        let ids = tx.insert_notifications(&rows).await.unwrap();
+        tx.commit().await.unwrap();
+        eprintln!("{USERS} notifications stored in {:?}", started.elapsed());
+        assert_eq!(ids.len(), USERS);
+        let ids: HashSet<NotificationId> = ids.into_iter().collect();
+        assert!(rows.iter().all(|r| ids.contains(&r.id)));
+
+        let mut tx = store.begin(t.id).await.unwrap();
+        let again = tx.insert_notifications(&rows).await.unwrap();
+        assert!(again.is_empty());
+        let counts = tx.notification_unread_counts(&users).await.unwrap();
+        assert_eq!(counts.len(), USERS);
+        assert!(counts.iter().all(|(_, n)| *n == 1));
+        tx.commit().await.unwrap();
+    }
+
+    fn session(organizer: UserId, title: &str, start: DateTime<Utc>) -> TrainingSession {
+        let at = now();
+        TrainingSession {
+            id: SessionId::new(),
+            title: title.into(),
+            kind: "ari".into(),
+            description: "Port de l'ARI".into(),
+            location: "CS Vitrolles".into(),
+            start_at: start,
+            end_at: start + TimeDelta::hours(3),
+            organizer_id: organizer,
+            status: SessionStatus::Scheduled,
+            reminder_offsets: vec![1440, 60],
+            cancel_reason: None,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    pub(super) async fn training_sessions_store_update_and_list(store: Arc<dyn Store>) {
+        let svc = Messaging::new(store.clone(), Limits::default());
+        let a = dept(&svc, "sdis13", 3).await;
+        let b = dept(&svc, "sdis83", 1).await;
+        let officer = a.admin.user_id;
+        let [u0, u1, u2] = [a.users[0].user_id, a.users[1].user_id, a.users[2].user_id];
+        let base = now() + TimeDelta::days(1);
+
+        // Five sessions a day apart, two starting at the same instant.
+        let mut sessions: Vec<TrainingSession> = (0..4)
+            .map(|i| session(officer, &format!("FMPA {i}"), base + TimeDelta::days(i)))
+            .collect();
+        sessions.push(session(u2, "FMPA bis", base + TimeDelta::days(2)));
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        for s in &sessions {
+            tx.insert_session(s).await.unwrap();
+        }
+        assert_eq!(
+            tx.add_invitees(sessions[1].id, &[u0, u1])
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        tx.add_invitees(sessions[3].id, &[u0]).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        assert_eq!(
+            tx.session(sessions[0].id).await.unwrap().unwrap(),
+            sessions[0]
+        );
+        let mut changed = sessions[2].clone();
+        changed.title = "FMPA 2 — déplacée".into();
+        changed.location = "Plateau technique".into();
+        changed.start_at = base + TimeDelta::days(5);
+        changed.end_at = changed.start_at + TimeDelta::hours(2);
+        changed.reminder_offsets = vec![120];
+        changed.updated_at = now();
+        assert!(tx.update_session(&changed).await.unwrap());
+        assert_eq!(tx.session(changed.id).await.unwrap().unwrap(), changed);
+        let mut cancelled = sessions[3].clone();
+        cancelled.status = SessionStatus::Cancelled;
+        cancelled.cancel_reason = Some("Feux de forêt".into());
+        assert!(tx.update_session(&cancelled).await.unwrap());
+        assert!(
+            !tx.update_session(&session(officer, "absente", base))
+                .await
+                .unwrap()
+        );
+        tx.commit().await.unwrap();
+        sessions[2] = changed;
+        sessions[3] = cancelled;
+
+        let mut tx = store.read(a.tenant).await.unwrap();
+        let ids = |v: Vec<TrainingSession>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+        // By start, then id; cancelled ones only when asked.
+        let mut want: Vec<&TrainingSession> = sessions.iter().collect();
+        want.sort_by_key(|s| (s.start_at, s.id));
+        let all = tx
+            .list_sessions(
+                &SessionFilter {
+                    include_cancelled: true,
+                    ..Default::default()
+                },
+                100,
+            )
+            .await
+            .unwrap();
+        assert_eq!(all.iter().collect::<Vec<_>>(), want);
+        let active = ids(tx
+            .list_sessions(&SessionFilter::default(), 100)
+            .await
+            .unwrap());
+        assert_eq!(active.len(), 4);
+        assert!(!active.contains(&sessions[3].id));
+
+        // Pages through the (start, id) cursor.
+        let mut paged = Vec::new();
+        let mut filter = SessionFilter {
+            include_cancelled: true,
+            ..Default::default()
+        };
+        loop {
+            let page = tx.list_sessions(&filter, 2).await.unwrap();
+            let Some(last) = page.last() else { break };
+            filter.after = Some((last.start_at, last.id));
+            paged.extend(page.into_iter().map(|s| s.id));
+        }
+        assert_eq!(paged, want.iter().map(|s| s.id).collect::<Vec<_>>());
+
+        // A window: [from, to) on the start.
+        let window = ids(tx
+            .list_sessions(
+                &SessionFilter {
+                    from: Some(base + TimeDelta::days(1)),
+                    to: Some(base + TimeDelta::days(3)),
+                    include_cancelled: true,
+                    ..Default::default()
+                },
+                100,
+            )
+            .await
+            .unwrap());
+        assert_eq!(window, vec![sessions[1].id, sessions[4].id]);
+
+        // Involving: organiser or invitee.
+        let of = |u: UserId, cancelled: bool| SessionFilter {
+            involving: Some(u),
+            include_cancelled: cancelled,
+            ..Default::default()
+        };
+        assert_eq!(
+            ids(tx.list_sessions(&of(u0, true), 100).await.unwrap()),
+            vec![sessions[1].id, sessions[3].id]
+        );
+        assert_eq!(
+            ids(tx.list_sessions(&of(u0, false), 100).await.unwrap()),
+            vec![sessions[1].id]
+        );
+        assert_eq!(
+            ids(tx.list_sessions(&of(u2, true), 100).await.unwrap()),
+            vec![sessions[4].id]
+        );
+        assert_eq!(
+            ids(tx.list_sessions(&of(officer, false), 100).await.unwrap()).len(),
+            3
+        );
+        drop(tx);
+
+        // Another tenant sees none of it.
+        let mut tx = store.begin(b.tenant).await.unwrap();
+        assert!(tx.session(sessions[0].id).await.unwrap().is_none());
+        assert!(
+            tx.list_sessions(
+                &SessionFilter {
+                    include_cancelled: true,
+                    ..Default::default()
+                },
+                100
+            )
+            .await
+            .unwrap()
+            .is_empty()
+        );
+        let mut hijack = sessions[0].clone();
+        hijack.title = "volée".into();
+        assert!(!tx.update_session(&hijack).await.unwrap());
+        assert!(tx.invitees(sessions[1].id).await.unwrap().is_empty());
+        assert!(
+            tx.add_invitees(sessions[0].id, &[b.users[0].user_id])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            tx.remove_invitees(sessions[1].id, &[u0])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            !tx.set_response(sessions[1].id, u0, Attendance::Absent, now())
+                .await
+                .unwrap()
+        );
+        tx.commit().await.unwrap();
+        let mut tx = store.read(a.tenant).await.unwrap();
+        assert_eq!(
+            tx.session(sessions[0].id).await.unwrap().unwrap(),
+            sessions[0]
+        );
+        assert_eq!(tx.invitees(sessions[1].id).await.unwrap().len(), 2);
+    }
+
+    pub(super) async fn training_invitees_and_answers(store: Arc<dyn Store>) {
+        let svc = Messaging::new(store.clone(), Limits::default());
+        let a = dept(&svc, "sdis13", 3).await;
+        let b = dept(&svc, "sdis83", 1).await;
+        let [u0, u1, u2] = [a.users[0].user_id, a.users[1].user_id, a.users[2].user_id];
+        let s = session(
+            a.admin.user_id,
+            "Secours routier",
+            now() + TimeDelta::days(2),
+        );
+
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        tx.insert_session(&s).await.unwrap();
+        let mut added = tx.add_invitees(s.id, &[u2, u0]).await.unwrap();
+        added.sort();
+        let mut want = vec![u0, u2];
+        want.sort();
+        assert_eq!(added, want);
+        // Idempotent: those already invited are left alone; strangers are not invited.
+        let at = now();
+        assert!(
+            tx.set_response(s.id, u0, Attendance::Present, at)
+                .await
+                .unwrap()
+        );
+        let again = tx
+            .add_invitees(s.id, &[u0, u1, b.users[0].user_id])
+            .await
+            .unwrap();
+        assert_eq!(again, vec![u1]);
+        let inv = tx.invitees(s.id).await.unwrap();
+        // By display name: Sapeur 0, Sapeur 1, Sapeur 2.
+        assert_eq!(
+            inv.iter().map(|i| i.user_id).collect::<Vec<_>>(),
+            vec![u0, u1, u2]
+        );
+        assert_eq!(inv[0].display_name, "Sapeur 0");
+        assert_eq!(inv[0].response, Attendance::Present);
+        assert_eq!(inv[0].responded_at, Some(at));
+        assert_eq!(inv[1].response, Attendance::Pending);
+        assert_eq!(inv[1].responded_at, None);
+
+        assert!(
+            tx.set_response(s.id, u2, Attendance::Absent, at)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !tx.set_response(s.id, a.admin.user_id, Attendance::Absent, at)
+                .await
+                .unwrap()
+        );
+        let removed = tx
+            .remove_invitees(s.id, &[u1, a.admin.user_id])
+            .await
+            .unwrap();
+        assert_eq!(removed, vec![u1]);
+        assert!(tx.remove_invitees(s.id, &[u1]).await.unwrap().is_empty());
+        assert!(
+            !tx.set_response(s.id, u1, Attendance::Present, at)
+                .await
+                .unwrap()
+        );
+        tx.commit().await.unwrap();
+
+        let mut tx = store.read(a.tenant).await.unwrap();
+        let inv = tx.invitees(s.id).await.unwrap();
+        assert_eq!(
+            inv.iter()
+                .map(|i| (i.user_id, i.response))
+                .collect::<Vec<_>>(),
+            vec![(u0, Attendance::Present), (u2, Attendance::Absent)]
+        );
+    }
+
+    pub(super) async fn unread_digest_candidates_and_contents(store: Arc<dyn Store>) {
+        let svc = Messaging::new(store.clone(), Limits::default());
+        let a = dept(&svc, "sdis13", 3).await;
+        let b = dept(&svc, "sdis83", 1).await;
+        let [s0, s1, s2] = [a.users[0], a.users[1], a.users[2]];
+        let g = svc
+            .create_group(&s0, "CS Istres", &[s1.user_id, s2.user_id])
+            .await
+            .unwrap();
+        let (d, _) = svc.open_direct(&s0, s1.user_id).await.unwrap();
+        for i in 0..5 {
+            svc.send(&s0, g.id, &format!("groupe {i}"), None)
+                .await
+                .unwrap();
+        }
+        svc.send(&s0, d.id, "en direct", None).await.unwrap();
+        // s2 read everything in the group.
+        svc.mark_read(&s2, g.id, None).await.unwrap();
+        let later = now() + TimeDelta::minutes(1);
+        let earlier = now() - TimeDelta::hours(1);
+
+        let candidates = |store: Arc<dyn Store>, t, since| async move {
+            let mut tx = store.read(t).await.unwrap();
+            let mut c = tx.digest_candidates(since, 100).await.unwrap();
+            c.sort();
+            c
+        };
+        assert_eq!(
+            candidates(store.clone(), a.tenant, later).await,
+            vec![s1.user_id]
+        );
+        // Nothing unread is old enough yet.
+        assert!(
+            candidates(store.clone(), a.tenant, earlier)
+                .await
+                .is_empty()
+        );
+        assert!(candidates(store.clone(), b.tenant, later).await.is_empty());
+
+        let mut tx = store.read(a.tenant).await.unwrap();
+        let digest = tx.unread_digest(s1.user_id, 10, 3).await.unwrap();
+        assert_eq!(digest.len(), 2);
+        // Newest activity first: the direct conversation, titled by the other member.
+        assert_eq!(digest[0].conversation_id, d.id);
+        assert_eq!(digest[0].title, "Sapeur 0");
+        assert_eq!(digest[0].unread, 1);
+        assert_eq!(digest[0].messages.len(), 1);
+        assert_eq!(digest[0].messages[0].0, "Sapeur 0");
+        assert_eq!(digest[0].messages[0].1, "en direct");
+        assert_eq!(digest[1].conversation_id, g.id);
+        assert_eq!(digest[1].title, "CS Istres");
+        assert_eq!(digest[1].unread, 5);
+        assert_eq!(
+            digest[1]
+                .messages
+                .iter()
+                .map(|m| m.1.as_str())
+                .collect::<Vec<_>>(),
+            vec!["groupe 2", "groupe 3", "groupe 4"]
+        );
+        assert_eq!(tx.unread_digest(s1.user_id, 1, 1).await.unwrap().len(), 1);
+        assert!(
+            tx.unread_digest(s2.user_id, 10, 3)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        drop(tx);
+        // Another tenant sees no digest of s1.
+        let mut tx = store.read(b.tenant).await.unwrap();
+        assert!(
+            tx.unread_digest(s1.user_id, 10, 3)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        drop(tx);
+
+        // Once sent, s1 is no candidate until new activity.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        tx.set_digest_sent(s1.user_id, now()).await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(candidates(store.clone(), a.tenant, later).await.is_empty());
+        let mut tx = store.read(a.tenant).await.unwrap();
+        assert!(
+            tx.unread_digest(s1.user_id, 10, 3)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        drop(tx);
+
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        svc.send(&s0, g.id, "nouveau", None).await.unwrap();
+        let later = now() + TimeDelta::minutes(1);
+        let mut c = candidates(store.clone(), a.tenant, later).await;
+        c.sort();
+        let mut want = vec![s1.user_id, s2.user_id];
+        want.sort();
+        assert_eq!(c, want);
+        let mut tx = store.read(a.tenant).await.unwrap();
+        let digest = tx.unread_digest(s1.user_id, 10, 3).await.unwrap();
+        assert_eq!(digest.len(), 1, "only the conversation with new activity");
+        assert_eq!(digest[0].conversation_id, g.id);
+        assert_eq!(digest[0].unread, 6);
+        drop(tx);
+
+        // A later digest mark moves again (upsert), and an inactive user is no candidate.
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        tx.set_digest_sent(s1.user_id, now() + TimeDelta::seconds(1))
+            .await
+            .unwrap();
+        tx.set_user_active(s2.user_id, false).await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(candidates(store.clone(), a.tenant, later).await.is_empty());
+
+        let tenants = store.tenant_ids().await.unwrap();
+        assert!(tenants.contains(&a.tenant) && tenants.contains(&b.tenant));
+    }
+}
+
+use fmpa::{
+    notification_prefs_and_tenant_defaults, notifications_for_a_whole_tenant,
+    notifications_stay_with_their_user_and_tenant, notifications_store_dedupe_page_and_count,
+    notifier_over_the_store, training_invitees_and_answers,
+    training_sessions_store_update_and_list, unread_digest_candidates_and_contents,
+};
