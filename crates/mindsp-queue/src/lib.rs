@@ -11,6 +11,7 @@
 pub use mindsp_core::jobs::*;
 
 pub mod mail;
+pub mod notify;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]

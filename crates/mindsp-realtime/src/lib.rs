@@ -159,3 +159,16 @@ impl Realtime {
             .await;
     }
 }
+
+#[async_trait::async_trait]
+impl mindsp_core::notify::OnlineUsers for Realtime {
+    async fn online_among(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserId> {
+        self.presence
+            .query(tenant, users)
+            .await
+            .into_iter()
+            .filter(|p| p.status == PresenceStatus::Online)
+            .map(|p| p.user_id)
+            .collect()
+    }
+}

@@ -377,6 +377,9 @@ pub(crate) async fn history(
 pub(crate) struct SendMessage {
     content: String,
     idempotency_key: Option<String>,
+    /// Members to notify (`MENTION`).
+    #[serde(default)]
+    mentions: Vec<UserId>,
 }
 
 /// `POST /api/conversations/{id}/messages`: 201 when stored, 200 when the idempotency
@@ -389,7 +392,13 @@ pub(crate) async fn send(
 ) -> ApiResult<impl IntoResponse> {
     let appended = state
         .messaging
-        .send(&auth.actor, id, &req.content, req.idempotency_key)
+        .send_with_mentions(
+            &auth.actor,
+            id,
+            &req.content,
+            req.idempotency_key,
+            &req.mentions,
+        )
         .await?;
     let status = if appended.created() {
         StatusCode::CREATED

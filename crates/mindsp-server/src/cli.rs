@@ -15,8 +15,13 @@ use mindsp_core::ports::Store;
 use mindsp_core::service::create_user_in;
 use mindsp_queue::worker::{WorkerConfig, WorkerHandle};
 
-use crate::workers::{MailSettings, MailTransport, WorkerSettings, parse_mailbox, start_worker};
+use crate::workers::{
+    MailSettings, MailTransport, NotifyServices, WorkerSettings, parse_mailbox, start_worker,
+};
 use crate::{AppState, HttpConfig, auth, demo, router, serve, shutdown_signal};
+use mindsp_core::notify::{Notifier, NotifyConfig};
+use mindsp_core::reminders::check_offsets;
+use mindsp_core::training::{Training, TrainingConfig};
 
 /// MindSP: real-time messaging for fire and rescue services.
 #[derive(Debug, Parser)]
@@ -141,6 +146,16 @@ pub struct ServeArgs {
     /// `mindsp-server worker` elsewhere.
     #[arg(long)]
     pub no_workers: bool,
+
+    /// Default reminder lead times of a training session, in minutes,
+    /// comma-separated (24 h and 1 h before the start).
+    #[arg(
+        long,
+        env = "MINDSP_FMPA_REMINDERS",
+        default_value = "1440,60",
+        value_delimiter = ','
+    )]
+    pub fmpa_reminders: Vec<i64>,
 
     #[command(flatten)]
     pub jobs: JobArgs,
@@ -311,6 +326,11 @@ pub struct WorkerArgs {
 
     #[command(flatten)]
     pub jobs: JobArgs,
+
+    /// With `--redis-url`, reminders are pushed live to users connected to any node,
+    /// and the unread digest skips users online on any node.
+    #[command(flatten)]
+    pub realtime: RealtimeArgs,
 }
 
 /// Longest Redis key prefix accepted for the queue.
@@ -376,11 +396,27 @@ pub struct JobArgs {
           default_value_t = WorkerConfig::default().retention.map_or(0, |d| d.as_secs() / 86_400),
           value_parser = clap::value_parser!(u64).range(0..=3650))]
     pub job_retention_days: u64,
+
+    /// Seconds a user's oldest unread message waits, while they stay offline, before
+    /// they get one digest e-mail of what they have not read.
+    #[arg(long, env = "MINDSP_DIGEST_DELAY_SECS", default_value_t = 15 * 60,
+          value_parser = clap::value_parser!(u64).range(1..=7 * 86_400))]
+    pub digest_delay_secs: u64,
+
+    /// The address users reach the server at; links in e-mails start with it.
+    #[arg(
+        long,
+        env = "MINDSP_PUBLIC_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub public_url: String,
 }
 
 impl JobArgs {
     fn worker_settings(&self) -> WorkerSettings {
         WorkerSettings {
+            digest_delay: Duration::from_secs(self.digest_delay_secs),
+            public_url: self.public_url.trim().trim_end_matches('/').to_owned(),
             concurrency: usize::from(self.workers),
             lease: Duration::from_secs(self.job_lease_secs),
             retention: (self.job_retention_days > 0)
@@ -450,7 +486,8 @@ async fn run_serve(
     args: ServeArgs,
 ) -> anyhow::Result<()> {
     let secret = jwt_secret(database_url, args.jwt_secret.as_deref())?;
-    if args.demo && demo::seed(store.clone()).await? {
+    let demo_created = args.demo && demo::seed(store.clone()).await?;
+    if demo_created {
         tracing::info!(
             tenant = demo::DEMO_TENANT,
             admin = demo::DEMO_ADMIN_EMAIL,
@@ -469,12 +506,22 @@ async fn run_serve(
             ..Limits::default()
         },
         ws: args.ws.config(),
+        notify: NotifyConfig::default(),
+        training: TrainingConfig {
+            default_offsets: check_offsets(&args.fmpa_reminders)
+                .context("invalid MINDSP_FMPA_REMINDERS")?,
+            ..TrainingConfig::default()
+        },
     };
     // Installed before any job runs, so an early SIGTERM still stops gracefully.
     let shutdown = shutdown_signal();
     let queue = open_queue(&args.jobs, store.as_ref()).await?;
     let realtime = args.realtime.open(config.ws.queue_capacity).await?;
-    let state = AppState::assemble(store, Some(queue.clone()), realtime, &config);
+    let state = AppState::assemble(store.clone(), Some(queue.clone()), realtime, &config);
+    if demo_created {
+        let n = demo::seed_sessions(store, &state.training).await?;
+        tracing::info!(sessions = n, "demo training sessions created");
+    }
     let app = router(state.clone());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -483,7 +530,17 @@ async fn run_serve(
         tracing::info!("no job worker in this process; run `mindsp-server worker` elsewhere");
         None
     } else {
-        Some(start_jobs(database_url, &args.jobs, queue)?)
+        Some(start_jobs(
+            database_url,
+            &args.jobs,
+            queue,
+            NotifyServices {
+                store: state.messaging.store().clone(),
+                notifier: state.notifier.clone(),
+                training: state.training.clone(),
+                online: Arc::new(state.realtime.clone()),
+            },
+        )?)
     };
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     tracing::info!(addr = %listener.local_addr()?, "listening");
@@ -518,7 +575,24 @@ async fn run_worker(
     // Installed before any job runs, so an early SIGTERM still stops gracefully.
     let shutdown = shutdown_signal();
     let queue = open_queue(&args.jobs, store.as_ref()).await?;
-    let worker = start_jobs(database_url, &args.jobs, queue)?;
+    // Reminders it runs are pushed through the same broker as the HTTP nodes'.
+    let realtime = args.realtime.open(1).await?;
+    let notifier = Notifier::new(store.clone(), NotifyConfig::default())
+        .with_publisher(realtime.publisher())
+        .with_queue(queue.clone());
+    let training = Training::new(
+        store.clone(),
+        notifier.clone(),
+        Some(queue.clone()),
+        TrainingConfig::default(),
+    );
+    let services = NotifyServices {
+        store,
+        notifier,
+        training,
+        online: Arc::new(realtime),
+    };
+    let worker = start_jobs(database_url, &args.jobs, queue, services)?;
     shutdown.await;
     worker
         .shutdown(Duration::from_secs(args.shutdown_grace_secs))
@@ -558,6 +632,7 @@ fn start_jobs(
     database_url: &str,
     args: &JobArgs,
     queue: Arc<dyn JobQueue>,
+    services: NotifyServices,
 ) -> anyhow::Result<WorkerHandle> {
     let settings = mail_settings(database_url, args)?;
     let built = settings.build().context("invalid e-mail settings")?;
@@ -574,7 +649,7 @@ fn start_jobs(
         });
     }
     let settings = args.worker_settings();
-    let worker = start_worker(queue, built.mailer, &settings);
+    let worker = start_worker(queue, built.mailer, &settings, Some(services))?;
     tracing::info!(
         queues = "default,email",
         concurrency = settings.concurrency,

@@ -1,11 +1,14 @@
 //! Demo data for `serve --demo`: the SDIS 13 with a dozen firefighters of several
-//! stations and a few conversations, so a first run has something to show.
+//! stations, a few conversations and 30 training sessions (FMPA) over the coming
+//! weeks, so a first run has something to show.
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Duration as TimeDelta, Timelike, Utc};
 use mindsp_core::model::{NewUser, Role};
 use mindsp_core::ports::Store;
 use mindsp_core::service::create_user_in;
+use mindsp_core::training::{NewSession, Training};
 use mindsp_core::{Actor, Limits, Messaging, Result};
 
 use crate::auth::hash_password_blocking;
@@ -206,4 +209,254 @@ pub async fn seed(store: Arc<dyn Store>) -> Result<bool> {
     )
     .await?;
     Ok(true)
+}
+
+/// Training sessions of the demo: (kind, title, location, duration in hours).
+const SESSIONS: &[(&str, &str, &str, i64)] = &[
+    (
+        "incendie",
+        "Feu de local en milieu clos — attaque et ventilation",
+        "Plateau technique de Vitrolles",
+        4,
+    ),
+    (
+        "ari",
+        "Manœuvre ARI en milieu enfumé",
+        "Caisson d'observation du CIS Aix-en-Provence",
+        3,
+    ),
+    (
+        "secours_routier",
+        "Désincarcération sur véhicule électrique",
+        "Plateau technique d'Istres",
+        4,
+    ),
+    (
+        "secours_a_personne",
+        "Recyclage PSE2 — hémorragies et garrots",
+        "CIS Aix-en-Provence, salle de formation",
+        3,
+    ),
+    (
+        "risques_chimiques",
+        "Fuite de chlore : reconnaissance et périmètre",
+        "Zone industrielle de Fos-sur-Mer",
+        4,
+    ),
+    (
+        "sauvetage_aquatique",
+        "Sauvetage en eaux vives — lancer de corde",
+        "Base nautique de Martigues",
+        3,
+    ),
+    (
+        "conduite_engins",
+        "Conduite tout-terrain CCF",
+        "Piste DFCI du massif de l'Étoile",
+        4,
+    ),
+    (
+        "incendie",
+        "Feux de forêt — établissement en ligne",
+        "Massif de la Sainte-Victoire, piste CCF",
+        5,
+    ),
+    (
+        "secours_routier",
+        "Stabilisation et calage de poids lourd",
+        "Plateau technique d'Istres",
+        4,
+    ),
+    (
+        "secours_a_personne",
+        "Arrêt cardiaque : RCP et DAE en équipe",
+        "CS Marseille-Nord, salle de sport",
+        2,
+    ),
+    (
+        "ari",
+        "Contrôle et entretien des ARI",
+        "CS Marseille-Nord, atelier",
+        2,
+    ),
+    (
+        "incendie",
+        "Feu de parking souterrain",
+        "Parking du centre commercial de Plan-de-Campagne",
+        4,
+    ),
+    (
+        "risques_chimiques",
+        "Décontamination d'urgence",
+        "CIS Istres, aire de lavage",
+        3,
+    ),
+    (
+        "sauvetage_aquatique",
+        "Plongée : recherche en milieu portuaire",
+        "Port de la Pointe Rouge",
+        4,
+    ),
+    (
+        "conduite_engins",
+        "Mise en œuvre de l'échelle aérienne",
+        "CIS Aix-en-Provence, cour",
+        3,
+    ),
+    (
+        "secours_a_personne",
+        "Bilan et transmission au CRRA 15",
+        "CTA-CODIS, salle de crise",
+        2,
+    ),
+    (
+        "incendie",
+        "Feu d'habitation : sauvetages par l'extérieur",
+        "Tour d'entraînement de Vitrolles",
+        4,
+    ),
+    (
+        "secours_routier",
+        "Accident multi-victimes sur autoroute",
+        "Aire de l'Arbois, A51",
+        5,
+    ),
+    (
+        "ari",
+        "Recherche de victimes en fumées froides",
+        "Caisson d'observation du CIS Aix-en-Provence",
+        3,
+    ),
+    (
+        "risques_chimiques",
+        "Transport de matières dangereuses : plaques et codes",
+        "CIS Istres, salle de cours",
+        2,
+    ),
+    (
+        "sauvetage_aquatique",
+        "Sauvetage en mer depuis la plage",
+        "Plage du Prado, Marseille",
+        3,
+    ),
+    (
+        "conduite_engins",
+        "Conduite d'urgence du VSAV",
+        "Circuit du Castellet",
+        6,
+    ),
+    (
+        "incendie",
+        "Feu de navire à quai",
+        "Grand port maritime de Marseille, quai 24",
+        5,
+    ),
+    (
+        "secours_a_personne",
+        "Accouchement inopiné",
+        "SSSM, salle de simulation",
+        2,
+    ),
+    (
+        "secours_routier",
+        "Désincarcération : techniques de la porte arrière",
+        "Plateau technique d'Istres",
+        4,
+    ),
+    (
+        "risques_chimiques",
+        "Détection de gaz : explosimètre et toximètre",
+        "CIS Istres, atelier",
+        2,
+    ),
+    (
+        "ari",
+        "Parcours ARI chronométré",
+        "Tour d'entraînement de Vitrolles",
+        3,
+    ),
+    (
+        "sauvetage_aquatique",
+        "Crue éclair : évacuation en barque",
+        "Berges de l'Huveaune, Aubagne",
+        4,
+    ),
+    (
+        "conduite_engins",
+        "Manœuvre de la motopompe remorquable",
+        "CS Marseille-Nord, cour",
+        2,
+    ),
+    (
+        "incendie",
+        "Feux d'entrepôt : alimentation et lances canon",
+        "Zone logistique de Miramas",
+        5,
+    ),
+];
+
+/// Adds the demo's 30 training sessions, spread over the next six weeks, each
+/// organised by an officer with a team invited. Invitations, reminders and their
+/// e-mails follow as for any session. Run once, right after [`seed`] created the
+/// tenant.
+pub async fn seed_sessions(store: Arc<dyn Store>, training: &Training) -> Result<usize> {
+    let Some(tenant) = store.tenant_by_slug(DEMO_TENANT).await? else {
+        return Ok(0);
+    };
+    let mut tx = store.read(tenant.id).await?;
+    let users = tx.list_users(None, 100).await?;
+    drop(tx);
+    let officers: Vec<&mindsp_core::model::User> =
+        users.iter().filter(|u| u.role != Role::Member).collect();
+    if officers.is_empty() {
+        return Ok(0);
+    }
+    // Tomorrow at 07:00 UTC (08:00 or 09:00 in Marseille), then one session every
+    // one or two days, at 07:00 or 12:00 UTC.
+    let base: DateTime<Utc> = (Utc::now() + TimeDelta::days(1))
+        .with_hour(7)
+        .and_then(|t| t.with_minute(0))
+        .and_then(|t| t.with_second(0))
+        .and_then(|t| t.with_nanosecond(0))
+        .unwrap_or_else(Utc::now);
+    let mut created = 0;
+    for (i, (kind, title, location, hours)) in SESSIONS.iter().enumerate() {
+        let organiser = officers[i % officers.len()];
+        let actor = Actor {
+            tenant_id: tenant.id,
+            user_id: organiser.id,
+            role: organiser.role,
+        };
+        let day = (i as i64 * 3) / 2;
+        let start = base + TimeDelta::days(day) + TimeDelta::hours(if i % 2 == 0 { 0 } else { 5 });
+        // A team of five or six, different for each session.
+        let invitees = users
+            .iter()
+            .filter(|u| u.id != organiser.id)
+            .cycle()
+            .skip(i % users.len())
+            .take(5 + i % 2)
+            .map(|u| u.id)
+            .collect();
+        training
+            .create(
+                &actor,
+                NewSession {
+                    title: (*title).to_owned(),
+                    kind: (*kind).to_owned(),
+                    description: format!(
+                        "FMPA {} — tenue adaptée et EPI complets. Réponse attendue avant la veille.",
+                        kind.replace('_', " ")
+                    ),
+                    location: (*location).to_owned(),
+                    start_at: start,
+                    end_at: start + TimeDelta::hours(*hours),
+                    invitees,
+                    reminder_offsets: None,
+                },
+            )
+            .await?;
+        created += 1;
+    }
+    Ok(created)
 }

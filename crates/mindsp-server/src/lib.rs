@@ -20,6 +20,7 @@ pub mod cli;
 pub mod demo;
 pub mod error;
 pub mod extract;
+pub mod notifications;
 pub mod workers;
 pub mod ws;
 
@@ -32,7 +33,9 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use mindsp_core::jobs::JobQueue;
+use mindsp_core::notify::{Notifier, NotifyConfig};
 use mindsp_core::ports::Store;
+use mindsp_core::training::{Training, TrainingConfig};
 use mindsp_core::{Limits, Messaging};
 use mindsp_realtime::Realtime;
 use tokio::net::TcpListener;
@@ -53,6 +56,10 @@ pub struct HttpConfig {
     pub limits: Limits,
     /// WebSocket limits and timings.
     pub ws: ws::WsConfig,
+    /// Notification types, limits and e-mail defaults.
+    pub notify: NotifyConfig,
+    /// Training-session limits and default reminder lead times.
+    pub training: TrainingConfig,
 }
 
 impl HttpConfig {
@@ -64,6 +71,8 @@ impl HttpConfig {
             max_body_bytes: 64 * 1024,
             limits: Limits::default(),
             ws: ws::WsConfig::default(),
+            notify: NotifyConfig::default(),
+            training: TrainingConfig::default(),
         }
     }
 }
@@ -82,6 +91,10 @@ pub struct AppState {
     /// This node's live connections, presence and broker; `messaging` publishes
     /// through it.
     pub realtime: Realtime,
+    /// Notifications: stored, pushed through `realtime`, e-mailed through `jobs`.
+    pub notifier: Notifier,
+    /// Training sessions (FMPA), notifying through `notifier`.
+    pub training: Training,
     ws: Arc<ws::WsConfig>,
     max_body_bytes: usize,
 }
@@ -112,9 +125,23 @@ impl AppState {
         realtime: Realtime,
         config: &HttpConfig,
     ) -> Self {
+        let mut notifier = Notifier::new(store.clone(), config.notify.clone())
+            .with_publisher(realtime.publisher());
+        if let Some(q) = &jobs {
+            notifier = notifier.with_queue(q.clone());
+        }
+        let training = Training::new(
+            store.clone(),
+            notifier.clone(),
+            jobs.clone(),
+            config.training.clone(),
+        );
         Self {
             messaging: Messaging::new(store, config.limits.clone())
-                .with_publisher(realtime.publisher()),
+                .with_publisher(realtime.publisher())
+                .with_notifier(notifier.clone()),
+            notifier,
+            training,
             tokens: Tokens::new(&config.jwt_secret, config.token_ttl),
             jobs,
             realtime,
@@ -158,6 +185,36 @@ pub fn router(state: AppState) -> Router {
         .route("/conversations/{id}/read", post(mark_read))
         .route("/conversations/{id}/search", get(search_conversation))
         .route("/search", get(search_all))
+        .route("/notifications", get(notifications::list))
+        .route(
+            "/notifications/unread-count",
+            get(notifications::unread_count),
+        )
+        .route("/notifications/read-all", post(notifications::read_all))
+        .route(
+            "/notifications/preferences",
+            get(notifications::get_preferences).put(notifications::put_preferences),
+        )
+        .route(
+            "/notifications/{id}",
+            axum::routing::delete(notifications::delete),
+        )
+        .route("/notifications/{id}/read", post(notifications::mark_read))
+        .route("/admin/notifications", post(notifications::broadcast))
+        .route(
+            "/admin/notifications/preferences",
+            get(notifications::get_tenant_preferences).put(notifications::put_tenant_preferences),
+        )
+        .route(
+            "/fmpa",
+            get(notifications::list_sessions).post(notifications::create_session),
+        )
+        .route(
+            "/fmpa/{id}",
+            get(notifications::get_session).patch(notifications::update_session),
+        )
+        .route("/fmpa/{id}/cancel", post(notifications::cancel_session))
+        .route("/fmpa/{id}/respond", post(notifications::respond))
         .route("/admin/jobs", get(list_jobs))
         .route("/admin/jobs/stats", get(job_stats))
         .route("/admin/jobs/{id}", get(get_job))

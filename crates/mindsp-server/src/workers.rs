@@ -12,12 +12,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mindsp_core::jobs::{DEFAULT_QUEUE, JobQueue};
+use mindsp_core::jobs::{DEFAULT_QUEUE, JobQueue, NewJob};
 use mindsp_core::mail::{Mailbox, Mailer};
+use mindsp_core::notify::{NOTIFICATION_EMAIL_JOB, Notifier, OnlineUsers};
+use mindsp_core::ports::Store;
+use mindsp_core::training::{FMPA_REMINDER_JOB, Training};
+use mindsp_queue::mail::templates::Templates;
 use mindsp_queue::mail::{
     EMAIL_QUEUE, FileMailer, MailConfigError, SEND_EMAIL, SendEmail, SmtpConfig, SmtpMailer,
 };
-use mindsp_queue::worker::{RetryPolicy, Worker, WorkerConfig, WorkerHandle};
+use mindsp_queue::notify::{
+    DIGEST_SWEEP_JOB, DigestSweepHandler, NotificationEmailHandler, ReminderHandler,
+};
+use mindsp_queue::worker::{RetryPolicy, Schedule, Worker, WorkerConfig, WorkerHandle};
 
 /// Most jobs one queue may run at once in one process (`--workers`).
 pub const MAX_CONCURRENCY: usize = 256;
@@ -134,6 +141,12 @@ pub struct WorkerSettings {
     pub retention: Option<Duration>,
     /// Backoff between attempts of an e-mail job.
     pub email_retry: RetryPolicy,
+    /// How long a user's oldest unread message waits before their digest e-mail.
+    pub digest_delay: Duration,
+    /// When the digest sweep runs (cron, with seconds, UTC).
+    pub digest_schedule: String,
+    /// The server's address as users reach it; e-mail links start with it.
+    pub public_url: String,
 }
 
 impl Default for WorkerSettings {
@@ -145,17 +158,37 @@ impl Default for WorkerSettings {
             lease: config.lease,
             retention: config.retention,
             email_retry: RetryPolicy::default(),
+            digest_delay: Duration::from_secs(15 * 60),
+            digest_schedule: "0 * * * * *".to_owned(),
+            public_url: "http://127.0.0.1:8080".to_owned(),
         }
     }
 }
 
+/// The services the notification jobs need: e-mails of notifications, training
+/// reminders and the unread digest.
+#[derive(Clone)]
+pub struct NotifyServices {
+    /// The store users and sessions are read from.
+    pub store: Arc<dyn Store>,
+    /// The notification service.
+    pub notifier: Notifier,
+    /// The training-session service.
+    pub training: Training,
+    /// Who is connected (only those who are not get a digest).
+    pub online: Arc<dyn OnlineUsers>,
+}
+
 /// Starts a worker on the current runtime: `default` and `email` queues, the
-/// `email.send` handler over `mailer`. Stop it with [`WorkerHandle::shutdown`].
+/// `email.send` handler over `mailer`, and with `services` the notification e-mails,
+/// training reminders and the unread-digest sweep. Stop it with
+/// [`WorkerHandle::shutdown`].
 pub fn start_worker(
     queue: Arc<dyn JobQueue>,
     mailer: Arc<dyn Mailer>,
     settings: &WorkerSettings,
-) -> WorkerHandle {
+    services: Option<NotifyServices>,
+) -> anyhow::Result<WorkerHandle> {
     let concurrency = settings.concurrency.clamp(1, MAX_CONCURRENCY);
     let config = WorkerConfig {
         queues: vec![
@@ -167,13 +200,44 @@ pub fn start_worker(
         retention: settings.retention,
         ..WorkerConfig::default()
     };
-    Worker::builder(queue, config)
-        .handle_with(
-            SEND_EMAIL,
-            Arc::new(SendEmail::new(mailer)),
-            settings.email_retry,
-        )
-        .start()
+    let mut builder = Worker::builder(queue, config).handle_with(
+        SEND_EMAIL,
+        Arc::new(SendEmail::new(mailer.clone())),
+        settings.email_retry,
+    );
+    if let Some(s) = services {
+        let schedule = Schedule::parse(&settings.digest_schedule)
+            .map_err(|e| anyhow::anyhow!("invalid digest schedule: {e}"))?;
+        builder = builder
+            .handle_with(
+                NOTIFICATION_EMAIL_JOB,
+                Arc::new(NotificationEmailHandler::new(
+                    s.store,
+                    mailer,
+                    Templates::default(),
+                    settings.public_url.clone(),
+                )),
+                settings.email_retry,
+            )
+            .handle(
+                FMPA_REMINDER_JOB,
+                Arc::new(ReminderHandler::new(s.training)),
+            )
+            .handle(
+                DIGEST_SWEEP_JOB,
+                Arc::new(DigestSweepHandler::new(
+                    s.notifier,
+                    s.online,
+                    settings.digest_delay,
+                )),
+            )
+            .repeat(
+                DIGEST_SWEEP_JOB,
+                schedule,
+                NewJob::new(DIGEST_SWEEP_JOB, serde_json::json!({})).max_attempts(1),
+            );
+    }
+    Ok(builder.start())
 }
 
 #[cfg(test)]

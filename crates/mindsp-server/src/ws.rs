@@ -26,7 +26,7 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use mindsp_core::events::{Envelope, Event, TypingState};
 use mindsp_core::model::{Message as StoredMessage, SeqWindow};
-use mindsp_core::{Actor, ConversationId, Error};
+use mindsp_core::{Actor, ConversationId, Error, UserId};
 use mindsp_realtime::limit::TokenBucket;
 use mindsp_realtime::typing::{Start, Typing};
 use mindsp_realtime::{CloseReason, Connection, Delivery, close, hub::event_frame};
@@ -372,6 +372,8 @@ enum Command {
         conversation_id: ConversationId,
         content: String,
         idempotency_key: Option<String>,
+        #[serde(default)]
+        mentions: Vec<UserId>,
     },
     Typing {
         conversation_id: ConversationId,
@@ -596,9 +598,16 @@ impl Reader<'_> {
                 conversation_id,
                 content,
                 idempotency_key,
+                mentions,
             } => {
                 let appended = messaging
-                    .send(actor, conversation_id, &content, idempotency_key)
+                    .send_with_mentions(
+                        actor,
+                        conversation_id,
+                        &content,
+                        idempotency_key,
+                        &mentions,
+                    )
                     .await?;
                 Ok(Some(json!({
                     "message": appended.message(),

@@ -130,6 +130,37 @@ async fn serve_demo_login_read_and_stop_on_sigterm() {
         .unwrap();
     assert_eq!(users["users"].as_array().unwrap().len(), 13);
 
+    // 30 training sessions over the coming weeks, each with a team invited; the
+    // invitees were notified.
+    let sessions: Value = http
+        .get(format!("{}/api/fmpa?limit=100", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sessions = sessions["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 30, "{sessions:?}");
+    let kinds: std::collections::HashSet<&str> =
+        sessions.iter().filter_map(|s| s["kind"].as_str()).collect();
+    assert!(kinds.len() >= 7, "{kinds:?}");
+    let first = sessions[0]["id"].as_str().unwrap();
+    let details: Value = http
+        .get(format!("{}/api/fmpa/{first}", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        details["session"]["invitees"].as_array().unwrap().len() >= 5,
+        "{details}"
+    );
+
     // The secret was generated once and kept beside the database.
     let secret_file = dir.join("mindsp.db.jwt-secret");
     assert!(secret_file.exists());

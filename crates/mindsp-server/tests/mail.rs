@@ -163,8 +163,11 @@ async fn email_delivered_retried_dead_then_delivered_on_admin_retry() {
             lease: Duration::from_secs(5),
             retention: None,
             email_retry: BACKOFF,
+            ..WorkerSettings::default()
         },
-    );
+        None,
+    )
+    .unwrap();
 
     // (a) The server is up: the invitation arrives as rendered.
     let first = invitation(

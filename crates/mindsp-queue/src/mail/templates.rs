@@ -235,6 +235,33 @@ impl Templates {
         )
     }
 
+    /// Any other notification: its title (the subject), its text and a link.
+    pub fn notification(
+        &self,
+        to: &Mailbox,
+        title: &str,
+        body: &str,
+        url: &str,
+    ) -> Result<Email, TemplateError> {
+        let n = NotificationView {
+            greeting: greeting(to),
+            title: one_line(title),
+            body: body.trim().to_owned(),
+            url: url.to_owned(),
+            href: http_link(url),
+        };
+        email(
+            "notification",
+            to,
+            &n.title,
+            NotificationText { n: &n },
+            NotificationHtml {
+                subject: &n.title,
+                n: &n,
+            },
+        )
+    }
+
     /// « mardi 3 mars, 14 h 00 » in the templates' zone.
     pub fn format_datetime(&self, at: DateTime<Utc>) -> String {
         let local = at.with_timezone(&self.time_zone);
@@ -495,6 +522,27 @@ struct DigestText<'a> {
 struct DigestHtml<'a> {
     subject: &'a str,
     d: &'a DigestView,
+}
+
+struct NotificationView {
+    greeting: String,
+    title: String,
+    body: String,
+    url: String,
+    href: String,
+}
+
+#[derive(Template)]
+#[template(path = "mail/notification.txt")]
+struct NotificationText<'a> {
+    n: &'a NotificationView,
+}
+
+#[derive(Template)]
+#[template(path = "mail/notification.html")]
+struct NotificationHtml<'a> {
+    subject: &'a str,
+    n: &'a NotificationView,
 }
 
 #[cfg(test)]

@@ -174,3 +174,104 @@ impl TestApp {
         self.call(Method::POST, uri, Some(token), None).await
     }
 }
+
+impl TestApp {
+    /// Like [`TestApp::new`], also answering the app's state (its notifier and
+    /// training services, for tests that drive job handlers or a worker).
+    pub async fn with_state() -> (Self, AppState) {
+        let config = HttpConfig::with_secret(SECRET);
+        let dir = std::env::temp_dir().join(format!("mindsp-api-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("test.db").display());
+        let store = mindsp_store::open(&url).await.unwrap();
+        let queue = mindsp_queue::sql_queue(store.as_ref()).unwrap();
+        let state = AppState::with_queue(store.clone(), queue.clone(), &config);
+        let app = router(state.clone());
+        (
+            Self {
+                app,
+                store,
+                queue,
+                dir,
+            },
+            state,
+        )
+    }
+
+    /// A PUT with a JSON body.
+    pub async fn put(&self, uri: &str, token: &str, body: Value) -> Reply {
+        self.call(Method::PUT, uri, Some(token), Some(body)).await
+    }
+
+    /// A PATCH with a JSON body.
+    pub async fn patch(&self, uri: &str, token: &str, body: Value) -> Reply {
+        self.call(Method::PATCH, uri, Some(token), Some(body)).await
+    }
+
+    /// A DELETE without a body.
+    pub async fn delete(&self, uri: &str, token: &str) -> Reply {
+        self.call(Method::DELETE, uri, Some(token), None).await
+    }
+
+    /// A request with a raw (possibly malformed) JSON body.
+    pub async fn send_text(&self, method: Method, uri: &str, token: &str, body: &str) -> Reply {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        self.raw(req).await
+    }
+
+    /// Creates a user of `role` through the admin route; returns (user id, token).
+    pub async fn user_with_role(
+        &self,
+        admin: &str,
+        slug: &str,
+        name: &str,
+        role: &str,
+    ) -> (String, String) {
+        let email = format!("{}@{slug}.fr", name.to_lowercase().replace(' ', "."));
+        let r = self
+            .call(
+                Method::POST,
+                "/api/admin/users",
+                Some(admin),
+                Some(json!({"email": email, "display_name": name, "role": role, "password": PASSWORD})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        let id = r.body["user"]["id"].as_str().unwrap().to_owned();
+        (id, self.login(slug, &email, PASSWORD).await)
+    }
+}
+
+impl TestApp {
+    /// Inserts `n` active members straight into the store (no password anyone can
+    /// use, so no hashing): for tests that need many recipients but no tokens.
+    pub async fn bulk_members(
+        &self,
+        tenant: mindsp_core::TenantId,
+        slug: &str,
+        n: usize,
+    ) -> Vec<String> {
+        let mut tx = self.store.begin(tenant).await.unwrap();
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let u = tx
+                .insert_user(&NewUser {
+                    email: format!("pompier{i:03}@{slug}.fr"),
+                    display_name: format!("Sapeur {i:03}"),
+                    role: Role::Member,
+                    password_hash: "!".to_owned(),
+                })
+                .await
+                .unwrap();
+            ids.push(u.id.to_string());
+        }
+        tx.commit().await.unwrap();
+        ids
+    }
+}

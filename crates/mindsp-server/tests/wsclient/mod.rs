@@ -374,3 +374,12 @@ impl Client {
         }
     }
 }
+
+impl Server {
+    /// A POST without a body, asserting success.
+    pub async fn post_empty_json(&self, path: &str, token: &str) -> Value {
+        let (s, v) = self.call(reqwest::Method::POST, path, token, None).await;
+        assert!(s < 300, "POST {path}: {s} {v}");
+        v
+    }
+}

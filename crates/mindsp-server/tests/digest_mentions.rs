@@ -1,0 +1,321 @@
+//! The unread-message digest and mentions, on the real SQLite store and SQL queue:
+//! - a member connected nowhere gets one digest job for many messages, none for the same
+//!   messages again, none if they read first, none while connected, none before the
+//!   delay; the digest e-mail renders what they missed;
+//! - a mention notifies the mentioned members, in the message's own transaction.
+
+use std::sync::Arc;
+
+use chrono::TimeDelta;
+use mindsp_core::jobs::{Job, JobFilter, JobQueue, JobScope};
+use mindsp_core::mail::{Mailbox, Mailer};
+use mindsp_core::model::{NewUser, Role};
+use mindsp_core::notify::{NOTIFICATION_EMAIL_JOB, NobodyOnline, Notifier, NotifyConfig, kind};
+use mindsp_core::ports::Store;
+use mindsp_core::{Actor, Limits, Messaging, TenantId};
+use mindsp_queue::mail::FileMailer;
+use mindsp_queue::mail::templates::Templates;
+use mindsp_queue::notify::NotificationEmailHandler;
+use mindsp_queue::worker::Handler;
+use mindsp_realtime::Realtime;
+
+struct World {
+    store: Arc<dyn Store>,
+    queue: Arc<dyn JobQueue>,
+    messaging: Messaging,
+    notifier: Notifier,
+    tenant: TenantId,
+    people: Vec<Actor>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn world(n: usize) -> World {
+    let dir = std::env::temp_dir().join(format!("mindsp-digest-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = mindsp_store::open(&format!("sqlite://{}", dir.join("db").display()))
+        .await
+        .unwrap();
+    let queue = mindsp_queue::sql_queue(store.as_ref()).unwrap();
+    let tenant = store.create_tenant("sdis06", "SDIS 06").await.unwrap();
+    let mut tx = store.begin(tenant.id).await.unwrap();
+    let mut people = Vec::new();
+    for i in 0..n {
+        let u = mindsp_core::service::create_user_in(
+            tx.as_mut(),
+            NewUser {
+                email: format!("sp{i}@sdis06.fr"),
+                display_name: format!("Sergent Hélène Dupré {i}"),
+                role: Role::Member,
+                password_hash: "x".into(),
+            },
+            &Limits::default(),
+        )
+        .await
+        .unwrap();
+        people.push(Actor {
+            tenant_id: tenant.id,
+            user_id: u.id,
+            role: u.role,
+        });
+    }
+    tx.commit().await.unwrap();
+    let notifier = Notifier::new(store.clone(), NotifyConfig::default()).with_queue(queue.clone());
+    let messaging =
+        Messaging::new(store.clone(), Limits::default()).with_notifier(notifier.clone());
+    World {
+        store,
+        queue,
+        messaging,
+        notifier,
+        tenant: tenant.id,
+        people,
+        dir,
+    }
+}
+
+async fn email_jobs(w: &World) -> Vec<Job> {
+    w.queue
+        .list(&JobFilter {
+            scope: JobScope::Tenant(w.tenant),
+            state: None,
+            queue: Some("email".into()),
+            before: None,
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|j| j.kind == NOTIFICATION_EMAIL_JOB)
+        .collect()
+}
+
+fn digests_for(jobs: &[Job], user: mindsp_core::UserId) -> Vec<&Job> {
+    jobs.iter()
+        .filter(|j| {
+            j.payload["kind"] == kind::NEW_MESSAGE
+                && j.payload["user_id"] == serde_json::json!(user)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_offline_member_gets_one_digest_and_a_reader_none() {
+    let w = world(4).await;
+    let [a, b, c, d] = [w.people[0], w.people[1], w.people[2], w.people[3]];
+    let group = w
+        .messaging
+        .create_group(
+            &a,
+            "Garde CS Nice-Magnan",
+            &[b.user_id, c.user_id, d.user_id],
+        )
+        .await
+        .unwrap();
+    for i in 0..5 {
+        w.messaging
+            .send(
+                &a,
+                group.id,
+                &format!("Départ VSAV n° {i} — feu de véhicule"),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    // C reads everything before the sweep; D is connected (a live socket on this node).
+    w.messaging.mark_read(&c, group.id, None).await.unwrap();
+    let realtime = Realtime::in_process(16);
+    let _d_online = realtime.open(w.tenant, d.user_id).await.unwrap();
+
+    // Not yet: the oldest unread message is younger than the delay.
+    let n = w
+        .notifier
+        .digest_sweep(&realtime, TimeDelta::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    assert!(email_jobs(&w).await.is_empty());
+
+    // After the delay: B alone gets one digest for the five messages.
+    let n = w
+        .notifier
+        .digest_sweep(&realtime, TimeDelta::zero())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let jobs = email_jobs(&w).await;
+    assert_eq!(digests_for(&jobs, b.user_id).len(), 1);
+    assert!(digests_for(&jobs, c.user_id).is_empty(), "C read first");
+    assert!(digests_for(&jobs, d.user_id).is_empty(), "D is connected");
+    let digest = &digests_for(&jobs, b.user_id)[0].payload["data"]["digest"];
+    assert_eq!(digest[0]["unread"], 5, "{digest}");
+    assert_eq!(digest[0]["title"], "Garde CS Nice-Magnan");
+    assert_eq!(digest[0]["messages"].as_array().unwrap().len(), 3);
+
+    // The same messages are not sent twice.
+    let n = w
+        .notifier
+        .digest_sweep(&realtime, TimeDelta::zero())
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    assert_eq!(digests_for(&email_jobs(&w).await, b.user_id).len(), 1);
+
+    // New messages: a new digest (one, for both).
+    for text in ["Retour au centre", "FPT disponible"] {
+        w.messaging.send(&a, group.id, text, None).await.unwrap();
+    }
+    let n = w
+        .notifier
+        .digest_sweep(&realtime, TimeDelta::zero())
+        .await
+        .unwrap();
+    // B again; C now has 2 unread and is away too. D stays connected.
+    assert_eq!(n, 2);
+    let jobs = email_jobs(&w).await;
+    assert_eq!(digests_for(&jobs, b.user_id).len(), 2);
+    assert_eq!(digests_for(&jobs, c.user_id).len(), 1);
+    assert!(digests_for(&jobs, d.user_id).is_empty());
+
+    // With the e-mail of NEW_MESSAGE switched off, no digest.
+    let prefs: mindsp_core::notify::NotificationPrefs =
+        serde_json::from_value(serde_json::json!({"types": {"NEW_MESSAGE": {"email": false}}}))
+            .unwrap();
+    w.notifier.set_preferences(&b, &prefs).await.unwrap();
+    w.messaging
+        .send(&a, group.id, "Encore un départ", None)
+        .await
+        .unwrap();
+    w.notifier
+        .digest_sweep(&NobodyOnline, TimeDelta::zero())
+        .await
+        .unwrap();
+    assert_eq!(digests_for(&email_jobs(&w).await, b.user_id).len(), 2);
+
+    // The digest job renders into an e-mail naming the conversation and the count.
+    let mail_dir = w.dir.join("mail");
+    let from = Mailbox {
+        name: Some("MindSP".into()),
+        address: "no-reply@sdis06.fr".into(),
+    };
+    let mailer: Arc<dyn Mailer> = Arc::new(FileMailer::new(&mail_dir, from).unwrap());
+    let handler = NotificationEmailHandler::new(
+        w.store.clone(),
+        mailer,
+        Templates::default(),
+        "https://mindsp.sdis06.fr",
+    );
+    let job = digests_for(&email_jobs(&w).await, b.user_id)
+        .into_iter()
+        .find(|j| j.payload["data"]["digest"][0]["unread"] == 5)
+        .cloned()
+        .unwrap();
+    handler.run(&job).await.unwrap();
+    let files: Vec<_> = std::fs::read_dir(&mail_dir).unwrap().collect();
+    assert_eq!(files.len(), 1);
+    let eml = std::fs::read(files[0].as_ref().unwrap().path()).unwrap();
+    let parsed = String::from_utf8_lossy(&eml);
+    assert!(parsed.contains("sp1@sdis06.fr"), "{parsed}");
+    assert!(
+        parsed.contains("Subject: 5 messages non lus dans 1 conversation"),
+        "{parsed}"
+    );
+}
+
+#[tokio::test]
+async fn a_mention_notifies_members_in_the_message_transaction() {
+    let w = world(4).await;
+    let [a, b, c, outsider] = [w.people[0], w.people[1], w.people[2], w.people[3]];
+    let group = w
+        .messaging
+        .create_group(&a, "FMPA ARI", &[b.user_id, c.user_id])
+        .await
+        .unwrap();
+    let sent = w
+        .messaging
+        .send_with_mentions(
+            &a,
+            group.id,
+            "@Hélène peux-tu vérifier les bouteilles ARI ?",
+            Some("k1".into()),
+            &[b.user_id, outsider.user_id, a.user_id],
+        )
+        .await
+        .unwrap();
+    assert!(sent.created());
+    let page_b = w.notifier.list(&b, None, false, None).await.unwrap();
+    assert_eq!(page_b.items.len(), 1);
+    let n = &page_b.items[0];
+    assert_eq!(n.kind, kind::MENTION);
+    assert_eq!(n.data["seq"], sent.message().seq);
+    assert_eq!(page_b.unread, 1);
+    // Not mentioned, not a member, or the sender: nothing.
+    for who in [c, outsider, a] {
+        assert!(
+            w.notifier
+                .list(&who, None, false, None)
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
+    }
+    // A retry with the same idempotency key stores nothing new and notifies nobody again.
+    let again = w
+        .messaging
+        .send_with_mentions(
+            &a,
+            group.id,
+            "@Hélène peux-tu vérifier les bouteilles ARI ?",
+            Some("k1".into()),
+            &[b.user_id],
+        )
+        .await
+        .unwrap();
+    assert!(!again.created());
+    assert_eq!(
+        w.notifier
+            .list(&b, None, false, None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    // A send that fails (the outsider is not a member) leaves no notification behind.
+    let refused = w
+        .messaging
+        .send_with_mentions(&outsider, group.id, "@Hélène", None, &[b.user_id])
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(
+        w.notifier
+            .list(&b, None, false, None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    // Too many mentions: refused before anything is written.
+    let many: Vec<_> = (0..51).map(|_| mindsp_core::UserId::new()).collect();
+    let r = w
+        .messaging
+        .send_with_mentions(&a, group.id, "x", None, &many)
+        .await;
+    assert_eq!(r.unwrap_err().code(), "too_many_mentions");
+    // The e-mail of the mention was enqueued with it (e-mail is on by default).
+    let jobs = email_jobs(&w).await;
+    assert_eq!(
+        jobs.iter()
+            .filter(|j| j.payload["kind"] == kind::MENTION)
+            .count(),
+        1
+    );
+}
