@@ -457,6 +457,21 @@ pub trait JobQueue: Send + Sync + 'static {
         ))
     }
 
+    /// Stores many jobs in the caller's storage transaction (see
+    /// [`JobQueue::enqueue_in`]). Answers in order. Backends may do it in one
+    /// statement; the default enqueues them one by one.
+    async fn enqueue_batch_in(
+        &self,
+        tx: &mut dyn TenantTx,
+        jobs: &[NewJob],
+    ) -> Result<Vec<Enqueued>> {
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            out.push(self.enqueue_in(tx, job).await?);
+        }
+        Ok(out)
+    }
+
     /// Leases up to `max` due jobs of `queue`, highest priority first, then earliest
     /// run-at. Jobs whose lease expired count as due; one that has used its last
     /// attempt ends dead instead ("worker lost"). Each lease counts an attempt.

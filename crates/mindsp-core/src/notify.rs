@@ -602,6 +602,7 @@ impl Notifier {
             return Ok(outbox);
         };
         let urgent = new.urgent || self.config.urgent_kinds.contains(&new.kind);
+        let mut jobs = Vec::with_capacity(emails.len());
         for (user, notification_id) in emails {
             let payload = NotificationEmail {
                 user_id: user,
@@ -618,9 +619,10 @@ impl Notifier {
             if let Some(key) = &new.key {
                 job = job.unique(format!("notification:{user}:{key}"), OnDuplicate::Keep);
             }
-            enqueue_email(queue.as_ref(), tx, job, &mut outbox.jobs_after_commit).await?;
-            outbox.emails += 1;
+            jobs.push(job);
         }
+        outbox.emails = jobs.len();
+        enqueue_emails(queue.as_ref(), tx, jobs, &mut outbox.jobs_after_commit).await?;
         Ok(outbox)
     }
 
@@ -1038,6 +1040,7 @@ impl Notifier {
             }
             let prefs = self.effective_prefs_in(tx.as_mut(), &away).await?;
             let mut after_commit = Vec::new();
+            let mut digest_jobs = Vec::new();
             for user in away {
                 let p = prefs.get(&user);
                 let wants = p
@@ -1073,12 +1076,13 @@ impl Notifier {
                         };
                         let quiet = p.and_then(|p| p.quiet_hours.as_ref());
                         let job = self.email_job(tenant, &payload, quiet, at)?;
-                        enqueue_email(queue.as_ref(), tx.as_mut(), job, &mut after_commit).await?;
+                        digest_jobs.push(job);
                         sent += 1;
                     }
                 }
                 tx.set_digest_sent(user, at).await?;
             }
+            enqueue_emails(queue.as_ref(), tx.as_mut(), digest_jobs, &mut after_commit).await?;
             tx.commit().await?;
             if !after_commit.is_empty() {
                 queue.enqueue_batch(&after_commit).await?;
@@ -1111,21 +1115,24 @@ impl Notifier {
     }
 }
 
-/// Enqueues `job` in `tx`, or keeps it for after the commit when the queue cannot
+/// Enqueues `jobs` in `tx`, or keeps them for after the commit when the queue cannot
 /// join a storage transaction.
-async fn enqueue_email(
+async fn enqueue_emails(
     queue: &dyn JobQueue,
     tx: &mut dyn TenantTx,
-    job: NewJob,
+    jobs: Vec<NewJob>,
     after_commit: &mut Vec<NewJob>,
 ) -> Result<()> {
-    match queue.enqueue_in(tx, &job).await {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    match queue.enqueue_batch_in(tx, &jobs).await {
         Ok(_) => Ok(()),
         Err(Error::Invalid {
             code: "queue_not_transactional",
             ..
         }) => {
-            after_commit.push(job);
+            after_commit.extend(jobs);
             Ok(())
         }
         Err(e) => Err(e),

@@ -96,6 +96,56 @@ fn job_from_row(r: &PgRow, at: DateTime<Utc>) -> Result<Job> {
     })
 }
 
+/// Stores validated jobs on `conn`: jobs without a unique key in one statement, others
+/// one by one.
+async fn enqueue_many_on(conn: &mut PgConnection, jobs: &[NewJob]) -> Result<Vec<Enqueued>> {
+    let mut out = Vec::with_capacity(jobs.len());
+    if jobs.iter().all(|j| j.unique_key.is_none()) {
+        // The common case in one statement.
+        let at = now();
+        let ids: Vec<Uuid> = jobs.iter().map(|_| JobId::new().0).collect();
+        let tenants: Vec<Option<Uuid>> = jobs.iter().map(|j| j.tenant.map(|t| t.0)).collect();
+        let scopes: Vec<Uuid> = jobs.iter().map(|j| scope_of(j.tenant)).collect();
+        let kinds: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
+        let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
+        let payloads: Vec<Json<&serde_json::Value>> =
+            jobs.iter().map(|j| Json(&j.payload)).collect();
+        let priorities: Vec<i16> = jobs.iter().map(|j| j.priority).collect();
+        let run_ats: Vec<DateTime<Utc>> = jobs.iter().map(|j| j.run_at.unwrap_or(at)).collect();
+        let maxes: Vec<i32> = jobs.iter().map(|j| j.max_attempts as i32).collect();
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, uniq_scope, kind, queue, payload, priority,
+                                   state, run_at, attempts, max_attempts, created_at, updated_at)
+                 SELECT id, tenant_id, uniq_scope, kind, queue, payload, priority,
+                        CASE WHEN run_at <= $10 THEN 'ready' ELSE 'scheduled' END,
+                        run_at, 0, max_attempts, $10, $10
+                   FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
+                               $6::jsonb[], $7::int2[], $8::timestamptz[], $9::int4[])
+                     AS j(id, tenant_id, uniq_scope, kind, queue, payload, priority, run_at,
+                          max_attempts)",
+        )
+        .bind(&ids)
+        .bind(&tenants)
+        .bind(&scopes)
+        .bind(&kinds)
+        .bind(&queues)
+        .bind(&payloads)
+        .bind(&priorities)
+        .bind(&run_ats)
+        .bind(&maxes)
+        .bind(at)
+        .execute(&mut *conn)
+        .await
+        .map_err(sql_err)?;
+        out.extend(ids.into_iter().map(|id| Enqueued::Created(JobId(id))));
+    } else {
+        for job in jobs {
+            out.push(enqueue_on(conn, job).await?);
+        }
+    }
+    Ok(out)
+}
+
 /// Stores one job on `conn` (inside the caller's transaction). A unique key held by a
 /// pending job is settled by the unique index itself, so concurrent enqueuers agree.
 async fn enqueue_on(conn: &mut PgConnection, job: &NewJob) -> Result<Enqueued> {
@@ -219,52 +269,31 @@ impl JobQueue for PgQueue {
             job.validate()?;
         }
         let mut tx = self.pool.begin().await.map_err(sql_err)?;
-        let mut out = Vec::with_capacity(jobs.len());
-        if jobs.iter().all(|j| j.unique_key.is_none()) {
-            // The common case in one statement.
-            let at = now();
-            let ids: Vec<Uuid> = jobs.iter().map(|_| JobId::new().0).collect();
-            let tenants: Vec<Option<Uuid>> = jobs.iter().map(|j| j.tenant.map(|t| t.0)).collect();
-            let scopes: Vec<Uuid> = jobs.iter().map(|j| scope_of(j.tenant)).collect();
-            let kinds: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
-            let queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
-            let payloads: Vec<Json<&serde_json::Value>> =
-                jobs.iter().map(|j| Json(&j.payload)).collect();
-            let priorities: Vec<i16> = jobs.iter().map(|j| j.priority).collect();
-            let run_ats: Vec<DateTime<Utc>> = jobs.iter().map(|j| j.run_at.unwrap_or(at)).collect();
-            let maxes: Vec<i32> = jobs.iter().map(|j| j.max_attempts as i32).collect();
-            sqlx::query(
-                "INSERT INTO jobs (id, tenant_id, uniq_scope, kind, queue, payload, priority,
-                                   state, run_at, attempts, max_attempts, created_at, updated_at)
-                 SELECT id, tenant_id, uniq_scope, kind, queue, payload, priority,
-                        CASE WHEN run_at <= $10 THEN 'ready' ELSE 'scheduled' END,
-                        run_at, 0, max_attempts, $10, $10
-                   FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
-                               $6::jsonb[], $7::int2[], $8::timestamptz[], $9::int4[])
-                     AS j(id, tenant_id, uniq_scope, kind, queue, payload, priority, run_at,
-                          max_attempts)",
-            )
-            .bind(&ids)
-            .bind(&tenants)
-            .bind(&scopes)
-            .bind(&kinds)
-            .bind(&queues)
-            .bind(&payloads)
-            .bind(&priorities)
-            .bind(&run_ats)
-            .bind(&maxes)
-            .bind(at)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql_err)?;
-            out.extend(ids.into_iter().map(|id| Enqueued::Created(JobId(id))));
-        } else {
-            for job in jobs {
-                out.push(enqueue_on(&mut tx, job).await?);
-            }
-        }
+        let out = enqueue_many_on(&mut tx, jobs).await?;
         tx.commit().await.map_err(sql_err)?;
         Ok(out)
+    }
+
+    async fn enqueue_batch_in(
+        &self,
+        tx: &mut dyn TenantTx,
+        jobs: &[NewJob],
+    ) -> Result<Vec<Enqueued>> {
+        let tenant = tx.tenant();
+        let jobs = jobs
+            .iter()
+            .map(|j| {
+                j.validate()?;
+                tenant_scope(tenant, j)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Some(tx) = tx.as_any_mut().downcast_mut::<PgTx>() else {
+            return Err(Error::invalid(
+                "queue_not_transactional",
+                "a PostgreSQL job queue joins only a PostgreSQL storage transaction",
+            ));
+        };
+        enqueue_many_on(tx.transaction(), &jobs).await
     }
 
     async fn enqueue_in(&self, tx: &mut dyn TenantTx, job: &NewJob) -> Result<Enqueued> {

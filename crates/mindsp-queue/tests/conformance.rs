@@ -724,6 +724,32 @@ async fn jobs_commit_with_the_change_that_caused_them(b: &Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), "tenant_mismatch");
+    drop(tx);
+
+    // A batch in one unit of work: all or nothing, in order, unique keys honoured.
+    let batch: Vec<NewJob> = (0..50)
+        .map(|i| NewJob::new("t.batch", json!({ "i": i })))
+        .chain([
+            NewJob::new("t.batch", json!({ "u": 1 })).unique("b-key", OnDuplicate::Keep),
+            NewJob::new("t.batch", json!({ "u": 2 })).unique("b-key", OnDuplicate::Keep),
+        ])
+        .collect();
+    let mut tx = store.begin(tenant).await.unwrap();
+    let dropped = q.enqueue_batch_in(&mut *tx, &batch).await.unwrap();
+    drop(tx);
+    for e in &dropped {
+        assert!(q.job(JobScope::All, e.id()).await.unwrap().is_none());
+    }
+    let mut tx = store.begin(tenant).await.unwrap();
+    let stored = q.enqueue_batch_in(&mut *tx, &batch).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(stored.len(), 52);
+    assert_eq!(stored[50].id(), stored[51].id(), "the second holder of a key is kept out");
+    for (i, e) in stored.iter().take(50).enumerate() {
+        let job = q.job(JobScope::Tenant(tenant), e.id()).await.unwrap().unwrap();
+        assert_eq!(job.payload["i"], i);
+        assert_eq!(job.tenant, Some(tenant));
+    }
 }
 
 // ---- the worker runtime on this backend ------------------------------------------------
