@@ -744,9 +744,17 @@ async fn jobs_commit_with_the_change_that_caused_them(b: &Backend) {
     let stored = q.enqueue_batch_in(&mut *tx, &batch).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(stored.len(), 52);
-    assert_eq!(stored[50].id(), stored[51].id(), "the second holder of a key is kept out");
+    assert_eq!(
+        stored[50].id(),
+        stored[51].id(),
+        "the second holder of a key is kept out"
+    );
     for (i, e) in stored.iter().take(50).enumerate() {
-        let job = q.job(JobScope::Tenant(tenant), e.id()).await.unwrap().unwrap();
+        let job = q
+            .job(JobScope::Tenant(tenant), e.id())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(job.payload["i"], i);
         assert_eq!(job.tenant, Some(tenant));
     }

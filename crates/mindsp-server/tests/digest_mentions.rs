@@ -319,3 +319,41 @@ async fn a_mention_notifies_members_in_the_message_transaction() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_notification_and_its_email_exist_only_if_their_transaction_commits() {
+    let w = world(2).await;
+    let [a, b] = [w.people[0], w.people[1]];
+    let n = mindsp_core::notify::NewNotification::new(kind::SYSTEM, "Exercice NOVI", "Demain 9 h");
+
+    // Rolled back (the unit of work is dropped, as when the change that caused it fails).
+    let mut tx = w.store.begin(w.tenant).await.unwrap();
+    let outbox = w
+        .notifier
+        .notify_in(tx.as_mut(), &[a.user_id, b.user_id], &n)
+        .await
+        .unwrap();
+    assert_eq!((outbox.stored().len(), outbox.emails()), (2, 2));
+    drop(tx);
+    drop(outbox);
+    for who in [a, b] {
+        let page = w.notifier.list(&who, None, false, None).await.unwrap();
+        assert!(page.items.is_empty());
+        assert_eq!(page.unread, 0);
+    }
+    assert!(email_jobs(&w).await.is_empty());
+
+    // Committed: both, with their e-mail jobs.
+    let mut tx = w.store.begin(w.tenant).await.unwrap();
+    let outbox = w
+        .notifier
+        .notify_in(tx.as_mut(), &[a.user_id, b.user_id], &n)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    w.notifier.deliver(outbox).await;
+    for who in [a, b] {
+        assert_eq!(w.notifier.unread_count(&who).await.unwrap(), 1);
+    }
+    assert_eq!(email_jobs(&w).await.len(), 2);
+}
