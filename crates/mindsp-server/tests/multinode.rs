@@ -521,3 +521,88 @@ async fn a_killed_node_leaves_its_users_offline_for_the_others() {
     );
     drop(n2);
 }
+
+/// Notifications in the scaled profile: one created on node 1 reaches the recipient's
+/// socket on node 2, and a reminder run by a separate `mindsp-server worker` process
+/// (no HTTP, no sockets of its own) reaches it too, through Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_and_reminders_from_a_worker_process_cross_nodes() {
+    let Some((pg, redis)) = services() else {
+        return;
+    };
+    let shared = Shared::new(&pg, &redis).await;
+    let (n1, n2, admin) = cluster(&shared).await;
+    let bob = n2.user(&admin, "Bob").await;
+    n1.post(
+        "/api/admin/users",
+        &admin.token,
+        json!({"email": "ltn.roux@sdis13.fr", "display_name": "Ltn Roux", "role": "officer", "password": PASSWORD}),
+    )
+    .await;
+    let officer = n1.login("ltn.roux@sdis13.fr").await;
+    let mut b = n2.connect(&bob).await;
+
+    // An administrator's notification, created on node 1.
+    n1.post(
+        "/api/admin/notifications",
+        &admin.token,
+        json!({"user_ids": [bob.id], "title": "Exercice NOVI demain", "body": "9 h au stade"}),
+    )
+    .await;
+    let f = b.next("notification").await;
+    assert_eq!(f["notification"]["title"], "Exercice NOVI demain");
+    assert_eq!(f["unread"], 1);
+
+    // A session starting in 63 s with a reminder 1 min before: due in 3 s. The nodes run
+    // no worker; a worker process does.
+    let start = chrono::Utc::now() + chrono::TimeDelta::seconds(63);
+    let created = n1
+        .post(
+            "/api/fmpa",
+            &officer.token,
+            json!({
+                "title": "Manœuvre ARI", "kind": "ari", "location": "CIS Aix",
+                "start_at": start, "end_at": start + chrono::TimeDelta::hours(2),
+                "invitees": [bob.id], "reminder_offsets": [1]
+            }),
+        )
+        .await;
+    let session = created["session"]["id"].as_str().unwrap().to_owned();
+    let invitation = b.next("notification").await;
+    assert_eq!(invitation["notification"]["kind"], "FMPA_INVITATION");
+
+    let mail = std::env::temp_dir().join(format!("mindsp-mn-mail-{}", uuid::Uuid::new_v4()));
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_mindsp-server"))
+        .args(["worker", "--database-url", &shared.db_url])
+        .args(["--redis-url", &shared.redis_url])
+        .args(["--redis-prefix", &shared.prefix])
+        .args(["--presence-heartbeat-secs", HEARTBEAT])
+        .args(["--presence-window-secs", WINDOW])
+        .arg("--mail-dir")
+        .arg(&mail)
+        .env("MINDSP_LOG", "warn")
+        .env_remove("MINDSP_DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mindsp-server worker");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let reminder = loop {
+        let f = b.next("notification").await;
+        if f["notification"]["kind"] == "FMPA_REMINDER" {
+            break f;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reminder reached node 2"
+        );
+    };
+    assert_eq!(
+        reminder["notification"]["data"]["session_id"],
+        session.as_str()
+    );
+    assert_eq!(reminder["unread"], 3);
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let _ = std::fs::remove_dir_all(&mail);
+}
