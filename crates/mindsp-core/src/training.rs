@@ -336,8 +336,8 @@ impl Training {
         Ok(())
     }
 
-    fn check_invitees(&self, users: &[UserId]) -> Result<()> {
-        if users.len() > self.config.max_invitees {
+    fn check_invitees(&self, count: usize) -> Result<()> {
+        if count > self.config.max_invitees {
             return Err(Error::invalid(
                 "too_many_invitees",
                 format!(
@@ -394,7 +394,7 @@ impl Training {
         let mut invitees = new.invitees.clone();
         invitees.sort();
         invitees.dedup();
-        self.check_invitees(&invitees)?;
+        self.check_invitees(invitees.len())?;
         let session = TrainingSession {
             id: SessionId::new(),
             title,
@@ -553,7 +553,7 @@ impl Training {
             .copied()
             .filter(|u| !before.contains(u))
             .collect();
-        self.check_invitees(&vec![UserId::default(); remaining + newly.len()])?;
+        self.check_invitees(remaining + newly.len())?;
         s.updated_at = at;
         tx.update_session(&s).await?;
         let removed = if uninvite.is_empty() {
