@@ -327,7 +327,11 @@ impl Default for NotifyConfig {
     fn default() -> Self {
         Self {
             extra_kinds: Vec::new(),
-            urgent_kinds: Vec::new(),
+            // A reminder or a cancellation held until 07:00 may come after the session.
+            urgent_kinds: vec![
+                kind::FMPA_REMINDER.to_owned(),
+                kind::FMPA_CANCELLED.to_owned(),
+            ],
             email_by_default: [
                 kind::FMPA_INVITATION,
                 kind::FMPA_REMINDER,
@@ -1013,12 +1017,10 @@ impl Notifier {
         let mut sent = 0;
         for tenant in self.store.tenant_ids().await? {
             let at = now();
-            // Read and ask who is online before the write transaction: on SQLite it
-            // would hold up every writer meanwhile.
-            let candidates = {
-                let mut r = self.store.read(tenant).await?;
-                r.digest_candidates(at - delay, DIGEST_BATCH).await?
-            };
+            // Everything is read first, in a read unit of work: on SQLite a write unit
+            // would hold up every sender meanwhile. The writes are the marks and jobs.
+            let mut r = self.store.read(tenant).await?;
+            let candidates = r.digest_candidates(at - delay, DIGEST_BATCH).await?;
             if candidates.is_empty() {
                 continue;
             }
@@ -1032,57 +1034,36 @@ impl Notifier {
                 .copied()
                 .filter(|u| !here.contains(u))
                 .collect();
+            let prefs = self.effective_prefs_in(r.as_mut(), &away).await?;
+            let mut jobs = Vec::new();
+            for user in &away {
+                let p = prefs.get(user);
+                if !p
+                    .and_then(|p| p.types.get(kind::NEW_MESSAGE))
+                    .is_some_and(|c| c.email)
+                {
+                    continue;
+                }
+                let entries = r
+                    .unread_digest(*user, DIGEST_CONVERSATIONS, DIGEST_MESSAGES)
+                    .await?;
+                if entries.is_empty() {
+                    continue;
+                }
+                let payload = digest_email(*user, &entries);
+                let quiet = p.and_then(|p| p.quiet_hours.as_ref());
+                jobs.push(self.email_job(tenant, &payload, quiet, at)?);
+            }
+            drop(r);
             let mut tx = self.store.begin(tenant).await?;
             // Connected now, they can read what arrived: it is not e-mailed later. This
             // also keeps them from filling every batch while they stay online.
-            for user in &here {
+            for user in &candidates {
                 tx.set_digest_sent(*user, at).await?;
             }
-            let prefs = self.effective_prefs_in(tx.as_mut(), &away).await?;
+            sent += jobs.len();
             let mut after_commit = Vec::new();
-            let mut digest_jobs = Vec::new();
-            for user in away {
-                let p = prefs.get(&user);
-                let wants = p
-                    .and_then(|p| p.types.get(kind::NEW_MESSAGE))
-                    .is_some_and(|c| c.email);
-                if wants {
-                    let entries = tx
-                        .unread_digest(user, DIGEST_CONVERSATIONS, DIGEST_MESSAGES)
-                        .await?;
-                    if !entries.is_empty() {
-                        let total: i64 = entries.iter().map(|e| e.unread).sum();
-                        let conversations: Vec<serde_json::Value> = entries
-                            .iter()
-                            .map(|e| {
-                                serde_json::json!({
-                                    "conversation_id": e.conversation_id,
-                                    "title": e.title,
-                                    "unread": e.unread,
-                                    "messages": e.messages.iter().map(|(who, text, at)| {
-                                        serde_json::json!({"author": who, "text": text, "sent_at": at})
-                                    }).collect::<Vec<_>>(),
-                                })
-                            })
-                            .collect();
-                        let payload = NotificationEmail {
-                            user_id: user,
-                            notification_id: None,
-                            kind: kind::NEW_MESSAGE.to_owned(),
-                            title: format!("{total} message(s) non lu(s)"),
-                            body: String::new(),
-                            link: Some("/".to_owned()),
-                            data: serde_json::json!({ "digest": conversations }),
-                        };
-                        let quiet = p.and_then(|p| p.quiet_hours.as_ref());
-                        let job = self.email_job(tenant, &payload, quiet, at)?;
-                        digest_jobs.push(job);
-                        sent += 1;
-                    }
-                }
-                tx.set_digest_sent(user, at).await?;
-            }
-            enqueue_emails(queue.as_ref(), tx.as_mut(), digest_jobs, &mut after_commit).await?;
+            enqueue_emails(queue.as_ref(), tx.as_mut(), jobs, &mut after_commit).await?;
             tx.commit().await?;
             if !after_commit.is_empty() {
                 queue.enqueue_batch(&after_commit).await?;
@@ -1112,6 +1093,38 @@ impl Notifier {
             job = job.run_at(release);
         }
         Ok(job)
+    }
+}
+
+/// The e-mail of an unread digest (type `NEW_MESSAGE`; templates read `data.digest`).
+fn digest_email(user: UserId, entries: &[crate::ports::DigestEntry]) -> NotificationEmail {
+    let total: i64 = entries.iter().map(|e| e.unread).sum();
+    let conversations: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| {
+            let messages: Vec<serde_json::Value> = e
+                .messages
+                .iter()
+                .map(|(who, text, at)| {
+                    serde_json::json!({"author": who, "text": text, "sent_at": at})
+                })
+                .collect();
+            serde_json::json!({
+                "conversation_id": e.conversation_id,
+                "title": e.title,
+                "unread": e.unread,
+                "messages": messages,
+            })
+        })
+        .collect();
+    NotificationEmail {
+        user_id: user,
+        notification_id: None,
+        kind: kind::NEW_MESSAGE.to_owned(),
+        title: format!("{total} message(s) non lu(s)"),
+        body: String::new(),
+        link: Some("/".to_owned()),
+        data: serde_json::json!({ "digest": conversations }),
     }
 }
 

@@ -249,8 +249,10 @@ pub trait TenantTx: Send {
     // ---- unread digest -----------------------------------------------------------
 
     /// Users with a conversation whose oldest unread message (the one after their read
-    /// marker) was created at or before `unread_since`, and with activity after the
-    /// last digest they were sent (all activity if none). At most `limit`, any order.
+    /// marker) was created at or before `unread_since`, and, if they were ever sent a
+    /// digest, with activity after it and that digest sent at or before
+    /// `unread_since` (so digests are at least the delay apart). At most `limit`, any
+    /// order.
     async fn digest_candidates(
         &mut self,
         unread_since: DateTime<Utc>,
@@ -279,6 +281,15 @@ pub trait TenantTx: Send {
 
     /// A session by id.
     async fn session(&mut self, id: SessionId) -> Result<Option<TrainingSession>>;
+
+    /// A session by id, locked until the end of the unit of work against concurrent
+    /// changes (`exclusive`) or against changes only (shared), so two changes of one
+    /// session never overwrite each other.
+    async fn lock_session(
+        &mut self,
+        id: SessionId,
+        exclusive: bool,
+    ) -> Result<Option<TrainingSession>>;
 
     /// Writes every field of an existing session; `false` if there is none.
     async fn update_session(&mut self, session: &TrainingSession) -> Result<bool>;

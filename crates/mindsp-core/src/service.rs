@@ -606,7 +606,19 @@ impl Messaging {
             created_at: crate::model::now(),
         };
         let mut tx = self.store.begin(actor.tenant_id).await?;
-        let appended = tx.append_message(&new).await?;
+        let appended = match tx.append_message(&new).await {
+            Ok(a) => a,
+            // A concurrent send with the same key won the race: answer what it stored.
+            Err(Error::Conflict {
+                code: "duplicate_idempotency_key",
+                ..
+            }) => {
+                drop(tx);
+                let mut tx = self.store.begin(actor.tenant_id).await?;
+                return tx.append_message(&new).await;
+            }
+            Err(e) => return Err(e),
+        };
         if !appended.created() {
             return Ok(appended);
         }

@@ -356,9 +356,14 @@ impl Training {
         title: String,
         body: String,
     ) -> NewNotification {
-        NewNotification::new(k, title, body)
-            .link(format!("/fmpa/{}", session.id))
-            .data(session_data(session))
+        let c = self.notifier.config();
+        NewNotification::new(
+            k,
+            clip(&title, c.max_title_chars),
+            clip(&body, c.max_body_chars),
+        )
+        .link(format!("/fmpa/{}", session.id))
+        .data(session_data(session))
     }
 
     /// Creates a session, invites, notifies and schedules reminders, all in one unit
@@ -481,7 +486,10 @@ impl Training {
         actor: &Actor,
         id: SessionId,
     ) -> Result<TrainingSession> {
-        let s = tx.session(id).await?.ok_or(Error::NotFound("session"))?;
+        let s = tx
+            .lock_session(id, true)
+            .await?
+            .ok_or(Error::NotFound("session"))?;
         if s.organizer_id != actor.user_id && actor.role != Role::Admin {
             return Err(Error::forbidden(
                 "only the organiser or an administrator changes a session",
@@ -736,7 +744,10 @@ impl Training {
             ));
         }
         let mut tx = self.store.begin(actor.tenant_id).await?;
-        let session = tx.session(id).await?.ok_or(Error::NotFound("session"))?;
+        let session = tx
+            .lock_session(id, false)
+            .await?
+            .ok_or(Error::NotFound("session"))?;
         if session.status == SessionStatus::Cancelled {
             return Err(Error::conflict(
                 "session_cancelled",
@@ -767,10 +778,12 @@ impl Training {
             ));
         };
         let mut tx = self.store.begin(tenant).await?;
-        let Some(s) = tx.session(id).await? else {
+        let Some(s) = tx.lock_session(id, false).await? else {
             return Ok(false);
         };
+        // Late (a worker was down): a reminder after the start helps nobody.
         if s.status != SessionStatus::Scheduled
+            || s.start_at <= now()
             || s.start_at != reminder.start_at
             || !s.reminder_offsets.contains(&reminder.offset_minutes)
         {
@@ -798,20 +811,25 @@ impl Training {
         };
         let mut data = session_data(&s);
         data["offset_minutes"] = reminder.offset_minutes.into();
-        let n = NewNotification::new(
-            kind::FMPA_REMINDER,
-            format!("Rappel : {}", s.title),
-            format!(
-                "La formation « {} » commence {lead} ({}).",
-                s.title, s.location
-            ),
-        )
-        .link(format!("/fmpa/{}", s.id))
-        .data(data)
-        .key(format!(
-            "fmpa-reminder:{}:{}",
-            s.id, reminder.offset_minutes
-        ));
+        // Keyed by the start too: after a move, the reminder for the new date is a new
+        // one, while a job that runs twice for the same date notifies once.
+        let n = self
+            .notification(
+                kind::FMPA_REMINDER,
+                &s,
+                format!("Rappel : {}", s.title),
+                format!(
+                    "La formation « {} » commence {lead} ({}).",
+                    s.title, s.location
+                ),
+            )
+            .data(data)
+            .key(format!(
+                "fmpa-reminder:{}:{}:{}",
+                s.id,
+                s.start_at.timestamp_millis(),
+                reminder.offset_minutes
+            ));
         let outbox = self
             .notifier
             .notify_in(tx.as_mut(), &[reminder.user_id], &n)
@@ -823,6 +841,19 @@ impl Training {
     }
 }
 
+/// `s` cut to `max` characters, with an ellipsis when cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// Most characters of the description a notification's `data` carries.
+const DATA_DESCRIPTION_CHARS: usize = 500;
+
 /// What notifications about a session carry in `data` (and e-mail templates read).
 pub fn session_data(s: &TrainingSession) -> serde_json::Value {
     serde_json::json!({
@@ -830,7 +861,7 @@ pub fn session_data(s: &TrainingSession) -> serde_json::Value {
         "title": s.title,
         "kind": s.kind,
         "location": s.location,
-        "description": s.description,
+        "description": clip(&s.description, DATA_DESCRIPTION_CHARS),
         "start_at": s.start_at,
         "end_at": s.end_at,
         "organizer_id": s.organizer_id,

@@ -540,6 +540,7 @@ async fn run_serve(
                 training: state.training.clone(),
                 online: Arc::new(state.realtime.clone()),
             },
+            true,
         )?)
     };
     let grace = Duration::from_secs(args.shutdown_grace_secs);
@@ -592,7 +593,19 @@ async fn run_worker(
         training,
         online: Arc::new(realtime),
     };
-    let worker = start_jobs(database_url, &args.jobs, queue, services)?;
+    // Without Redis this process cannot tell who is connected to the HTTP nodes: it
+    // would e-mail digests to users who are online. It leaves the sweep to others.
+    let digest = args
+        .realtime
+        .redis_url
+        .as_deref()
+        .is_some_and(|u| !u.trim().is_empty());
+    if !digest {
+        tracing::warn!(
+            "no MINDSP_REDIS_URL: this worker cannot see who is online and does not schedule the unread-message digest"
+        );
+    }
+    let worker = start_jobs(database_url, &args.jobs, queue, services, digest)?;
     shutdown.await;
     worker
         .shutdown(Duration::from_secs(args.shutdown_grace_secs))
@@ -633,6 +646,7 @@ fn start_jobs(
     args: &JobArgs,
     queue: Arc<dyn JobQueue>,
     services: NotifyServices,
+    digest: bool,
 ) -> anyhow::Result<WorkerHandle> {
     let settings = mail_settings(database_url, args)?;
     let built = settings.build().context("invalid e-mail settings")?;
@@ -648,7 +662,10 @@ fn start_jobs(
             }
         });
     }
-    let settings = args.worker_settings();
+    let mut settings = args.worker_settings();
+    if !digest {
+        settings.digest_schedule = None;
+    }
     let worker = start_worker(queue, built.mailer, &settings, Some(services))?;
     tracing::info!(
         queues = "default,email",

@@ -143,8 +143,8 @@ pub struct WorkerSettings {
     pub email_retry: RetryPolicy,
     /// How long a user's oldest unread message waits before their digest e-mail.
     pub digest_delay: Duration,
-    /// When the digest sweep runs (cron, with seconds, UTC).
-    pub digest_schedule: String,
+    /// When the digest sweep runs (cron, with seconds, UTC); `None`: not in this worker.
+    pub digest_schedule: Option<String>,
     /// The server's address as users reach it; e-mail links start with it.
     pub public_url: String,
 }
@@ -159,7 +159,7 @@ impl Default for WorkerSettings {
             retention: config.retention,
             email_retry: RetryPolicy::default(),
             digest_delay: Duration::from_secs(15 * 60),
-            digest_schedule: "0 * * * * *".to_owned(),
+            digest_schedule: Some("0 * * * * *".to_owned()),
             public_url: "http://127.0.0.1:8080".to_owned(),
         }
     }
@@ -206,8 +206,6 @@ pub fn start_worker(
         settings.email_retry,
     );
     if let Some(s) = services {
-        let schedule = Schedule::parse(&settings.digest_schedule)
-            .map_err(|e| anyhow::anyhow!("invalid digest schedule: {e}"))?;
         builder = builder
             .handle_with(
                 NOTIFICATION_EMAIL_JOB,
@@ -230,12 +228,16 @@ pub fn start_worker(
                     s.online,
                     settings.digest_delay,
                 )),
-            )
-            .repeat(
+            );
+        if let Some(expr) = &settings.digest_schedule {
+            let schedule = Schedule::parse(expr)
+                .map_err(|e| anyhow::anyhow!("invalid digest schedule: {e}"))?;
+            builder = builder.repeat(
                 DIGEST_SWEEP_JOB,
                 schedule,
                 NewJob::new(DIGEST_SWEEP_JOB, serde_json::json!({})).max_attempts(1),
             );
+        }
     }
     Ok(builder.start())
 }

@@ -1456,7 +1456,8 @@ impl TenantTx for PgTx {
                 AND first.tenant_id = $1
                 AND c.last_seq > me.last_read_seq
                 AND first.created_at <= $2
-                AND (d.sent_through IS NULL OR c.last_activity_at > d.sent_through)
+                AND (d.sent_through IS NULL
+                     OR (c.last_activity_at > d.sent_through AND d.sent_through <= $2))
               LIMIT $3",
         )
         .bind(self.tenant.0)
@@ -1575,6 +1576,25 @@ impl TenantTx for PgTx {
     async fn session(&mut self, id: SessionId) -> Result<Option<TrainingSession>> {
         sqlx::query(&format!(
             "SELECT {SESSION_COLS} FROM training_sessions WHERE id = $1 AND tenant_id = $2"
+        ))
+        .bind(id.0)
+        .bind(self.tenant.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(session_from_row)
+        .transpose()
+    }
+
+    async fn lock_session(
+        &mut self,
+        id: SessionId,
+        exclusive: bool,
+    ) -> Result<Option<TrainingSession>> {
+        let mode = if exclusive { "UPDATE" } else { "SHARE" };
+        sqlx::query(&format!(
+            "SELECT {SESSION_COLS} FROM training_sessions WHERE id = $1 AND tenant_id = $2 FOR {mode}"
         ))
         .bind(id.0)
         .bind(self.tenant.0)

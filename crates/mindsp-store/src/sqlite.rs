@@ -1281,7 +1281,8 @@ impl TenantTx for SqliteTx {
               WHERE c.tenant_id = ?1 AND me.tenant_id = ?1 AND u.tenant_id = ?1 AND u.active = 1
                 AND c.last_seq > me.last_read_seq
                 AND first.created_at <= ?2
-                AND (d.sent_through IS NULL OR c.last_activity_at > d.sent_through)
+                AND (d.sent_through IS NULL
+                     OR (c.last_activity_at > d.sent_through AND d.sent_through <= ?2))
               LIMIT ?3",
         )
         .bind(self.tenant.0)
@@ -1418,6 +1419,15 @@ impl TenantTx for SqliteTx {
         .as_ref()
         .map(session_from_row)
         .transpose()
+    }
+
+    async fn lock_session(
+        &mut self,
+        id: SessionId,
+        _exclusive: bool,
+    ) -> Result<Option<TrainingSession>> {
+        // One writer at a time: a read in a write unit of work is already exclusive.
+        self.session(id).await
     }
 
     async fn update_session(&mut self, s: &TrainingSession) -> Result<bool> {

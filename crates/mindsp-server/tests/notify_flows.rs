@@ -1,8 +1,10 @@
-//! The unread-message digest and mentions, on the real SQLite store and SQL queue:
+//! Notification flows on the real SQLite store and SQL queue, below the routes:
 //! - a member connected nowhere gets one digest job for many messages, none for the same
 //!   messages again, none if they read first, none while connected, none before the
-//!   delay; the digest e-mail renders what they missed;
-//! - a mention notifies the mentioned members, in the message's own transaction.
+//!   delay, and digests at least the delay apart; the digest e-mail renders;
+//! - a mention notifies the mentioned members, in the message's own transaction;
+//! - a notification and its e-mail exist only if their transaction commits;
+//! - training sessions at their size limits, reminders after a move, late reminders.
 
 use std::sync::Arc;
 
@@ -356,4 +358,184 @@ async fn a_notification_and_its_email_exist_only_if_their_transaction_commits() 
         assert_eq!(w.notifier.unread_count(&who).await.unwrap(), 1);
     }
     assert_eq!(email_jobs(&w).await.len(), 2);
+}
+
+/// Digests are at least the delay apart: a new message right after a digest waits.
+#[tokio::test]
+async fn digests_are_at_least_the_delay_apart() {
+    let w = world(2).await;
+    let [a, b] = [w.people[0], w.people[1]];
+    let (conv, _) = w.messaging.open_direct(&a, b.user_id).await.unwrap();
+    let delay = TimeDelta::milliseconds(600);
+    w.messaging
+        .send(&a, conv.id, "Garde demain ?", None)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(
+        w.notifier.digest_sweep(&NobodyOnline, delay).await.unwrap(),
+        1
+    );
+    // New activity, but the last digest is younger than the delay.
+    w.messaging
+        .send(&a, conv.id, "Réponds vite", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        w.notifier.digest_sweep(&NobodyOnline, delay).await.unwrap(),
+        0
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(
+        w.notifier.digest_sweep(&NobodyOnline, delay).await.unwrap(),
+        1
+    );
+    let jobs = email_jobs(&w).await;
+    let digests = digests_for(&jobs, b.user_id);
+    assert_eq!(digests.len(), 2);
+    // A direct conversation is named after the other member.
+    assert_eq!(
+        digests[0].payload["data"]["digest"][0]["title"],
+        "Sergent Hélène Dupré 0"
+    );
+}
+
+fn training(w: &World) -> mindsp_core::training::Training {
+    mindsp_core::training::Training::new(
+        w.store.clone(),
+        w.notifier.clone(),
+        Some(w.queue.clone()),
+        mindsp_core::training::TrainingConfig::default(),
+    )
+}
+
+fn officer(a: Actor) -> Actor {
+    Actor {
+        role: Role::Officer,
+        ..a
+    }
+}
+
+fn session(
+    title: &str,
+    start: chrono::DateTime<chrono::Utc>,
+    invitees: Vec<mindsp_core::UserId>,
+    offsets: Vec<i64>,
+) -> mindsp_core::training::NewSession {
+    mindsp_core::training::NewSession {
+        title: title.into(),
+        kind: "ari".into(),
+        description: "é".repeat(4000),
+        location: "CIS Grasse".into(),
+        start_at: start,
+        end_at: start + TimeDelta::hours(2),
+        invitees,
+        reminder_offsets: Some(offsets),
+    }
+}
+
+async fn reminders_of(w: &World, who: Actor) -> Vec<mindsp_core::notify::Notification> {
+    w.notifier
+        .list(&who, None, false, Some(100))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|n| n.kind == kind::FMPA_REMINDER)
+        .collect()
+}
+
+/// A title and a description at their limits still make valid notifications: the
+/// invitation and the cancellation go out, cut with an ellipsis.
+#[tokio::test]
+async fn sessions_with_the_longest_title_notify_and_cancel() {
+    let w = world(2).await;
+    let [a, b] = [officer(w.people[0]), w.people[1]];
+    let t = training(&w);
+    let start = chrono::Utc::now() + TimeDelta::days(3);
+    let title = "Manœuvre ".repeat(25).chars().take(200).collect::<String>();
+    let s = t
+        .create(&a, session(&title, start, vec![b.user_id], vec![1440, 60]))
+        .await
+        .unwrap();
+    t.cancel(&a, s.session.id, Some("Intempéries".into()))
+        .await
+        .unwrap();
+    let items = w.notifier.list(&b, None, false, None).await.unwrap().items;
+    assert_eq!(items.len(), 2);
+    for n in &items {
+        assert!(
+            n.title.chars().count() <= 200 && n.title.ends_with('…'),
+            "{}",
+            n.title
+        );
+    }
+}
+
+/// A reminder that fired before the session moved does not stop the reminder for the
+/// new date; the old one, run again, is stale; a reminder after the start is dropped.
+#[tokio::test]
+async fn a_moved_session_reminds_again_and_a_late_reminder_is_dropped() {
+    let w = world(2).await;
+    let [a, b] = [officer(w.people[0]), w.people[1]];
+    let t = training(&w);
+    let start = chrono::Utc::now() + TimeDelta::hours(3);
+    let s = t
+        .create(
+            &a,
+            session("Feu de forêt", start, vec![b.user_id], vec![60]),
+        )
+        .await
+        .unwrap();
+    let id = s.session.id;
+    let reminder = |start_at| mindsp_core::reminders::Reminder {
+        subject: format!("fmpa:{id}"),
+        user_id: b.user_id,
+        offset_minutes: 60,
+        start_at,
+    };
+    let first = reminder(s.session.start_at);
+    assert!(t.deliver_reminder(w.tenant, &first).await.unwrap());
+    assert!(
+        !t.deliver_reminder(w.tenant, &first).await.unwrap(),
+        "run twice, once"
+    );
+    let moved = t
+        .update(
+            &a,
+            id,
+            mindsp_core::training::SessionPatch {
+                start_at: Some(start + TimeDelta::days(1)),
+                end_at: Some(start + TimeDelta::days(1) + TimeDelta::hours(2)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        !t.deliver_reminder(w.tenant, &first).await.unwrap(),
+        "stale"
+    );
+    let second = reminder(moved.session.start_at);
+    assert!(t.deliver_reminder(w.tenant, &second).await.unwrap());
+    assert_eq!(reminders_of(&w, b).await.len(), 2);
+
+    // A session about to start: its reminder, run late, notifies nobody.
+    let soon = chrono::Utc::now() + TimeDelta::milliseconds(400);
+    let s = t
+        .create(
+            &a,
+            session("Recyclage PSE2", soon, vec![b.user_id], vec![1]),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let late = mindsp_core::reminders::Reminder {
+        subject: format!("fmpa:{}", s.session.id),
+        user_id: b.user_id,
+        offset_minutes: 1,
+        start_at: s.session.start_at,
+    };
+    assert!(!t.deliver_reminder(w.tenant, &late).await.unwrap());
+    assert_eq!(reminders_of(&w, b).await.len(), 2);
 }
