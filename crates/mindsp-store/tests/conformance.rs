@@ -142,6 +142,7 @@ conformance!(
     notifications_for_a_whole_tenant,
     training_sessions_store_update_and_list,
     training_invitees_and_answers,
+    session_locks_serialise_changes,
     unread_digest_candidates_and_contents,
 );
 
@@ -1729,6 +1730,46 @@ mod fmpa {
         assert_eq!(tx.invitees(sessions[1].id).await.unwrap().len(), 2);
     }
 
+    /// A change holding a session's lock is seen whole by the next one: the second
+    /// waits for the first to commit, then reads its write (no lost update).
+    pub(super) async fn session_locks_serialise_changes(store: Arc<dyn Store>) {
+        let svc = Messaging::new(store.clone(), Limits::default());
+        let a = dept(&svc, "sdis13", 1).await;
+        let s = session(a.admin.user_id, "FMPA", now() + TimeDelta::days(1));
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        tx.insert_session(&s).await.unwrap();
+        tx.commit().await.unwrap();
+
+        let mut first = store.begin(a.tenant).await.unwrap();
+        let mut mine = first.lock_session(s.id, true).await.unwrap().unwrap();
+        let (store2, tenant, id) = (store.clone(), a.tenant, s.id);
+        let second = tokio::spawn(async move {
+            let mut tx = store2.begin(tenant).await.unwrap();
+            let seen = tx.lock_session(id, true).await.unwrap().unwrap();
+            tx.commit().await.unwrap();
+            seen
+        });
+        // Give the second change time to reach the lock before the first commits.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(
+            !second.is_finished(),
+            "the second change waits for the lock"
+        );
+        mine.title = "FMPA déplacée".into();
+        first.update_session(&mine).await.unwrap();
+        first.commit().await.unwrap();
+        let seen = second.await.unwrap();
+        assert_eq!(seen.title, "FMPA déplacée");
+        // A missing session locks nothing.
+        let mut tx = store.begin(a.tenant).await.unwrap();
+        assert!(
+            tx.lock_session(SessionId::new(), true)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
     pub(super) async fn training_invitees_and_answers(store: Arc<dyn Store>) {
         let svc = Messaging::new(store.clone(), Limits::default());
         let a = dept(&svc, "sdis13", 3).await;
@@ -1929,6 +1970,6 @@ mod fmpa {
 use fmpa::{
     notification_prefs_and_tenant_defaults, notifications_for_a_whole_tenant,
     notifications_stay_with_their_user_and_tenant, notifications_store_dedupe_page_and_count,
-    notifier_over_the_store, training_invitees_and_answers,
+    notifier_over_the_store, session_locks_serialise_changes, training_invitees_and_answers,
     training_sessions_store_update_and_list, unread_digest_candidates_and_contents,
 };
