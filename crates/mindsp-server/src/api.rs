@@ -249,6 +249,21 @@ pub(crate) async fn get_conversation(
     ))
 }
 
+/// `GET /api/conversations/{id}/presence`: who of its members is online (the same
+/// answer as the socket's `presence` command).
+pub(crate) async fn conversation_presence(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Path(id): Path<ConversationId>,
+) -> ApiResult<axum::Json<Value>> {
+    let (_, members) = state.messaging.conversation(&auth.actor, id).await?;
+    let ids: Vec<UserId> = members.iter().map(|m| m.user_id).collect();
+    let presence = state.realtime.presence(auth.actor.tenant_id, &ids).await;
+    Ok(axum::Json(
+        json!({ "conversation_id": id, "presence": presence }),
+    ))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Rename {

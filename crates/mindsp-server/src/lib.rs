@@ -176,6 +176,7 @@ pub fn router(state: AppState) -> Router {
             get(get_conversation).patch(rename_conversation),
         )
         .route("/conversations/{id}/members", post(add_members))
+        .route("/conversations/{id}/presence", get(conversation_presence))
         .route(
             "/conversations/{id}/members/{user_id}",
             axum::routing::patch(set_member_role).delete(remove_member),

@@ -155,6 +155,22 @@ async fn presence_follows_the_last_tab() {
     };
     assert_eq!(find(&q, &alice.id)["status"], "online");
     assert_eq!(find(&q, &bob.id)["status"], "online");
+    // The REST route answers the same, for a page that has no socket yet; an outsider
+    // learns nothing (404).
+    let rest = s
+        .get(&format!("/api/conversations/{conv}/presence"), &bob.token)
+        .await;
+    assert_eq!(find(&rest, &alice.id)["status"], "online");
+    let carol = s.user(&admin, "sdis13", "Carol").await;
+    let (status, _) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/conversations/{conv}/presence"),
+            &carol.token,
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
 
     // One tab closes: still online, and nobody is told otherwise.
     tab1.ws.close(None).await.unwrap();
