@@ -291,6 +291,12 @@ pub struct WsArgs {
     #[arg(long, env = "MINDSP_WS_TYPING_TTL_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub ws_typing_ttl_ms: u64,
+
+    /// Most messages one `resume` replays per conversation; further behind, the client
+    /// gets `resync` and reads the history over HTTP.
+    #[arg(long, env = "MINDSP_WS_MAX_RESUME_MESSAGES", default_value_t = 500,
+          value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub ws_max_resume_messages: i64,
 }
 
 impl WsArgs {
@@ -311,6 +317,7 @@ impl WsArgs {
             idle_timeout: Duration::from_secs(self.ws_idle_secs),
             typing_throttle: (ttl * 2 / 5).max(Duration::from_millis(50)),
             typing_ttl: ttl,
+            max_resume_messages: self.ws_max_resume_messages,
             ..crate::ws::WsConfig::default()
         }
     }

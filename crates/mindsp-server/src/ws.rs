@@ -63,6 +63,10 @@ pub struct WsConfig {
     pub typing_ttl: Duration,
     /// Most conversations in one `resume`.
     pub max_resume_conversations: usize,
+    /// Most messages one `resume` replays in one conversation; further behind, the
+    /// client gets a `resync` event and reads the history over HTTP instead (a long
+    /// replay would hold up the connection's live events until it is cut as too slow).
+    pub max_resume_messages: i64,
     /// How long a close frame may take to go out before the socket is dropped.
     pub close_timeout: Duration,
 }
@@ -80,6 +84,7 @@ impl Default for WsConfig {
             typing_throttle: Duration::from_secs(2),
             typing_ttl: Duration::from_secs(5),
             max_resume_conversations: 1000,
+            max_resume_messages: 500,
             close_timeout: Duration::from_secs(5),
         }
     }
@@ -970,17 +975,44 @@ impl Writer<'_> {
     /// what the replay already sent.
     async fn resume(&mut self, id: Value, cursors: Vec<(ConversationId, i64)>) -> Result<(), Stop> {
         let mut not_found = Vec::new();
+        let mut resync = Vec::new();
         let mut replayed = 0usize;
         for (conv, seq) in cursors {
-            self.cursors.insert(conv, seq);
+            let last = match self.state.messaging.conversation(&self.actor, conv).await {
+                Ok((c, _)) => c.last_seq,
+                Err(Error::NotFound(_)) => {
+                    not_found.push(conv);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read a conversation to resume");
+                    seq
+                }
+            };
             self.floors.remove(&conv);
+            if last - seq > self.state.ws.max_resume_messages {
+                // Too far behind to replay here: live events go on from the newest
+                // message, and the client reads what is between over HTTP.
+                self.cursors.insert(conv, last);
+                let frame = json!({
+                    "v": 1,
+                    "type": "resync",
+                    "conversation_id": conv,
+                    "from_seq": seq,
+                    "last_seq": last,
+                });
+                self.feed(Message::text(frame.to_string())).await?;
+                resync.push(conv);
+                continue;
+            }
+            self.cursors.insert(conv, seq);
             if self.replay(conv, seq, None).await? {
                 replayed += (self.cursors.get(&conv).copied().unwrap_or(seq) - seq) as usize;
             } else {
                 not_found.push(conv);
             }
         }
-        let body = json!({ "replayed": replayed, "not_found": not_found });
+        let body = json!({ "replayed": replayed, "not_found": not_found, "resync": resync });
         self.send(Message::text(ack(&id, body))).await
     }
 }

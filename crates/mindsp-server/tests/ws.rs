@@ -684,3 +684,72 @@ async fn silent_connections_are_pinged_and_reaped() {
     alive.ok("ping", json!({})).await;
     assert_eq!(silent.close_code().await, Some(4002));
 }
+
+/// A conversation too far behind its cursor is not replayed over the socket: the client
+/// gets `resync` and reads the history over HTTP; live events go on from the newest
+/// message, and a conversation within the limit is replayed as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_far_behind_asks_for_a_resync_instead_of_a_long_replay() {
+    let mut cfg = config();
+    cfg.ws.max_resume_messages = 10;
+    let s = Server::start(cfg).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let far = s.group(&alice, &[&bob]).await;
+    let near = s.group(&alice, &[&bob]).await;
+    let (far_id, near_id): (mindsp_core::ConversationId, mindsp_core::ConversationId) =
+        (far.parse().unwrap(), near.parse().unwrap());
+    for i in 1..=15 {
+        s.state
+            .messaging
+            .send(&alice.actor, far_id, &format!("f{i}"), None)
+            .await
+            .unwrap();
+    }
+    for i in 1..=5 {
+        s.state
+            .messaging
+            .send(&alice.actor, near_id, &format!("n{i}"), None)
+            .await
+            .unwrap();
+    }
+    let mut b = s.connect(&bob).await;
+    let id = b
+        .command(
+            "resume",
+            json!({"cursors": {far.clone(): 0, near.clone(): 0}}),
+        )
+        .await;
+    let acked = b.reply_to(&id).await;
+    assert_eq!(acked["resync"], json!([far]), "{acked}");
+    assert_eq!(acked["replayed"], 5, "{acked}");
+    let resync = b.next("resync").await;
+    assert_eq!(resync["conversation_id"], far.as_str());
+    assert_eq!(
+        (resync["from_seq"].as_i64(), resync["last_seq"].as_i64()),
+        (Some(0), Some(15))
+    );
+    let mut replayed = Vec::new();
+    for _ in 0..5 {
+        let f = b.next("new_message").await;
+        assert_eq!(
+            f["conversation_id"],
+            near.as_str(),
+            "nothing of the far one: {f}"
+        );
+        replayed.push(seq(&f));
+    }
+    assert_eq!(replayed, vec![1, 2, 3, 4, 5]);
+    // Live messages of the far conversation continue from its newest.
+    s.state
+        .messaging
+        .send(&alice.actor, far_id, "f16", None)
+        .await
+        .unwrap();
+    let live = b.next("new_message").await;
+    assert_eq!(
+        (live["conversation_id"].as_str(), seq(&live)),
+        (Some(far.as_str()), 16)
+    );
+}
