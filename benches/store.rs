@@ -9,9 +9,10 @@
 //!
 //! `cargo bench -p mindsp-benches --bench store` runs SQLite; with
 //! `MINDSP_BENCH_POSTGRES_URL=postgres://postgres@127.0.0.1/mindsp_bench` it runs
-//! PostgreSQL too. `MINDSP_BENCH_MESSAGES` sets the conversation size (default 1,000,000)
-//! `MINDSP_BENCH_APPENDS` the number of appends (default 200,000) and
-//! `MINDSP_BENCH_SENDERS` the number of concurrent senders (default 32).
+//! PostgreSQL too. `MINDSP_BENCH_MESSAGES` sets the conversation size (default 1,000,000),
+//! `MINDSP_BENCH_APPENDS` the number of appends (default 200,000),
+//! `MINDSP_BENCH_SENDERS` the number of concurrent senders (default 32), and
+//! `MINDSP_BENCH_ONLY` (`sqlite` or `postgres`) runs one backend alone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,19 +50,25 @@ const SENTENCES: [&str; 16] = [
 async fn main() -> anyhow::Result<()> {
     let messages: i64 = env_or("MINDSP_BENCH_MESSAGES", 1_000_000);
     let appends: usize = env_or("MINDSP_BENCH_APPENDS", 200_000);
+    let only: String = env_or("MINDSP_BENCH_ONLY", String::new());
     let dir = std::env::temp_dir().join(format!("mindsp-bench-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
 
-    println!("## SQLite (file, WAL, synchronous=NORMAL)");
-    let url = format!("sqlite://{}", dir.join("append.db").display());
-    bench_append(mindsp_store::open(&url).await?, appends).await?;
-    let url = format!("sqlite://{}", dir.join("big.db").display());
-    let store = mindsp_store::open(&url).await?;
-    let (svc, actor, conv) =
-        big_conversation(store.clone(), messages, Backend::Sqlite(&url)).await?;
-    bench_reads(&svc, &actor, conv, messages).await?;
+    if only.is_empty() || only == "sqlite" {
+        println!("## SQLite (file, WAL, synchronous=NORMAL)");
+        let url = format!("sqlite://{}", dir.join("append.db").display());
+        bench_append(mindsp_store::open(&url).await?, appends).await?;
+        let url = format!("sqlite://{}", dir.join("big.db").display());
+        let store = mindsp_store::open(&url).await?;
+        let (svc, actor, conv) =
+            big_conversation(store.clone(), messages, Backend::Sqlite(&url)).await?;
+        bench_reads(&svc, &actor, conv, messages).await?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 
+    if only == "sqlite" {
+        return Ok(());
+    }
     if let Ok(base) = std::env::var("MINDSP_BENCH_POSTGRES_URL") {
         println!("\n## PostgreSQL");
         bench_append(pg(&base).await?.0, appends).await?;
@@ -141,6 +148,7 @@ async fn bench_append(store: Arc<dyn Store>, total: usize) -> anyhow::Result<()>
     }
     let convs = Arc::new(convs);
     let per_task = total / senders;
+    let cpu_before = thread_cpu();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..senders {
@@ -177,7 +185,68 @@ async fn bench_append(store: Arc<dyn Store>, total: usize) -> anyhow::Result<()>
         hist.value_at_quantile(0.99),
         hist.max()
     );
+    report_cpu(&cpu_before, &thread_cpu(), done);
     Ok(())
+}
+
+/// CPU time (user, system; seconds) and name of each thread of this process, from
+/// `/proc` (Linux; empty elsewhere). On a machine shared with other work, CPU time per
+/// append is steadier than appends per second.
+fn thread_cpu() -> std::collections::HashMap<u32, (String, f64, f64)> {
+    const TICK: f64 = 0.01; // USER_HZ is 100 on Linux.
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // "tid (name) state ppid ...": utime and stime are the 12th and 13th fields
+        // after the name.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+        if let (Ok(tid), Some(user), Some(sys)) = (stat[..open].trim().parse(), tick(11), tick(12))
+        {
+            let name = stat[open + 1..close].to_owned();
+            out.insert(tid, (name, user * TICK, sys * TICK));
+        }
+    }
+    out
+}
+
+/// Prints the process's CPU time per append and that of its busiest thread (for SQLite,
+/// the writer connection's).
+fn report_cpu(
+    before: &std::collections::HashMap<u32, (String, f64, f64)>,
+    after: &std::collections::HashMap<u32, (String, f64, f64)>,
+    done: usize,
+) {
+    if after.is_empty() || done == 0 {
+        return;
+    }
+    let per = |s: f64| s * 1e6 / done as f64;
+    let mut total = 0.0;
+    let mut busiest = (String::new(), 0.0, 0.0);
+    for (tid, (name, user, sys)) in after {
+        let (u0, s0) = before.get(tid).map_or((0.0, 0.0), |b| (b.1, b.2));
+        let (u, s) = (user - u0, sys - s0);
+        total += u + s;
+        if u + s > busiest.1 + busiest.2 {
+            busiest = (name.clone(), u, s);
+        }
+    }
+    println!(
+        "append CPU per message: process {:.0} µs; busiest thread ({}) {:.0} µs (user {:.0}, system {:.0})",
+        per(total),
+        busiest.0,
+        per(busiest.1 + busiest.2),
+        per(busiest.1),
+        per(busiest.2)
+    );
 }
 
 enum Backend<'a> {
@@ -186,7 +255,7 @@ enum Backend<'a> {
 }
 
 /// One conversation holding `n` messages, loaded in bulk by SQL that goes through the
-/// same tables, triggers and indexes as normal appends.
+/// same tables, triggers and indexes as normal appends, then indexed for search.
 async fn big_conversation(
     store: Arc<dyn Store>,
     n: i64,
@@ -267,6 +336,20 @@ async fn big_conversation(
         "loaded a conversation of {n} messages in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    // On PostgreSQL, appends leave full-text indexing to a background step (a search
+    // matches what is still pending on the fly); after a bulk load, finish it before
+    // measuring searches.
+    if let Some(s) = store
+        .as_any()
+        .downcast_ref::<mindsp_store::postgres::PgStore>()
+    {
+        let started = Instant::now();
+        s.index_search().await?;
+        println!(
+            "indexed them for search in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok((svc, people[1], conv.id))
 }
 

@@ -2,6 +2,10 @@
 //! small helpers.
 
 use std::collections::{HashMap, HashSet};
+#[cfg(feature = "postgres")]
+use std::sync::{Arc, Weak};
+#[cfg(feature = "postgres")]
+use std::time::Duration;
 
 use async_trait::async_trait;
 #[cfg(feature = "sqlite")]
@@ -9,6 +13,8 @@ use chrono::{DateTime, Utc};
 use mindsp_core::model::{Appended, Message, NewMessage};
 use mindsp_core::notify::NotificationPrefs;
 use mindsp_core::{Error, MessageId, Result, TenantId, UserId};
+#[cfg(feature = "postgres")]
+use tokio::sync::Notify;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -155,6 +161,57 @@ async fn append_alone(writer: &impl GroupCommit, req: &AppendRequest) -> Result<
         },
         other => other,
     }
+}
+
+/// A backend's full-text index, filled in bulk beside the appends instead of inside
+/// their transactions (PostgreSQL's `SearchIndex`; SQLite still indexes in the append's
+/// transaction, where doing it in bulk measured no gain).
+#[cfg(feature = "postgres")]
+#[async_trait]
+pub(crate) trait BulkIndex: Send + Sync + 'static {
+    /// Indexes the messages committed before the call that the index does not hold yet.
+    async fn index_pending(&self) -> Result<()>;
+
+    /// Whether the store is closed, which ends the background step.
+    fn closed(&self) -> bool;
+}
+
+/// How often the background step looks for messages it was not told about (appended by
+/// a unit of work or by another process) when no append woke it.
+#[cfg(feature = "postgres")]
+const INDEX_IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Spawns the step that keeps a full-text index close behind the appends. Each commit of
+/// appends wakes it through `wake`; it then lets `gather` pass, so that one pass indexes
+/// the messages of many commits, and indexes what is pending. It stops once `alive` has
+/// no strong handle left (the store was dropped) or the store is closed. A failed pass is
+/// logged and retried at the next wake: a search indexes what it needs itself.
+#[cfg(feature = "postgres")]
+pub(crate) fn spawn_indexer(
+    index: Arc<impl BulkIndex>,
+    wake: Arc<Notify>,
+    gather: Duration,
+    alive: Weak<()>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let woken = tokio::time::timeout(INDEX_IDLE_CHECK, wake.notified())
+                .await
+                .is_ok();
+            if woken {
+                tokio::time::sleep(gather).await;
+            }
+            if alive.strong_count() == 0 || index.closed() {
+                break;
+            }
+            if let Err(e) = index.index_pending().await {
+                if index.closed() {
+                    break;
+                }
+                tracing::warn!(error = %e, "background search indexing failed; will retry");
+            }
+        }
+    });
 }
 
 /// An idempotency key in its scope: (conversation, sender, key).

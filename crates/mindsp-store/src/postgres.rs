@@ -17,10 +17,15 @@
 //! Message appends that arrive together are committed together (group commit, see
 //! [`Appender`]): one transaction and a fixed number of statements for up to
 //! [`MAX_APPEND_BATCH`] messages, each caller answered after that commit.
+//!
+//! Appends do not write the full-text index: a trigger keeps their messages in
+//! `message_search_pending`, which a search reads too, and a background step moves them
+//! into the index in bulk (see [`SearchIndex`]).
 
 use std::any::Any;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -37,11 +42,12 @@ use mindsp_core::{
 };
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Executor, Postgres, QueryBuilder, Row, Transaction};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::common::{
-    AppendQueue, AppendRequest, BatchState, GroupCommit, db_err, direct_key, plan_batch,
-    prefs_from_json, prefs_to_json,
+    AppendQueue, AppendRequest, BatchState, BulkIndex, GroupCommit, db_err, direct_key, plan_batch,
+    prefs_from_json, prefs_to_json, spawn_indexer,
 };
 
 /// Embedded migrations, exposed so an embedding application can run them itself.
@@ -79,6 +85,9 @@ impl PgConfig {
 pub struct PgStore {
     pool: PgPool,
     appends: AppendQueue,
+    index: Arc<SearchIndex>,
+    /// Held by every clone of the store; the indexing step stops once the last is gone.
+    _alive: Arc<()>,
 }
 
 impl PgStore {
@@ -124,6 +133,12 @@ impl PgStore {
         conn.close().await.map_err(db_err)?;
 
         let search_path: Option<Arc<str>> = search_path.map(Into::into);
+        let maintenance = Maintenance {
+            options: options.clone(),
+            search_path: search_path.clone(),
+            conn: None,
+            can_vacuum: None,
+        };
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             // A failed connection shows at its first query; a ping per unit of work
@@ -153,12 +168,32 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(db_err)?;
+        let alive = Arc::new(());
+        let index = Arc::new(SearchIndex {
+            pool: pool.clone(),
+            maintenance: tokio::sync::Mutex::new(maintenance),
+            wake: Arc::new(Notify::new()),
+        });
+        spawn_indexer(
+            index.clone(),
+            index.wake.clone(),
+            INDEX_GATHER,
+            Arc::downgrade(&alive),
+        );
         let appends = AppendQueue::spawn(
-            Appender { pool: pool.clone() },
+            Appender {
+                pool: pool.clone(),
+                wake: index.wake.clone(),
+            },
             MAX_APPEND_BATCH,
             APPEND_QUEUE,
         );
-        Ok(Self { pool, appends })
+        Ok(Self {
+            pool,
+            appends,
+            index,
+            _alive: alive,
+        })
     }
 
     /// The serving pool, for tools and tests that need raw SQL. Its connections run as
@@ -185,9 +220,19 @@ impl PgStore {
         ))
     }
 
-    /// Closes the pool.
+    /// Moves every pending message into the full-text index. The store does this by
+    /// itself in the background, and a search finds pending messages anyway; this is for
+    /// tools that load messages in bulk and want the index complete before measuring.
+    pub async fn index_search(&self) -> Result<()> {
+        self.index.index_pending().await
+    }
+
+    /// Closes the pool and the indexing step's connection.
     pub async fn close(&self) {
         self.pool.close().await;
+        if let Some(conn) = self.index.maintenance.lock().await.conn.take() {
+            let _ = conn.close().await;
+        }
     }
 
     /// Begins a transaction confined to `tenant`. The tenant goes in the same simple
@@ -286,14 +331,123 @@ impl Store for PgStore {
 /// first caller in it waits for everyone's rows; appends beyond it wait for the next.
 pub const MAX_APPEND_BATCH: usize = 256;
 
+/// How long the background indexing step lets appends accumulate after a commit woke
+/// it, so that one pass indexes the messages of many commits.
+const INDEX_GATHER: Duration = Duration::from_millis(200);
+
+/// Most pending messages moved into the index in one transaction.
+const INDEX_CHUNK: i32 = 5000;
+
+/// The full-text index in bulk (migration 0005). A statement-level trigger copies every
+/// INSERT's new messages into `message_search_pending`; `mindsp_search` matches those on
+/// the fly beside the indexed ones, so a message is found as soon as it is committed,
+/// in the search's own snapshot, whatever the isolation level. This step moves them into
+/// `message_search` (`mindsp_index_pending`: `to_tsvector`, GIN) outside the appends'
+/// transactions, which keeps the pending set small and searches fast.
+///
+/// The pending table churns: every message is inserted and then deleted. PostgreSQL
+/// reclaims the space only by vacuuming, and autovacuum comes too rarely for a table
+/// that a search scans, so after moving rows this step vacuums it, on a connection of
+/// the connecting role (only a table's owner may vacuum it, and the serving role is not).
+struct SearchIndex {
+    pool: PgPool,
+    maintenance: tokio::sync::Mutex<Maintenance>,
+    /// Woken after each commit of appends.
+    wake: Arc<Notify>,
+}
+
+/// The connection that vacuums `message_search_pending`, opened on first use.
+struct Maintenance {
+    options: PgConnectOptions,
+    search_path: Option<Arc<str>>,
+    conn: Option<PgConnection>,
+    /// Whether the connecting role may vacuum the table (owner or superuser); checked once.
+    can_vacuum: Option<bool>,
+}
+
+impl Maintenance {
+    /// Vacuums the pending table, if the connecting role may.
+    async fn vacuum(&mut self) -> Result<()> {
+        if self.can_vacuum == Some(false) {
+            return Ok(());
+        }
+        if self.conn.is_none() {
+            let mut conn = PgConnection::connect_with(&self.options)
+                .await
+                .map_err(db_err)?;
+            if let Some(sql) = &self.search_path {
+                conn.execute(&**sql).await.map_err(db_err)?;
+            }
+            self.conn = Some(conn);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        if self.can_vacuum.is_none() {
+            let may: bool = sqlx::query_scalar(
+                "SELECT r.rolsuper OR pg_has_role(current_user, c.relowner, 'USAGE')
+                   FROM pg_class c, pg_roles r
+                  WHERE c.oid = 'message_search_pending'::regclass AND r.rolname = current_user",
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db_err)?;
+            if !may {
+                tracing::info!(
+                    "the connecting role does not own message_search_pending: the store leaves vacuuming it to autovacuum"
+                );
+            }
+            self.can_vacuum = Some(may);
+            if !may {
+                return Ok(());
+            }
+        }
+        let done = conn.execute("VACUUM message_search_pending").await;
+        if let Err(e) = done {
+            // Reconnect next time.
+            self.conn = None;
+            return Err(db_err(e));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BulkIndex for SearchIndex {
+    async fn index_pending(&self) -> Result<()> {
+        // One pass at a time, here and in `index_search`.
+        let mut maintenance = self.maintenance.lock().await;
+        let mut moved = 0i64;
+        loop {
+            let taken: i32 = sqlx::query_scalar("SELECT mindsp_index_pending($1)")
+                .bind(INDEX_CHUNK)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_err)?;
+            moved += i64::from(taken);
+            if taken < INDEX_CHUNK {
+                break;
+            }
+        }
+        if moved > 0 {
+            maintenance.vacuum().await?;
+        }
+        Ok(())
+    }
+
+    fn closed(&self) -> bool {
+        self.pool.is_closed()
+    }
+}
+
 /// Appends waiting for the writer. When it is full, callers wait for room: a burst
 /// slows senders down instead of growing memory without bound.
 const APPEND_QUEUE: usize = 4096;
 
 /// The group-commit writer behind [`AppendQueue`]: one transaction and one commit per
 /// batch, and a fixed number of statements whatever its size: `BEGIN` with the first
-/// tenant (one round trip), then per tenant the lock and membership check, the lookup of
-/// idempotency keys (when any is given) and the write, and `COMMIT`.
+/// tenant (one round trip), then per tenant one statement for the locks, memberships and
+/// idempotency keys and one for the write, and `COMMIT`.
 ///
 /// Row-level security scopes statements to the tenant in `mindsp.tenant_id`, so a batch
 /// is split by tenant and the setting changes between the groups (one more statement per
@@ -310,6 +464,8 @@ const APPEND_QUEUE: usize = 4096;
 /// retried one by one.
 struct Appender {
     pool: PgPool,
+    /// Wakes the background indexing step after each commit.
+    wake: Arc<Notify>,
 }
 
 /// How a batch's transaction begins. Every row a batch reads or writes is reached by its
@@ -328,6 +484,7 @@ impl GroupCommit for Appender {
         let appended = tx.append_message(msg).await?;
         if appended.created() {
             tx.tx.commit().await.map_err(db_err)?;
+            self.wake.notify_one();
         }
         Ok(appended)
     }
@@ -374,6 +531,7 @@ impl GroupCommit for Appender {
         }
         if let Some(tx) = tx {
             tx.commit().await.map_err(db_err)?;
+            self.wake.notify_one();
         }
         Ok(answers
             .into_iter()
@@ -391,36 +549,66 @@ async fn append_group<'a>(
 ) -> Result<Vec<Result<Appended>>> {
     let mut state = BatchState::default();
 
-    // Lock the conversations and read their sequence, with whether each sender is a
-    // member. Pairs are sorted, so conversations are locked in id order; each lookup is
-    // its own index scan (`LATERAL`, and `LIMIT 1` which keeps the second from being
-    // folded into a join), whatever the planner thinks of the tables' sizes. A
-    // conversation of another tenant, or none, is not returned.
-    let mut pairs: Vec<(Uuid, Uuid)> = requests
+    // One statement locks the conversations and reads their sequence, whether each sender
+    // is a member, and the message already stored under each idempotency key. Requests
+    // are sorted, so conversations are locked in id order; each lookup is its own index
+    // scan (`LATERAL`, and `LIMIT 1` which keeps a subquery from being folded into a
+    // join), whatever the planner thinks of the tables' sizes. A conversation of another
+    // tenant, or none, is not returned.
+    //
+    // The keys are read in the statement's snapshot, taken before it waited for any
+    // lock: a message stored under one of them by a writer that held a lock meanwhile
+    // is not seen, and the insert below then fails on the unique index, so the batch is
+    // retried one request at a time, which finds it. (Another writer on the same
+    // conversations is another node, or a unit of work: rare, and never wrong.)
+    let mut lookups: Vec<(Uuid, Uuid, Option<&str>)> = requests
         .clone()
-        .map(|r| (r.msg.conversation_id.0, r.msg.sender_id.0))
+        .map(|r| {
+            let m = &r.msg;
+            (
+                m.conversation_id.0,
+                m.sender_id.0,
+                m.idempotency_key.as_deref(),
+            )
+        })
         .collect();
-    pairs.sort_unstable();
-    pairs.dedup();
-    let (convs, senders): (Vec<Uuid>, Vec<Uuid>) = pairs.into_iter().unzip();
+    lookups.sort_unstable();
+    lookups.dedup();
+    let mut convs = Vec::with_capacity(lookups.len());
+    let mut senders = Vec::with_capacity(lookups.len());
+    let mut keys = Vec::with_capacity(lookups.len());
+    for (c, u, k) in lookups {
+        convs.push(c);
+        senders.push(u);
+        keys.push(k);
+    }
     let rows = sqlx::query(
-        "SELECT p.c AS id, c.last_seq, p.u AS user_id, m.member IS NOT NULL AS member
-           FROM unnest($2::uuid[], $3::uuid[]) AS p (c, u)
+        "SELECT r.c AS conv, c.last_seq, r.u AS user_id, m.member IS NOT NULL AS member,
+                x.id, x.conversation_id, x.sender_id, x.seq, x.content, x.idempotency_key,
+                x.created_at
+           FROM unnest($2::uuid[], $3::uuid[], $4::text[]) AS r (c, u, key)
            JOIN LATERAL (SELECT last_seq FROM conversations
-                          WHERE tenant_id = $1 AND id = p.c
+                          WHERE tenant_id = $1 AND id = r.c
                             FOR UPDATE) AS c ON true
            LEFT JOIN LATERAL (SELECT true AS member FROM conversation_members
-                               WHERE tenant_id = $1 AND conversation_id = p.c AND user_id = p.u
-                               LIMIT 1) AS m ON true",
+                               WHERE tenant_id = $1 AND conversation_id = r.c AND user_id = r.u
+                               LIMIT 1) AS m ON true
+           LEFT JOIN LATERAL (SELECT id, conversation_id, sender_id, seq, content,
+                                     idempotency_key, created_at
+                                FROM messages
+                               WHERE tenant_id = $1 AND conversation_id = r.c AND sender_id = r.u
+                                 AND idempotency_key = r.key
+                               LIMIT 1) AS x ON true",
     )
     .bind(tenant.0)
     .bind(convs)
     .bind(senders)
+    .bind(keys)
     .fetch_all(&mut **tx)
     .await
     .map_err(db_err)?;
     for row in rows {
-        let conv: Uuid = row.try_get("id").map_err(db_err)?;
+        let conv: Uuid = row.try_get("conv").map_err(db_err)?;
         let last_seq: i64 = row.try_get("last_seq").map_err(db_err)?;
         state.conversations.insert(conv, (tenant, last_seq));
         if row.try_get("member").map_err(db_err)? {
@@ -428,40 +616,11 @@ async fn append_group<'a>(
                 .members
                 .insert((conv, row.try_get("user_id").map_err(db_err)?));
         }
-    }
-
-    // Messages already stored under the keys. Looked up after the locks, in a snapshot of
-    // its own, so it sees every message committed in these conversations before.
-    let keyed: Vec<&AppendRequest> = requests
-        .clone()
-        .filter(|r| r.msg.idempotency_key.is_some())
-        .collect();
-    if !keyed.is_empty() {
-        let (k_convs, (k_senders, keys)): (Vec<Uuid>, (Vec<Uuid>, Vec<&str>)) = keyed
-            .iter()
-            .map(|r| {
-                let m = &r.msg;
-                let key = m.idempotency_key.as_deref().unwrap_or_default();
-                (m.conversation_id.0, (m.sender_id.0, key))
-            })
-            .unzip();
-        // One index lookup per key (`LIMIT 1` keeps the subquery a parameterised scan):
-        // a join would let a plan made while the table was small hash a full scan of it.
-        let rows = sqlx::query(&format!(
-            "SELECT m.* FROM unnest($2::uuid[], $3::uuid[], $4::text[]) AS k (c, s, key),
-                    LATERAL (SELECT {MESSAGE_COLS} FROM messages
-                              WHERE tenant_id = $1 AND conversation_id = k.c AND sender_id = k.s
-                                AND idempotency_key = k.key
-                              LIMIT 1) AS m"
-        ))
-        .bind(tenant.0)
-        .bind(k_convs)
-        .bind(k_senders)
-        .bind(keys)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(db_err)?;
-        for row in rows {
+        if row
+            .try_get::<Option<Uuid>, _>("id")
+            .map_err(db_err)?
+            .is_some()
+        {
             let m = message_from_row(&row)?;
             let key = m.idempotency_key.clone().unwrap_or_default();
             state
@@ -1158,9 +1317,10 @@ impl TenantTx for PgTx {
         if expr.is_empty() {
             return Ok(Vec::new());
         }
-        // `mindsp_search` (migration 0002) reads the GIN index outside row-level
-        // security, which would otherwise forbid using it, and applies this
-        // transaction's tenant itself; the join back to `messages` is under RLS again.
+        // `mindsp_search` (migrations 0002, 0005) reads the GIN index and the messages
+        // not indexed yet outside row-level security, which would otherwise forbid using
+        // the index, and applies this transaction's tenant itself; the join back to
+        // `messages` is under RLS again.
         let rows = sqlx::query(
             "SELECT m.id, m.conversation_id, m.sender_id, m.seq, m.content, m.idempotency_key,
                     m.created_at, s.rank::float8 AS score

@@ -135,6 +135,7 @@ conformance!(
     appending_a_stored_message_again_answers_it,
     search_folds_accents_and_plurals,
     search_sees_only_members_conversations,
+    search_finds_each_message_once_its_send_returned,
     notifications_store_dedupe_page_and_count,
     notifications_stay_with_their_user_and_tenant,
     notification_prefs_and_tenant_defaults,
@@ -1053,6 +1054,75 @@ async fn search_folds_accents_and_plurals(store: Arc<dyn Store>) {
         code(svc.search(&u1, "feu", None, 5000, None).await),
         "invalid_cursor"
     );
+}
+
+/// A word of its own for message `n`: consonants only, so that no stemmer shortens two
+/// words to the same stem.
+fn unique_word(n: usize) -> String {
+    const LETTERS: &[u8; 10] = b"bcdfghjklm";
+    let digits = format!("{n:04}");
+    format!(
+        "zrt{}",
+        digits
+            .bytes()
+            .map(|d| LETTERS[usize::from(d - b'0')] as char)
+            .collect::<String>()
+    )
+}
+
+/// Full-text indexing is done beside the appends, not in their transactions: a message
+/// must still be found by a search made as soon as its send has returned, while other
+/// senders keep appending around it, and by every member.
+async fn search_finds_each_message_once_its_send_returned(store: Arc<dyn Store>) {
+    let svc = Messaging::new(store.clone(), Limits::default());
+    let a = dept(&svc, "sdis13", 4).await;
+    let others: Vec<UserId> = a.users[1..].iter().map(|u| u.user_id).collect();
+    let g = svc
+        .create_group(&a.users[0], "Relevés", &others)
+        .await
+        .unwrap();
+    const TASKS: usize = 16;
+    const PER_TASK: usize = 12;
+    let mut handles = Vec::new();
+    for t in 0..TASKS {
+        let svc = svc.clone();
+        let me = a.users[t % a.users.len()];
+        let reader = a.users[(t + 1) % a.users.len()];
+        handles.push(tokio::spawn(async move {
+            let mut sent = Vec::with_capacity(PER_TASK);
+            for i in 0..PER_TASK {
+                let word = unique_word(t * PER_TASK + i);
+                let m = svc
+                    .send(&me, g.id, &format!("Relevé de la borne {word}"), None)
+                    .await
+                    .unwrap();
+                let id = m.message().id;
+                let hits = svc.search(&reader, &word, None, 0, None).await.unwrap();
+                assert!(
+                    hits.iter().any(|h| h.message.id == id),
+                    "{word} not found right after its send returned: {hits:?}"
+                );
+                sent.push((word, id));
+            }
+            sent
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap());
+    }
+    // Once the burst is over, every message is still found, once, in its conversation.
+    for (word, id) in all {
+        let hits = svc
+            .search(&a.users[0], &word, Some(g.id), 0, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            hits.iter().filter(|h| h.message.id == id).count(),
+            1,
+            "{word}: {hits:?}"
+        );
+    }
 }
 
 async fn search_sees_only_members_conversations(store: Arc<dyn Store>) {

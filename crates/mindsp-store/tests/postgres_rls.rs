@@ -152,6 +152,14 @@ async fn rls_hides_other_tenants_from_unfiltered_queries() {
         denied.is_err(),
         "message_search must not be readable directly"
     );
+    // Nor can it read the messages waiting to be indexed.
+    let denied = sqlx::query("SELECT count(*) FROM message_search_pending")
+        .fetch_one(pool)
+        .await;
+    assert!(
+        denied.is_err(),
+        "message_search_pending must not be readable directly"
+    );
     let found: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM mindsp_search(to_tsquery('mindsp_french', 'secret'), NULL, NULL, 10, 0, 100)",
     )
