@@ -172,7 +172,6 @@ pub struct NotificationPage {
 
 /// Channel switches for one type. `None` inherits (tenant default, then built-in).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChannelPrefs {
     /// In-app (stored and pushed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,7 +184,6 @@ pub struct ChannelPrefs {
 /// A daily window during which e-mail waits, in a time zone. It may span midnight
 /// (`22:00`–`07:00`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct QuietHours {
     /// Start, `HH:MM`.
     pub start: String,
@@ -202,7 +200,6 @@ fn default_time_zone() -> String {
 
 /// Stored preferences: of a user, or a tenant's defaults for its users.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NotificationPrefs {
     /// Per type.
     #[serde(default)]
@@ -210,6 +207,37 @@ pub struct NotificationPrefs {
     /// Quiet hours; `None` inherits the tenant's, which default to none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quiet_hours: Option<QuietHours>,
+}
+
+impl NotificationPrefs {
+    /// Reads preferences sent by a client, refusing any field this version does not
+    /// know (`invalid_body`), so a typo is an error rather than a setting silently
+    /// ignored. Stored preferences are read leniently instead (plain `Deserialize`), so
+    /// rows written by a later version with more fields stay readable.
+    pub fn from_client(value: serde_json::Value) -> Result<Self> {
+        fn only(v: &serde_json::Value, allowed: &[&str], at: &str) -> Result<()> {
+            if let Some(o) = v.as_object()
+                && let Some(k) = o.keys().find(|k| !allowed.contains(&k.as_str()))
+            {
+                return Err(Error::invalid(
+                    "invalid_body",
+                    format!("unknown field {:?} in {at}", clip(k, 64)),
+                ));
+            }
+            Ok(())
+        }
+        only(&value, &["types", "quiet_hours"], "preferences")?;
+        if let Some(types) = value.get("types").and_then(|t| t.as_object()) {
+            for (k, v) in types {
+                only(v, &["in_app", "email"], &format!("types.{}", clip(k, 64)))?;
+            }
+        }
+        if let Some(q) = value.get("quiet_hours") {
+            only(q, &["start", "end", "time_zone"], "quiet_hours")?;
+        }
+        serde_json::from_value(value)
+            .map_err(|e| Error::invalid("invalid_body", format!("invalid preferences: {e}")))
+    }
 }
 
 /// Preferences in force for one user: every known type resolved.
@@ -1251,12 +1279,23 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_in_preferences_are_refused() {
-        let r: std::result::Result<NotificationPrefs, _> =
-            serde_json::from_str(r#"{"types":{"MENTION":{"sms":true}}}"#);
-        assert!(r.is_err());
-        let r: std::result::Result<NotificationPrefs, _> =
-            serde_json::from_str(r#"{"colour":"red"}"#);
-        assert!(r.is_err());
+    fn unknown_fields_are_refused_from_clients_but_read_from_storage() {
+        let client = |s: &str| NotificationPrefs::from_client(serde_json::from_str(s).unwrap());
+        for bad in [
+            r#"{"types":{"MENTION":{"sms":true}}}"#,
+            r#"{"colour":"red"}"#,
+            r#"{"quiet_hours":{"start":"22:00","end":"07:00","days":[1]}}"#,
+            r#"{"types":{"MENTION":{"email":"yes"}}}"#,
+        ] {
+            assert_eq!(client(bad).unwrap_err().code(), "invalid_body", "{bad}");
+        }
+        let ok = client(r#"{"types":{"MENTION":{"email":false}}}"#).unwrap();
+        assert_eq!(ok.types["MENTION"].email, Some(false));
+        // A row written by a later version, with a field this one does not know.
+        let stored: NotificationPrefs = serde_json::from_str(
+            r#"{"types":{"MENTION":{"email":false,"push":true}},"digest":"daily"}"#,
+        )
+        .unwrap();
+        assert_eq!(stored.types["MENTION"].email, Some(false));
     }
 }

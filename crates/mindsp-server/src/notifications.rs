@@ -101,8 +101,9 @@ pub(crate) async fn get_preferences(
 pub(crate) async fn put_preferences(
     State(state): State<AppState>,
     auth: Authenticated,
-    Json(prefs): Json<NotificationPrefs>,
+    Json(body): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
+    let prefs = NotificationPrefs::from_client(body)?;
     let (own, effective) = state.notifier.set_preferences(&auth.actor, &prefs).await?;
     Ok(axum::Json(prefs_body(&own, &effective)))
 }
@@ -120,8 +121,9 @@ pub(crate) async fn get_tenant_preferences(
 pub(crate) async fn put_tenant_preferences(
     State(state): State<AppState>,
     auth: Authenticated,
-    Json(prefs): Json<NotificationPrefs>,
+    Json(body): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
+    let prefs = NotificationPrefs::from_client(body)?;
     let prefs = state
         .notifier
         .set_tenant_defaults(&auth.actor, &prefs)
