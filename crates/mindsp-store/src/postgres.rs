@@ -706,6 +706,25 @@ pub struct PgTx {
 }
 
 impl PgTx {
+    /// A session of this tenant, with `lock` (`""`, `" FOR UPDATE"`, `" FOR SHARE"`).
+    async fn select_session(
+        &mut self,
+        id: SessionId,
+        lock: &str,
+    ) -> Result<Option<TrainingSession>> {
+        sqlx::query(&format!(
+            "SELECT {SESSION_COLS} FROM training_sessions WHERE id = $1 AND tenant_id = $2{lock}"
+        ))
+        .bind(id.0)
+        .bind(self.tenant.0)
+        .fetch_optional(&mut *self.tx)
+        .await
+        .map_err(db_err)?
+        .as_ref()
+        .map(session_from_row)
+        .transpose()
+    }
+
     /// The underlying sqlx transaction, for adapters that write in the same unit.
     pub fn transaction(&mut self) -> &mut Transaction<'static, Postgres> {
         &mut self.tx
@@ -1734,17 +1753,7 @@ impl TenantTx for PgTx {
     }
 
     async fn session(&mut self, id: SessionId) -> Result<Option<TrainingSession>> {
-        sqlx::query(&format!(
-            "SELECT {SESSION_COLS} FROM training_sessions WHERE id = $1 AND tenant_id = $2"
-        ))
-        .bind(id.0)
-        .bind(self.tenant.0)
-        .fetch_optional(&mut *self.tx)
-        .await
-        .map_err(db_err)?
-        .as_ref()
-        .map(session_from_row)
-        .transpose()
+        self.select_session(id, "").await
     }
 
     async fn lock_session(
@@ -1752,18 +1761,12 @@ impl TenantTx for PgTx {
         id: SessionId,
         exclusive: bool,
     ) -> Result<Option<TrainingSession>> {
-        let mode = if exclusive { "UPDATE" } else { "SHARE" };
-        sqlx::query(&format!(
-            "SELECT {SESSION_COLS} FROM training_sessions WHERE id = $1 AND tenant_id = $2 FOR {mode}"
-        ))
-        .bind(id.0)
-        .bind(self.tenant.0)
-        .fetch_optional(&mut *self.tx)
-        .await
-        .map_err(db_err)?
-        .as_ref()
-        .map(session_from_row)
-        .transpose()
+        let lock = if exclusive {
+            " FOR UPDATE"
+        } else {
+            " FOR SHARE"
+        };
+        self.select_session(id, lock).await
     }
 
     async fn update_session(&mut self, s: &TrainingSession) -> Result<bool> {

@@ -621,10 +621,7 @@ impl TenantTx for SqliteTx {
         let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM users WHERE tenant_id = ");
         q.push_bind(self.tenant.0)
             .push(" AND active = 1 AND id IN (");
-        let mut sep = q.separated(", ");
-        for id in ids {
-            sep.push_bind(id.0);
-        }
+        push_ids(&mut q, ids.iter().map(|id| id.0));
         q.push(")");
         let rows = q.build().fetch_all(&mut *self.tx).await.map_err(db_err)?;
         rows.iter()
@@ -1119,10 +1116,7 @@ impl TenantTx for SqliteTx {
                 "SELECT user_id, unread FROM notification_counters WHERE tenant_id = ",
             );
             q.push_bind(self.tenant.0).push(" AND user_id IN (");
-            let mut sep = q.separated(", ");
-            for u in chunk {
-                sep.push_bind(u.0);
-            }
+            push_ids(&mut q, chunk.iter().map(|u| u.0));
             q.push(")");
             for r in q.build().fetch_all(&mut *self.tx).await.map_err(db_err)? {
                 out.push((
@@ -1162,10 +1156,7 @@ impl TenantTx for SqliteTx {
                 .push(" AND tenant_id = ")
                 .push_bind(self.tenant.0)
                 .push(" AND read_at IS NULL AND id IN (");
-            let mut sep = q.separated(", ");
-            for id in chunk {
-                sep.push_bind(id.0);
-            }
+            push_ids(&mut q, chunk.iter().map(|id| id.0));
             q.push(")");
             changed += q
                 .build()
@@ -1199,10 +1190,7 @@ impl TenantTx for SqliteTx {
                 "SELECT user_id, prefs FROM notification_prefs WHERE tenant_id = ",
             );
             q.push_bind(self.tenant.0).push(" AND user_id IN (");
-            let mut sep = q.separated(", ");
-            for u in chunk {
-                sep.push_bind(u.0);
-            }
+            push_ids(&mut q, chunk.iter().map(|u| u.0));
             q.push(")");
             for r in q.build().fetch_all(&mut *self.tx).await.map_err(db_err)? {
                 let prefs: String = r.try_get("prefs").map_err(db_err)?;
@@ -1515,10 +1503,7 @@ impl TenantTx for SqliteTx {
                 .push(" AND s.tenant_id = ")
                 .push_bind(self.tenant.0)
                 .push(" AND u.id IN (");
-            let mut sep = q.separated(", ");
-            for u in chunk {
-                sep.push_bind(u.0);
-            }
+            push_ids(&mut q, chunk.iter().map(|u| u.0));
             q.push(") ON CONFLICT DO NOTHING RETURNING user_id");
             let ids: Vec<Uuid> = q
                 .build_query_scalar()
@@ -1543,10 +1528,7 @@ impl TenantTx for SqliteTx {
                 .push(" AND tenant_id = ")
                 .push_bind(self.tenant.0)
                 .push(" AND user_id IN (");
-            let mut sep = q.separated(", ");
-            for u in chunk {
-                sep.push_bind(u.0);
-            }
+            push_ids(&mut q, chunk.iter().map(|u| u.0));
             q.push(") RETURNING user_id");
             let ids: Vec<Uuid> = q
                 .build_query_scalar()
@@ -1606,5 +1588,13 @@ impl TenantTx for SqliteTx {
         .await
         .map_err(db_err)?;
         Ok(done.rows_affected() > 0)
+    }
+}
+
+/// Pushes `ids` as the bound items of an `IN (...)` list already opened in `q`.
+fn push_ids(q: &mut QueryBuilder<'_, Sqlite>, ids: impl Iterator<Item = Uuid>) {
+    let mut sep = q.separated(", ");
+    for id in ids {
+        sep.push_bind(id);
     }
 }
