@@ -556,3 +556,28 @@ pub fn clip_error(error: &str) -> &str {
     }
     &error[..end]
 }
+
+/// Enqueues `jobs` in the caller's storage transaction; a queue that cannot join it
+/// (`queue_not_transactional`, e.g. Redis) leaves them in `after_commit`, for the
+/// caller to enqueue once the transaction has committed.
+pub async fn enqueue_in_or_defer(
+    queue: &dyn JobQueue,
+    tx: &mut dyn TenantTx,
+    jobs: Vec<NewJob>,
+    after_commit: &mut Vec<NewJob>,
+) -> Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    match queue.enqueue_batch_in(tx, &jobs).await {
+        Ok(_) => Ok(()),
+        Err(Error::Invalid {
+            code: "queue_not_transactional",
+            ..
+        }) => {
+            after_commit.extend(jobs);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}

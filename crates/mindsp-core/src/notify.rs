@@ -18,10 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::events::{Envelope, Event, Publisher};
 use crate::ids::{NotificationId, TenantId, UserId};
-use crate::jobs::{JobQueue, NewJob, OnDuplicate};
+use crate::jobs::{JobQueue, NewJob, OnDuplicate, enqueue_in_or_defer};
 use crate::model::now;
 use crate::ports::{Store, TenantTx};
-use crate::service::Actor;
+use crate::service::{Actor, page_size, require_admin};
 
 /// Built-in notification types. Embedders add their own through
 /// [`NotifyConfig::extra_kinds`].
@@ -503,15 +503,21 @@ impl Notifier {
             .chain(self.config.extra_kinds.iter().map(String::as_str))
     }
 
+    /// `unknown_notification_type` unless `k` is a known type.
+    fn check_kind(&self, k: &str) -> Result<()> {
+        if self.is_known_kind(k) {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "unknown_notification_type",
+            format!("unknown notification type {:?}", clip(k, 64)),
+        ))
+    }
+
     /// Checks a notification before anything is written.
     pub fn validate(&self, new: &NewNotification) -> Result<()> {
         let bad = |m: String| Err(Error::invalid("invalid_notification", m));
-        if !self.is_known_kind(&new.kind) {
-            return Err(Error::invalid(
-                "unknown_notification_type",
-                format!("unknown notification type {:?}", clip(&new.kind, 64)),
-            ));
-        }
+        self.check_kind(&new.kind)?;
         let title = new.title.trim();
         if title.is_empty() || title.chars().count() > self.config.max_title_chars {
             return bad(format!(
@@ -654,7 +660,7 @@ impl Notifier {
             jobs.push(job);
         }
         outbox.emails = jobs.len();
-        enqueue_emails(queue.as_ref(), tx, jobs, &mut outbox.jobs_after_commit).await?;
+        enqueue_in_or_defer(queue.as_ref(), tx, jobs, &mut outbox.jobs_after_commit).await?;
         Ok(outbox)
     }
 
@@ -741,9 +747,7 @@ impl Notifier {
         users: Option<&[UserId]>,
         new: &NewNotification,
     ) -> Result<usize> {
-        if actor.role != crate::model::Role::Admin {
-            return Err(Error::forbidden("tenant administrators only"));
-        }
+        require_admin(actor)?;
         self.validate(new)?;
         let mut tx = self.store.begin(actor.tenant_id).await?;
         let recipients = match users {
@@ -761,17 +765,11 @@ impl Notifier {
     }
 
     fn page_size(&self, limit: Option<u32>) -> Result<u32> {
-        match limit {
-            None => Ok(self.config.default_page_size),
-            Some(n) if n >= 1 && n <= self.config.max_page_size => Ok(n),
-            Some(n) => Err(Error::invalid(
-                "invalid_limit",
-                format!(
-                    "limit must be between 1 and {}, got {n}",
-                    self.config.max_page_size
-                ),
-            )),
-        }
+        page_size(
+            limit,
+            self.config.default_page_size,
+            self.config.max_page_size,
+        )
     }
 
     /// The actor's notifications, newest first, older than `before`.
@@ -805,8 +803,13 @@ impl Notifier {
     }
 
     /// Marks one of the actor's notifications read; another user's answers
-    /// `NotFound`. Every device of the actor learns the new count.
-    pub async fn mark_read(&self, actor: &Actor, id: NotificationId) -> Result<Notification> {
+    /// `NotFound`. Every device of the actor learns the new count. Answers the
+    /// notification and the unread count after.
+    pub async fn mark_read(
+        &self,
+        actor: &Actor,
+        id: NotificationId,
+    ) -> Result<(Notification, i64)> {
         let mut tx = self.store.begin(actor.tenant_id).await?;
         let changed = tx
             .mark_notifications_read(actor.user_id, Some(&[id]), now())
@@ -820,7 +823,7 @@ impl Notifier {
         if changed > 0 {
             self.push_read(actor, vec![id], false, unread).await;
         }
-        Ok(n)
+        Ok((n, unread))
     }
 
     /// Marks all of the actor's notifications read; answers how many changed and the
@@ -925,12 +928,7 @@ impl Notifier {
     /// Checks stored preferences: known types only, valid quiet hours.
     pub fn validate_prefs(&self, prefs: &NotificationPrefs) -> Result<()> {
         for k in prefs.types.keys() {
-            if !self.is_known_kind(k) {
-                return Err(Error::invalid(
-                    "unknown_notification_type",
-                    format!("unknown notification type {:?}", clip(k, 64)),
-                ));
-            }
+            self.check_kind(k)?;
         }
         if let Some(q) = &prefs.quiet_hours {
             q.parse()?;
@@ -971,9 +969,7 @@ impl Notifier {
 
     /// The tenant's defaults; administrators only, like every `/api/admin` route.
     pub async fn tenant_defaults(&self, actor: &Actor) -> Result<NotificationPrefs> {
-        if actor.role != crate::model::Role::Admin {
-            return Err(Error::forbidden("tenant administrators only"));
-        }
+        require_admin(actor)?;
         let mut tx = self.store.read(actor.tenant_id).await?;
         Ok(tx.tenant_notification_prefs().await?.unwrap_or_default())
     }
@@ -984,9 +980,7 @@ impl Notifier {
         actor: &Actor,
         prefs: &NotificationPrefs,
     ) -> Result<NotificationPrefs> {
-        if actor.role != crate::model::Role::Admin {
-            return Err(Error::forbidden("tenant administrators only"));
-        }
+        require_admin(actor)?;
         self.validate_prefs(prefs)?;
         let mut tx = self.store.begin(actor.tenant_id).await?;
         tx.set_tenant_notification_prefs(prefs).await?;
@@ -1091,7 +1085,7 @@ impl Notifier {
             }
             sent += jobs.len();
             let mut after_commit = Vec::new();
-            enqueue_emails(queue.as_ref(), tx.as_mut(), jobs, &mut after_commit).await?;
+            enqueue_in_or_defer(queue.as_ref(), tx.as_mut(), jobs, &mut after_commit).await?;
             tx.commit().await?;
             if !after_commit.is_empty() {
                 queue.enqueue_batch(&after_commit).await?;
@@ -1153,30 +1147,6 @@ fn digest_email(user: UserId, entries: &[crate::ports::DigestEntry]) -> Notifica
         body: String::new(),
         link: Some("/".to_owned()),
         data: serde_json::json!({ "digest": conversations }),
-    }
-}
-
-/// Enqueues `jobs` in `tx`, or keeps them for after the commit when the queue cannot
-/// join a storage transaction.
-async fn enqueue_emails(
-    queue: &dyn JobQueue,
-    tx: &mut dyn TenantTx,
-    jobs: Vec<NewJob>,
-    after_commit: &mut Vec<NewJob>,
-) -> Result<()> {
-    if jobs.is_empty() {
-        return Ok(());
-    }
-    match queue.enqueue_batch_in(tx, &jobs).await {
-        Ok(_) => Ok(()),
-        Err(Error::Invalid {
-            code: "queue_not_transactional",
-            ..
-        }) => {
-            after_commit.extend(jobs);
-            Ok(())
-        }
-        Err(e) => Err(e),
     }
 }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::ids::{TenantId, UserId};
-use crate::jobs::{JobQueue, NewJob, OnDuplicate};
+use crate::jobs::{JobQueue, NewJob, OnDuplicate, enqueue_in_or_defer};
 use crate::ports::TenantTx;
 
 /// Most lead times per event.
@@ -83,6 +83,7 @@ pub async fn schedule_reminders_in(
 ) -> Result<ScheduledReminders> {
     let tenant = tx.tenant();
     let mut out = ScheduledReminders::default();
+    let mut jobs = Vec::new();
     for user in users {
         for offset in offsets {
             let reminder = Reminder {
@@ -103,17 +104,11 @@ pub async fn schedule_reminders_in(
             .tenant(tenant)
             .run_at(at)
             .unique(reminder.key(), OnDuplicate::Replace);
-            match queue.enqueue_in(tx, &job).await {
-                Ok(_) => {}
-                Err(Error::Invalid {
-                    code: "queue_not_transactional",
-                    ..
-                }) => out.after_commit.push(job),
-                Err(e) => return Err(e),
-            }
-            out.scheduled += 1;
+            jobs.push(job);
         }
     }
+    out.scheduled = jobs.len();
+    enqueue_in_or_defer(queue, tx, jobs, &mut out.after_commit).await?;
     Ok(out)
 }
 

@@ -67,17 +67,20 @@ impl Default for Limits {
 impl Limits {
     /// Applies the default and checks the bound of a page size.
     pub fn page_size(&self, requested: Option<u32>) -> Result<u32> {
-        match requested {
-            None => Ok(self.default_page_size),
-            Some(n) if n >= 1 && n <= self.max_page_size => Ok(n),
-            Some(n) => Err(Error::invalid(
-                "invalid_limit",
-                format!(
-                    "limit must be between 1 and {}, got {n}",
-                    self.max_page_size
-                ),
-            )),
-        }
+        page_size(requested, self.default_page_size, self.max_page_size)
+    }
+}
+
+/// `requested`, or `default` when absent; `invalid_limit` outside 1..=`max`. Every
+/// paged list of every service applies this one rule.
+pub fn page_size(requested: Option<u32>, default: u32, max: u32) -> Result<u32> {
+    match requested {
+        None => Ok(default.min(max)),
+        Some(n) if n >= 1 && n <= max => Ok(n),
+        Some(n) => Err(Error::invalid(
+            "invalid_limit",
+            format!("limit must be between 1 and {max}, got {n}"),
+        )),
     }
 }
 
@@ -540,16 +543,7 @@ impl Messaging {
         content: &str,
         idempotency_key: Option<String>,
     ) -> Result<Appended> {
-        let content = self.check_content(content)?;
-        self.check_idempotency_key(idempotency_key.as_deref())?;
-        let new = NewMessage {
-            id: MessageId::new(),
-            conversation_id: conv,
-            sender_id: actor.user_id,
-            content,
-            idempotency_key,
-            created_at: crate::model::now(),
-        };
+        let new = self.new_message(actor, conv, content, idempotency_key)?;
         for attempt in 0..2 {
             match self.store.append(actor.tenant_id, &new).await {
                 Ok(appended) => {
@@ -595,16 +589,7 @@ impl Messaging {
         let Some(notifier) = self.notifier.as_ref().filter(|_| !mentions.is_empty()) else {
             return self.send(actor, conv, content, idempotency_key).await;
         };
-        let content = self.check_content(content)?;
-        self.check_idempotency_key(idempotency_key.as_deref())?;
-        let new = NewMessage {
-            id: MessageId::new(),
-            conversation_id: conv,
-            sender_id: actor.user_id,
-            content,
-            idempotency_key,
-            created_at: crate::model::now(),
-        };
+        let new = self.new_message(actor, conv, content, idempotency_key)?;
         let mut tx = self.store.begin(actor.tenant_id).await?;
         let appended = match tx.append_message(&new).await {
             Ok(a) => a,
@@ -655,20 +640,47 @@ impl Messaging {
         };
         tx.commit().await?;
         if self.publishing() {
-            self.publish(Envelope::to_users(
-                actor.tenant_id,
-                members.iter().map(|m| m.user_id).collect(),
-                Event::NewMessage {
-                    conversation_id: conv,
-                    message,
-                },
-            ))
-            .await;
+            let audience = members.iter().map(|m| m.user_id).collect();
+            self.publish_new_message(actor.tenant_id, audience, message)
+                .await;
         }
         if let Some(outbox) = outbox {
             notifier.deliver(outbox).await;
         }
         Ok(appended)
+    }
+
+    /// The message `actor` asks to send, checked against the limits.
+    fn new_message(
+        &self,
+        actor: &Actor,
+        conv: ConversationId,
+        content: &str,
+        idempotency_key: Option<String>,
+    ) -> Result<NewMessage> {
+        let content = self.check_content(content)?;
+        self.check_idempotency_key(idempotency_key.as_deref())?;
+        Ok(NewMessage {
+            id: MessageId::new(),
+            conversation_id: conv,
+            sender_id: actor.user_id,
+            content,
+            idempotency_key,
+            created_at: crate::model::now(),
+        })
+    }
+
+    /// Publishes a committed message to `audience`.
+    async fn publish_new_message(&self, tenant: TenantId, audience: Vec<UserId>, message: Message) {
+        self.publish(Envelope::to_users(
+            tenant,
+            audience,
+            Event::NewMessage {
+                conversation_id: message.conversation_id,
+                message,
+            },
+        ))
+        .await;
     }
 
     fn check_idempotency_key(&self, key: Option<&str>) -> Result<()> {
@@ -698,15 +710,8 @@ impl Messaging {
         match members {
             Ok(members) => {
                 let audience = members.into_iter().map(|m| m.user_id).collect();
-                self.publish(Envelope::to_users(
-                    tenant,
-                    audience,
-                    Event::NewMessage {
-                        conversation_id: message.conversation_id,
-                        message: message.clone(),
-                    },
-                ))
-                .await;
+                self.publish_new_message(tenant, audience, message.clone())
+                    .await;
             }
             // Committed all the same: live clients fill the gap from history when the
             // next message reaches them, or when they resume.
@@ -923,7 +928,8 @@ pub fn search_terms(query: &str, limits: &Limits) -> Result<Vec<String>> {
     Ok(terms)
 }
 
-fn require_admin(actor: &Actor) -> Result<()> {
+/// `Forbidden` unless the actor administers their tenant.
+pub(crate) fn require_admin(actor: &Actor) -> Result<()> {
     if actor.role == Role::Admin {
         Ok(())
     } else {

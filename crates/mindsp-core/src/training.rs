@@ -705,17 +705,7 @@ impl Training {
     /// The page size for a requested `limit` (50 by default, at most
     /// `max_page_size`); `invalid_limit` outside.
     pub fn page_size(&self, limit: Option<u32>) -> Result<u32> {
-        match limit {
-            None => Ok(50.min(self.config.max_page_size)),
-            Some(n) if n >= 1 && n <= self.config.max_page_size => Ok(n),
-            Some(n) => Err(Error::invalid(
-                "invalid_limit",
-                format!(
-                    "limit must be between 1 and {}, got {n}",
-                    self.config.max_page_size
-                ),
-            )),
-        }
+        crate::service::page_size(limit, 50, self.config.max_page_size)
     }
 
     /// Sessions of the actor's tenant, by start.

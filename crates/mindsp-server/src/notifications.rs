@@ -60,8 +60,7 @@ pub(crate) async fn mark_read(
     auth: Authenticated,
     Path(id): Path<NotificationId>,
 ) -> ApiResult<axum::Json<Value>> {
-    let n = state.notifier.mark_read(&auth.actor, id).await?;
-    let unread = state.notifier.unread_count(&auth.actor).await?;
+    let (n, unread) = state.notifier.mark_read(&auth.actor, id).await?;
     Ok(axum::Json(json!({ "notification": n, "unread": unread })))
 }
 
