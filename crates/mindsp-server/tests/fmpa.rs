@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use axum::http::{Method, StatusCode};
 use chrono::{DateTime, TimeDelta, Timelike, Utc};
 use common::TestApp;
-use mindsp_core::jobs::{Job, JobFilter, JobScope, JobState};
+use mindsp_core::jobs::{Job, JobState};
 use mindsp_core::notify::Notification;
 use mindsp_core::reminders::Reminder;
 use mindsp_core::{TenantId, UserId};
@@ -45,22 +45,9 @@ async fn create(app: &TestApp, token: &str, body: Value) -> Value {
     r.body["session"].clone()
 }
 
-async fn all_jobs(app: &TestApp, tenant: TenantId) -> Vec<Job> {
-    app.queue
-        .list(&JobFilter {
-            scope: JobScope::Tenant(tenant),
-            state: None,
-            queue: None,
-            before: None,
-            limit: 1000,
-        })
-        .await
-        .unwrap()
-}
-
 /// The `fmpa.reminder` jobs of `tenant`, every state.
 async fn reminder_jobs(app: &TestApp, tenant: TenantId) -> Vec<Job> {
-    all_jobs(app, tenant)
+    app.jobs(tenant)
         .await
         .into_iter()
         .filter(|j| j.kind == "fmpa.reminder")
@@ -196,7 +183,8 @@ async fn twenty_invitees_get_forty_reminders_that_move_with_the_session_and_go_w
     let jobs = reminder_jobs(&app, tenant).await;
     assert_eq!(jobs.len(), 40, "{jobs:#?}");
     let first = check_reminders(&jobs, &id, &invitees, start);
-    let emails: Vec<Job> = all_jobs(&app, tenant)
+    let emails: Vec<Job> = app
+        .jobs(tenant)
         .await
         .into_iter()
         .filter(|j| j.kind == "notification.email")
@@ -642,7 +630,7 @@ async fn bad_sessions_are_refused_with_a_code_and_write_nothing() {
     assert!(notifications_of(&app, tenant, &alice_id).await.is_empty());
     let r = app.get("/api/notifications/unread-count", &alice).await;
     assert_eq!(r.body["unread"], 0);
-    assert!(all_jobs(&app, tenant).await.is_empty(), "no job");
+    assert!(app.jobs(tenant).await.is_empty(), "no job");
 
     // Bad changes to a good session change nothing either.
     let s = create(&app, &admin, ok()).await;
@@ -789,12 +777,12 @@ async fn a_reminder_job_run_twice_notifies_once_and_stale_ones_notify_nobody() {
     assert_eq!(ns[0].data["offset_minutes"], 60);
     assert_eq!(ns[0].data["session_id"], id.as_str());
     assert!(ns[0].body.contains("dans 1 h"), "{}", ns[0].body);
-    assert_eq!(reminder_emails(all_jobs(&app, tenant).await, &alice), 1);
+    assert_eq!(reminder_emails(app.jobs(tenant).await, &alice), 1);
     // The other lead time is a reminder of its own.
     handler.run(&job_of(&jobs, &alice, 1440)).await.unwrap();
     let ns = reminders_of(notifications_of(&app, tenant, &alice).await);
     assert_eq!(ns.len(), 2, "{ns:#?}");
-    assert_eq!(reminder_emails(all_jobs(&app, tenant).await, &alice), 2);
+    assert_eq!(reminder_emails(app.jobs(tenant).await, &alice), 2);
     // Through the service: already delivered, so nothing stored.
     let r: Reminder = serde_json::from_value(job.payload.clone()).unwrap();
     assert!(!state.training.deliver_reminder(tenant, &r).await.unwrap());

@@ -16,7 +16,7 @@ use common::TestApp;
 use common::smtp::SmtpSink;
 use mail_parser::MessageParser;
 use mindsp_core::TenantId;
-use mindsp_core::jobs::{Job, JobFilter, JobScope, JobState};
+use mindsp_core::jobs::{Job, JobState};
 use mindsp_core::mail::Mailbox;
 use mindsp_core::notify::NobodyOnline;
 use mindsp_queue::mail::{SmtpConfig, SmtpMailer};
@@ -25,23 +25,9 @@ use serde_json::{Value, json};
 
 // ---- helpers ----------------------------------------------------------------------------
 
-/// Every job of `tenant` (all queues, all states).
-async fn jobs_of(app: &TestApp, tenant: TenantId) -> Vec<Job> {
-    app.queue
-        .list(&JobFilter {
-            scope: JobScope::Tenant(tenant),
-            state: None,
-            queue: None,
-            before: None,
-            limit: 1000,
-        })
-        .await
-        .unwrap()
-}
-
 /// The `notification.email` jobs of `tenant` for `user`.
 async fn email_jobs(app: &TestApp, tenant: TenantId, user: &str) -> Vec<Job> {
-    jobs_of(app, tenant)
+    app.jobs(tenant)
         .await
         .into_iter()
         .filter(|j| j.kind == "notification.email" && j.payload["user_id"] == user)

@@ -787,6 +787,27 @@ fn member_from_row(r: &PgRow) -> Result<Member> {
 
 const NOTIFICATION_COLS: &str =
     "id, user_id, kind, title, body, link, data::text AS data, key, created_at, read_at";
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds $1 tenant, $2 id, then the other columns of a session in `SESSION_COLS`
+/// order: the insert and the update share it.
+fn bind_session<'q>(q: PgQuery<'q>, tenant: TenantId, s: &'q TrainingSession) -> PgQuery<'q> {
+    q.bind(tenant.0)
+        .bind(s.id.0)
+        .bind(&s.title)
+        .bind(&s.kind)
+        .bind(&s.description)
+        .bind(&s.location)
+        .bind(s.start_at)
+        .bind(s.end_at)
+        .bind(s.organizer_id.0)
+        .bind(s.status.as_str())
+        .bind(&s.reminder_offsets)
+        .bind(&s.cancel_reason)
+        .bind(s.created_at)
+        .bind(s.updated_at)
+}
+
 const SESSION_COLS: &str = "id, title, kind, description, location, start_at, end_at, \
      organizer_id, status, reminder_offsets, cancel_reason, created_at, updated_at";
 
@@ -1728,27 +1749,15 @@ impl TenantTx for PgTx {
     // ---- training sessions -------------------------------------------------------
 
     async fn insert_session(&mut self, s: &TrainingSession) -> Result<()> {
-        sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO training_sessions (tenant_id, {SESSION_COLS})
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-        ))
-        .bind(self.tenant.0)
-        .bind(s.id.0)
-        .bind(&s.title)
-        .bind(&s.kind)
-        .bind(&s.description)
-        .bind(&s.location)
-        .bind(s.start_at)
-        .bind(s.end_at)
-        .bind(s.organizer_id.0)
-        .bind(s.status.as_str())
-        .bind(&s.reminder_offsets)
-        .bind(&s.cancel_reason)
-        .bind(s.created_at)
-        .bind(s.updated_at)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db_err)?;
+        );
+        let q = sqlx::query(&sql);
+        bind_session(q, self.tenant, s)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
         Ok(())
     }
 
@@ -1770,30 +1779,17 @@ impl TenantTx for PgTx {
     }
 
     async fn update_session(&mut self, s: &TrainingSession) -> Result<bool> {
-        let done = sqlx::query(
+        let q = sqlx::query(
             "UPDATE training_sessions
-                SET title = $1, kind = $2, description = $3, location = $4, start_at = $5,
-                    end_at = $6, organizer_id = $7, status = $8, reminder_offsets = $9,
-                    cancel_reason = $10, created_at = $11, updated_at = $12
-              WHERE id = $13 AND tenant_id = $14",
-        )
-        .bind(&s.title)
-        .bind(&s.kind)
-        .bind(&s.description)
-        .bind(&s.location)
-        .bind(s.start_at)
-        .bind(s.end_at)
-        .bind(s.organizer_id.0)
-        .bind(s.status.as_str())
-        .bind(&s.reminder_offsets)
-        .bind(&s.cancel_reason)
-        .bind(s.created_at)
-        .bind(s.updated_at)
-        .bind(s.id.0)
-        .bind(self.tenant.0)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db_err)?;
+                SET title = $3, kind = $4, description = $5, location = $6, start_at = $7,
+                    end_at = $8, organizer_id = $9, status = $10, reminder_offsets = $11,
+                    cancel_reason = $12, created_at = $13, updated_at = $14
+              WHERE tenant_id = $1 AND id = $2",
+        );
+        let done = bind_session(q, self.tenant, s)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
         Ok(done.rows_affected() > 0)
     }
 

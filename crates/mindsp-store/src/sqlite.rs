@@ -456,6 +456,31 @@ const ID_CHUNK: usize = 5000;
 
 const NOTIFICATION_COLS: &str =
     "id, user_id, kind, title, body, link, data, key, created_at, read_at";
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds ?1 tenant, ?2 id, then the other columns of a session in `SESSION_COLS`
+/// order: the insert and the update share it.
+fn bind_session<'q>(
+    q: SqliteQuery<'q>,
+    tenant: TenantId,
+    s: &'q TrainingSession,
+) -> Result<SqliteQuery<'q>> {
+    Ok(q.bind(tenant.0)
+        .bind(s.id.0)
+        .bind(&s.title)
+        .bind(&s.kind)
+        .bind(&s.description)
+        .bind(&s.location)
+        .bind(millis(s.start_at))
+        .bind(millis(s.end_at))
+        .bind(s.organizer_id.0)
+        .bind(s.status.as_str())
+        .bind(offsets_to_json(&s.reminder_offsets)?)
+        .bind(&s.cancel_reason)
+        .bind(millis(s.created_at))
+        .bind(millis(s.updated_at)))
+}
+
 const SESSION_COLS: &str = "id, title, kind, description, location, start_at, end_at, \
      organizer_id, status, reminder_offsets, cancel_reason, created_at, updated_at";
 
@@ -1371,27 +1396,15 @@ impl TenantTx for SqliteTx {
     // ---- training sessions -------------------------------------------------------
 
     async fn insert_session(&mut self, s: &TrainingSession) -> Result<()> {
-        sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO training_sessions (tenant_id, {SESSION_COLS})
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(self.tenant.0)
-        .bind(s.id.0)
-        .bind(&s.title)
-        .bind(&s.kind)
-        .bind(&s.description)
-        .bind(&s.location)
-        .bind(millis(s.start_at))
-        .bind(millis(s.end_at))
-        .bind(s.organizer_id.0)
-        .bind(s.status.as_str())
-        .bind(offsets_to_json(&s.reminder_offsets)?)
-        .bind(&s.cancel_reason)
-        .bind(millis(s.created_at))
-        .bind(millis(s.updated_at))
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db_err)?;
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+        );
+        let q = sqlx::query(&sql);
+        bind_session(q, self.tenant, s)?
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
         Ok(())
     }
 
@@ -1419,30 +1432,17 @@ impl TenantTx for SqliteTx {
     }
 
     async fn update_session(&mut self, s: &TrainingSession) -> Result<bool> {
-        let done = sqlx::query(
+        let q = sqlx::query(
             "UPDATE training_sessions
-                SET title = ?, kind = ?, description = ?, location = ?, start_at = ?, end_at = ?,
-                    organizer_id = ?, status = ?, reminder_offsets = ?, cancel_reason = ?,
-                    created_at = ?, updated_at = ?
-              WHERE id = ? AND tenant_id = ?",
-        )
-        .bind(&s.title)
-        .bind(&s.kind)
-        .bind(&s.description)
-        .bind(&s.location)
-        .bind(millis(s.start_at))
-        .bind(millis(s.end_at))
-        .bind(s.organizer_id.0)
-        .bind(s.status.as_str())
-        .bind(offsets_to_json(&s.reminder_offsets)?)
-        .bind(&s.cancel_reason)
-        .bind(millis(s.created_at))
-        .bind(millis(s.updated_at))
-        .bind(s.id.0)
-        .bind(self.tenant.0)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db_err)?;
+                SET title = ?3, kind = ?4, description = ?5, location = ?6, start_at = ?7,
+                    end_at = ?8, organizer_id = ?9, status = ?10, reminder_offsets = ?11,
+                    cancel_reason = ?12, created_at = ?13, updated_at = ?14
+              WHERE tenant_id = ?1 AND id = ?2",
+        );
+        let done = bind_session(q, self.tenant, s)?
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
         Ok(done.rows_affected() > 0)
     }
 

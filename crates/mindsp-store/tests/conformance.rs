@@ -1553,8 +1553,9 @@ mod fmpa {
         let page = notifier.list(&me, None, false, Some(10)).await.unwrap();
         assert_eq!(page.items.len(), 1);
         assert_eq!(page.unread, 1);
-        let n = notifier.mark_read(&me, page.items[0].id).await.unwrap();
+        let (n, unread) = notifier.mark_read(&me, page.items[0].id).await.unwrap();
         assert!(n.read_at.is_some());
+        assert_eq!(unread, 0);
         assert_eq!(notifier.unread_count(&me).await.unwrap(), 0);
         assert_eq!(notifier.unread_count(&a.users[1]).await.unwrap(), 1);
         assert!(matches!(

@@ -71,6 +71,20 @@ impl TestApp {
     }
 
     /// The tenant of the user holding `token`.
+    /// Every job of `tenant` (all queues, all states), newest change first.
+    pub async fn jobs(&self, tenant: mindsp_core::TenantId) -> Vec<mindsp_core::jobs::Job> {
+        self.queue
+            .list(&mindsp_core::jobs::JobFilter {
+                scope: mindsp_core::jobs::JobScope::Tenant(tenant),
+                state: None,
+                queue: None,
+                before: None,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+    }
+
     pub async fn tenant_of(&self, token: &str) -> mindsp_core::TenantId {
         let me = self.get("/api/me", token).await;
         assert_eq!(me.status, StatusCode::OK, "{:?}", me.body);
