@@ -501,3 +501,23 @@ async fn worker_delivers_a_queued_email_into_the_mail_dir_and_stops_on_sigterm()
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Reminder lead times are configurable, and a bad value stops the server at start
+/// with a message naming the setting, before it listens.
+#[test]
+fn bad_default_reminder_lead_times_are_refused_at_start() {
+    let dir = temp_dir();
+    let db = dir.join("mindsp.db");
+    for bad in ["0", "1440,-5", "99999999"] {
+        let out = bin()
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
+            .arg(format!("sqlite://{}", db.display()))
+            .args(["--fmpa-reminders", bad])
+            .output()
+            .expect("run mindsp-server");
+        assert!(!out.status.success(), "{bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("MINDSP_FMPA_REMINDERS"), "{bad}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
