@@ -252,7 +252,15 @@ pub struct NewMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
     /// Newly stored.
-    Created(Message),
+    Created {
+        /// The message as stored.
+        message: Message,
+        /// The conversation's membership version as the append saw it: it changes
+        /// with every member added or removed, so a publisher that cached the members
+        /// under this version may use them without reading them again. `None` when the
+        /// store does not keep one (the publisher then reads the members each time).
+        members_version: Option<i64>,
+    },
     /// Stored earlier with the same idempotency key; nothing new was written.
     Existing(Message),
 }
@@ -261,12 +269,21 @@ impl Appended {
     /// The message, whichever way it came.
     pub fn message(&self) -> &Message {
         match self {
-            Appended::Created(m) | Appended::Existing(m) => m,
+            Appended::Created { message: m, .. } | Appended::Existing(m) => m,
         }
     }
     /// Whether this call created it.
     pub fn created(&self) -> bool {
-        matches!(self, Appended::Created(_))
+        matches!(self, Appended::Created { .. })
+    }
+    /// The membership version seen by the append that created the message.
+    pub fn members_version(&self) -> Option<i64> {
+        match self {
+            Appended::Created {
+                members_version, ..
+            } => *members_version,
+            Appended::Existing(_) => None,
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The messaging service: every rule about who may do what lives here, on top of the
 //! storage port. Adapters store; this module decides.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::events::{Envelope, Event, Publisher};
@@ -95,6 +96,43 @@ pub struct Messaging {
     limits: Limits,
     publisher: Option<Arc<dyn Publisher>>,
     notifier: Option<Notifier>,
+    audiences: Arc<Audiences>,
+}
+
+/// Conversations' members as last read for publishing, each under the membership
+/// version it was read at. An append returns the conversation's version; while it is
+/// the cached one, the message is published without reading the members again.
+#[derive(Default)]
+struct Audiences(Mutex<HashMap<(TenantId, ConversationId), CachedMembers>>);
+
+/// A conversation's members at a membership version.
+type CachedMembers = (i64, Arc<[UserId]>);
+
+/// Most conversations whose members [`Audiences`] keeps; past it, it starts again empty
+/// (about 1 KB per conversation of 10 members over 100,000 conversations at most).
+const MAX_CACHED_AUDIENCES: usize = 100_000;
+
+impl Audiences {
+    fn get(&self, tenant: TenantId, conv: ConversationId, version: i64) -> Option<Arc<[UserId]>> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(tenant, conv))
+            .filter(|(v, _)| *v == version)
+            .map(|(_, users)| users.clone())
+    }
+
+    /// Keeps `users` as the members at `version`, unless a later version is kept.
+    fn put(&self, tenant: TenantId, conv: ConversationId, version: i64, users: Arc<[UserId]>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_CACHED_AUDIENCES && !map.contains_key(&(tenant, conv)) {
+            map.clear();
+        }
+        match map.get(&(tenant, conv)) {
+            Some((v, _)) if *v > version => {}
+            _ => {
+                map.insert((tenant, conv), (version, users));
+            }
+        }
+    }
 }
 
 /// Most users one message may mention (`too_many_mentions`).
@@ -108,6 +146,7 @@ impl Messaging {
             limits,
             publisher: None,
             notifier: None,
+            audiences: Arc::default(),
         }
     }
 
@@ -548,8 +587,12 @@ impl Messaging {
             match self.store.append(actor.tenant_id, &new).await {
                 Ok(appended) => {
                     if appended.created() && self.publishing() {
-                        self.publish_message(actor.tenant_id, appended.message())
-                            .await;
+                        self.publish_message(
+                            actor.tenant_id,
+                            appended.message(),
+                            appended.members_version(),
+                        )
+                        .await;
                     }
                     return Ok(appended);
                 }
@@ -701,22 +744,36 @@ impl Messaging {
     /// Publishes a committed message to the conversation's members as they are now.
     /// The append is group-committed by the store, so the members are read after it,
     /// from the read pool: a member removed meanwhile does not get it, one added
-    /// meanwhile does (and starts with nothing unread).
-    async fn publish_message(&self, tenant: TenantId, message: &Message) {
+    /// meanwhile does (and starts with nothing unread). With the membership version the
+    /// append saw, members cached at that version are used instead of a read: they are
+    /// the members at the commit.
+    async fn publish_message(&self, tenant: TenantId, message: &Message, version: Option<i64>) {
+        let conv = message.conversation_id;
+        if let Some(users) = version.and_then(|v| self.audiences.get(tenant, conv, v)) {
+            self.publish_new_message(tenant, users.to_vec(), message.clone())
+                .await;
+            return;
+        }
         let members = match self.store.read(tenant).await {
-            Ok(mut tx) => tx.members(message.conversation_id).await,
+            Ok(mut tx) => tx.members(conv).await,
             Err(e) => Err(e),
         };
         match members {
             Ok(members) => {
-                let audience = members.into_iter().map(|m| m.user_id).collect();
+                let audience: Vec<UserId> = members.into_iter().map(|m| m.user_id).collect();
+                if let Some(v) = version {
+                    // Read after the commit, so at `version` or later: a later version
+                    // makes the next append miss and read again.
+                    self.audiences
+                        .put(tenant, conv, v, audience.as_slice().into());
+                }
                 self.publish_new_message(tenant, audience, message.clone())
                     .await;
             }
             // Committed all the same: live clients fill the gap from history when the
             // next message reaches them, or when they resume.
             Err(e) => {
-                tracing::warn!(error = %e, conversation = %message.conversation_id,
+                tracing::warn!(error = %e, conversation = %conv,
                     "message committed but not published: cannot read its members");
             }
         }

@@ -509,6 +509,19 @@ async fn deactivation_closes_sockets_and_removal_stops_deliveries() {
     let mut b = s.connect(&bob).await;
     let mut c = s.connect(&carol).await;
 
+    // A message before the removal reaches Carol (and leaves the conversation's members
+    // in the publisher's cache, which the removal must invalidate).
+    a.ok(
+        "send",
+        json!({"conversation_id": conv, "content": "avec Carol"}),
+    )
+    .await;
+    assert_eq!(
+        c.next("new_message").await["message"]["content"],
+        "avec Carol"
+    );
+    b.next("new_message").await;
+
     // Removal: Carol learns it, then gets nothing more of the conversation.
     let (st, _) = s
         .call(

@@ -222,11 +222,18 @@ pub(crate) type IdemKey = (Uuid, Uuid, String);
 pub(crate) struct BatchState {
     /// Messages already stored under the batch's idempotency keys, with their tenant.
     pub(crate) stored: HashMap<IdemKey, (TenantId, Message)>,
-    /// The batch's conversations that exist: their tenant and `last_seq`. [`plan_batch`]
-    /// advances `last_seq` past the messages it numbers.
-    pub(crate) conversations: HashMap<Uuid, (TenantId, i64)>,
+    /// The batch's conversations that exist. [`plan_batch`] advances `last_seq` past
+    /// the messages it numbers.
+    pub(crate) conversations: HashMap<Uuid, BatchConversation>,
     /// Memberships (conversation, user) of the batch's senders.
     pub(crate) members: HashSet<(Uuid, Uuid)>,
+}
+
+/// A conversation as a group-commit writer read it, under its write lock.
+pub(crate) struct BatchConversation {
+    pub(crate) tenant: TenantId,
+    pub(crate) last_seq: i64,
+    pub(crate) members_version: i64,
 }
 
 /// Judges each request of a batch in order, as `append_message` would one after the
@@ -269,20 +276,20 @@ pub(crate) fn plan_batch<'a>(
         let allowed = state
             .members
             .contains(&(m.conversation_id.0, m.sender_id.0));
-        let Some((_, seq)) = state
+        let Some(conv) = state
             .conversations
             .get_mut(&m.conversation_id.0)
-            .filter(|(t, _)| allowed && *t == r.tenant)
+            .filter(|c| allowed && c.tenant == r.tenant)
         else {
             results.push(Err(Error::NotFound("conversation")));
             continue;
         };
-        *seq += 1;
+        conv.last_seq += 1;
         let message = Message {
             id: m.id,
             conversation_id: m.conversation_id,
             sender_id: m.sender_id,
-            seq: *seq,
+            seq: conv.last_seq,
             content: m.content.clone(),
             idempotency_key: m.idempotency_key.clone(),
             created_at: m.created_at,
@@ -291,7 +298,10 @@ pub(crate) fn plan_batch<'a>(
             fresh_keys.insert(k, (r.tenant, fresh.len()));
         }
         fresh.push(message.clone());
-        results.push(Ok(Appended::Created(message)));
+        results.push(Ok(Appended::Created {
+            message,
+            members_version: Some(conv.members_version),
+        }));
     }
     (results, fresh)
 }

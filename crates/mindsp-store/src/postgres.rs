@@ -46,8 +46,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::common::{
-    AppendQueue, AppendRequest, BatchState, BulkIndex, GroupCommit, db_err, direct_key, plan_batch,
-    prefs_from_json, prefs_to_json, spawn_indexer,
+    AppendQueue, AppendRequest, BatchConversation, BatchState, BulkIndex, GroupCommit, db_err,
+    direct_key, plan_batch, prefs_from_json, prefs_to_json, spawn_indexer,
 };
 
 /// Embedded migrations, exposed so an embedding application can run them itself.
@@ -583,11 +583,12 @@ async fn append_group<'a>(
         keys.push(k);
     }
     let rows = sqlx::query(
-        "SELECT r.c AS conv, c.last_seq, r.u AS user_id, m.member IS NOT NULL AS member,
+        "SELECT r.c AS conv, c.last_seq, c.members_version, r.u AS user_id,
+                m.member IS NOT NULL AS member,
                 x.id, x.conversation_id, x.sender_id, x.seq, x.content, x.idempotency_key,
                 x.created_at
            FROM unnest($2::uuid[], $3::uuid[], $4::text[]) AS r (c, u, key)
-           JOIN LATERAL (SELECT last_seq FROM conversations
+           JOIN LATERAL (SELECT last_seq, members_version FROM conversations
                           WHERE tenant_id = $1 AND id = r.c
                             FOR UPDATE) AS c ON true
            LEFT JOIN LATERAL (SELECT true AS member FROM conversation_members
@@ -609,8 +610,14 @@ async fn append_group<'a>(
     .map_err(db_err)?;
     for row in rows {
         let conv: Uuid = row.try_get("conv").map_err(db_err)?;
-        let last_seq: i64 = row.try_get("last_seq").map_err(db_err)?;
-        state.conversations.insert(conv, (tenant, last_seq));
+        state.conversations.insert(
+            conv,
+            BatchConversation {
+                tenant,
+                last_seq: row.try_get("last_seq").map_err(db_err)?,
+                members_version: row.try_get("members_version").map_err(db_err)?,
+            },
+        );
         if row.try_get("member").map_err(db_err)? {
             state
                 .members
@@ -1237,7 +1244,7 @@ impl TenantTx for PgTx {
                     AND EXISTS (SELECT 1 FROM conversation_members me
                                  WHERE me.tenant_id = $1 AND me.conversation_id = $2
                                    AND me.user_id = $3)
-                 RETURNING c.last_seq
+                 RETURNING c.last_seq, c.members_version
              ), ins AS (
                  INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content,
                                        idempotency_key, created_at)
@@ -1250,10 +1257,12 @@ impl TenantTx for PgTx {
                   WHERE me.tenant_id = $1 AND me.conversation_id = $2 AND me.user_id = $3
              )
              SELECT false AS created, id, conversation_id, sender_id, seq, content,
-                    idempotency_key, created_at
+                    idempotency_key, created_at, NULL::bigint AS members_version
                FROM prior
              UNION ALL
-             SELECT true, NULL, NULL, NULL, seq, NULL, NULL, NULL FROM ins",
+             SELECT true, NULL, NULL, NULL, seq, NULL, NULL, NULL,
+                    (SELECT members_version FROM bump)
+               FROM ins",
         )
         .bind(self.tenant.0)
         .bind(m.conversation_id.0)
@@ -1269,15 +1278,18 @@ impl TenantTx for PgTx {
         if !row.try_get::<bool, _>("created").map_err(db_err)? {
             return Ok(Appended::Existing(message_from_row(&row)?));
         }
-        Ok(Appended::Created(Message {
-            id: m.id,
-            conversation_id: m.conversation_id,
-            sender_id: m.sender_id,
-            seq: row.try_get("seq").map_err(db_err)?,
-            content: m.content.clone(),
-            idempotency_key: m.idempotency_key.clone(),
-            created_at: m.created_at,
-        }))
+        Ok(Appended::Created {
+            message: Message {
+                id: m.id,
+                conversation_id: m.conversation_id,
+                sender_id: m.sender_id,
+                seq: row.try_get("seq").map_err(db_err)?,
+                content: m.content.clone(),
+                idempotency_key: m.idempotency_key.clone(),
+                created_at: m.created_at,
+            },
+            members_version: row.try_get("members_version").map_err(db_err)?,
+        })
     }
 
     async fn messages(

@@ -37,8 +37,8 @@ use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use crate::common::{
-    AppendQueue, AppendRequest, BatchState, GroupCommit, db_err, direct_key, french_prefix_stem,
-    from_millis, millis, plan_batch, prefs_from_json, prefs_to_json,
+    AppendQueue, AppendRequest, BatchConversation, BatchState, GroupCommit, db_err, direct_key,
+    french_prefix_stem, from_millis, millis, plan_batch, prefs_from_json, prefs_to_json,
 };
 
 /// Embedded migrations, exposed so an embedding application can run them itself.
@@ -340,7 +340,7 @@ impl GroupCommit for Appender {
                 .push_bind(r.msg.sender_id.0);
         });
         q.push(
-            ") SELECT c.id, c.tenant_id, c.last_seq, m.user_id
+            ") SELECT c.id, c.tenant_id, c.last_seq, c.members_version, m.user_id
                  FROM r CROSS JOIN conversation_members m
                    ON m.conversation_id = r.c AND m.user_id = r.u
                  JOIN conversations c ON c.id = m.conversation_id",
@@ -348,8 +348,14 @@ impl GroupCommit for Appender {
         for row in q.build().fetch_all(&mut *tx).await.map_err(db_err)? {
             let conv: Uuid = row.try_get("id").map_err(db_err)?;
             let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
-            let last_seq: i64 = row.try_get("last_seq").map_err(db_err)?;
-            state.conversations.insert(conv, (tenant, last_seq));
+            state.conversations.insert(
+                conv,
+                BatchConversation {
+                    tenant,
+                    last_seq: row.try_get("last_seq").map_err(db_err)?,
+                    members_version: row.try_get("members_version").map_err(db_err)?,
+                },
+            );
             state
                 .members
                 .insert((conv, row.try_get("user_id").map_err(db_err)?));
@@ -365,7 +371,7 @@ impl GroupCommit for Appender {
                 "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at) ",
             );
             q.push_values(chunk, |mut b, m| {
-                let tenant = state.conversations[&m.conversation_id.0].0;
+                let tenant = state.conversations[&m.conversation_id.0].tenant;
                 b.push_bind(m.id.0)
                     .push_bind(tenant.0)
                     .push_bind(m.conversation_id.0)
@@ -895,13 +901,13 @@ impl TenantTx for SqliteTx {
         }
         // One statement: the sequence is read under the single writer, membership is
         // checked by the join, and the trigger moves the conversation and read marker.
-        let seq: Option<i64> = sqlx::query_scalar(
+        let row: Option<(i64, i64)> = sqlx::query_as(
             "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at)
              SELECT ?1, c.tenant_id, c.id, me.user_id, c.last_seq + 1, ?2, ?3, ?4
                FROM conversations c
                JOIN conversation_members me ON me.conversation_id = c.id AND me.user_id = ?5
               WHERE c.tenant_id = ?6 AND c.id = ?7
-             RETURNING seq",
+             RETURNING seq, (SELECT members_version FROM conversations WHERE id = ?7)",
         )
         .bind(m.id.0)
         .bind(&m.content)
@@ -913,16 +919,19 @@ impl TenantTx for SqliteTx {
         .fetch_optional(&mut *self.tx)
         .await
         .map_err(db_err)?;
-        let seq = seq.ok_or(Error::NotFound("conversation"))?;
-        Ok(Appended::Created(Message {
-            id: m.id,
-            conversation_id: m.conversation_id,
-            sender_id: m.sender_id,
-            seq,
-            content: m.content.clone(),
-            idempotency_key: m.idempotency_key.clone(),
-            created_at: m.created_at,
-        }))
+        let (seq, members_version) = row.ok_or(Error::NotFound("conversation"))?;
+        Ok(Appended::Created {
+            message: Message {
+                id: m.id,
+                conversation_id: m.conversation_id,
+                sender_id: m.sender_id,
+                seq,
+                content: m.content.clone(),
+                idempotency_key: m.idempotency_key.clone(),
+                created_at: m.created_at,
+            },
+            members_version: Some(members_version),
+        })
     }
 
     async fn messages(

@@ -123,6 +123,7 @@ conformance!(
     direct_conversations_are_unique_per_pair,
     group_membership_rules,
     removed_member_loses_access_at_once,
+    members_version_moves_with_membership_only,
     group_always_keeps_an_owner,
     history_pages_both_ways,
     idempotent_send,
@@ -528,6 +529,79 @@ async fn removed_member_loses_access_at_once(store: Arc<dyn Store>) {
         code(svc.remove_member(&owner, g.id, m1.user_id).await),
         "not_found"
     );
+}
+
+/// Appends report the conversation's membership version (a publisher caches members
+/// under it): it moves when a member is added or removed, in the same commit, and not
+/// with messages or role changes; the batched append and the one in a unit of work agree.
+async fn members_version_moves_with_membership_only(store: Arc<dyn Store>) {
+    let svc = Messaging::new(store.clone(), Limits::default());
+    let a = dept(&svc, "sdis13", 3).await;
+    let [owner, m1, m2] = [a.users[0], a.users[1], a.users[2]];
+    let g = svc
+        .create_group(&owner, "CTA", &[m1.user_id])
+        .await
+        .unwrap();
+    let version = |appended: Appended| {
+        assert!(appended.created());
+        appended
+            .members_version()
+            .expect("both stores keep a version")
+    };
+    let in_unit = |sender: Actor| {
+        let store = store.clone();
+        async move {
+            let mut tx = store.begin(sender.tenant_id).await.unwrap();
+            let appended = tx
+                .append_message(&mindsp_core::model::NewMessage {
+                    id: mindsp_core::MessageId::new(),
+                    conversation_id: g.id,
+                    sender_id: sender.user_id,
+                    content: "dans une unité".into(),
+                    idempotency_key: None,
+                    created_at: mindsp_core::model::now(),
+                })
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            appended
+        }
+    };
+    let v0 = version(svc.send(&owner, g.id, "un", None).await.unwrap());
+    assert_eq!(
+        version(svc.send(&m1, g.id, "deux", None).await.unwrap()),
+        v0
+    );
+    assert_eq!(version(in_unit(m1).await), v0);
+    svc.set_member_role(&owner, g.id, m1.user_id, MemberRole::Admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        version(svc.send(&owner, g.id, "trois", None).await.unwrap()),
+        v0
+    );
+
+    svc.add_members(&owner, g.id, &[m2.user_id]).await.unwrap();
+    let v1 = version(svc.send(&owner, g.id, "quatre", None).await.unwrap());
+    assert!(v1 > v0, "{v1} after {v0}");
+    assert_eq!(version(in_unit(m2).await), v1);
+
+    svc.remove_member(&owner, g.id, m2.user_id).await.unwrap();
+    let v2 = version(svc.send(&m1, g.id, "cinq", None).await.unwrap());
+    assert!(v2 > v1, "{v2} after {v1}");
+    assert_eq!(version(in_unit(owner).await), v2);
+    // A repeated idempotency key stores nothing and reports no version.
+    let first = svc
+        .send(&m1, g.id, "six", Some("k-6".into()))
+        .await
+        .unwrap();
+    assert_eq!(version(first), v2);
+    let again = svc
+        .send(&m1, g.id, "six", Some("k-6".into()))
+        .await
+        .unwrap();
+    assert!(!again.created());
+    assert_eq!(again.members_version(), None);
 }
 
 async fn group_always_keeps_an_owner(store: Arc<dyn Store>) {
