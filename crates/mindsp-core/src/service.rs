@@ -745,8 +745,8 @@ impl Messaging {
     /// The append is group-committed by the store, so the members are read after it,
     /// from the read pool: a member removed meanwhile does not get it, one added
     /// meanwhile does (and starts with nothing unread). With the membership version the
-    /// append saw, members cached at that version are used instead of a read: they are
-    /// the members at the commit.
+    /// append saw, members cached at that version are used instead of a read: they were
+    /// read after a commit at that version, and no membership change came since.
     async fn publish_message(&self, tenant: TenantId, message: &Message, version: Option<i64>) {
         let conv = message.conversation_id;
         if let Some(users) = version.and_then(|v| self.audiences.get(tenant, conv, v)) {
