@@ -87,6 +87,22 @@ fn is_not_found<T: std::fmt::Debug>(r: Result<T, Error>) -> bool {
     matches!(r, Err(Error::NotFound(_)))
 }
 
+/// A message of `sender` in `conv`, without idempotency key, to append directly.
+fn new_message(
+    conv: ConversationId,
+    sender: UserId,
+    content: &str,
+) -> mindsp_core::model::NewMessage {
+    mindsp_core::model::NewMessage {
+        id: mindsp_core::MessageId::new(),
+        conversation_id: conv,
+        sender_id: sender,
+        content: content.into(),
+        idempotency_key: None,
+        created_at: mindsp_core::model::now(),
+    }
+}
+
 fn code<T: std::fmt::Debug>(r: Result<T, Error>) -> &'static str {
     r.expect_err("expected an error").code()
 }
@@ -326,14 +342,7 @@ async fn store_scope_never_crosses_tenants(store: Arc<dyn Store>) {
     tx.commit().await.unwrap();
 
     let mut tx = store.begin(b.tenant).await.unwrap();
-    let forged = mindsp_core::model::NewMessage {
-        id: mindsp_core::MessageId::new(),
-        conversation_id: conv.id,
-        sender_id: a.users[0].user_id,
-        content: "intrusion".into(),
-        idempotency_key: None,
-        created_at: mindsp_core::model::now(),
-    };
+    let forged = new_message(conv.id, a.users[0].user_id, "intrusion");
     assert!(is_not_found(tx.append_message(&forged).await));
     drop(tx);
 
@@ -553,14 +562,7 @@ async fn members_version_moves_with_membership_only(store: Arc<dyn Store>) {
         async move {
             let mut tx = store.begin(sender.tenant_id).await.unwrap();
             let appended = tx
-                .append_message(&mindsp_core::model::NewMessage {
-                    id: mindsp_core::MessageId::new(),
-                    conversation_id: g.id,
-                    sender_id: sender.user_id,
-                    content: "dans une unité".into(),
-                    idempotency_key: None,
-                    created_at: mindsp_core::model::now(),
-                })
+                .append_message(&new_message(g.id, sender.user_id, "dans une unité"))
                 .await
                 .unwrap();
             tx.commit().await.unwrap();
@@ -997,14 +999,7 @@ async fn unit_of_work_commits_or_rolls_back_as_one(store: Arc<dyn Store>) {
     for commit in [false, true] {
         let mut tx = store.begin(a.tenant).await.unwrap();
         let appended = tx
-            .append_message(&mindsp_core::model::NewMessage {
-                id: mindsp_core::MessageId::new(),
-                conversation_id: g.id,
-                sender_id: me.user_id,
-                content: "avec son effet de bord".into(),
-                idempotency_key: None,
-                created_at: mindsp_core::model::now(),
-            })
+            .append_message(&new_message(g.id, me.user_id, "avec son effet de bord"))
             .await
             .unwrap();
         assert!(appended.created());
@@ -1042,14 +1037,7 @@ async fn appending_a_stored_message_again_answers_it(store: Arc<dyn Store>) {
     let svc = Messaging::new(store.clone(), Limits::default());
     let a = dept(&svc, "sdis13", 1).await;
     let g = svc.create_group(&a.users[0], "Garde", &[]).await.unwrap();
-    let msg = mindsp_core::model::NewMessage {
-        id: mindsp_core::MessageId::new(),
-        conversation_id: g.id,
-        sender_id: a.users[0].user_id,
-        content: "une seule fois".into(),
-        idempotency_key: None,
-        created_at: mindsp_core::model::now(),
-    };
+    let msg = new_message(g.id, a.users[0].user_id, "une seule fois");
     let first = store.append(a.tenant, &msg).await.unwrap();
     assert!(first.created());
     let again = store.append(a.tenant, &msg).await.unwrap();
