@@ -20,6 +20,11 @@ fn rss() -> u64 {
 const MESSAGES: i64 = 6000;
 const CHARS: usize = 3000;
 
+/// Most messages the senders may be ahead of the fast reader: well under the queue's
+/// 512, so the fast reader is never the one cut off, however fast the server publishes
+/// (the test client is a debug build and reads slower than the server sends).
+const AHEAD: i64 = 128;
+
 /// Sends `MESSAGES` messages from 4 tasks while `fast` reads them all, in order.
 async fn flood(
     s: &Server,
@@ -29,6 +34,9 @@ async fn flood(
     last: i64,
     text: &str,
 ) -> (wsclient::Client, i64) {
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let progress = read.clone();
     let reader = tokio::spawn(async move {
         let mut expected = last + 1;
         while expected <= last + MESSAGES {
@@ -39,6 +47,7 @@ async fn flood(
                 "the fast reader gets every message, in order"
             );
             expected += 1;
+            progress.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         fast
     });
@@ -46,8 +55,14 @@ async fn flood(
     for t in 0..4 {
         let messaging = s.state.messaging.clone();
         let text = text.to_owned();
+        let (read, sent) = (read.clone(), sent.clone());
         senders.push(tokio::spawn(async move {
             for i in 0..MESSAGES / 4 {
+                use std::sync::atomic::Ordering::SeqCst;
+                while sent.load(SeqCst) - read.load(SeqCst) >= AHEAD {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                sent.fetch_add(1, SeqCst);
                 messaging
                     .send(&actor, cid, &format!("{t}-{i} {text}"), None)
                     .await
