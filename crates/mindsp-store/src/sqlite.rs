@@ -109,7 +109,10 @@ impl SqliteStore {
 
         // One writer: SQLite serialises writers anyway; queueing them here avoids
         // SQLITE_BUSY and lets a deferred BEGIN upgrade safely.
+        // A connection to a local file does not go stale: no test query before each
+        // use (it would be one more round trip on every write).
         let write = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .max_connections(1)
             .min_connections(1)
             .idle_timeout(None)
@@ -125,6 +128,7 @@ impl SqliteStore {
             write.clone()
         } else {
             SqlitePoolOptions::new()
+                .test_before_acquire(false)
                 .max_connections(config.read_connections.max(1))
                 .idle_timeout(None)
                 .max_lifetime(None)
@@ -267,7 +271,7 @@ pub const MAX_APPEND_BATCH: usize = 256;
 /// slows senders down instead of growing memory without bound.
 const APPEND_QUEUE: usize = 4096;
 
-/// The group-commit writer behind [`AppendQueue`]: checks a batch with two queries,
+/// The group-commit writer behind [`AppendQueue`]: checks a batch with one query,
 /// inserts it with one statement and commits once. Through sqlx every statement is a
 /// round trip to SQLite's worker thread, and every commit flushes the full-text index:
 /// batching pays both once per batch instead of once per message.
@@ -305,60 +309,53 @@ impl GroupCommit for Appender {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let mut state = BatchState::default();
 
-        // Messages already stored under the idempotency keys of this batch.
-        let keyed: Vec<&AppendRequest> = batch
-            .iter()
-            .filter(|r| r.msg.idempotency_key.is_some())
-            .collect();
-        if !keyed.is_empty() {
-            // `k CROSS JOIN messages` keeps the keys as the outer loop: one index
-            // lookup per key. (A row-value `IN (VALUES …)` scans the whole index.)
-            let mut q = QueryBuilder::<Sqlite>::new("WITH k(c, s, key) AS (");
-            q.push_values(&keyed, |mut b, r| {
-                b.push_bind(r.msg.conversation_id.0)
-                    .push_bind(r.msg.sender_id.0)
-                    .push_bind(r.msg.idempotency_key.clone());
-            });
-            q.push(format!(
-                ") SELECT tenant_id, {MESSAGE_COLS} FROM k CROSS JOIN messages
-                     ON conversation_id = k.c AND sender_id = k.s AND idempotency_key = k.key"
-            ));
-            for row in q.build().fetch_all(&mut *tx).await.map_err(db_err)? {
+        // One statement reads what the batch depends on: its conversations' current
+        // sequence with their senders' memberships (`kind` 0), and the messages already
+        // stored under its idempotency keys (`kind` 1). Every statement is a round trip
+        // to SQLite's worker thread, and the writer waits through each. `r CROSS JOIN`
+        // keeps the requests as the outer loop: one index lookup each (a row-value
+        // `IN (VALUES …)` scans the whole index).
+        let mut q = QueryBuilder::<Sqlite>::new("WITH r(c, u, key) AS (");
+        q.push_values(batch, |mut b, r| {
+            b.push_bind(r.msg.conversation_id.0)
+                .push_bind(r.msg.sender_id.0)
+                .push_bind(r.msg.idempotency_key.as_deref());
+        });
+        q.push(
+            ") SELECT 0 AS kind, c.tenant_id, c.id AS conversation_id, m.user_id AS sender_id,
+                      c.last_seq AS seq, c.members_version, NULL AS id, NULL AS content,
+                      NULL AS idempotency_key, NULL AS created_at
+                 FROM r CROSS JOIN conversation_members m
+                   ON m.conversation_id = r.c AND m.user_id = r.u
+                 JOIN conversations c ON c.id = m.conversation_id
+               UNION ALL
+               SELECT 1, s.tenant_id, s.conversation_id, s.sender_id, s.seq, NULL, s.id,
+                      s.content, s.idempotency_key, s.created_at
+                 FROM r CROSS JOIN messages s
+                   ON s.conversation_id = r.c AND s.sender_id = r.u AND s.idempotency_key = r.key",
+        );
+        for row in q.build().fetch_all(&mut *tx).await.map_err(db_err)? {
+            let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
+            if row.try_get::<i64, _>("kind").map_err(db_err)? == 1 {
                 let m = message_from_row(&row)?;
-                let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
                 let key = m.idempotency_key.clone().unwrap_or_default();
                 state
                     .stored
                     .insert((m.conversation_id.0, m.sender_id.0, key), (tenant, m));
+                continue;
             }
-        }
-
-        // The conversations' current sequence and their senders' memberships.
-        let mut q = QueryBuilder::<Sqlite>::new("WITH r(c, u) AS (");
-        q.push_values(batch, |mut b, r| {
-            b.push_bind(r.msg.conversation_id.0)
-                .push_bind(r.msg.sender_id.0);
-        });
-        q.push(
-            ") SELECT c.id, c.tenant_id, c.last_seq, c.members_version, m.user_id
-                 FROM r CROSS JOIN conversation_members m
-                   ON m.conversation_id = r.c AND m.user_id = r.u
-                 JOIN conversations c ON c.id = m.conversation_id",
-        );
-        for row in q.build().fetch_all(&mut *tx).await.map_err(db_err)? {
-            let conv: Uuid = row.try_get("id").map_err(db_err)?;
-            let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
+            let conv: Uuid = row.try_get("conversation_id").map_err(db_err)?;
             state.conversations.insert(
                 conv,
                 BatchConversation {
                     tenant,
-                    last_seq: row.try_get("last_seq").map_err(db_err)?,
+                    last_seq: row.try_get("seq").map_err(db_err)?,
                     members_version: row.try_get("members_version").map_err(db_err)?,
                 },
             );
             state
                 .members
-                .insert((conv, row.try_get("user_id").map_err(db_err)?));
+                .insert((conv, row.try_get("sender_id").map_err(db_err)?));
         }
 
         // Decide each request in arrival order, numbering new messages per conversation.
@@ -1605,5 +1602,92 @@ fn push_ids(q: &mut QueryBuilder<'_, Sqlite>, ids: impl Iterator<Item = Uuid>) {
     let mut sep = q.separated(", ");
     for id in ids {
         sep.push_bind(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(tenant: TenantId, conv: ConversationId, sender: UserId, key: &str) -> AppendRequest {
+        AppendRequest {
+            tenant,
+            msg: NewMessage {
+                id: MessageId::new(),
+                conversation_id: conv,
+                sender_id: sender,
+                content: format!("message {key}"),
+                idempotency_key: Some(key.to_owned()),
+                created_at: now(),
+            },
+        }
+    }
+
+    /// The batch answers repeated keys, non-members and other tenants by itself: the
+    /// whole batch commits (`Ok`), instead of failing on the unique index and falling
+    /// back to one transaction per message, which would give the same answers slowly.
+    #[tokio::test]
+    async fn a_batch_answers_known_keys_and_strangers_without_falling_back() {
+        let store = SqliteStore::open(SqliteConfig::memory()).await.unwrap();
+        let mut people = Vec::new();
+        let mut tenants = Vec::new();
+        for slug in ["sdis13", "sdis84"] {
+            let t = store.create_tenant(slug, slug).await.unwrap();
+            let mut tx = store.begin(t.id).await.unwrap();
+            for i in 0..2 {
+                let user = NewUser {
+                    email: format!("sp{i}@{slug}.fr"),
+                    display_name: format!("Sapeur {i}"),
+                    role: Role::Member,
+                    password_hash: String::new(),
+                };
+                people.push(tx.insert_user(&user).await.unwrap().id);
+            }
+            tx.commit().await.unwrap();
+            tenants.push(t.id);
+        }
+        let (a, b, stranger) = (people[0], people[1], people[2]);
+        let mut tx = store.begin(tenants[0]).await.unwrap();
+        let conv = tx
+            .insert_conversation(&NewConversation {
+                kind: ConversationKind::Group,
+                name: Some("Garde".into()),
+                created_by: a,
+                members: vec![(a, MemberRole::Owner)],
+            })
+            .await
+            .unwrap()
+            .id;
+        tx.commit().await.unwrap();
+        let first = store
+            .append(tenants[0], &request(tenants[0], conv, a, "k1").msg)
+            .await
+            .unwrap();
+
+        let appender = Appender {
+            pool: store.pool().clone(),
+        };
+        let batch = [
+            request(tenants[0], conv, a, "k1"), // stored before: that message
+            request(tenants[0], conv, a, "k2"), // new: seq 2
+            request(tenants[0], conv, a, "k2"), // repeated within the batch
+            request(tenants[0], conv, b, "k3"), // not a member
+            request(tenants[1], conv, stranger, "k4"), // another tenant
+            request(tenants[1], conv, a, "k1"), // another tenant asking for a stored key
+        ];
+        let answers = appender.append_batch(&batch).await.expect("batch commits");
+        let seq = |i: usize| match &answers[i] {
+            Ok(Appended::Created { message, .. }) => ("created", message.seq),
+            Ok(Appended::Existing(m)) => ("existing", m.seq),
+            Err(Error::NotFound(_)) => ("not found", 0),
+            Err(e) => panic!("answer {i}: {e:?}"),
+        };
+        assert_eq!(first.message().seq, 1);
+        assert_eq!(seq(0), ("existing", 1));
+        assert_eq!(seq(1), ("created", 2));
+        assert_eq!(seq(2), ("existing", 2));
+        assert_eq!(seq(3), ("not found", 0));
+        assert_eq!(seq(4), ("not found", 0));
+        assert_eq!(seq(5), ("not found", 0));
     }
 }
