@@ -45,6 +45,7 @@
 //! connection: `ulimit -n` bounds the idle scenario. All traffic stays on 127.0.0.0/8;
 //! the bench stops the server (SIGTERM, then SIGKILL) and removes its files.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
@@ -58,7 +59,9 @@ use mindsp_core::model::{NewUser, Role, User};
 use mindsp_core::ports::Store;
 use mindsp_core::{Actor, Limits, Messaging};
 use mindsp_server::auth::{Tokens, hash_password};
+use mindsp_store::postgres::{PgConfig, PgStore};
 use mindsp_store::sqlite::{SqliteConfig, SqliteStore};
+use sqlx::Connection;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -90,6 +93,18 @@ struct Config {
     idle: usize,
     idle_tenant: usize,
     sources: u8,
+    /// PostgreSQL + Redis with several nodes, when both URLs are given; else SQLite.
+    services: Option<Services>,
+    /// Server processes: `MINDSP_LOAD_NODES` (2) with PostgreSQL + Redis, 1 on SQLite.
+    nodes: usize,
+}
+
+/// The shared services of the scaled profile.
+struct Services {
+    /// Where the bench creates (and drops) its database: `MINDSP_LOAD_POSTGRES_URL`.
+    postgres_url: String,
+    /// `MINDSP_LOAD_REDIS_URL`.
+    redis_url: String,
 }
 
 impl Config {
@@ -109,6 +124,23 @@ impl Config {
                 server.display()
             );
         }
+        let services = match (
+            std::env::var("MINDSP_LOAD_POSTGRES_URL"),
+            std::env::var("MINDSP_LOAD_REDIS_URL"),
+        ) {
+            (Ok(pg), Ok(redis)) if !pg.trim().is_empty() && !redis.trim().is_empty() => {
+                Some(Services {
+                    postgres_url: pg.trim().to_owned(),
+                    redis_url: redis.trim().to_owned(),
+                })
+            }
+            _ => None,
+        };
+        let nodes = if services.is_some() {
+            env_or("MINDSP_LOAD_NODES", 2)
+        } else {
+            1
+        };
         let cfg = Self {
             server,
             clients: env_or("MINDSP_LOAD_CLIENTS", 1000),
@@ -121,6 +153,8 @@ impl Config {
             idle: env_or("MINDSP_LOAD_IDLE", 10_000),
             idle_tenant: env_or("MINDSP_LOAD_IDLE_TENANT", 1000),
             sources: env_or("MINDSP_LOAD_SOURCES", 8),
+            services,
+            nodes,
         };
         if cfg.small < 2 || cfg.group < 2 || cfg.clients < cfg.group.max(cfg.small) {
             bail!("need conversations of at least 2 and at least one group's worth of clients");
@@ -130,6 +164,9 @@ impl Config {
         }
         if !(1..=250).contains(&cfg.sources) || cfg.idle_tenant == 0 || cfg.step_secs == 0 {
             bail!("MINDSP_LOAD_SOURCES is 1 to 250; tenant size and step length at least 1");
+        }
+        if !(1..=16).contains(&cfg.nodes) {
+            bail!("MINDSP_LOAD_NODES is 1 to 16");
         }
         Ok(cfg)
     }
@@ -167,18 +204,33 @@ struct StepStats {
     counts: Vec<AtomicU16>,
     delivered: AtomicU64,
     duplicates: AtomicU64,
+    /// With several nodes: the node of each message's sender, and the deliveries made
+    /// to a client of another node (through Redis).
+    sender_node: Vec<u8>,
+    across: AtomicU64,
     /// Latest receive time, µs since [`Shared::base`].
     last_us: AtomicU64,
     latency_us: Vec<Mutex<Histogram<u64>>>,
 }
 
 impl StepStats {
-    fn new(messages: usize, members: usize) -> Self {
+    /// `messages` sent over `convs` as [`run_step`] sends them, to clients spread over
+    /// `nodes` nodes as [`connect_all`] spreads them.
+    fn new(messages: usize, members: usize, convs: &[Conv], nodes: usize) -> Self {
+        let sender_node = if nodes > 1 {
+            (0..messages)
+                .map(|i| (sender(convs, i) % nodes) as u8)
+                .collect()
+        } else {
+            Vec::new()
+        };
         Self {
             members: members as u16,
             counts: (0..messages).map(|_| AtomicU16::new(0)).collect(),
             delivered: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            sender_node,
+            across: AtomicU64::new(0),
             last_us: AtomicU64::new(0),
             latency_us: (0..SHARDS)
                 .map(|_| Mutex::new(Histogram::new(3).expect("histogram")))
@@ -199,6 +251,8 @@ impl StepStats {
 /// State every client task shares.
 struct Shared {
     base: Instant,
+    /// Server nodes; active client `i` is connected to node `i % nodes`.
+    nodes: usize,
     steps: Vec<StepStats>,
     /// `error` frames received (a send refused counts as lost too).
     errors: AtomicU64,
@@ -249,6 +303,11 @@ impl Shared {
             return;
         }
         st.delivered.fetch_add(1, Relaxed);
+        if let Some(&from) = st.sender_node.get(i as usize)
+            && usize::from(from) != shard % self.nodes
+        {
+            st.across.fetch_add(1, Relaxed);
+        }
         st.last_us.fetch_max(now, Relaxed);
         let _ = st.latency_us[shard % SHARDS]
             .lock()
@@ -315,64 +374,279 @@ fn load_average() -> String {
         .join(" ")
 }
 
-/// CPU usage over a window, for the server, the generator and the machine.
+/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`, read once).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU time of every process named `postgres` (the postmaster, its backends and
+/// helpers) and `redis-server`, by pid, from `/proc/*/stat`. Children's reaped time
+/// (cutime + cstime) is counted too, so a backend that exits within a window still
+/// counts: its time lands in the postmaster's.
+#[derive(Default)]
+struct ServiceCpu {
+    postgres: HashMap<u32, Duration>,
+    redis: HashMap<u32, Duration>,
+}
+
+impl ServiceCpu {
+    fn read() -> Self {
+        let mut out = Self::default();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return out;
+        };
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let map = match &stat[open + 1..close] {
+                "postgres" => &mut out.postgres,
+                "redis-server" => &mut out.redis,
+                _ => continue,
+            };
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            // utime, stime, cutime, cstime: fields 14 to 17, the state being field 3.
+            let ticks: u64 = (14..=17)
+                .filter_map(|n| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()))
+                .sum();
+            map.insert(pid, Duration::from_secs_f64(ticks as f64 / clock_ticks()));
+        }
+        out
+    }
+
+    /// PostgreSQL and Redis CPU used between `before` and now.
+    fn since(before: &Self) -> (Duration, Duration) {
+        let now = Self::read();
+        let delta = |now: &HashMap<u32, Duration>, before: &HashMap<u32, Duration>| {
+            now.iter()
+                .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or_default()))
+                .sum()
+        };
+        (
+            delta(&now.postgres, &before.postgres),
+            delta(&now.redis, &before.redis),
+        )
+    }
+}
+
+/// CPU usage over a window, for the server nodes, the generator and the machine, and
+/// with PostgreSQL + Redis, for those.
 struct CpuWindow {
     at: Instant,
     server: Duration,
     generator: Duration,
     machine: (u64, u64),
+    services: Option<ServiceCpu>,
+}
+
+/// What a [`CpuWindow`] measured.
+struct CpuUse {
+    /// All nodes together.
+    server: Duration,
+    generator: Duration,
+    elapsed: Duration,
+    /// Busy cores of the machine (everything on it).
+    busy: f64,
+    /// PostgreSQL and Redis, with those.
+    services: Option<(Duration, Duration)>,
 }
 
 impl CpuWindow {
-    fn start(server: &ServerProc) -> Self {
+    fn start(nodes: &Nodes) -> Self {
         Self {
             at: Instant::now(),
-            server: cpu_time(&server.pid, server.ticks),
-            generator: cpu_time("self", server.ticks),
+            server: nodes.cpu(),
+            generator: cpu_time("self", clock_ticks()),
             machine: machine_jiffies(),
+            services: nodes.services.then(ServiceCpu::read),
         }
     }
 
-    /// Server and generator CPU used since the start, the elapsed time, and the share
-    /// of the machine's cores that were busy (everything on it).
-    fn end(&self, server: &ServerProc) -> (Duration, Duration, Duration, f64) {
+    fn end(&self, nodes: &Nodes) -> CpuUse {
         let (busy, total) = machine_jiffies();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let busy = (busy - self.machine.0) as f64 / (total - self.machine.1).max(1) as f64;
-        (
-            cpu_time(&server.pid, server.ticks).saturating_sub(self.server),
-            cpu_time("self", server.ticks).saturating_sub(self.generator),
-            self.at.elapsed(),
-            busy * cores,
-        )
+        CpuUse {
+            server: nodes.cpu().saturating_sub(self.server),
+            generator: cpu_time("self", clock_ticks()).saturating_sub(self.generator),
+            elapsed: self.at.elapsed(),
+            busy: busy * cores,
+            services: self.services.as_ref().map(ServiceCpu::since),
+        }
     }
 }
 
-// ---- the server process ---------------------------------------------------------------
+// ---- the server processes -------------------------------------------------------------
+
+/// Where the data lives: a SQLite file, or a PostgreSQL database made for the run with
+/// a Redis key prefix of its own.
+enum Backend {
+    Sqlite {
+        db: PathBuf,
+    },
+    Postgres {
+        /// The URL given, to create and drop the database through.
+        admin_url: String,
+        name: String,
+        /// The run's database.
+        url: String,
+        redis_url: String,
+        /// `--redis-prefix` of every node: unique per run.
+        prefix: String,
+    },
+}
+
+impl Backend {
+    /// SQLite in `dir`, or a fresh PostgreSQL database with `cfg.services`.
+    async fn create(cfg: &Config, dir: &Path) -> anyhow::Result<Self> {
+        let Some(services) = &cfg.services else {
+            return Ok(Self::Sqlite {
+                db: dir.join("load.db"),
+            });
+        };
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("mindsp_load_{id}");
+        let mut url = url::Url::parse(&services.postgres_url)
+            .context("MINDSP_LOAD_POSTGRES_URL is not a URL")?;
+        url.set_path(&format!("/{name}"));
+        let mut conn = sqlx::PgConnection::connect(&services.postgres_url)
+            .await
+            .context("cannot connect to MINDSP_LOAD_POSTGRES_URL")?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("CREATE DATABASE {name}"))?;
+        conn.close().await?;
+        Ok(Self::Postgres {
+            admin_url: services.postgres_url.clone(),
+            name,
+            url: url.to_string(),
+            redis_url: services.redis_url.clone(),
+            prefix: format!("{{mindsp-load-{id}}}:rt:"),
+        })
+    }
+
+    fn describe(&self, nodes: usize) -> String {
+        match self {
+            Self::Sqlite { .. } => "SQLite file, one node".into(),
+            Self::Postgres { name, prefix, .. } => format!(
+                "PostgreSQL + Redis, {nodes} nodes (database {name}, Redis prefix {prefix}, job queue sql)"
+            ),
+        }
+    }
+
+    fn database_url(&self) -> String {
+        match self {
+            Self::Sqlite { db } => format!("sqlite://{}", db.display()),
+            Self::Postgres { url, .. } => url.clone(),
+        }
+    }
+
+    /// Drops the database and deletes the run's Redis keys (nothing to do for SQLite:
+    /// the caller removes the directory).
+    async fn clean_up(&self) {
+        let Self::Postgres {
+            admin_url,
+            name,
+            redis_url,
+            prefix,
+            ..
+        } = self
+        else {
+            return;
+        };
+        let dropped = async {
+            let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await?;
+            conn.close().await
+        }
+        .await;
+        match dropped {
+            Ok(()) => println!("clean-up: database {name} dropped"),
+            Err(e) => println!("clean-up: DROP DATABASE {name} failed: {e}"),
+        }
+        match delete_keys(redis_url, prefix).await {
+            Ok(n) => println!("clean-up: {n} Redis keys under {prefix} deleted"),
+            Err(e) => println!("clean-up: deleting the Redis keys under {prefix} failed: {e:#}"),
+        }
+    }
+}
+
+/// `SCAN MATCH prefix*`, then `DEL` of what it found; returns how many keys.
+async fn delete_keys(redis_url: &str, prefix: &str) -> anyhow::Result<usize> {
+    use fred::interfaces::{ClientLike, KeysInterface};
+    use futures::TryStreamExt;
+    let config = fred::types::config::Config::from_url(redis_url)?;
+    let client = fred::types::Builder::from_config(config).build()?;
+    client.init().await?;
+    let keys: Vec<fred::types::Key> = client
+        .scan_buffered(format!("{prefix}*"), Some(1000), None)
+        .try_collect()
+        .await?;
+    for chunk in keys.chunks(500) {
+        let _: i64 = client.del(chunk.to_vec()).await?;
+    }
+    let _ = client.quit().await;
+    Ok(keys.len())
+}
 
 struct ServerProc {
     child: tokio::process::Child,
     pid: String,
     addr: SocketAddr,
     log: PathBuf,
-    ticks: f64,
 }
 
 impl ServerProc {
-    async fn start(cfg: &Config, db: &Path, secret: &str) -> anyhow::Result<Self> {
+    async fn start(
+        cfg: &Config,
+        backend: &Backend,
+        secret: &str,
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let log = db.with_extension("server.log");
         let out = std::fs::File::create(&log)?;
-        let mut child = tokio::process::Command::new(&cfg.server)
+        let mut command = tokio::process::Command::new(&cfg.server);
+        command
             .arg("serve")
             .arg("--database-url")
-            .arg(format!("sqlite://{}", db.display()))
+            .arg(backend.database_url())
             .arg("--listen")
             .arg(addr.to_string())
-            .args(["--log", "warn", "--ws-rate", "10000", "--ws-burst", "10000"])
+            .args(["--log", "warn", "--ws-rate", "10000", "--ws-burst", "10000"]);
+        if let Backend::Postgres {
+            redis_url, prefix, ..
+        } = backend
+        {
+            command
+                .args(["--redis-url", redis_url])
+                .args(["--redis-prefix", prefix]);
+        }
+        let mut child = command
             .env("MINDSP_JWT_SECRET", secret)
             .stdin(std::process::Stdio::null())
             .stdout(out.try_clone()?)
@@ -381,13 +655,6 @@ impl ServerProc {
             .spawn()
             .with_context(|| format!("cannot start {}", cfg.server.display()))?;
         let pid = child.id().context("server exited at once")?.to_string();
-        let ticks = std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0);
         let ready = Instant::now();
         loop {
             if let Some(status) = child.try_wait()? {
@@ -407,23 +674,89 @@ impl ServerProc {
             pid,
             addr,
             log,
-            ticks,
         })
     }
 
     /// SIGTERM, then SIGKILL if it has not stopped within 30 s.
-    async fn stop(mut self) -> anyhow::Result<()> {
+    async fn stop(mut self, name: &str) -> anyhow::Result<()> {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &self.pid])
             .status();
         match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
-            Ok(status) => println!("server stopped: {}", status?),
+            Ok(status) => println!("{name} stopped: {}", status?),
             Err(_) => {
                 self.child.kill().await?;
-                println!("server did not stop within 30 s of SIGTERM: killed");
+                println!("{name} did not stop within 30 s of SIGTERM: killed");
             }
         }
         Ok(())
+    }
+}
+
+/// The server processes of the run (one on SQLite).
+struct Nodes {
+    procs: Vec<ServerProc>,
+    /// PostgreSQL + Redis: their CPU is measured too.
+    services: bool,
+}
+
+impl Nodes {
+    async fn start(
+        cfg: &Config,
+        backend: &Backend,
+        secret: &str,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut procs = Vec::with_capacity(cfg.nodes);
+        for n in 0..cfg.nodes {
+            let log = match backend {
+                Backend::Sqlite { db } => db.with_extension("server.log"),
+                Backend::Postgres { .. } => dir.join(format!("node{n}.server.log")),
+            };
+            procs.push(ServerProc::start(cfg, backend, secret, log).await?);
+        }
+        Ok(Self {
+            procs,
+            services: matches!(backend, Backend::Postgres { .. }),
+        })
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.procs.iter().map(|p| p.addr).collect()
+    }
+
+    /// CPU time of all nodes.
+    fn cpu(&self) -> Duration {
+        self.procs
+            .iter()
+            .map(|p| cpu_time(&p.pid, clock_ticks()))
+            .sum()
+    }
+
+    /// Resident memory of all nodes, in KiB.
+    fn rss_kib(&self) -> u64 {
+        self.procs.iter().map(|p| rss_kib(&p.pid)).sum()
+    }
+
+    fn name(&self, n: usize) -> String {
+        if self.procs.len() == 1 {
+            "server".into()
+        } else {
+            format!("node {n}")
+        }
+    }
+
+    /// Stops every node; the first failure is returned once all were tried.
+    async fn stop(self) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        let names: Vec<_> = (0..self.procs.len()).map(|n| self.name(n)).collect();
+        for (p, name) in self.procs.into_iter().zip(names) {
+            let stopped = p.stop(&name).await;
+            if result.is_ok() {
+                result = stopped;
+            }
+        }
+        result
     }
 }
 
@@ -442,10 +775,30 @@ struct Population {
     idle: Vec<String>,
 }
 
-async fn populate(cfg: &Config, db: &Path, secret: &str) -> anyhow::Result<Population> {
+/// Opens the backend's store with the library, populates it and closes it.
+async fn populate_backend(
+    cfg: &Config,
+    backend: &Backend,
+    secret: &str,
+) -> anyhow::Result<Population> {
+    match backend {
+        Backend::Sqlite { db } => {
+            let sqlite = SqliteStore::open(SqliteConfig::file(db.display().to_string())).await?;
+            let pop = populate(cfg, Arc::new(sqlite.clone()), secret).await;
+            sqlite.close().await;
+            pop
+        }
+        Backend::Postgres { url, .. } => {
+            let pg = PgStore::open(PgConfig::new(url.clone())).await?;
+            let pop = populate(cfg, Arc::new(pg.clone()), secret).await;
+            pg.close().await;
+            pop
+        }
+    }
+}
+
+async fn populate(cfg: &Config, store: Arc<dyn Store>, secret: &str) -> anyhow::Result<Population> {
     let started = Instant::now();
-    let sqlite = SqliteStore::open(SqliteConfig::file(db.display().to_string())).await?;
-    let store: Arc<dyn Store> = Arc::new(sqlite.clone());
     let hash = hash_password(PASSWORD)?;
     let tokens = Tokens::new(secret.as_bytes(), Duration::from_secs(12 * 3600));
     let mint = |u: &User| tokens.issue(u).map_err(|e| anyhow::anyhow!("{e:?}"));
@@ -466,7 +819,6 @@ async fn populate(cfg: &Config, db: &Path, secret: &str) -> anyhow::Result<Popul
         t += 1;
     }
     drop((svc, store));
-    sqlite.close().await;
     println!(
         "set-up: {} active users, {} conversations of {}, {} groups of {}, {} idle users in {} tenants, in {:.1} s",
         cfg.clients,
@@ -618,10 +970,11 @@ fn spawn_client(mut ws: Ws, shared: Arc<Shared>, shard: usize) -> Client {
 }
 
 /// Opens connections for `tokens[i]`, numbered from `first`, until all are open or one
-/// fails; returns the clients opened and the first failure.
+/// fails; returns the clients opened and the first failure. Connection `n` goes to
+/// `servers[n % servers.len()]`.
 async fn connect_all(
     cfg: &Config,
-    server: SocketAddr,
+    servers: &[SocketAddr],
     shared: &Arc<Shared>,
     tokens: &[String],
     first: usize,
@@ -630,6 +983,7 @@ async fn connect_all(
     let mut opening = futures::stream::iter(tokens.iter().enumerate())
         .map(|(k, token)| {
             let src = source(cfg, first + k);
+            let server = servers[(first + k) % servers.len()];
             async move {
                 let opened = tokio::time::timeout(CONNECT_TIMEOUT, connect(server, src, token))
                     .await
@@ -668,9 +1022,16 @@ async fn close_all(clients: Vec<Client>) {
 
 // ---- scenarios ------------------------------------------------------------------------
 
+/// The client that sends message `i` of a step across `convs`: conversations take
+/// turns, and within one its members do.
+fn sender(convs: &[Conv], i: usize) -> usize {
+    let conv = &convs[i % convs.len()];
+    conv.members[(i / convs.len()) % conv.members.len()]
+}
+
 async fn idle_scenario(
     cfg: &Config,
-    server: &ServerProc,
+    nodes: &Nodes,
     shared: &Arc<Shared>,
     tokens: &[String],
 ) -> anyhow::Result<()> {
@@ -682,33 +1043,42 @@ async fn idle_scenario(
         tokens.len(),
         cfg.idle_tenant
     );
-    let rss0 = rss_kib(&server.pid);
+    let rss0 = nodes.rss_kib();
     let gen0 = rss_kib("self");
     let half = tokens.len() / 2;
     let mut clients = Vec::new();
     let mut points = Vec::new();
     let mut failure = None;
     let started = Instant::now();
-    let cpu = CpuWindow::start(server);
+    let cpu = CpuWindow::start(nodes);
+    let addrs = nodes.addrs();
     for (from, to) in [(0, half), (half, tokens.len())] {
-        let (more, err) = connect_all(cfg, server.addr, shared, &tokens[from..to], from).await;
+        let (more, err) = connect_all(cfg, &addrs, shared, &tokens[from..to], from).await;
         clients.extend(more);
         // Let the presence announcements settle before reading memory.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        points.push((clients.len(), rss_kib(&server.pid)));
+        points.push((clients.len(), nodes.rss_kib()));
         if err.is_some() {
             failure = err;
             break;
         }
     }
-    let (server_cpu, _, _, _) = cpu.end(server);
+    let used = cpu.end(nodes);
     let connected = clients.len();
+    let per_conn = |d: Duration| d.as_secs_f64() * 1e6 / connected.max(1) as f64;
     println!(
         "connected {connected} of {} in {:.1} s ({:.0} µs of server CPU per connection, presence announcements included)",
         tokens.len(),
         started.elapsed().as_secs_f64(),
-        server_cpu.as_secs_f64() * 1e6 / connected.max(1) as f64
+        per_conn(used.server)
     );
+    if let Some((pg, redis)) = used.services {
+        println!(
+            "  postgres {:.0} µs, redis {:.0} µs of CPU per connection",
+            per_conn(pg),
+            per_conn(redis)
+        );
+    }
     if let Some(e) = &failure {
         println!("stopped by: {e:#}");
     }
@@ -743,7 +1113,7 @@ struct Outcome {
 /// One step: `rate` messages/s for `cfg.step_secs` across `convs`, senders taking turns.
 async fn run_step(
     cfg: &Config,
-    server: &ServerProc,
+    nodes: &Nodes,
     shared: &Arc<Shared>,
     step: usize,
     clients: &[Client],
@@ -756,7 +1126,7 @@ async fn run_step(
     let expected = messages as u64 * members;
     let errors0 = shared.errors.load(Relaxed);
     let closed0 = shared.closed.load(Relaxed);
-    let cpu = CpuWindow::start(server);
+    let cpu = CpuWindow::start(nodes);
     let start = shared.now_us() + 20_000;
     let scheduled = |i: usize| start + i as u64 * 1_000_000 / rate;
     let mut i = 0;
@@ -764,14 +1134,13 @@ async fn run_step(
         let now = shared.now_us();
         while i < messages && scheduled(i) <= now {
             let conv = &convs[i % convs.len()];
-            let sender = conv.members[(i / convs.len()) % conv.members.len()];
             let at = scheduled(i);
             let frame = format!(
                 r#"{{"v":1,"type":"send","id":{i},"conversation_id":"{}","content":"{step} {i} {at} {TEXT}","idempotency_key":"{step}-{i}"}}"#,
                 conv.id
             );
             // A dead client's message is simply never delivered: counted as lost.
-            let _ = clients[sender].tx.send(frame);
+            let _ = clients[sender(convs, i)].tx.send(frame);
             i += 1;
         }
         if i < messages {
@@ -783,7 +1152,8 @@ async fn run_step(
     while st.delivered.load(Relaxed) < expected && shared.now_us() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let (server_cpu, gen_cpu, _, busy) = cpu.end(server);
+    let used = cpu.end(nodes);
+    let (server_cpu, gen_cpu, busy) = (used.server, used.generator, used.busy);
     let delivered = st.delivered.load(Relaxed);
     let span = st.last_us.load(Relaxed).saturating_sub(start).max(1) as f64 / 1e6;
     let hist = st.latency();
@@ -816,6 +1186,21 @@ async fn run_step(
         busy,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
+    if let Some((pg, redis)) = used.services {
+        println!(
+            "  postgres CPU {:.2} s, redis CPU {:.2} s; per delivery: nodes {:.2} µs, nodes + postgres + redis {:.2} µs",
+            pg.as_secs_f64(),
+            redis.as_secs_f64(),
+            per(server_cpu),
+            per(server_cpu + pg + redis),
+        );
+    }
+    if shared.nodes > 1 {
+        println!(
+            "  across nodes: {} of the {delivered} deliveries reached a client on another node than the sender's",
+            st.across.load(Relaxed)
+        );
+    }
     Outcome {
         p99_ms: ms(hist.value_at_quantile(0.99)),
         lost,
@@ -824,7 +1209,7 @@ async fn run_step(
 
 async fn load_scenario(
     cfg: &Config,
-    server: &ServerProc,
+    nodes: &Nodes,
     shared: &Arc<Shared>,
     clients: &[Client],
     convs: &[Conv],
@@ -832,7 +1217,7 @@ async fn load_scenario(
     rates: &[u64],
 ) {
     for (step, rate) in steps.zip(rates) {
-        let outcome = run_step(cfg, server, shared, step, clients, convs, *rate).await;
+        let outcome = run_step(cfg, nodes, shared, step, clients, convs, *rate).await;
         if outcome.p99_ms > P99_LIMIT_MS || outcome.lost > 0 {
             println!("  stepping stops: p99 above {P99_LIMIT_MS} ms or a loss");
             break;
@@ -856,55 +1241,81 @@ async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env()?;
     let dir = std::env::temp_dir().join(format!("mindsp-load-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
-    let result = run(&cfg, &dir).await;
+    let result = match Backend::create(&cfg, &dir).await {
+        Ok(backend) => {
+            let result = run(&cfg, &dir, &backend).await;
+            backend.clean_up().await;
+            result
+        }
+        Err(e) => Err(e),
+    };
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn run(cfg: &Config, dir: &Path) -> anyhow::Result<()> {
+async fn run(cfg: &Config, dir: &Path, backend: &Backend) -> anyhow::Result<()> {
     println!(
         "# load: server {}, load average {}",
         cfg.server.display(),
         load_average()
     );
-    let db = dir.join("load.db");
+    println!("# mode: {}", backend.describe(cfg.nodes));
+    if cfg.nodes > 1 {
+        println!(
+            "# client i connects to node i % {}; server CPU and RSS are sums over the nodes",
+            cfg.nodes
+        );
+    }
     let secret = format!(
         "{}{}",
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
-    let pop = populate(cfg, &db, &secret).await?;
+    let pop = populate_backend(cfg, backend, &secret).await?;
 
     let mut steps = Vec::new();
     for r in &cfg.small_rates {
-        steps.push(StepStats::new((r * cfg.step_secs) as usize, cfg.small));
+        let messages = (r * cfg.step_secs) as usize;
+        steps.push(StepStats::new(messages, cfg.small, &pop.small, cfg.nodes));
     }
     for r in &cfg.group_rates {
-        steps.push(StepStats::new((r * cfg.step_secs) as usize, cfg.group));
+        let messages = (r * cfg.step_secs) as usize;
+        steps.push(StepStats::new(messages, cfg.group, &pop.groups, cfg.nodes));
     }
     let shared = Arc::new(Shared {
         base: Instant::now(),
+        nodes: cfg.nodes,
         steps,
         errors: AtomicU64::new(0),
         closed: AtomicU64::new(0),
         notes: Mutex::new(Vec::new()),
     });
 
-    let server = ServerProc::start(cfg, &db, &secret).await?;
-    let outcome = scenarios(cfg, &server, &shared, &pop).await;
-    let log = server.log.clone();
-    server.stop().await?;
+    let nodes = Nodes::start(cfg, backend, &secret, dir).await?;
+    let outcome = scenarios(cfg, &nodes, &shared, &pop).await;
+    let logs: Vec<_> = nodes.procs.iter().map(|p| p.log.clone()).collect();
+    nodes.stop().await?;
     let notes = shared.notes.lock().expect("notes lock").clone();
     if !notes.is_empty() {
         println!("first problems seen: {notes:#?}");
     }
-    if outcome.is_err()
-        && let Ok(text) = std::fs::read_to_string(&log)
-    {
-        println!(
-            "server log (tail): {}",
-            &text[text.len().saturating_sub(2000)..]
-        );
+    for (n, log) in logs.iter().enumerate() {
+        let Ok(text) = std::fs::read_to_string(log) else {
+            continue;
+        };
+        if outcome.is_err() {
+            println!(
+                "server log (tail): {}",
+                &text[text.len().saturating_sub(2000)..]
+            );
+        } else if cfg.nodes > 1 {
+            // The nodes log at `warn`: anything there is worth a look.
+            let lines: Vec<&str> = text.lines().collect();
+            println!("node {n} log: {} lines", lines.len());
+            for line in lines.iter().take(5) {
+                println!("  {}", truncate(line, 300));
+            }
+        }
     }
     println!("load average at the end: {}", load_average());
     outcome
@@ -912,23 +1323,32 @@ async fn run(cfg: &Config, dir: &Path) -> anyhow::Result<()> {
 
 async fn scenarios(
     cfg: &Config,
-    server: &ServerProc,
+    nodes: &Nodes,
     shared: &Arc<Shared>,
     pop: &Population,
 ) -> anyhow::Result<()> {
-    let cpu = CpuWindow::start(server);
+    let cpu = CpuWindow::start(nodes);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (idle_cpu, _, elapsed, busy) = cpu.end(server);
+    let used = cpu.end(nodes);
+    let share = |d: Duration| d.as_secs_f64() * 100.0 / used.elapsed.as_secs_f64();
     println!(
-        "server idle: {:.1} % of a core, RSS {} KiB; machine busy {busy:.2} cores before the bench starts",
-        idle_cpu.as_secs_f64() * 100.0 / elapsed.as_secs_f64(),
-        rss_kib(&server.pid)
+        "server idle: {:.1} % of a core, RSS {} KiB; machine busy {:.2} cores before the bench starts",
+        share(used.server),
+        nodes.rss_kib(),
+        used.busy
     );
+    if let Some((pg, redis)) = used.services {
+        println!(
+            "postgres idle: {:.1} % of a core, redis {:.1} %",
+            share(pg),
+            share(redis)
+        );
+    }
 
-    idle_scenario(cfg, server, shared, &pop.idle).await?;
+    idle_scenario(cfg, nodes, shared, &pop.idle).await?;
 
     let started = Instant::now();
-    let (clients, err) = connect_all(cfg, server.addr, shared, &pop.active, 0).await;
+    let (clients, err) = connect_all(cfg, &nodes.addrs(), shared, &pop.active, 0).await;
     if let Some(e) = err {
         close_all(clients).await;
         return Err(e.context("opening the active clients"));
@@ -948,7 +1368,7 @@ async fn scenarios(
     );
     load_scenario(
         cfg,
-        server,
+        nodes,
         shared,
         &clients,
         &pop.small,
@@ -962,7 +1382,7 @@ async fn scenarios(
     );
     load_scenario(
         cfg,
-        server,
+        nodes,
         shared,
         &clients,
         &pop.groups,
