@@ -1,11 +1,34 @@
 //! Real-time load generator (issue 3, "Speed and scale"): the release `mindsp-server`
-//! binary on a fresh SQLite file, driven over real WebSockets on loopback.
+//! binary on a fresh SQLite file, or several of them on a fresh PostgreSQL database
+//! sharing one Redis, driven over real WebSockets on loopback.
 //!
 //! ```sh
 //! export CARGO_TARGET_DIR=/var/tmp/mindsp-target
 //! cargo build --release -p mindsp-server
 //! cargo bench -p mindsp-benches --bench load
+//! # PostgreSQL + Redis, two nodes:
+//! MINDSP_LOAD_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/postgres \
+//! MINDSP_LOAD_REDIS_URL=redis://127.0.0.1:6379 \
+//!   cargo bench -p mindsp-benches --bench load
 //! ```
+//!
+//! Mode (printed at the top): SQLite, one node, unless both `MINDSP_LOAD_POSTGRES_URL`
+//! and `MINDSP_LOAD_REDIS_URL` are set. Then the bench creates a database
+//! `mindsp_load_<uuid>` through the first URL (a role that may `CREATE DATABASE`;
+//! the nodes connect to it as the same role, so the tables live in its `public`
+//! schema as `serve --database-url` sets no schema), populates it through
+//! `PgStore`, and starts `MINDSP_LOAD_NODES` (2) nodes on it, each with `--redis-url`
+//! and the run's own `--redis-prefix` `{mindsp-load-<uuid>}:rt:` (job queue: `sql`,
+//! the default, in that database). Active and idle client `i` connects to node
+//! `i % nodes`, so a message reaches the members on other nodes only through Redis;
+//! each step prints how many deliveries crossed nodes. Server CPU and RSS are sums
+//! over the nodes; PostgreSQL CPU is that of every process named `postgres` (children
+//! reaped included, so exited backends count; also the run's database's backends
+//! alone, since other work on the machine shows in the first) and Redis CPU that of
+//! `redis-server`, from `/proc/*/stat` over the same window, with the CPU per
+//! delivery of the nodes and of nodes + PostgreSQL + Redis. At the end the nodes are
+//! stopped, the database is dropped (`WITH (FORCE)`) and the run's Redis keys deleted
+//! (`SCAN MATCH prefix*`, `DEL`), even when the run failed.
 //!
 //! The server binary is `MINDSP_LOAD_SERVER` if set, else
 //! `$CARGO_TARGET_DIR/release/mindsp-server`, else `target/release/mindsp-server`; the
@@ -42,8 +65,9 @@
 //!
 //! Clients bind to 127.0.0.2, 127.0.0.3, ... (`MINDSP_LOAD_SOURCES`, 8) so that no
 //! source address runs out of ephemeral ports. Both processes need one descriptor per
-//! connection: `ulimit -n` bounds the idle scenario. All traffic stays on 127.0.0.0/8;
-//! the bench stops the server (SIGTERM, then SIGKILL) and removes its files.
+//! connection: `ulimit -n` bounds the idle scenario. All traffic stays on 127.0.0.0/8
+//! (give PostgreSQL and Redis URLs on it too); the bench stops the servers (SIGTERM,
+//! then SIGKILL) and removes its files.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -391,15 +415,28 @@ fn clock_ticks() -> f64 {
 /// CPU time of every process named `postgres` (the postmaster, its backends and
 /// helpers) and `redis-server`, by pid, from `/proc/*/stat`. Children's reaped time
 /// (cutime + cstime) is counted too, so a backend that exits within a window still
-/// counts: its time lands in the postmaster's.
+/// counts: its time lands in the postmaster's. On a shared machine that includes others'
+/// PostgreSQL work, so the backends connected to the run's `database` (process title
+/// `postgres: ... USER DATABASE HOST(PORT) ...`) are also counted apart, without
+/// children.
 #[derive(Default)]
 struct ServiceCpu {
     postgres: HashMap<u32, Duration>,
+    postgres_db: HashMap<u32, Duration>,
     redis: HashMap<u32, Duration>,
 }
 
+/// PostgreSQL and Redis CPU over a window.
+struct ServiceUse {
+    /// Every process named `postgres`.
+    postgres: Duration,
+    /// The backends of the run's database alone.
+    postgres_db: Duration,
+    redis: Duration,
+}
+
 impl ServiceCpu {
-    fn read() -> Self {
+    fn read(database: &str) -> Self {
         let mut out = Self::default();
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return out;
@@ -425,26 +462,36 @@ impl ServiceCpu {
             };
             let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
             // utime, stime, cutime, cstime: fields 14 to 17, the state being field 3.
-            let ticks: u64 = (14..=17)
-                .filter_map(|n| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()))
-                .sum();
-            map.insert(pid, Duration::from_secs_f64(ticks as f64 / clock_ticks()));
+            let ticks = |range: std::ops::RangeInclusive<usize>| {
+                let t: u64 = range
+                    .filter_map(|n| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok()))
+                    .sum();
+                Duration::from_secs_f64(t as f64 / clock_ticks())
+            };
+            map.insert(pid, ticks(14..=17));
+            if &stat[open + 1..close] == "postgres"
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&format!(" {database} ")))
+            {
+                out.postgres_db.insert(pid, ticks(14..=15));
+            }
         }
         out
     }
 
     /// PostgreSQL and Redis CPU used between `before` and now.
-    fn since(before: &Self) -> (Duration, Duration) {
-        let now = Self::read();
+    fn since(before: &Self, database: &str) -> ServiceUse {
+        let now = Self::read(database);
         let delta = |now: &HashMap<u32, Duration>, before: &HashMap<u32, Duration>| {
             now.iter()
                 .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or_default()))
                 .sum()
         };
-        (
-            delta(&now.postgres, &before.postgres),
-            delta(&now.redis, &before.redis),
-        )
+        ServiceUse {
+            postgres: delta(&now.postgres, &before.postgres),
+            postgres_db: delta(&now.postgres_db, &before.postgres_db),
+            redis: delta(&now.redis, &before.redis),
+        }
     }
 }
 
@@ -467,7 +514,7 @@ struct CpuUse {
     /// Busy cores of the machine (everything on it).
     busy: f64,
     /// PostgreSQL and Redis, with those.
-    services: Option<(Duration, Duration)>,
+    services: Option<ServiceUse>,
 }
 
 impl CpuWindow {
@@ -477,7 +524,7 @@ impl CpuWindow {
             server: nodes.cpu(),
             generator: cpu_time("self", clock_ticks()),
             machine: machine_jiffies(),
-            services: nodes.services.then(ServiceCpu::read),
+            services: nodes.database.as_deref().map(ServiceCpu::read),
         }
     }
 
@@ -490,7 +537,11 @@ impl CpuWindow {
             generator: cpu_time("self", clock_ticks()).saturating_sub(self.generator),
             elapsed: self.at.elapsed(),
             busy: busy * cores,
-            services: self.services.as_ref().map(ServiceCpu::since),
+            services: self
+                .services
+                .as_ref()
+                .zip(nodes.database.as_deref())
+                .map(|(before, db)| ServiceCpu::since(before, db)),
         }
     }
 }
@@ -696,8 +747,8 @@ impl ServerProc {
 /// The server processes of the run (one on SQLite).
 struct Nodes {
     procs: Vec<ServerProc>,
-    /// PostgreSQL + Redis: their CPU is measured too.
-    services: bool,
+    /// PostgreSQL + Redis: the run's database; their CPU is measured too.
+    database: Option<String>,
 }
 
 impl Nodes {
@@ -717,7 +768,10 @@ impl Nodes {
         }
         Ok(Self {
             procs,
-            services: matches!(backend, Backend::Postgres { .. }),
+            database: match backend {
+                Backend::Sqlite { .. } => None,
+                Backend::Postgres { name, .. } => Some(name.clone()),
+            },
         })
     }
 
@@ -1072,11 +1126,12 @@ async fn idle_scenario(
         started.elapsed().as_secs_f64(),
         per_conn(used.server)
     );
-    if let Some((pg, redis)) = used.services {
+    if let Some(s) = &used.services {
         println!(
-            "  postgres {:.0} µs, redis {:.0} µs of CPU per connection",
-            per_conn(pg),
-            per_conn(redis)
+            "  postgres {:.0} µs (this database's backends {:.0} µs), redis {:.0} µs of CPU per connection",
+            per_conn(s.postgres),
+            per_conn(s.postgres_db),
+            per_conn(s.redis)
         );
     }
     if let Some(e) = &failure {
@@ -1186,13 +1241,14 @@ async fn run_step(
         busy,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
-    if let Some((pg, redis)) = used.services {
+    if let Some(s) = &used.services {
         println!(
-            "  postgres CPU {:.2} s, redis CPU {:.2} s; per delivery: nodes {:.2} µs, nodes + postgres + redis {:.2} µs",
-            pg.as_secs_f64(),
-            redis.as_secs_f64(),
+            "  postgres CPU {:.2} s (this database's backends {:.2} s), redis CPU {:.2} s; per delivery: nodes {:.2} µs, nodes + postgres + redis {:.2} µs",
+            s.postgres.as_secs_f64(),
+            s.postgres_db.as_secs_f64(),
+            s.redis.as_secs_f64(),
             per(server_cpu),
-            per(server_cpu + pg + redis),
+            per(server_cpu + s.postgres + s.redis),
         );
     }
     if shared.nodes > 1 {
@@ -1337,11 +1393,12 @@ async fn scenarios(
         nodes.rss_kib(),
         used.busy
     );
-    if let Some((pg, redis)) = used.services {
+    if let Some(s) = &used.services {
         println!(
-            "postgres idle: {:.1} % of a core, redis {:.1} %",
-            share(pg),
-            share(redis)
+            "postgres idle: {:.1} % of a core (this database's backends {:.1} %), redis {:.1} %",
+            share(s.postgres),
+            share(s.postgres_db),
+            share(s.redis)
         );
     }
 
