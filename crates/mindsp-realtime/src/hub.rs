@@ -6,6 +6,12 @@
 //! client that does not read; that connection is told to close with
 //! [`CloseReason::TooSlow`] and nobody else is slowed down. Memory per connection is
 //! therefore bounded by the queue capacity.
+//!
+//! Typing and presence are states, each replaced by the next, and a crowd of them can
+//! come at once (a whole shift connecting fills every colleague's queue with presence).
+//! They take only the free half of a queue: when a connection's queue is half full or
+//! more they are skipped for it, never the cause of a close. Messages, read receipts,
+//! conversation changes and notifications are never skipped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -120,6 +126,7 @@ pub struct Hub {
     closing: AtomicBool,
     capacity: usize,
     dropped: AtomicU64,
+    skipped: AtomicU64,
 }
 
 impl std::fmt::Debug for Hub {
@@ -173,6 +180,7 @@ impl Hub {
             closing: AtomicBool::new(false),
             capacity: capacity.max(1),
             dropped: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
         })
     }
 
@@ -259,8 +267,15 @@ impl Hub {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Typing and presence events skipped so far for connections whose queue was at
+    /// least half full.
+    pub fn skipped_ephemeral(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+
     /// Queues an envelope for every local connection of its audience; never waits.
     /// [`Event::AccountDeactivated`] is not queued: it closes the user's connections.
+    /// Typing and presence are skipped for a connection whose queue is half full.
     pub fn deliver(&self, envelope: Envelope) {
         if let Event::AccountDeactivated { user_id } = envelope.event {
             self.close_user(envelope.tenant, user_id, CloseReason::Deactivated);
@@ -270,9 +285,17 @@ impl Hub {
         let Some(users) = tenants.get(&envelope.tenant) else {
             return;
         };
+        let ephemeral = matches!(
+            envelope.event,
+            Event::Typing { .. } | Event::Presence { .. }
+        );
         let delivery = Arc::new(Delivery::new(envelope));
         let push = |slots: &Vec<Slot>| {
             for slot in slots {
+                if ephemeral && slot.tx.capacity() * 2 <= slot.tx.max_capacity() {
+                    self.skipped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 match slot.tx.try_send(delivery.clone()) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
@@ -392,6 +415,31 @@ mod tests {
         assert_eq!(hub.connections_of(t1, a), 1);
     }
 
+    fn read_receipt(tenant: TenantId, to: Vec<UserId>) -> Envelope {
+        Envelope::to_users(
+            tenant,
+            to,
+            Event::MessageRead {
+                conversation_id: ConversationId::new(),
+                user_id: UserId::new(),
+                seq: 1,
+                unread: None,
+            },
+        )
+    }
+
+    fn presence(tenant: TenantId) -> Envelope {
+        Envelope {
+            tenant,
+            audience: Audience::Tenant,
+            event: Event::Presence {
+                user_id: UserId::new(),
+                status: PresenceStatus::Online,
+                last_seen: None,
+            },
+        }
+    }
+
     #[tokio::test]
     async fn a_full_queue_closes_that_connection_only() {
         let hub = Hub::new(2);
@@ -400,11 +448,36 @@ mod tests {
         let (s, _) = hub.register(t, slow).unwrap();
         let (mut f, _) = hub.register(t, fast).unwrap();
         for _ in 0..5 {
-            hub.deliver(typing(t, vec![slow, fast]));
+            hub.deliver(read_receipt(t, vec![slow, fast]));
             while f.events.try_recv().is_ok() {}
         }
         assert_eq!(*s.closed.borrow(), Some(CloseReason::TooSlow));
         assert_eq!(*f.closed.borrow(), None);
+        assert_eq!(hub.slow_disconnects(), 1);
+    }
+
+    /// A storm of presence and typing (a shift connecting at once) fills at most half of
+    /// a queue and never closes the connection; what must arrive still does.
+    #[tokio::test]
+    async fn typing_and_presence_take_only_the_free_half_of_a_queue() {
+        let hub = Hub::new(8);
+        let t = TenantId::new();
+        let u = UserId::new();
+        let (c, _) = hub.register(t, u).unwrap();
+        for _ in 0..100 {
+            hub.deliver(presence(t));
+            hub.deliver(typing(t, vec![u]));
+        }
+        assert_eq!(*c.closed.borrow(), None);
+        assert_eq!(c.events.len(), 4, "the first half of the queue, no more");
+        assert_eq!(hub.skipped_ephemeral(), 196);
+        for _ in 0..4 {
+            hub.deliver(read_receipt(t, vec![u]));
+        }
+        assert_eq!(*c.closed.borrow(), None, "receipts fill the rest");
+        assert_eq!(c.events.len(), 8);
+        hub.deliver(read_receipt(t, vec![u]));
+        assert_eq!(*c.closed.borrow(), Some(CloseReason::TooSlow));
         assert_eq!(hub.slow_disconnects(), 1);
     }
 
