@@ -100,6 +100,9 @@ const MAX_TYPING: usize = 32;
 const REPLY_QUEUE: usize = 64;
 /// Bytes the writer buffers before writing to the socket (it flushes after each batch).
 const WRITE_BUFFER: usize = 8 * 1024;
+/// Bytes read from the socket at once. Commands are a few hundred bytes; a larger frame
+/// grows the buffer while it is read. Every idle connection holds this much.
+const READ_BUFFER: usize = 1024;
 /// Events the writer sends in one batch before flushing.
 const BATCH: usize = 64;
 
@@ -129,7 +132,7 @@ pub(crate) async fn handler(
             upgrade
                 .max_message_size(max)
                 .max_frame_size(max)
-                .read_buffer_size(4096)
+                .read_buffer_size(READ_BUFFER)
                 .write_buffer_size(WRITE_BUFFER)
                 .on_upgrade(move |socket| run(state, actor, expires, socket))
         }
@@ -247,24 +250,27 @@ async fn authenticate(state: &AppState, token: &str) -> Result<(Actor, i64), Api
 
 // ---- one connection -------------------------------------------------------------------
 
-/// What the reader hands the writer.
+/// What the reader hands the writer. Small, because the queue it goes through holds
+/// room for 32 of them from the start, on every connection.
 enum Out {
     /// A frame to send as is.
     Frame(String),
     /// Set cursors and replay from the store, then acknowledge.
-    Resume {
-        id: Value,
-        cursors: Vec<(ConversationId, i64)>,
-    },
+    Resume(Box<(Value, Vec<(ConversationId, i64)>)>),
     /// Close with this code and reason.
     Close(u16, &'static str),
     /// The client closed or vanished.
     Gone,
 }
 
+const _: () = assert!(
+    std::mem::size_of::<Out>() <= 32,
+    "keep Out small: see its comment"
+);
+
 async fn run(state: AppState, actor: Actor, expires: i64, socket: WebSocket) {
     let realtime = state.realtime.clone();
-    let Some(mut conn) = realtime.open(actor.tenant_id, actor.user_id).await else {
+    let Some(mut conn) = Box::pin(realtime.open(actor.tenant_id, actor.user_id)).await else {
         let (mut sink, _) = socket.split();
         let _ = sink
             .send(close_message(
@@ -303,19 +309,26 @@ async fn run(state: AppState, actor: Actor, expires: i64, socket: WebSocket) {
     }
     // Whoever was typing stops.
     for (conv, audience) in reader.typing.drain() {
-        publish_typing(&state, actor, conv, audience, TypingState::Stop).await;
+        Box::pin(publish_typing(
+            &state,
+            actor,
+            conv,
+            audience,
+            TypingState::Stop,
+        ))
+        .await;
     }
     tracing::debug!(user = %actor.user_id, conn = conn.id, "websocket closed");
-    realtime.close(conn).await;
+    Box::pin(realtime.close(conn)).await;
     // After a close frame of ours, keep the socket until the client answers it (or
     // for the close timeout), so it reads our code rather than a reset.
-    let _ = tokio::time::timeout(state.ws.close_timeout, async {
+    let _ = Box::pin(tokio::time::timeout(state.ws.close_timeout, async {
         while let Some(Ok(m)) = reader.stream.next().await {
             if matches!(m, Message::Close(_)) {
                 break;
             }
         }
-    })
+    }))
     .await;
 }
 
@@ -481,7 +494,7 @@ impl Reader<'_> {
                         None => return Out::Gone,
                         Some(Err(e)) => return read_error(e),
                         Some(Ok(Message::Text(text))) => {
-                            let reply = self.frame(text.as_str()).await;
+                            let reply = Box::pin(self.frame(text.as_str())).await;
                             if let Some(reply) = reply
                                 && self.out.send(Out::Frame(reply)).await.is_err()
                             {
@@ -506,7 +519,7 @@ impl Reader<'_> {
                 }
                 () = sleep_until(typing_due.unwrap_or_else(Instant::now)), if typing_due.is_some() => {
                     for (conv, audience) in self.typing.expired(Instant::now()) {
-                        publish_typing(self.state, self.actor, conv, audience, TypingState::Stop).await;
+                        Box::pin(publish_typing(self.state, self.actor, conv, audience, TypingState::Stop)).await;
                     }
                 }
             }
@@ -717,10 +730,7 @@ impl Reader<'_> {
                 }
                 let cursors = cursors.into_iter().collect();
                 self.out
-                    .send(Out::Resume {
-                        id: id.clone(),
-                        cursors,
-                    })
+                    .send(Out::Resume(Box::new((id.clone(), cursors))))
                     .await
                     .map_err(|_| Refusal::new("internal", "connection closing"))?;
                 Ok(None)
@@ -780,9 +790,12 @@ impl Writer<'_> {
                 },
                 out = self.replies.recv() => match out {
                     Some(Out::Frame(f)) => self.send(Message::text(f)).await,
-                    Some(Out::Resume { id, cursors }) => self.resume(id, cursors).await,
+                    Some(Out::Resume(resume)) => {
+                        let (id, cursors) = *resume;
+                        Box::pin(self.resume(id, cursors)).await
+                    }
                     Some(Out::Close(code, reason)) => {
-                        self.close(code, reason).await;
+                        Box::pin(self.close(code, reason)).await;
                         return;
                     }
                     Some(Out::Gone) | None => {
@@ -792,7 +805,7 @@ impl Writer<'_> {
                     }
                 },
                 d = conn.events.recv() => match d {
-                    Some(d) => self.deliver_batch(d, conn).await,
+                    Some(d) => Box::pin(self.deliver_batch(d, conn)).await,
                     None => Err(Stop::Broken),
                 },
                 _ = ping.tick() => self.send(Message::Ping(Default::default())).await,
@@ -802,7 +815,7 @@ impl Writer<'_> {
             }
         };
         if let Stop::Hub(reason) = stop {
-            self.close(reason.code(), reason.text()).await;
+            Box::pin(self.close(reason.code(), reason.text())).await;
         }
     }
 
