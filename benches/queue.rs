@@ -28,6 +28,50 @@ use mindsp_queue::worker::{Handler, JobError, Worker, WorkerConfig};
 use serde_json::json;
 use tokio::sync::Notify;
 
+/// What a run leaves in the shared services, removed at the end: every Redis key
+/// prefix and PostgreSQL schema it made. (Millions of leftover keys slow the next runs'
+/// Redis down: creating a job hash cost 5 µs instead of 1.8 µs.)
+enum Leftover {
+    Redis(Arc<mindsp_queue::redis::RedisQueue>),
+    Schema { url: String, schema: String },
+}
+
+static LEFTOVERS: std::sync::Mutex<Vec<Leftover>> = std::sync::Mutex::new(Vec::new());
+
+fn leave(what: Leftover) {
+    LEFTOVERS.lock().expect("leftovers lock").push(what);
+}
+
+async fn clean_up() {
+    let all = std::mem::take(&mut *LEFTOVERS.lock().expect("leftovers lock"));
+    let (mut keys, mut schemas) = (0, 0);
+    for what in all {
+        match what {
+            Leftover::Redis(queue) => match queue.purge().await {
+                Ok(n) => keys += n,
+                Err(e) => eprintln!("could not delete a run's Redis keys: {e}"),
+            },
+            Leftover::Schema { url, schema } => {
+                use sqlx::Connection;
+                let dropped = match sqlx::PgConnection::connect(&url).await {
+                    Ok(mut c) => sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                        .execute(&mut c)
+                        .await
+                        .map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                match dropped {
+                    Ok(()) => schemas += 1,
+                    Err(e) => eprintln!("could not drop schema {schema}: {e}"),
+                }
+            }
+        }
+    }
+    if keys + schemas > 0 {
+        println!("clean-up: {keys} Redis keys deleted, {schemas} PostgreSQL schemas dropped");
+    }
+}
+
 enum Backend {
     Sqlite(std::path::PathBuf),
     Postgres(String),
@@ -56,21 +100,27 @@ impl Backend {
             }
             Backend::Postgres(url) => {
                 let mut config = mindsp_store::postgres::PgConfig::new(url);
-                config.schema = Some(format!("qbench_{fresh}"));
+                let schema = format!("qbench_{fresh}");
+                config.schema = Some(schema.clone());
+                leave(Leftover::Schema {
+                    url: url.clone(),
+                    schema,
+                });
                 let store = mindsp_store::postgres::PgStore::open(config).await?;
                 let queue = Arc::new(mindsp_queue::postgres::PgQueue::new(&store));
                 (Some(Arc::new(store) as Arc<dyn Store>), queue)
             }
-            Backend::Redis(url) => (
-                None,
-                Arc::new(
+            Backend::Redis(url) => {
+                let queue = Arc::new(
                     mindsp_queue::redis::RedisQueue::connect(
                         url,
                         &format!("{{mindsp-bench-{fresh}}}:"),
                     )
                     .await?,
-                ),
-            ),
+                );
+                leave(Leftover::Redis(queue.clone()));
+                (None, queue)
+            }
         })
     }
 }
@@ -95,7 +145,19 @@ async fn main() -> anyhow::Result<()> {
         backends.push(Backend::Redis(url));
     }
 
-    for backend in &backends {
+    let result = run(&backends, jobs, delayed, &want).await;
+    clean_up().await;
+    let _ = std::fs::remove_dir_all(dir);
+    result
+}
+
+async fn run(
+    backends: &[Backend],
+    jobs: usize,
+    delayed: usize,
+    want: &dyn Fn(&str) -> bool,
+) -> anyhow::Result<()> {
+    for backend in backends {
         println!("## {}", backend.name());
         if want("enqueue") {
             let (_store, queue) = backend.open().await?;
@@ -116,7 +178,6 @@ async fn main() -> anyhow::Result<()> {
             recovery(queue).await?;
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
 

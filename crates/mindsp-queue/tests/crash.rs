@@ -260,4 +260,9 @@ async fn redis_worker_killed_mid_flight() {
     let dir = temp_dir();
     crash_and_recover("redis", format!("redis:{url}#{prefix}"), dir.clone()).await;
     let _ = std::fs::remove_dir_all(dir);
+    // The run's keys, so that runs do not pile them up in a shared Redis.
+    let queue = mindsp_queue::redis::RedisQueue::connect(&url, &prefix)
+        .await
+        .expect("connect to redis");
+    assert!(queue.purge().await.expect("purge") > 0);
 }
