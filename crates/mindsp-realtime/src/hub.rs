@@ -10,8 +10,9 @@
 //! Typing and presence are states, each replaced by the next, and a crowd of them can
 //! come at once (a whole shift connecting fills every colleague's queue with presence).
 //! They take only the free half of a queue: when a connection's queue is half full or
-//! more they are skipped for it, never the cause of a close. Messages, read receipts,
-//! conversation changes and notifications are never skipped.
+//! more they are skipped for it, never the cause of a close, and the connection is
+//! marked ([`Connection::take_skipped`]) so that its client can be told to ask again.
+//! Messages, read receipts, conversation changes and notifications are never skipped.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -99,6 +100,8 @@ struct Slot {
     id: u64,
     tx: mpsc::Sender<Arc<Delivery>>,
     close: watch::Sender<Option<CloseReason>>,
+    /// Set when a typing or presence event was skipped for this connection.
+    skipped: Arc<AtomicBool>,
 }
 
 impl Slot {
@@ -151,7 +154,18 @@ pub struct Connection {
     pub events: mpsc::Receiver<Arc<Delivery>>,
     /// Set when the hub wants this connection closed.
     pub closed: watch::Receiver<Option<CloseReason>>,
+    skipped: Arc<AtomicBool>,
     hub: Arc<Hub>,
+}
+
+impl Connection {
+    /// Whether typing or presence events were skipped for this connection (its queue
+    /// was half full) since the last call. Its writer tells the client once it has
+    /// caught up, so that the client asks for presence again instead of trusting
+    /// states it may have missed the end of.
+    pub fn take_skipped(&self) -> bool {
+        self.skipped.swap(false, Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for Connection {
@@ -193,6 +207,7 @@ impl Hub {
     ) -> Option<(Connection, bool)> {
         let (tx, rx) = mpsc::channel(self.capacity);
         let (close_tx, close_rx) = watch::channel(None);
+        let skipped = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let first = {
             let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
@@ -205,6 +220,7 @@ impl Hub {
                 id,
                 tx,
                 close: close_tx,
+                skipped: skipped.clone(),
             });
             self.live.fetch_add(1, Ordering::SeqCst);
             slots.len() == 1
@@ -216,6 +232,7 @@ impl Hub {
                 user,
                 events: rx,
                 closed: close_rx,
+                skipped,
                 hub: self.clone(),
             },
             first,
@@ -294,6 +311,7 @@ impl Hub {
             for slot in slots {
                 if ephemeral && slot.tx.capacity() * 2 <= slot.tx.max_capacity() {
                     self.skipped.fetch_add(1, Ordering::Relaxed);
+                    slot.skipped.store(true, Ordering::Relaxed);
                     continue;
                 }
                 match slot.tx.try_send(delivery.clone()) {
@@ -471,6 +489,8 @@ mod tests {
         assert_eq!(*c.closed.borrow(), None);
         assert_eq!(c.events.len(), 4, "the first half of the queue, no more");
         assert_eq!(hub.skipped_ephemeral(), 196);
+        assert!(c.take_skipped(), "the connection knows it missed some");
+        assert!(!c.take_skipped(), "and is told once");
         for _ in 0..4 {
             hub.deliver(read_receipt(t, vec![u]));
         }

@@ -105,6 +105,8 @@ const WRITE_BUFFER: usize = 8 * 1024;
 const READ_BUFFER: usize = 1024;
 /// Events the writer sends in one batch before flushing.
 const BATCH: usize = 64;
+/// Sent once a client caught up after typing or presence events were skipped for it.
+const EVENTS_SKIPPED: &str = r#"{"v":1,"type":"events_skipped","events":["typing","presence"]}"#;
 
 // ---- before the upgrade ---------------------------------------------------------------
 
@@ -865,6 +867,11 @@ impl Writer<'_> {
                 Ok(d) => self.deliver(&d).await?,
                 Err(_) => break,
             }
+        }
+        // Typing or presence skipped while this client was behind: now that it has
+        // caught up, it should ask for presence again and clear typing indicators.
+        if conn.events.is_empty() && conn.take_skipped() {
+            self.feed(Message::text(EVENTS_SKIPPED)).await?;
         }
         self.flush().await
     }
