@@ -766,3 +766,53 @@ async fn resume_far_behind_asks_for_a_resync_instead_of_a_long_replay() {
         (Some(far.as_str()), 16)
     );
 }
+
+/// A client that falls behind misses typing and presence instead of being cut off, and
+/// is told so once it has caught up; no message is missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_misses_presence_and_is_told_once_caught_up() {
+    use mindsp_core::events::{Audience, Envelope, Event, PresenceStatus};
+    let mut cfg = config();
+    cfg.ws.queue_capacity = 64;
+    let s = Server::start(cfg).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let conv = s.group(&alice, &[&bob]).await;
+    let cid: mindsp_core::ConversationId = conv.parse().unwrap();
+    let hub = s.state.realtime.hub().clone();
+
+    // Bob does not read: messages fill his socket, then his queue; a presence event
+    // after each one is queued while his queue is under half full, skipped after.
+    let mut behind = s.connect(&bob).await;
+    let text = "intervention en cours, renfort demandé ".repeat(80);
+    let mut sent = 0;
+    while hub.skipped_ephemeral() == 0 {
+        assert!(sent < 20_000, "Bob's queue never reached half full");
+        s.state
+            .messaging
+            .send(&alice.actor, cid, &text, None)
+            .await
+            .unwrap();
+        sent += 1;
+        hub.deliver(Envelope {
+            tenant: alice.actor.tenant_id,
+            audience: Audience::Tenant,
+            event: Event::Presence {
+                user_id: mindsp_core::UserId::new(),
+                status: PresenceStatus::Online,
+                last_seen: None,
+            },
+        });
+    }
+    assert_eq!(hub.slow_disconnects(), 0, "nobody was cut off");
+
+    // Reading at last, Bob gets every message, then the notice, once.
+    let notice = behind.next("events_skipped").await;
+    assert_eq!(notice["events"], json!(["typing", "presence"]));
+    let kept = behind.drain().await;
+    let messages = kept.iter().filter(|f| f["type"] == "new_message").count();
+    assert_eq!(messages, sent, "every message arrived");
+    assert!(kept.iter().all(|f| f["type"] != "events_skipped"));
+    behind.ok("ping", json!({})).await;
+}
