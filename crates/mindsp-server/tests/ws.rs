@@ -223,8 +223,16 @@ async fn resume_replays_exactly_what_was_missed_then_live_without_seam() {
             .unwrap();
     }
 
-    // Bob comes back; 20 more are sent while he resumes.
+    // Bob comes back; 20 more are sent while he resumes. They start once the first
+    // replayed message shows that the server holds his cursor: a live message that
+    // reached the connection before its `resume` would be delivered first (PROTOCOL:
+    // a conversation without a cursor starts at the first message seen live).
     let mut b = s.connect(&bob).await;
+    let id = b
+        .command("resume", json!({"cursors": {conv.clone(): cursor}}))
+        .await;
+    let first_replayed = b.next("new_message").await;
+    assert_eq!(first_replayed["message"]["content"], "m1");
     let messaging = s.state.messaging.clone();
     let actor = alice.actor;
     let live = tokio::spawn(async move {
@@ -235,11 +243,8 @@ async fn resume_replays_exactly_what_was_missed_then_live_without_seam() {
                 .unwrap();
         }
     });
-    let id = b
-        .command("resume", json!({"cursors": {conv.clone(): cursor}}))
-        .await;
     live.await.unwrap();
-    let mut seqs = Vec::new();
+    let mut seqs = vec![seq(&first_replayed)];
     let mut acked = None;
     while seqs.len() < 120 {
         let deadline = tokio::time::Instant::now() + wsclient::WAIT;
