@@ -1009,7 +1009,12 @@ impl Writer<'_> {
                     seq
                 }
             };
-            self.floors.remove(&conv);
+            // Messages of this conversation already delivered live on this connection,
+            // before the resume arrived: from its floor up to its cursor.
+            let live = self
+                .floors
+                .remove(&conv)
+                .zip(self.cursors.get(&conv).copied());
             if last - seq > self.state.ws.max_resume_messages {
                 // Too far behind to replay here: live events go on from the newest
                 // message, and the client reads what is between over HTTP.
@@ -1026,9 +1031,26 @@ impl Writer<'_> {
                 continue;
             }
             self.cursors.insert(conv, seq);
-            if self.replay(conv, seq, None).await? {
-                replayed += (self.cursors.get(&conv).copied().unwrap_or(seq) - seq) as usize;
-            } else {
+            // Replay what the client lacks: everything after its cursor, or, when some
+            // were already sent live, only those before them (the rest follow live, as
+            // they would have); never one it already has.
+            let found = match live {
+                Some((floor, at)) if at > seq => {
+                    let found = floor <= seq + 1 || self.replay(conv, seq, Some(floor - 1)).await?;
+                    if found {
+                        replayed +=
+                            (self.cursors.get(&conv).copied().unwrap_or(seq) - seq) as usize;
+                        self.cursors.insert(conv, at);
+                    }
+                    found
+                }
+                _ => {
+                    let found = self.replay(conv, seq, None).await?;
+                    replayed += (self.cursors.get(&conv).copied().unwrap_or(seq) - seq) as usize;
+                    found
+                }
+            };
+            if !found {
                 not_found.push(conv);
             }
         }

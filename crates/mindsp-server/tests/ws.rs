@@ -821,3 +821,52 @@ async fn a_client_behind_misses_presence_and_is_told_once_caught_up() {
     assert!(kept.iter().all(|f| f["type"] != "events_skipped"));
     behind.ok("ping", json!({})).await;
 }
+
+/// A message that reaches a new connection live before its `resume` is not sent again
+/// by the replay: the replay sends only the older ones the client lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_a_live_message_sends_each_message_once() {
+    let s = Server::start(config()).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let conv = s.group(&alice, &[&bob]).await;
+    let cid: mindsp_core::ConversationId = conv.parse().unwrap();
+    let send = |i: usize| {
+        let messaging = s.state.messaging.clone();
+        let actor = alice.actor;
+        async move {
+            messaging
+                .send(&actor, cid, &format!("m{i}"), None)
+                .await
+                .unwrap()
+        }
+    };
+    let cursor = send(0).await.message().seq;
+    for i in 1..=30 {
+        send(i).await;
+    }
+
+    // Bob connects; a live message arrives before his resume does.
+    let mut b = s.connect(&bob).await;
+    send(31).await;
+    let live = b.next("new_message").await;
+    assert_eq!(live["message"]["content"], "m31");
+    let ack = b
+        .ok("resume", json!({"cursors": {conv.clone(): cursor}}))
+        .await;
+    assert_eq!(ack["replayed"], 30, "{ack}");
+    send(32).await;
+    b.next_where("new_message", |f| f["message"]["content"] == "m32")
+        .await;
+    let mut contents: Vec<String> = b
+        .drain()
+        .await
+        .iter()
+        .filter(|f| f["type"] == "new_message")
+        .map(|f| f["message"]["content"].as_str().unwrap().to_owned())
+        .collect();
+    contents.sort_by_key(|c| c[1..].parse::<u32>().unwrap());
+    let want: Vec<String> = (1..=30).map(|i| format!("m{i}")).collect();
+    assert_eq!(contents, want, "the 30 older ones once, and m31 not again");
+}
