@@ -166,8 +166,12 @@ impl Node {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Connects `who`; returns once the node has registered the connection for live
+    /// events (it answers commands only after).
     async fn connect(&self, who: &Person) -> Client {
-        Client::connect(&format!("ws://{}/ws?token={}", self.addr, who.token)).await
+        let mut c = Client::connect(&format!("ws://{}/ws?token={}", self.addr, who.token)).await;
+        c.ok("ping", json!({})).await;
+        c
     }
 
     async fn post(&self, path: &str, token: &str, body: Value) -> Value {

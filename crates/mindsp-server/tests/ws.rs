@@ -790,8 +790,6 @@ async fn a_client_behind_misses_presence_and_is_told_once_caught_up() {
     // Bob does not read: messages fill his socket, then his queue; a presence event
     // after each one is queued while his queue is under half full, skipped after.
     let mut behind = s.connect(&bob).await;
-    // Registered for live events once a command is answered.
-    behind.ok("ping", json!({})).await;
     let text = "intervention en cours, renfort demandé ".repeat(80);
     let mut sent = 0;
     while hub.skipped_ephemeral() == 0 {
@@ -849,10 +847,8 @@ async fn resume_after_a_live_message_sends_each_message_once() {
         send(i).await;
     }
 
-    // Bob connects; a live message arrives before his resume does. (A command's
-    // answer shows that the server has registered the connection for live events.)
+    // Bob connects; a live message arrives before his resume does.
     let mut b = s.connect(&bob).await;
-    b.ok("ping", json!({})).await;
     send(31).await;
     let live = b.next("new_message").await;
     assert_eq!(live["message"]["content"], "m31");

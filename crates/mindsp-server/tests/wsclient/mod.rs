@@ -201,8 +201,13 @@ impl Server {
         v["conversation"]["id"].as_str().unwrap().to_owned()
     }
 
+    /// Connects `who` and waits until the server has registered the connection for
+    /// live events (it answers commands only after): what is published afterwards
+    /// reaches it. The upgrade alone returns a moment before that.
     pub async fn connect(&self, who: &Person) -> Client {
-        Client::connect(&self.ws_url(&who.token)).await
+        let mut c = Client::connect(&self.ws_url(&who.token)).await;
+        c.ok("ping", json!({})).await;
+        c
     }
 }
 
