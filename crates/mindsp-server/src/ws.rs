@@ -1010,11 +1010,13 @@ impl Writer<'_> {
                 }
             };
             // Messages of this conversation already delivered live on this connection,
-            // before the resume arrived: from its floor up to its cursor.
+            // before the resume arrived and after its cursor: from the floor up to the
+            // connection's cursor.
             let live = self
                 .floors
                 .remove(&conv)
-                .zip(self.cursors.get(&conv).copied());
+                .zip(self.cursors.get(&conv).copied())
+                .filter(|&(_, at)| at > seq);
             if last - seq > self.state.ws.max_resume_messages {
                 // Too far behind to replay here: live events go on from the newest
                 // message, and the client reads what is between over HTTP.
@@ -1035,23 +1037,18 @@ impl Writer<'_> {
             // were already sent live, only those before them (the rest follow live, as
             // they would have); never one it already has.
             let found = match live {
-                Some((floor, at)) if at > seq => {
-                    let found = floor <= seq + 1 || self.replay(conv, seq, Some(floor - 1)).await?;
-                    if found {
-                        replayed +=
-                            (self.cursors.get(&conv).copied().unwrap_or(seq) - seq) as usize;
-                        self.cursors.insert(conv, at);
-                    }
-                    found
+                Some((floor, _)) => {
+                    floor <= seq + 1 || self.replay(conv, seq, Some(floor - 1)).await?
                 }
-                _ => {
-                    let found = self.replay(conv, seq, None).await?;
-                    replayed += (self.cursors.get(&conv).copied().unwrap_or(seq) - seq) as usize;
-                    found
-                }
+                None => self.replay(conv, seq, None).await?,
             };
             if !found {
                 not_found.push(conv);
+                continue;
+            }
+            replayed += (self.cursors.get(&conv).copied().unwrap_or(seq) - seq) as usize;
+            if let Some((_, at)) = live {
+                self.cursors.insert(conv, at);
             }
         }
         let body = json!({ "replayed": replayed, "not_found": not_found, "resync": resync });
