@@ -9,10 +9,19 @@ use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use wsclient::{Client, Server, config};
+use wsclient::{Client, Person, Server, config};
 
 fn seq(frame: &Value) -> i64 {
     frame["message"]["seq"].as_i64().unwrap()
+}
+
+/// Alice and Bob of `sdis13`, and a group of the two (its id).
+async fn alice_and_bob(s: &Server) -> (Person, Person, String) {
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let conv = s.group(&alice, &[&bob]).await;
+    (alice, bob, conv)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,10 +205,7 @@ async fn presence_follows_the_last_tab() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_replays_exactly_what_was_missed_then_live_without_seam() {
     let s = Server::start(config()).await;
-    let admin = s.tenant("sdis13").await;
-    let alice = s.user(&admin, "sdis13", "Alice").await;
-    let bob = s.user(&admin, "sdis13", "Bob").await;
-    let conv = s.group(&alice, &[&bob]).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
     let cid: mindsp_core::ConversationId = conv.parse().unwrap();
 
     let mut b = s.connect(&bob).await;
@@ -303,10 +309,7 @@ async fn bad_frames_get_their_answers_and_the_server_keeps_serving() {
     cfg.ws.rate_burst = 20;
     cfg.ws.allowed_origins = vec!["https://chat.sdis13.fr".into()];
     let s = Server::start(cfg).await;
-    let admin = s.tenant("sdis13").await;
-    let alice = s.user(&admin, "sdis13", "Alice").await;
-    let bob = s.user(&admin, "sdis13", "Bob").await;
-    let conv = s.group(&alice, &[&bob]).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
     let other = s.tenant("sdis83").await;
     let foreign = s.group(&other, &[]).await;
     let mut b = s.connect(&bob).await;
@@ -780,10 +783,7 @@ async fn a_client_behind_misses_presence_and_is_told_once_caught_up() {
     let mut cfg = config();
     cfg.ws.queue_capacity = 64;
     let s = Server::start(cfg).await;
-    let admin = s.tenant("sdis13").await;
-    let alice = s.user(&admin, "sdis13", "Alice").await;
-    let bob = s.user(&admin, "sdis13", "Bob").await;
-    let conv = s.group(&alice, &[&bob]).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
     let cid: mindsp_core::ConversationId = conv.parse().unwrap();
     let hub = s.state.realtime.hub().clone();
 
@@ -827,10 +827,7 @@ async fn a_client_behind_misses_presence_and_is_told_once_caught_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_after_a_live_message_sends_each_message_once() {
     let s = Server::start(config()).await;
-    let admin = s.tenant("sdis13").await;
-    let alice = s.user(&admin, "sdis13", "Alice").await;
-    let bob = s.user(&admin, "sdis13", "Bob").await;
-    let conv = s.group(&alice, &[&bob]).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
     let cid: mindsp_core::ConversationId = conv.parse().unwrap();
     let send = |i: usize| {
         let messaging = s.state.messaging.clone();
