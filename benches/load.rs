@@ -644,22 +644,13 @@ impl Backend {
     }
 }
 
-/// `SCAN MATCH prefix*`, then `DEL` of what it found; returns how many keys.
-async fn delete_keys(redis_url: &str, prefix: &str) -> anyhow::Result<usize> {
-    use fred::interfaces::{ClientLike, KeysInterface};
-    use futures::TryStreamExt;
-    let config = fred::types::config::Config::from_url(redis_url)?;
-    let client = fred::types::Builder::from_config(config).build()?;
-    client.init().await?;
-    let keys: Vec<fred::types::Key> = client
-        .scan_buffered(format!("{prefix}*"), Some(1000), None)
-        .try_collect()
-        .await?;
-    for chunk in keys.chunks(500) {
-        let _: i64 = client.del(chunk.to_vec()).await?;
-    }
-    let _ = client.quit().await;
-    Ok(keys.len())
+/// Deletes every key under `prefix`. The job queue's `purge` does exactly that for any
+/// prefix (a `SCAN` page by page, then `DEL`), so the run's real-time keys go the same way.
+async fn delete_keys(redis_url: &str, prefix: &str) -> anyhow::Result<u64> {
+    let keys = mindsp_queue::redis::RedisQueue::connect(redis_url, prefix).await?;
+    let deleted = keys.purge().await?;
+    let _ = keys.close().await;
+    Ok(deleted)
 }
 
 struct ServerProc {
