@@ -336,20 +336,26 @@ async fn big_conversation(
         "loaded a conversation of {n} messages in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    // On PostgreSQL, appends leave full-text indexing to a background step (a search
-    // matches what is still pending on the fly); after a bulk load, finish it before
-    // measuring searches.
+    // Both backends leave full-text indexing to a background step (a search first
+    // indexes what is missing on SQLite, and matches it on the fly on PostgreSQL); after
+    // a bulk load, finish it before measuring searches.
+    let started = Instant::now();
     if let Some(s) = store
         .as_any()
         .downcast_ref::<mindsp_store::postgres::PgStore>()
     {
-        let started = Instant::now();
         s.index_search().await?;
-        println!(
-            "indexed them for search in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
     }
+    if let Some(s) = store
+        .as_any()
+        .downcast_ref::<mindsp_store::sqlite::SqliteStore>()
+    {
+        s.index_search().await?;
+    }
+    println!(
+        "indexed them for search in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok((svc, people[1], conv.id))
 }
 

@@ -2,9 +2,7 @@
 //! small helpers.
 
 use std::collections::{HashMap, HashSet};
-#[cfg(feature = "postgres")]
 use std::sync::{Arc, Weak};
-#[cfg(feature = "postgres")]
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,7 +11,6 @@ use chrono::{DateTime, Utc};
 use mindsp_core::model::{Appended, Message, NewMessage};
 use mindsp_core::notify::NotificationPrefs;
 use mindsp_core::{Error, MessageId, Result, TenantId, UserId};
-#[cfg(feature = "postgres")]
 use tokio::sync::Notify;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -164,9 +161,7 @@ async fn append_alone(writer: &impl GroupCommit, req: &AppendRequest) -> Result<
 }
 
 /// A backend's full-text index, filled in bulk beside the appends instead of inside
-/// their transactions (PostgreSQL's `SearchIndex`; SQLite still indexes in the append's
-/// transaction, where doing it in bulk measured no gain).
-#[cfg(feature = "postgres")]
+/// their transactions (each backend's `SearchIndex`).
 #[async_trait]
 pub(crate) trait BulkIndex: Send + Sync + 'static {
     /// Indexes the messages committed before the call that the index does not hold yet.
@@ -178,7 +173,6 @@ pub(crate) trait BulkIndex: Send + Sync + 'static {
 
 /// How often the background step looks for messages it was not told about (appended by
 /// a unit of work or by another process) when no append woke it.
-#[cfg(feature = "postgres")]
 const INDEX_IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// Spawns the step that keeps a full-text index close behind the appends. Each commit of
@@ -186,7 +180,6 @@ const INDEX_IDLE_CHECK: Duration = Duration::from_secs(1);
 /// the messages of many commits, and indexes what is pending. It stops once `alive` has
 /// no strong handle left (the store was dropped) or the store is closed. A failed pass is
 /// logged and retried at the next wake: a search indexes what it needs itself.
-#[cfg(feature = "postgres")]
 pub(crate) fn spawn_indexer(
     index: Arc<impl BulkIndex>,
     wake: Arc<Notify>,

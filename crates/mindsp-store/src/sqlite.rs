@@ -36,9 +36,12 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
+use tokio::sync::Notify;
+
 use crate::common::{
-    AppendQueue, AppendRequest, BatchConversation, BatchState, GroupCommit, db_err, direct_key,
-    french_prefix_stem, from_millis, millis, plan_batch, prefs_from_json, prefs_to_json,
+    AppendQueue, AppendRequest, BatchConversation, BatchState, BulkIndex, GroupCommit, db_err,
+    direct_key, french_prefix_stem, from_millis, millis, plan_batch, prefs_from_json,
+    prefs_to_json, spawn_indexer,
 };
 
 /// Embedded migrations, exposed so an embedding application can run them itself.
@@ -77,7 +80,10 @@ pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
     appends: AppendQueue,
-    /// Held by every clone of the store; the checkpointer stops once the last is gone.
+    index: Arc<SearchIndex>,
+    /// The checkpointer's connection (files only); taken and closed by [`Self::close`].
+    checkpoints: Arc<tokio::sync::Mutex<Option<sqlx::SqliteConnection>>>,
+    /// Held by every clone of the store; the background tasks stop once the last is gone.
     _alive: Arc<()>,
 }
 
@@ -107,6 +113,15 @@ impl SqliteStore {
         .pragma("wal_autocheckpoint", "0")
         .pragma("cache_size", "-65536");
 
+        // Every connection sees the full-text index, a file of its own (see `SearchIndex`),
+        // as the schema `search`; in memory it is a private in-memory database too.
+        let search_file: Arc<str> = if memory {
+            ":memory:".into()
+        } else {
+            format!("{}-search", config.path).into()
+        };
+        let attach = attach_search(search_file.clone());
+
         // One writer: SQLite serialises writers anyway; queueing them here avoids
         // SQLITE_BUSY and lets a deferred BEGIN upgrade safely.
         // A connection to a local file does not go stale: no test query before each
@@ -117,6 +132,7 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            .after_connect(attach.clone())
             .connect_with(base.clone())
             .await
             .map_err(db_err)?;
@@ -124,6 +140,24 @@ impl SqliteStore {
             .run(&write)
             .await
             .map_err(|e| Error::Storage(format!("migration failed: {e}")))?;
+        // The indexer's connection: the database as `main`, which it only reads, and the
+        // index as `search`, which only it writes. It checkpoints the index's WAL itself
+        // (SQLite's default), since nothing waits on its commits.
+        let indexer = if memory {
+            let mut conn = write.acquire().await.map_err(db_err)?;
+            prepare_search_file(&mut conn, false).await?;
+            None
+        } else {
+            let mut conn =
+                sqlx::ConnectOptions::connect(&base.clone().pragma("wal_autocheckpoint", "1000"))
+                    .await
+                    .map_err(db_err)?;
+            attach_search_to(&mut conn, &search_file)
+                .await
+                .map_err(db_err)?;
+            prepare_search_file(&mut conn, true).await?;
+            Some(conn)
+        };
         let read = if memory {
             write.clone()
         } else {
@@ -132,18 +166,33 @@ impl SqliteStore {
                 .max_connections(config.read_connections.max(1))
                 .idle_timeout(None)
                 .max_lifetime(None)
+                .after_connect(attach)
                 .connect_with(base.read_only(true))
                 .await
                 .map_err(db_err)?
         };
         let alive = Arc::new(());
+        let index = Arc::new(SearchIndex {
+            write: write.clone(),
+            conn: tokio::sync::Mutex::new(indexer),
+            memory,
+            wake: Arc::new(Notify::new()),
+        });
+        spawn_indexer(
+            index.clone(),
+            index.wake.clone(),
+            INDEX_GATHER,
+            Arc::downgrade(&alive),
+        );
         let appends = AppendQueue::spawn(
             Appender {
                 pool: write.clone(),
+                index: index.clone(),
             },
             MAX_APPEND_BATCH,
             APPEND_QUEUE,
         );
+        let checkpoints = Arc::new(tokio::sync::Mutex::new(None));
         if !memory {
             let options = SqliteConnectOptions::new()
                 .filename(&config.path)
@@ -151,12 +200,15 @@ impl SqliteStore {
             let conn = sqlx::ConnectOptions::connect(&options)
                 .await
                 .map_err(db_err)?;
-            tokio::spawn(checkpointer(conn, write.clone(), Arc::downgrade(&alive)));
+            *checkpoints.lock().await = Some(conn);
+            tokio::spawn(checkpointer(checkpoints.clone(), Arc::downgrade(&alive)));
         }
         Ok(Self {
             write,
             read,
             appends,
+            index,
+            checkpoints,
             _alive: alive,
         })
     }
@@ -166,11 +218,52 @@ impl SqliteStore {
         &self.write
     }
 
-    /// Closes both pools; the last connection to close checkpoints the WAL.
+    /// Brings the full-text index up to date with every committed message. The store
+    /// does this by itself in the background and before each search; this is for tools
+    /// that load messages in bulk and want the index complete before measuring.
+    pub async fn index_search(&self) -> Result<()> {
+        self.index.index_pending().await
+    }
+
+    /// Closes every connection of the store. The last one to close checkpoints the WAL
+    /// and removes it, so once this returns the database file alone holds everything
+    /// (and may be copied).
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
+        if let Some(conn) = self.index.conn.lock().await.take() {
+            let _ = sqlx::Connection::close(conn).await;
+        }
+        if let Some(conn) = self.checkpoints.lock().await.take() {
+            let _ = sqlx::Connection::close(conn).await;
+        }
     }
+}
+
+/// What a pool runs on each new connection: attach the full-text index's file (a path,
+/// or `:memory:`) as the schema `search`.
+fn attach_search(
+    file: Arc<str>,
+) -> impl for<'c> Fn(
+    &'c mut sqlx::SqliteConnection,
+    sqlx::pool::PoolConnectionMetadata,
+) -> std::pin::Pin<Box<dyn Future<Output = sqlx::Result<()>> + Send + 'c>>
++ Clone
++ Send
++ Sync
++ 'static {
+    move |conn, _| {
+        let file = file.clone();
+        Box::pin(async move { attach_search_to(conn, &file).await })
+    }
+}
+
+async fn attach_search_to(conn: &mut sqlx::SqliteConnection, file: &str) -> sqlx::Result<()> {
+    sqlx::query("ATTACH DATABASE ?1 AS search")
+        .bind(file)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 fn tenant_from_row(r: &SqliteRow) -> Result<Tenant> {
@@ -227,12 +320,20 @@ impl Store for SqliteStore {
 
     async fn begin(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
         let tx = self.write.begin().await.map_err(db_err)?;
-        Ok(Box::new(SqliteTx { tx, tenant }))
+        Ok(Box::new(SqliteTx {
+            tx,
+            tenant,
+            index: self.index.clone(),
+        }))
     }
 
     async fn read(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
         let tx = self.read.begin().await.map_err(db_err)?;
-        Ok(Box::new(SqliteTx { tx, tenant }))
+        Ok(Box::new(SqliteTx {
+            tx,
+            tenant,
+            index: self.index.clone(),
+        }))
     }
 
     async fn append(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
@@ -245,22 +346,203 @@ impl Store for SqliteStore {
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// Copies committed WAL frames into the database file with `PASSIVE` checkpoints, which
-/// never block writers or readers, on a connection of its own. Stops when the store's
-/// write pool is closed or the last handle to the store is dropped.
-async fn checkpointer(mut conn: sqlx::SqliteConnection, write: SqlitePool, alive: Weak<()>) {
-    use sqlx::Connection;
+/// never block writers or readers, on a connection of its own. Stops when the store
+/// closes that connection or the last handle to the store is dropped.
+async fn checkpointer(
+    conn: Arc<tokio::sync::Mutex<Option<sqlx::SqliteConnection>>>,
+    alive: Weak<()>,
+) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while alive.strong_count() > 0 && !write.is_closed() {
+    while alive.strong_count() > 0 {
         tick.tick().await;
+        let mut guard = conn.lock().await;
+        let Some(c) = guard.as_mut() else {
+            return;
+        };
         if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut conn)
+            .execute(c)
             .await
         {
             tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
         }
     }
-    let _ = conn.close().await;
+    if let Some(c) = conn.lock().await.take() {
+        let _ = sqlx::Connection::close(c).await;
+    }
+}
+
+/// How long the background indexer lets appends gather after a commit woke it, so that
+/// one pass indexes the messages of many commits (FTS5 writes a segment per commit).
+const INDEX_GATHER: Duration = Duration::from_millis(100);
+
+/// Most messages indexed in one transaction of the indexer.
+const INDEX_CHUNK: i64 = 5000;
+
+/// The full-text index (migration 0005): a contentless FTS5 table in a file of its own,
+/// `<database>-search`, attached to every connection as `search`. Its rowids are the
+/// messages' `pk`; `search.index_state` records the last message indexed, in the same
+/// transactions as the index, so that the two never disagree after a crash.
+///
+/// The single writer of the database never touches it: a pass of this indexer reads the
+/// messages committed since the last one and indexes them in one transaction of the
+/// index file, on a connection of its own, so it runs beside the appends instead of
+/// inside them. A pass starts after appends wake it ([`spawn_indexer`]) and before every
+/// search ([`SearchIndex::catch_up`]), so a search finds every message committed before
+/// it. In memory, where one connection serves everything, the index is a private
+/// in-memory database of that connection and a search indexes in its own transaction.
+///
+/// Messages are never deleted today. When they are, the row must leave the index in the
+/// same step: without `AUTOINCREMENT`, a deleted last `pk` is handed out again.
+struct SearchIndex {
+    /// The database's single writer: closed means the store is closed; in memory, also
+    /// the connection the background passes run on.
+    write: SqlitePool,
+    /// The indexer's own connection (files only); `None` in memory or once closed.
+    conn: tokio::sync::Mutex<Option<sqlx::SqliteConnection>>,
+    memory: bool,
+    /// Woken after each commit of appends.
+    wake: Arc<Notify>,
+}
+
+/// Creates the index's tables if they are missing, and empties the index if it does not
+/// belong to the messages beside it (its last indexed message is not the database's:
+/// the database was restored from a backup or replaced, or the file came from
+/// elsewhere). The index is then rebuilt by the next passes.
+async fn prepare_search_file(conn: &mut sqlx::SqliteConnection, file: bool) -> Result<()> {
+    use sqlx::Executor;
+    if file {
+        conn.execute("PRAGMA search.journal_mode = WAL")
+            .await
+            .map_err(db_err)?;
+    }
+    conn.execute(
+        "CREATE VIRTUAL TABLE IF NOT EXISTS search.messages_fts USING fts5 (
+             content,
+             content = '',
+             contentless_delete = 1,
+             tokenize = 'unicode61 remove_diacritics 2'
+         );
+         CREATE TABLE IF NOT EXISTS search.index_state (
+             only     INTEGER PRIMARY KEY CHECK (only = 1),
+             last_pk  INTEGER NOT NULL,
+             last_id  BLOB
+         );
+         INSERT OR IGNORE INTO search.index_state (only, last_pk, last_id) VALUES (1, 0, NULL);",
+    )
+    .await
+    .map_err(db_err)?;
+    let belongs: bool = sqlx::query_scalar(
+        "SELECT s.last_pk = 0
+                OR EXISTS (SELECT 1 FROM main.messages m WHERE m.pk = s.last_pk AND m.id = s.last_id)
+           FROM search.index_state s",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    if !belongs {
+        tracing::warn!(
+            "the full-text index does not match the messages (database restored or replaced?): rebuilding it"
+        );
+        conn.execute(
+            "DELETE FROM search.messages_fts;
+             UPDATE search.index_state SET last_pk = 0, last_id = NULL;",
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// Indexes up to [`INDEX_CHUNK`] messages past the last indexed one, inside the caller's
+/// transaction; returns the `pk` of the last one it indexed, `None` if none was left.
+async fn index_chunk(conn: &mut sqlx::SqliteConnection) -> Result<Option<i64>> {
+    let (last, upto): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT s.last_pk, max(p.pk)
+           FROM search.index_state s
+           LEFT JOIN (SELECT pk FROM main.messages
+                       WHERE pk > (SELECT last_pk FROM search.index_state)
+                       ORDER BY pk LIMIT ?1) p ON 1",
+    )
+    .bind(INDEX_CHUNK)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let Some(upto) = upto else {
+        return Ok(None);
+    };
+    sqlx::query(
+        "INSERT INTO search.messages_fts (rowid, content)
+         SELECT pk, content FROM main.messages WHERE pk > ?1 AND pk <= ?2",
+    )
+    .bind(last)
+    .bind(upto)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    sqlx::query(
+        "UPDATE search.index_state
+            SET last_pk = ?1, last_id = (SELECT id FROM main.messages WHERE pk = ?1)",
+    )
+    .bind(upto)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    Ok(Some(upto))
+}
+
+/// Indexes, one transaction per chunk, every message committed before the call (and
+/// perhaps some committed since; it stops at the first chunk past the call's last).
+async fn index_all(conn: &mut sqlx::SqliteConnection) -> Result<()> {
+    use sqlx::Connection;
+    let target: Option<i64> = sqlx::query_scalar("SELECT max(pk) FROM main.messages")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db_err)?;
+    let Some(target) = target else {
+        return Ok(());
+    };
+    loop {
+        let mut tx = conn.begin().await.map_err(db_err)?;
+        let upto = index_chunk(&mut tx).await?;
+        tx.commit().await.map_err(db_err)?;
+        if upto.is_none_or(|pk| pk >= target) {
+            return Ok(());
+        }
+    }
+}
+
+impl SearchIndex {
+    /// Indexes every message committed before the call, for a search about to run in
+    /// `tx`: on the indexer's connection, or in memory inside `tx` itself.
+    async fn catch_up(&self, tx: &mut sqlx::SqliteConnection) -> Result<()> {
+        if self.memory {
+            while index_chunk(tx).await?.is_some() {}
+            return Ok(());
+        }
+        self.index_pending().await
+    }
+}
+
+#[async_trait]
+impl BulkIndex for SearchIndex {
+    async fn index_pending(&self) -> Result<()> {
+        // One pass at a time: the lock is held through it.
+        let mut guard = self.conn.lock().await;
+        match guard.as_mut() {
+            Some(conn) => index_all(conn).await,
+            None if self.memory => {
+                drop(guard);
+                let mut conn = self.write.acquire().await.map_err(db_err)?;
+                index_all(&mut conn).await
+            }
+            None => Err(Error::Storage("the store is closed".into())),
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.write.is_closed()
+    }
 }
 
 /// Most appends committed in one transaction. A larger batch amortises more, but the
@@ -277,16 +559,22 @@ const APPEND_QUEUE: usize = 4096;
 /// batching pays both once per batch instead of once per message.
 struct Appender {
     pool: SqlitePool,
+    index: Arc<SearchIndex>,
 }
 
 #[async_trait]
 impl GroupCommit for Appender {
     async fn append_alone(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
         let tx = self.pool.begin().await.map_err(db_err)?;
-        let mut tx = SqliteTx { tx, tenant };
+        let mut tx = SqliteTx {
+            tx,
+            tenant,
+            index: self.index.clone(),
+        };
         let appended = tx.append_message(msg).await?;
         if appended.created() {
             tx.tx.commit().await.map_err(db_err)?;
+            self.index.wake.notify_one();
         }
         Ok(appended)
     }
@@ -362,7 +650,7 @@ impl GroupCommit for Appender {
         let (results, fresh) = plan_batch(batch, &mut state);
 
         // One multi-row insert per chunk (SQLite binds at most 32,766 parameters); the
-        // trigger moves each conversation's sequence, read marker and search index.
+        // trigger moves each conversation's sequence and the sender's read marker.
         for chunk in fresh.chunks(512) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at) ",
@@ -381,6 +669,9 @@ impl GroupCommit for Appender {
             q.build().execute(&mut *tx).await.map_err(db_err)?;
         }
         tx.commit().await.map_err(db_err)?;
+        if !fresh.is_empty() {
+            self.index.wake.notify_one();
+        }
         Ok(results)
     }
 }
@@ -389,6 +680,7 @@ impl GroupCommit for Appender {
 pub struct SqliteTx {
     tx: Transaction<'static, Sqlite>,
     tenant: TenantId,
+    index: Arc<SearchIndex>,
 }
 
 impl SqliteTx {
@@ -995,13 +1287,16 @@ impl TenantTx for SqliteTx {
             .map(|t| format!("\"{}\"*", french_prefix_stem(t)))
             .collect::<Vec<_>>()
             .join(" ");
+        // Every message committed before this call is indexed first, so a search finds
+        // what its caller was told is stored.
+        self.index.catch_up(&mut self.tx).await?;
         // The inner query walks matches newest first (FTS5 serves rowid order) and
         // keeps the first SEARCH_RANK_WINDOW the user may see; only those are ranked.
         let rows = sqlx::query(
             "SELECT * FROM (
                 SELECT m.pk, m.id, m.conversation_id, m.sender_id, m.seq, m.content,
                        m.idempotency_key, m.created_at, bm25(messages_fts) AS score
-                  FROM messages_fts
+                  FROM search.messages_fts
                   JOIN messages m ON m.pk = messages_fts.rowid
                  WHERE messages_fts MATCH ?1 AND m.tenant_id = ?2
                    AND m.conversation_id IN (SELECT conversation_id FROM conversation_members
@@ -1666,6 +1961,7 @@ mod tests {
 
         let appender = Appender {
             pool: store.pool().clone(),
+            index: store.index.clone(),
         };
         let batch = [
             request(tenants[0], conv, a, "k1"), // stored before: that message
@@ -1689,5 +1985,50 @@ mod tests {
         assert_eq!(seq(3), ("not found", 0));
         assert_eq!(seq(4), ("not found", 0));
         assert_eq!(seq(5), ("not found", 0));
+    }
+
+    /// In memory the index is filled inside the search's own transaction, which a read
+    /// usually ends without committing: each search still finds every message sent
+    /// before it, and the background passes on the one connection do not get in the way.
+    #[tokio::test]
+    async fn an_in_memory_store_finds_each_message_sent_before_a_search() {
+        let store = SqliteStore::open(SqliteConfig::memory()).await.unwrap();
+        let t = store.create_tenant("sdis13", "SDIS 13").await.unwrap();
+        let mut tx = store.begin(t.id).await.unwrap();
+        let user = NewUser {
+            email: "sp@sdis13.fr".into(),
+            display_name: "Sapeur".into(),
+            role: Role::Member,
+            password_hash: String::new(),
+        };
+        let a = tx.insert_user(&user).await.unwrap().id;
+        let conv = tx
+            .insert_conversation(&NewConversation {
+                kind: ConversationKind::Group,
+                name: Some("Garde".into()),
+                created_by: a,
+                members: vec![(a, MemberRole::Owner)],
+            })
+            .await
+            .unwrap()
+            .id;
+        tx.commit().await.unwrap();
+        let found = |word: &'static str| {
+            let store = store.clone();
+            async move {
+                let mut tx = store.read(t.id).await.unwrap();
+                let hits = tx.search(a, None, &[word.into()], 0, 10).await.unwrap();
+                hits.len()
+            }
+        };
+        for (i, word) in ["incendie", "secours", "incendie"].into_iter().enumerate() {
+            let mut msg = request(t.id, conv, a, &format!("k{i}")).msg;
+            msg.content = format!("Départ {word} numéro {i}");
+            store.append(t.id, &msg).await.unwrap();
+            assert_eq!(found("numero").await, i + 1, "after message {i}");
+        }
+        assert_eq!(found("incendie").await, 2);
+        store.index_search().await.unwrap();
+        assert_eq!(found("secours").await, 1);
     }
 }

@@ -1,6 +1,8 @@
-//! Crash safety of PostgreSQL's full-text index, which appends leave to a background
-//! step: a message committed but not indexed yet (the process stopped first) is found by
-//! a search after a restart, and indexed by the background step of the reopened store.
+//! Crash safety of the full-text index, which appends leave to a background step on both
+//! backends: a message committed but not indexed yet (the process stopped first) is
+//! found by a search after a restart, and indexed by the background step of the
+//! reopened store. On SQLite the index is a file of its own: deleted, or left beside a
+//! database restored from an older copy, it is rebuilt from the messages.
 //!
 //! The unindexed message is written with raw SQL while no store is open, which leaves
 //! the database as a process killed between a commit and its indexing does.
@@ -176,4 +178,117 @@ async fn pending_count(admin: &mut sqlx::PgConnection) -> i64 {
         .fetch_one(admin)
         .await
         .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_indexes_after_a_restart_and_rebuilds_a_lost_or_stale_index() {
+    use mindsp_store::sqlite::{SqliteConfig, SqliteStore};
+    use sqlx::Connection;
+
+    let dir = std::env::temp_dir().join(format!("mindsp-search-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("mindsp.db");
+    let db_path = db.to_str().unwrap().to_owned();
+    let index_path = format!("{db_path}-search");
+    let open = || async {
+        SqliteStore::open(SqliteConfig::file(&db_path))
+            .await
+            .unwrap()
+    };
+    // The last message the index file holds, read from the file itself.
+    let indexed_upto = || async {
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{index_path}?mode=ro"))
+            .await
+            .unwrap();
+        let pk: i64 = sqlx::query_scalar("SELECT last_pk FROM index_state")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+        pk
+    };
+    let wait_indexed = |upto: i64| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while indexed_upto().await < upto {
+            assert!(Instant::now() < deadline, "not indexed in the background");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // Appends a message with raw SQL while no store is open (the trigger numbers it).
+    let insert = |seq: i64, content: &'static str, s: (TenantId, ConversationId, UserId)| {
+        let db_path = db_path.clone();
+        async move {
+            let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{db_path}"))
+                .await
+                .unwrap();
+            sqlx::query(
+                "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, created_at)
+                 VALUES (?, ?, ?, ?, ?, ?, 0)",
+            )
+            .bind(Uuid::now_v7())
+            .bind(s.0.0)
+            .bind(s.1.0)
+            .bind(s.2.0)
+            .bind(seq)
+            .bind(content)
+            .execute(&mut c)
+            .await
+            .unwrap();
+            c.close().await.unwrap();
+        }
+    };
+
+    // A first message, indexed in the background without any search asking.
+    let store = open().await;
+    let s = setup(Arc::new(store.clone())).await;
+    let ids = (s.tenant, s.conv, s.sender);
+    wait_indexed(1).await;
+    store.close().await;
+    drop(store);
+    let backup = dir.join("backup.db");
+    std::fs::copy(&db, &backup).unwrap();
+
+    // Committed while no store runs: the reopened store finds it and indexes it.
+    insert(2, "Fuite de gaz rue Paradis", ids).await;
+    assert_eq!(indexed_upto().await, 1);
+    let store = Arc::new(open().await);
+    wait_indexed(2).await;
+    assert_eq!(found(store.clone(), &s.reader, "gaz").await, 1);
+    assert_eq!(found(store.clone(), &s.outsider, "gaz").await, 0);
+    assert_eq!(found(store.clone(), &s.reader, "garde").await, 1);
+    close_sqlite(store).await;
+
+    // The index file is lost: it is rebuilt from the messages.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{index_path}{suffix}"));
+    }
+    let store = Arc::new(open().await);
+    assert_eq!(found(store.clone(), &s.reader, "gaz").await, 1);
+    assert_eq!(found(store.clone(), &s.reader, "garde").await, 1);
+    close_sqlite(store).await;
+
+    // The database goes back to the copy taken before the gas leak, and another message
+    // takes the gas leak's place (the same `pk`); the newer index file stays. The store
+    // sees that the index does not belong to these messages and rebuilds it, so the old
+    // words do not point at the new message.
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{db_path}{suffix}"));
+    }
+    std::fs::copy(&backup, &db).unwrap();
+    insert(2, "Exercice incendie au centre de secours", ids).await;
+    let store = Arc::new(open().await);
+    assert_eq!(found(store.clone(), &s.reader, "gaz").await, 0);
+    assert_eq!(found(store.clone(), &s.reader, "incendie").await, 1);
+    assert_eq!(found(store.clone(), &s.reader, "garde").await, 1);
+    close_sqlite(store).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+async fn close_sqlite(store: Arc<dyn Store>) {
+    store
+        .as_any()
+        .downcast_ref::<mindsp_store::sqlite::SqliteStore>()
+        .unwrap()
+        .close()
+        .await;
 }
