@@ -594,7 +594,28 @@ impl GroupCommit for Appender {
     }
 
     async fn append_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Result<Appended>>> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        let done = self.append_batch_in(&mut conn, batch).await;
+        if done.is_err() {
+            // The transaction was begun by hand (below): end it by hand, so that the
+            // connection goes back to the pool outside any transaction.
+            let _ = sqlx::Executor::execute(&mut *conn, "ROLLBACK").await;
+        }
+        done
+    }
+}
+
+impl Appender {
+    /// A batch in one transaction and two round trips to SQLite's worker thread: `BEGIN`
+    /// travels with the lookup and `COMMIT` with the insert (sqlx runs every statement of
+    /// a query string in one go, binding the parameters in order). Through sqlx's
+    /// `Transaction`, `BEGIN` and `COMMIT` would each be a round trip of their own, which
+    /// the single writer waits through. On an error the caller rolls back.
+    async fn append_batch_in(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        batch: &[AppendRequest],
+    ) -> Result<Vec<Result<Appended>>> {
         let mut state = BatchState::default();
 
         // One statement reads what the batch depends on: its conversations' current
@@ -603,7 +624,7 @@ impl GroupCommit for Appender {
         // to SQLite's worker thread, and the writer waits through each. `r CROSS JOIN`
         // keeps the requests as the outer loop: one index lookup each (a row-value
         // `IN (VALUES …)` scans the whole index).
-        let mut q = QueryBuilder::<Sqlite>::new("WITH r(c, u, key) AS (");
+        let mut q = QueryBuilder::<Sqlite>::new("BEGIN; WITH r(c, u, key) AS (");
         q.push_values(batch, |mut b, r| {
             b.push_bind(r.msg.conversation_id.0)
                 .push_bind(r.msg.sender_id.0)
@@ -650,12 +671,20 @@ impl GroupCommit for Appender {
         let (results, fresh) = plan_batch(batch, &mut state);
 
         // One multi-row insert per chunk (SQLite binds at most 32,766 parameters); the
-        // trigger moves each conversation's sequence and the sender's read marker.
-        for chunk in fresh.chunks(512) {
+        // trigger moves each conversation's sequence and the sender's read marker. The
+        // last statement sent commits.
+        let chunks: Vec<_> = fresh.chunks(512).collect();
+        if chunks.is_empty() {
+            sqlx::query("COMMIT")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        for (i, chunk) in chunks.iter().enumerate() {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at) ",
             );
-            q.push_values(chunk, |mut b, m| {
+            q.push_values(chunk.iter(), |mut b, m| {
                 let tenant = state.conversations[&m.conversation_id.0].tenant;
                 b.push_bind(m.id.0)
                     .push_bind(tenant.0)
@@ -666,9 +695,11 @@ impl GroupCommit for Appender {
                     .push_bind(m.idempotency_key.as_deref())
                     .push_bind(millis(m.created_at));
             });
+            if i + 1 == chunks.len() {
+                q.push("; COMMIT");
+            }
             q.build().execute(&mut *tx).await.map_err(db_err)?;
         }
-        tx.commit().await.map_err(db_err)?;
         if !fresh.is_empty() {
             self.index.wake.notify_one();
         }
