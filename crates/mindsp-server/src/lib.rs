@@ -95,7 +95,8 @@ pub struct AppState {
     pub notifier: Notifier,
     /// Training sessions (FMPA), notifying through `notifier`.
     pub training: Training,
-    ws: Arc<ws::WsConfig>,
+    /// What every WebSocket connection needs, shared (see `ws::Shared`).
+    sockets: Arc<ws::Shared>,
     max_body_bytes: usize,
 }
 
@@ -136,16 +137,23 @@ impl AppState {
             jobs.clone(),
             config.training.clone(),
         );
+        let messaging = Messaging::new(store, config.limits.clone())
+            .with_publisher(realtime.publisher())
+            .with_notifier(notifier.clone());
+        let tokens = Tokens::new(&config.jwt_secret, config.token_ttl);
         Self {
-            messaging: Messaging::new(store, config.limits.clone())
-                .with_publisher(realtime.publisher())
-                .with_notifier(notifier.clone()),
+            sockets: Arc::new(ws::Shared {
+                messaging: messaging.clone(),
+                tokens: tokens.clone(),
+                realtime: realtime.clone(),
+                ws: config.ws.clone(),
+            }),
+            messaging,
             notifier,
             training,
-            tokens: Tokens::new(&config.jwt_secret, config.token_ttl),
+            tokens,
             jobs,
             realtime,
-            ws: Arc::new(config.ws.clone()),
             max_body_bytes: config.max_body_bytes,
         }
     }

@@ -13,8 +13,8 @@
 //!   the hub (with the per-conversation cursors that make delivery gap-free and
 //!   duplicate-free), resume replays, pings, and the close frame.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -32,7 +32,7 @@ use mindsp_realtime::typing::{Start, Typing};
 use mindsp_realtime::{CloseReason, Connection, Delivery, close, hub::event_frame};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
 
 use crate::AppState;
@@ -108,6 +108,15 @@ const BATCH: usize = 64;
 /// Sent once a client caught up after typing or presence events were skipped for it.
 const EVENTS_SKIPPED: &str = r#"{"v":1,"type":"events_skipped","events":["typing","presence"]}"#;
 
+/// What a connection's task needs of the application. Every connection holds one
+/// pointer to it, where a copy of `AppState` cost each one 416 bytes.
+pub(crate) struct Shared {
+    pub(crate) messaging: mindsp_core::Messaging,
+    pub(crate) tokens: crate::auth::Tokens,
+    pub(crate) realtime: mindsp_realtime::Realtime,
+    pub(crate) ws: WsConfig,
+}
+
 // ---- before the upgrade ---------------------------------------------------------------
 
 /// `GET /ws`
@@ -117,6 +126,7 @@ pub(crate) async fn handler(
     RawQuery(query): RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let state = state.sockets.clone();
     match accept(&state, &headers, query.as_deref()).await {
         Ok((actor, expires)) => {
             let upgrade = match upgrade {
@@ -143,7 +153,7 @@ pub(crate) async fn handler(
 }
 
 async fn accept(
-    state: &AppState,
+    state: &Shared,
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<(Actor, i64), ApiError> {
@@ -230,7 +240,7 @@ fn token(headers: &HeaderMap, query: Option<&str>) -> Result<String, ApiError> {
 
 /// The actor of a valid token for an active user, and the token's expiry (seconds
 /// since the epoch).
-async fn authenticate(state: &AppState, token: &str) -> Result<(Actor, i64), ApiError> {
+async fn authenticate(state: &Shared, token: &str) -> Result<(Actor, i64), ApiError> {
     let claims = state.tokens.verify(token)?;
     let mut tx = state.messaging.store().read(claims.tid).await?;
     let user = tx
@@ -253,7 +263,7 @@ async fn authenticate(state: &AppState, token: &str) -> Result<(Actor, i64), Api
 // ---- one connection -------------------------------------------------------------------
 
 /// What the reader hands the writer. Small, because the queue it goes through holds
-/// room for 32 of them from the start, on every connection.
+/// room for several of them once used.
 enum Out {
     /// A frame to send as is.
     Frame(String),
@@ -270,7 +280,68 @@ const _: () = assert!(
     "keep Out small: see its comment"
 );
 
-async fn run(state: AppState, actor: Actor, expires: i64, socket: WebSocket) {
+/// Replies the reader hands the writer, at most [`REPLY_QUEUE`] at a time. Both halves
+/// run in the connection's one task, so they need no channel: a queue that holds memory
+/// only while it holds replies, and two `Notify`s. A tokio channel here cost every idle
+/// connection about 1.5 KiB (its shared state padded to cache lines, and a first block
+/// of 32 slots allocated at once).
+struct Handoff {
+    queue: Mutex<VecDeque<Out>>,
+    /// A reply was queued.
+    ready: Notify,
+    /// A reply was taken.
+    room: Notify,
+}
+
+impl Handoff {
+    fn new() -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    /// Queues `out` once there is room for it.
+    async fn send(&self, out: Out) {
+        loop {
+            {
+                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                if queue.len() < REPLY_QUEUE {
+                    queue.push_back(out);
+                    drop(queue);
+                    // A permit is kept if the writer is not waiting yet: never lost.
+                    self.ready.notify_one();
+                    return;
+                }
+            }
+            self.room.notified().await;
+        }
+    }
+
+    /// The next reply, once there is one. Cancel-safe: a reply leaves the queue only in
+    /// the poll that returns it.
+    async fn recv(&self) -> Out {
+        loop {
+            let next = {
+                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+                let next = queue.pop_front();
+                if queue.is_empty() && queue.capacity() > 0 {
+                    // An idle connection keeps no buffer.
+                    *queue = VecDeque::new();
+                }
+                next
+            };
+            if let Some(out) = next {
+                self.room.notify_one();
+                return out;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: WebSocket) {
     let realtime = state.realtime.clone();
     let Some(mut conn) = Box::pin(realtime.open(actor.tenant_id, actor.user_id)).await else {
         let (mut sink, _) = socket.split();
@@ -284,13 +355,13 @@ async fn run(state: AppState, actor: Actor, expires: i64, socket: WebSocket) {
     };
     tracing::debug!(user = %actor.user_id, conn = conn.id, "websocket open");
     let (sink, stream) = socket.split();
-    let (out_tx, out_rx) = mpsc::channel(REPLY_QUEUE);
+    let handoff = Handoff::new();
     let config = &state.ws;
     let mut reader = Reader {
         state: &state,
         actor,
         stream,
-        out: out_tx,
+        out: &handoff,
         expires: expiry_instant(expires),
         typing: Typing::new(config.typing_throttle, config.typing_ttl, MAX_TYPING),
         bucket: TokenBucket::new(config.rate_per_sec, config.rate_burst),
@@ -300,7 +371,7 @@ async fn run(state: AppState, actor: Actor, expires: i64, socket: WebSocket) {
         state: &state,
         actor,
         sink,
-        replies: out_rx,
+        replies: &handoff,
         closed: conn.closed.clone(),
         cursors: HashMap::new(),
         floors: HashMap::new(),
@@ -348,7 +419,7 @@ fn close_message(code: u16, reason: &'static str) -> Message {
 }
 
 async fn publish_typing(
-    state: &AppState,
+    state: &Shared,
     actor: Actor,
     conv: ConversationId,
     audience: Vec<mindsp_core::UserId>,
@@ -374,10 +445,10 @@ async fn publish_typing(
 // ---- reader ---------------------------------------------------------------------------
 
 struct Reader<'a> {
-    state: &'a AppState,
+    state: &'a Shared,
     actor: Actor,
     stream: SplitStream<WebSocket>,
-    out: mpsc::Sender<Out>,
+    out: &'a Handoff,
     expires: Instant,
     typing: Typing,
     bucket: TokenBucket,
@@ -481,14 +552,22 @@ impl Reader<'_> {
     /// writer to finish (it never returns first).
     async fn run(&mut self) {
         let end = self.read().await;
-        let _ = self.out.send(end).await;
+        self.out.send(end).await;
         std::future::pending::<()>().await;
     }
 
     async fn read(&mut self) -> Out {
         let idle = self.state.ws.idle_timeout;
         loop {
-            let typing_due = self.typing.next_expiry();
+            let next_deadline = [
+                Some(self.expires),
+                Some(self.last_heard + idle),
+                self.typing.next_expiry(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(self.expires);
             tokio::select! {
                 frame = self.stream.next() => {
                     self.last_heard = Instant::now();
@@ -497,30 +576,29 @@ impl Reader<'_> {
                         Some(Err(e)) => return read_error(e),
                         Some(Ok(Message::Text(text))) => {
                             let reply = Box::pin(self.frame(text.as_str())).await;
-                            if let Some(reply) = reply
-                                && self.out.send(Out::Frame(reply)).await.is_err()
-                            {
-                                return Out::Gone;
+                            if let Some(reply) = reply {
+                                self.out.send(Out::Frame(reply)).await;
                             }
                         }
                         Some(Ok(Message::Binary(_))) => {
                             let r = Refusal::new("unsupported_frame", "frames are JSON text; binary frames are not accepted");
-                            if self.out.send(Out::Frame(error_frame(&Value::Null, &r))).await.is_err() {
-                                return Out::Gone;
-                            }
+                            self.out.send(Out::Frame(error_frame(&Value::Null, &r))).await;
                         }
                         Some(Ok(Message::Close(_))) => return Out::Gone,
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     }
                 }
-                () = sleep_until(self.expires) => {
-                    return Out::Close(close::TOKEN_EXPIRED, "token expired");
-                }
-                () = sleep_until(self.last_heard + idle) => {
-                    return Out::Close(close::IDLE, "idle: no pong received");
-                }
-                () = sleep_until(typing_due.unwrap_or_else(Instant::now)), if typing_due.is_some() => {
-                    for (conv, audience) in self.typing.expired(Instant::now()) {
+                // One timer for the three deadlines (a timer is ~100 bytes of every
+                // idle connection's task).
+                () = sleep_until(next_deadline) => {
+                    let now = Instant::now();
+                    if now >= self.expires {
+                        return Out::Close(close::TOKEN_EXPIRED, "token expired");
+                    }
+                    if now >= self.last_heard + idle {
+                        return Out::Close(close::IDLE, "idle: no pong received");
+                    }
+                    for (conv, audience) in self.typing.expired(now) {
                         Box::pin(publish_typing(self.state, self.actor, conv, audience, TypingState::Stop)).await;
                     }
                 }
@@ -733,8 +811,7 @@ impl Reader<'_> {
                 let cursors = cursors.into_iter().collect();
                 self.out
                     .send(Out::Resume(Box::new((id.clone(), cursors))))
-                    .await
-                    .map_err(|_| Refusal::new("internal", "connection closing"))?;
+                    .await;
                 Ok(None)
             }
             Command::Ping {} => Ok(Some(json!({}))),
@@ -754,10 +831,10 @@ fn read_error(e: axum::Error) -> Out {
 // ---- writer ---------------------------------------------------------------------------
 
 struct Writer<'a> {
-    state: &'a AppState,
+    state: &'a Shared,
     actor: Actor,
     sink: SplitSink<WebSocket, Message>,
-    replies: mpsc::Receiver<Out>,
+    replies: &'a Handoff,
     closed: watch::Receiver<Option<CloseReason>>,
     /// Per conversation, the last `seq` delivered on this connection.
     cursors: HashMap<ConversationId, i64>,
@@ -791,16 +868,16 @@ impl Writer<'_> {
                     Err(_) => Err(Stop::Broken),
                 },
                 out = self.replies.recv() => match out {
-                    Some(Out::Frame(f)) => self.send(Message::text(f)).await,
-                    Some(Out::Resume(resume)) => {
+                    Out::Frame(f) => self.send(Message::text(f)).await,
+                    Out::Resume(resume) => {
                         let (id, cursors) = *resume;
                         Box::pin(self.resume(id, cursors)).await
                     }
-                    Some(Out::Close(code, reason)) => {
+                    Out::Close(code, reason) => {
                         Box::pin(self.close(code, reason)).await;
                         return;
                     }
-                    Some(Out::Gone) | None => {
+                    Out::Gone => {
                         let t = self.state.ws.close_timeout;
                         let _ = tokio::time::timeout(t, self.sink.close()).await;
                         return;
