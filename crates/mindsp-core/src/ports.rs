@@ -127,6 +127,10 @@ pub trait TenantTx: Send {
     /// One membership, if `user` is a member.
     async fn member(&mut self, conv: ConversationId, user: UserId) -> Result<Option<Member>>;
 
+    /// The users who share at least one conversation with `user` (not `user`), in no
+    /// particular order: the people who see `user`'s presence.
+    async fn contacts(&mut self, user: UserId) -> Result<Vec<UserId>>;
+
     /// Adds `user` with `role`, or changes the role of an existing member. A new
     /// member's read marker starts at the conversation's current `last_seq`.
     async fn upsert_member(

@@ -802,6 +802,13 @@ impl Messaging {
         tx.messages(conv, window, limit).await
     }
 
+    /// The users who see `user`'s presence: everyone who shares a conversation with
+    /// them.
+    pub async fn contacts(&self, tenant: TenantId, user: UserId) -> Result<Vec<UserId>> {
+        let mut tx = self.store.read(tenant).await?;
+        tx.contacts(user).await
+    }
+
     /// Marks the conversation read up to `seq` (or its newest message). Returns the
     /// read marker after the call.
     pub async fn mark_read(

@@ -113,24 +113,42 @@ impl Realtime {
         self.broker.publish(envelope).await;
     }
 
-    /// Registers a connection of `user` and, when it brings them online, tells the
-    /// tenant. `None` while shutting down.
-    pub async fn open(&self, tenant: TenantId, user: UserId) -> Option<Connection> {
+    /// Registers a connection of `user` and, when it brings them online, tells
+    /// `watchers` (awaited only then): the people who share a conversation with them,
+    /// not the whole tenant, whose every member would otherwise get an event for every
+    /// colleague who connects. `None` while shutting down.
+    pub async fn open(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        watchers: impl Future<Output = Vec<UserId>> + Send,
+    ) -> Option<Connection> {
         let (conn, _) = self.hub.register(tenant, user)?;
         if self.presence.connected(tenant, user).await {
-            self.presence_changed(tenant, user, PresenceStatus::Online, None)
+            self.presence_changed(tenant, user, watchers.await, PresenceStatus::Online, None)
                 .await;
         }
         Some(conn)
     }
 
-    /// Unregisters a connection and, when it was the user's last, tells the tenant.
-    pub async fn close(&self, conn: Connection) {
+    /// Unregisters a connection and, when it was the user's last, tells `watchers`
+    /// (awaited only then).
+    pub async fn close(
+        &self,
+        conn: Connection,
+        watchers: impl Future<Output = Vec<UserId>> + Send,
+    ) {
         let (tenant, user) = (conn.tenant, conn.user);
         drop(conn);
         if let Some(seen) = self.presence.disconnected(tenant, user).await {
-            self.presence_changed(tenant, user, PresenceStatus::Offline, Some(seen))
-                .await;
+            self.presence_changed(
+                tenant,
+                user,
+                watchers.await,
+                PresenceStatus::Offline,
+                Some(seen),
+            )
+            .await;
         }
     }
 
@@ -143,13 +161,17 @@ impl Realtime {
         &self,
         tenant: TenantId,
         user: UserId,
+        watchers: Vec<UserId>,
         status: PresenceStatus,
         last_seen: Option<chrono::DateTime<chrono::Utc>>,
     ) {
+        if watchers.is_empty() {
+            return;
+        }
         self.broker
             .publish(Envelope {
                 tenant,
-                audience: Audience::Tenant,
+                audience: Audience::Users(watchers),
                 event: Event::Presence {
                     user_id: user,
                     status,

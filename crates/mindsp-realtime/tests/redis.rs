@@ -2,6 +2,7 @@
 //! message otherwise), each test under a fresh key prefix, purged at the end: two
 //! stacks in one process stand for two nodes.
 
+use std::future::ready;
 use std::time::Duration;
 
 use fred::interfaces::{ClientLike, LuaInterface};
@@ -104,18 +105,18 @@ async fn presence_is_shared_and_a_dead_node_is_swept_once() {
     let n2 = Realtime::redis(&c, 64).await.unwrap();
     let t = TenantId::new();
     let (u, watcher) = (UserId::new(), UserId::new());
-    let mut w = n2.open(t, watcher).await.unwrap();
+    let mut w = n2.open(t, watcher, ready(vec![u])).await.unwrap();
 
     // Online on node 1: node 2 is told and its query agrees.
-    let a = n1.open(t, u).await.unwrap();
+    let a = n1.open(t, u, ready(vec![watcher])).await.unwrap();
     let f = next_about(&mut w, u).await;
     assert!(f.contains(r#""status":"online""#), "{f}");
     let q = n2.presence(t, &[u, UserId::new()]).await;
     assert_eq!(q[0].status, PresenceStatus::Online);
     assert_eq!(q[1].status, PresenceStatus::Offline);
     // A second connection on node 2, closed again: no event, still online.
-    let b = n2.open(t, u).await.unwrap();
-    n2.close(b).await;
+    let b = n2.open(t, u, ready(vec![watcher])).await.unwrap();
+    n2.close(b, ready(vec![watcher])).await;
     assert_eq!(n1.presence(t, &[u]).await[0].status, PresenceStatus::Online);
     // The same user id in another tenant is someone else.
     assert_eq!(
@@ -138,7 +139,7 @@ async fn presence_is_shared_and_a_dead_node_is_swept_once() {
     // One event for that transition: several sweeps later, nothing more.
     tokio::time::sleep(c.window * 2).await;
     assert!(w.events.try_recv().is_err());
-    n2.close(w).await;
+    n2.close(w, ready(vec![u])).await;
     drop(n2);
     purge(&c).await;
 }

@@ -343,7 +343,8 @@ impl Handoff {
 
 async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: WebSocket) {
     let realtime = state.realtime.clone();
-    let Some(mut conn) = Box::pin(realtime.open(actor.tenant_id, actor.user_id)).await else {
+    let opened = realtime.open(actor.tenant_id, actor.user_id, watchers(&state, actor));
+    let Some(mut conn) = Box::pin(opened).await else {
         let (mut sink, _) = socket.split();
         let _ = sink
             .send(close_message(
@@ -392,7 +393,7 @@ async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: WebSocket) 
         .await;
     }
     tracing::debug!(user = %actor.user_id, conn = conn.id, "websocket closed");
-    Box::pin(realtime.close(conn)).await;
+    Box::pin(realtime.close(conn, watchers(&state, actor))).await;
     // After a close frame of ours, keep the socket until the client answers it (or
     // for the close timeout), so it reads our code rather than a reset.
     let _ = Box::pin(tokio::time::timeout(state.ws.close_timeout, async {
@@ -403,6 +404,22 @@ async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: WebSocket) 
         }
     }))
     .await;
+}
+
+/// Who is told when `actor` comes online or goes offline: the people who share a
+/// conversation with them. Nobody, if the store cannot say (logged).
+async fn watchers(state: &Shared, actor: Actor) -> Vec<UserId> {
+    match state
+        .messaging
+        .contacts(actor.tenant_id, actor.user_id)
+        .await
+    {
+        Ok(users) => users,
+        Err(e) => {
+            tracing::warn!(error = %e, user = %actor.user_id, "presence not announced: contacts unreadable");
+            Vec::new()
+        }
+    }
 }
 
 /// A token expiry (seconds since the epoch) as a deadline on the monotonic clock.

@@ -133,7 +133,10 @@ async fn an_offline_member_gets_one_digest_and_a_reader_none() {
     // C reads everything before the sweep; D is connected (a live socket on this node).
     w.messaging.mark_read(&c, group.id, None).await.unwrap();
     let realtime = Realtime::in_process(16);
-    let _d_online = realtime.open(w.tenant, d.user_id).await.unwrap();
+    let _d_online = realtime
+        .open(w.tenant, d.user_id, std::future::ready(Vec::new()))
+        .await
+        .unwrap();
 
     // Not yet: the oldest unread message is younger than the delay.
     let n = w

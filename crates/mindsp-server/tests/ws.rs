@@ -120,8 +120,9 @@ async fn two_users_chat_with_typing_and_read_receipts_and_outsiders_get_nothing(
     let mine = b2.next("new_message").await;
     assert_eq!(seq(&mine), stored + 1);
 
-    // A member of the tenant outside the conversation, and another tenant: nothing.
-    let leaked = c.quiet_except_presence().await;
+    // A member of the tenant outside the conversation, and another tenant: nothing,
+    // not even presence (Carol shares no conversation with anyone).
+    let leaked = c.drain().await;
     assert!(leaked.is_empty(), "carol received {leaked:?}");
     let leaked = x.drain().await;
     assert!(
@@ -144,6 +145,9 @@ async fn presence_follows_the_last_tab() {
     let alice = s.user(&admin, "sdis13", "Alice").await;
     let bob = s.user(&admin, "sdis13", "Bob").await;
     let conv = s.group(&alice, &[&bob]).await;
+    // Carol shares no conversation with Alice: she is never told about her.
+    let carol = s.user(&admin, "sdis13", "Carol").await;
+    let mut c = s.connect(&carol).await;
     let mut b = s.connect(&bob).await;
 
     let mut tab1 = s.connect(&alice).await;
@@ -170,7 +174,6 @@ async fn presence_follows_the_last_tab() {
         .get(&format!("/api/conversations/{conv}/presence"), &bob.token)
         .await;
     assert_eq!(find(&rest, &alice.id)["status"], "online");
-    let carol = s.user(&admin, "sdis13", "Carol").await;
     let (status, _) = s
         .call(
             reqwest::Method::GET,
@@ -200,6 +203,8 @@ async fn presence_follows_the_last_tab() {
     let q = b.ok("presence", json!({"conversation_id": conv})).await;
     assert_eq!(find(&q, &alice.id)["status"], "offline");
     assert_eq!(find(&q, &alice.id)["last_seen"], offline["last_seen"]);
+    let heard = c.drain().await;
+    assert!(heard.is_empty(), "carol was told {heard:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1086,6 +1086,21 @@ impl TenantTx for SqliteTx {
         rows.iter().map(member_from_row).collect()
     }
 
+    async fn contacts(&mut self, user: UserId) -> Result<Vec<UserId>> {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT DISTINCT o.user_id
+               FROM conversation_members me
+               JOIN conversation_members o ON o.conversation_id = me.conversation_id
+              WHERE me.user_id = ?1 AND me.tenant_id = ?2 AND o.user_id <> ?1",
+        )
+        .bind(user.0)
+        .bind(self.tenant.0)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(ids.into_iter().map(UserId).collect())
+    }
+
     async fn member(&mut self, conv: ConversationId, user: UserId) -> Result<Option<Member>> {
         sqlx::query(
             "SELECT m.user_id, u.display_name, m.role, m.last_read_seq, m.joined_at

@@ -139,6 +139,7 @@ conformance!(
     direct_conversations_are_unique_per_pair,
     group_membership_rules,
     removed_member_loses_access_at_once,
+    contacts_are_the_people_sharing_a_conversation,
     members_version_moves_with_membership_only,
     group_always_keeps_an_owner,
     history_pages_both_ways,
@@ -538,6 +539,50 @@ async fn removed_member_loses_access_at_once(store: Arc<dyn Store>) {
         code(svc.remove_member(&owner, g.id, m1.user_id).await),
         "not_found"
     );
+}
+
+/// Contacts (who sees a user's presence) are the people sharing a conversation with
+/// them: each once, never themselves, never across tenants; leaving a group ends it.
+async fn contacts_are_the_people_sharing_a_conversation(store: Arc<dyn Store>) {
+    let svc = Messaging::new(store.clone(), Limits::default());
+    let a = dept(&svc, "sdis13", 5).await;
+    let b = dept(&svc, "sdis83", 1).await;
+    let [u0, u1, u2, u3, u4] = [a.users[0], a.users[1], a.users[2], a.users[3], a.users[4]];
+    svc.open_direct(&u0, u1.user_id).await.unwrap();
+    let g = svc
+        .create_group(&u0, "VSAV 1", &[u1.user_id, u2.user_id])
+        .await
+        .unwrap();
+    svc.create_group(&u3, "FPT", &[u4.user_id]).await.unwrap();
+    let contacts = |tenant: TenantId, who: Actor| {
+        let store = store.clone();
+        async move {
+            let mut tx = store.read(tenant).await.unwrap();
+            let mut ids = tx.contacts(who.user_id).await.unwrap();
+            ids.sort_by_key(|u| u.0);
+            ids
+        }
+    };
+    let sorted = |mut ids: Vec<UserId>| {
+        ids.sort_by_key(|u| u.0);
+        ids
+    };
+    assert_eq!(
+        contacts(a.tenant, u0).await,
+        sorted(vec![u1.user_id, u2.user_id])
+    );
+    assert_eq!(
+        contacts(a.tenant, u2).await,
+        sorted(vec![u0.user_id, u1.user_id])
+    );
+    assert_eq!(contacts(a.tenant, u3).await, vec![u4.user_id]);
+    assert_eq!(contacts(a.tenant, a.admin).await, vec![]);
+    assert_eq!(contacts(b.tenant, b.users[0]).await, vec![]);
+    // Asked within another tenant, a user has no contacts there.
+    assert_eq!(contacts(b.tenant, u0).await, vec![]);
+    svc.remove_member(&u0, g.id, u2.user_id).await.unwrap();
+    assert_eq!(contacts(a.tenant, u2).await, vec![]);
+    assert_eq!(contacts(a.tenant, u0).await, vec![u1.user_id]);
 }
 
 /// Appends report the conversation's membership version (a publisher caches members
