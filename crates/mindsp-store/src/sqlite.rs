@@ -1964,6 +1964,19 @@ mod tests {
         }
     }
 
+    /// A group "Garde" with `owner` as its only member.
+    async fn group_of(tx: &mut dyn TenantTx, owner: UserId) -> ConversationId {
+        tx.insert_conversation(&NewConversation {
+            kind: ConversationKind::Group,
+            name: Some("Garde".into()),
+            created_by: owner,
+            members: vec![(owner, MemberRole::Owner)],
+        })
+        .await
+        .unwrap()
+        .id
+    }
+
     /// The batch answers repeated keys, non-members and other tenants by itself: the
     /// whole batch commits (`Ok`), instead of failing on the unique index and falling
     /// back to one transaction per message, which would give the same answers slowly.
@@ -1989,16 +2002,7 @@ mod tests {
         }
         let (a, b, stranger) = (people[0], people[1], people[2]);
         let mut tx = store.begin(tenants[0]).await.unwrap();
-        let conv = tx
-            .insert_conversation(&NewConversation {
-                kind: ConversationKind::Group,
-                name: Some("Garde".into()),
-                created_by: a,
-                members: vec![(a, MemberRole::Owner)],
-            })
-            .await
-            .unwrap()
-            .id;
+        let conv = group_of(tx.as_mut(), a).await;
         tx.commit().await.unwrap();
         let first = store
             .append(tenants[0], &request(tenants[0], conv, a, "k1").msg)
@@ -2048,16 +2052,7 @@ mod tests {
             password_hash: String::new(),
         };
         let a = tx.insert_user(&user).await.unwrap().id;
-        let conv = tx
-            .insert_conversation(&NewConversation {
-                kind: ConversationKind::Group,
-                name: Some("Garde".into()),
-                created_by: a,
-                members: vec![(a, MemberRole::Owner)],
-            })
-            .await
-            .unwrap()
-            .id;
+        let conv = group_of(tx.as_mut(), a).await;
         tx.commit().await.unwrap();
         let found = |word: &'static str| {
             let store = store.clone();
