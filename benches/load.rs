@@ -47,7 +47,9 @@
 //!
 //! Scenarios, in this order:
 //! - (c) idle: `MINDSP_LOAD_IDLE` (10,000) authenticated connections that only answer
-//!   pings, in tenants of `MINDSP_LOAD_IDLE_TENANT` (1,000) users; server RSS is read
+//!   pings, in tenants of `MINDSP_LOAD_IDLE_TENANT` (1,000) users, in groups of
+//!   `MINDSP_LOAD_IDLE_GROUP` (0: none; presence goes to the people who share a
+//!   conversation, so groups give each connect someone to tell); server RSS is read
 //!   before, at half and at all connections (`/proc/<pid>/status`). Then closed.
 //! - (a) `MINDSP_LOAD_CLIENTS` (1,000) clients in conversations of `MINDSP_LOAD_SMALL`
 //!   (10), offered rates `MINDSP_LOAD_SMALL_RATES` (500,1000,2000,5000,10000 messages/s);
@@ -116,6 +118,8 @@ struct Config {
     drain_secs: u64,
     idle: usize,
     idle_tenant: usize,
+    /// Idle users per group (0: none), so that presence has someone to tell.
+    idle_group: usize,
     sources: u8,
     /// PostgreSQL + Redis with several nodes, when both URLs are given; else SQLite.
     services: Option<Services>,
@@ -176,6 +180,7 @@ impl Config {
             drain_secs: env_or("MINDSP_LOAD_DRAIN_SECS", 10),
             idle: env_or("MINDSP_LOAD_IDLE", 10_000),
             idle_tenant: env_or("MINDSP_LOAD_IDLE_TENANT", 1000),
+            idle_group: env_or("MINDSP_LOAD_IDLE_GROUP", 0),
             sources: env_or("MINDSP_LOAD_SOURCES", 8),
             services,
             nodes,
@@ -858,8 +863,12 @@ async fn populate(cfg: &Config, store: Arc<dyn Store>, secret: &str) -> anyhow::
     let mut t = 0;
     while idle.len() < cfg.idle {
         let n = cfg.idle_tenant.min(cfg.idle - idle.len());
-        for u in users(&store, &format!("veille{t}"), n, &hash).await? {
-            idle.push(mint(&u)?);
+        let tenant = users(&store, &format!("veille{t}"), n, &hash).await?;
+        if cfg.idle_group > 1 {
+            conversations(&svc, &tenant, cfg.idle_group, "Veille").await?;
+        }
+        for u in &tenant {
+            idle.push(mint(u)?);
         }
         t += 1;
     }
