@@ -2,7 +2,7 @@
 //! bounded outbound queue.
 //!
 //! Delivery never waits: an envelope is pushed into the queue of every local connection
-//! of every user of its audience with `try_send`. A queue that is full belongs to a
+//! of every user of its audience, unless that queue is full. A queue that is full belongs to a
 //! client that does not read; that connection is told to close with
 //! [`CloseReason::TooSlow`] and nobody else is slowed down. Memory per connection is
 //! therefore bounded by the queue capacity.
@@ -14,15 +14,15 @@
 //! marked ([`Connection::take_skipped`]) so that its client can be told to ask again.
 //! Messages, read receipts, conversation changes and notifications are never skipped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use mindsp_core::events::{Audience, Envelope, Event};
 use mindsp_core::{TenantId, UserId};
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::close;
 
@@ -96,12 +96,75 @@ pub fn event_frame(event: &Event) -> String {
     })
 }
 
+/// One connection's queue, filled by the hub and emptied by the connection. It holds
+/// memory only for the events it holds, and gives back a large buffer once drained: a
+/// tokio channel here allocated a first block of 32 slots and counters padded to cache
+/// lines, about 600 bytes for every idle connection.
+struct Mailbox {
+    queue: Mutex<VecDeque<Arc<Delivery>>>,
+    /// An event was queued.
+    ready: Notify,
+    /// Set when a typing or presence event was skipped for this connection.
+    skipped: AtomicBool,
+}
+
+/// Slots a drained queue keeps rather than freeing (a busy connection would otherwise
+/// allocate again at every event).
+const KEPT_SLOTS: usize = 16;
+
+impl Mailbox {
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Arc<Delivery>>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The events queued for one connection, in delivery order.
+pub struct Events {
+    mailbox: Arc<Mailbox>,
+}
+
+/// [`Events::try_recv`] found no event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Empty;
+
+impl Events {
+    /// The next event, waiting for one. Cancel-safe: an event leaves the queue only in
+    /// the poll that returns it. Never `None` while the connection is registered.
+    pub async fn recv(&mut self) -> Option<Arc<Delivery>> {
+        loop {
+            if let Ok(d) = self.try_recv() {
+                return Some(d);
+            }
+            // A wake-up sent since the check above is kept as a permit: never lost.
+            self.mailbox.ready.notified().await;
+        }
+    }
+
+    /// The next event, if one is queued.
+    pub fn try_recv(&mut self) -> Result<Arc<Delivery>, Empty> {
+        let mut queue = self.mailbox.queue();
+        let next = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > KEPT_SLOTS {
+            *queue = VecDeque::new();
+        }
+        next.ok_or(Empty)
+    }
+
+    /// Whether no event is queued.
+    pub fn is_empty(&self) -> bool {
+        self.mailbox.queue().is_empty()
+    }
+
+    /// Number of events queued.
+    pub fn len(&self) -> usize {
+        self.mailbox.queue().len()
+    }
+}
+
 struct Slot {
     id: u64,
-    tx: mpsc::Sender<Arc<Delivery>>,
+    mailbox: Arc<Mailbox>,
     close: watch::Sender<Option<CloseReason>>,
-    /// Set when a typing or presence event was skipped for this connection.
-    skipped: Arc<AtomicBool>,
 }
 
 impl Slot {
@@ -151,10 +214,9 @@ pub struct Connection {
     /// The user.
     pub user: UserId,
     /// Events to send to the client, in delivery order.
-    pub events: mpsc::Receiver<Arc<Delivery>>,
+    pub events: Events,
     /// Set when the hub wants this connection closed.
     pub closed: watch::Receiver<Option<CloseReason>>,
-    skipped: Arc<AtomicBool>,
     hub: Arc<Hub>,
 }
 
@@ -164,7 +226,7 @@ impl Connection {
     /// caught up, so that the client asks for presence again instead of trusting
     /// states it may have missed the end of.
     pub fn take_skipped(&self) -> bool {
-        self.skipped.swap(false, Ordering::Relaxed)
+        self.events.mailbox.skipped.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -205,9 +267,12 @@ impl Hub {
         tenant: TenantId,
         user: UserId,
     ) -> Option<(Connection, bool)> {
-        let (tx, rx) = mpsc::channel(self.capacity);
+        let mailbox = Arc::new(Mailbox {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            skipped: AtomicBool::new(false),
+        });
         let (close_tx, close_rx) = watch::channel(None);
-        let skipped = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let first = {
             let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
@@ -218,9 +283,8 @@ impl Hub {
             let slots = tenants.entry(tenant).or_default().entry(user).or_default();
             slots.push(Slot {
                 id,
-                tx,
+                mailbox: mailbox.clone(),
                 close: close_tx,
-                skipped: skipped.clone(),
             });
             self.live.fetch_add(1, Ordering::SeqCst);
             slots.len() == 1
@@ -230,9 +294,8 @@ impl Hub {
                 id,
                 tenant,
                 user,
-                events: rx,
+                events: Events { mailbox },
                 closed: close_rx,
-                skipped,
                 hub: self.clone(),
             },
             first,
@@ -309,22 +372,24 @@ impl Hub {
         let delivery = Arc::new(Delivery::new(envelope));
         let push = |slots: &Vec<Slot>| {
             for slot in slots {
-                if ephemeral && slot.tx.capacity() * 2 <= slot.tx.max_capacity() {
+                let mut queue = slot.mailbox.queue();
+                if ephemeral && queue.len() * 2 >= self.capacity {
+                    drop(queue);
                     self.skipped.fetch_add(1, Ordering::Relaxed);
-                    slot.skipped.store(true, Ordering::Relaxed);
+                    slot.mailbox.skipped.store(true, Ordering::Relaxed);
                     continue;
                 }
-                match slot.tx.try_send(delivery.clone()) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        if slot.close.borrow().is_none() {
-                            self.dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                        slot.close(CloseReason::TooSlow);
+                if queue.len() >= self.capacity {
+                    drop(queue);
+                    if slot.close.borrow().is_none() {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
                     }
-                    // The connection is going away; its slot leaves with it.
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    slot.close(CloseReason::TooSlow);
+                    continue;
                 }
+                queue.push_back(delivery.clone());
+                drop(queue);
+                slot.mailbox.ready.notify_one();
             }
         };
         match &delivery.envelope.audience {
