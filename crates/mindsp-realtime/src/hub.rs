@@ -14,9 +14,9 @@
 //! marked ([`Connection::take_skipped`]) so that its client can be told to ask again.
 //! Messages, read receipts, conversation changes and notifications are never skipped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use mindsp_core::events::{Audience, Envelope, Event};
@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use crate::close;
+use crate::queue::Queue;
 
 /// Why the server closes a connection on its own initiative.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,14 +97,9 @@ pub fn event_frame(event: &Event) -> String {
     })
 }
 
-/// One connection's queue, filled by the hub and emptied by the connection. It holds
-/// memory only for the events it holds, and gives back a large buffer once drained: a
-/// tokio channel here allocated a first block of 32 slots and counters padded to cache
-/// lines, about 600 bytes for every idle connection.
+/// One connection's queue, filled by the hub and emptied by the connection.
 struct Mailbox {
-    queue: Mutex<VecDeque<Arc<Delivery>>>,
-    /// An event was queued.
-    ready: Notify,
+    queue: Queue<Arc<Delivery>>,
     /// Set when a typing or presence event was skipped for this connection.
     skipped: AtomicBool,
 }
@@ -111,12 +107,6 @@ struct Mailbox {
 /// Slots a drained queue keeps rather than freeing (a busy connection would otherwise
 /// allocate again at every event).
 const KEPT_SLOTS: usize = 16;
-
-impl Mailbox {
-    fn queue(&self) -> MutexGuard<'_, VecDeque<Arc<Delivery>>> {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
 
 /// The events queued for one connection, in delivery order.
 pub struct Events {
@@ -128,36 +118,25 @@ pub struct Events {
 pub struct Empty;
 
 impl Events {
-    /// The next event, waiting for one. Cancel-safe: an event leaves the queue only in
-    /// the poll that returns it. Never `None` while the connection is registered.
+    /// The next event, waiting for one. Cancel-safe. Never `None` while the connection
+    /// is registered.
     pub async fn recv(&mut self) -> Option<Arc<Delivery>> {
-        loop {
-            if let Ok(d) = self.try_recv() {
-                return Some(d);
-            }
-            // A wake-up sent since the check above is kept as a permit: never lost.
-            self.mailbox.ready.notified().await;
-        }
+        Some(self.mailbox.queue.pop().await)
     }
 
     /// The next event, if one is queued.
     pub fn try_recv(&mut self) -> Result<Arc<Delivery>, Empty> {
-        let mut queue = self.mailbox.queue();
-        let next = queue.pop_front();
-        if queue.is_empty() && queue.capacity() > KEPT_SLOTS {
-            *queue = VecDeque::new();
-        }
-        next.ok_or(Empty)
+        self.mailbox.queue.try_pop().ok_or(Empty)
     }
 
     /// Whether no event is queued.
     pub fn is_empty(&self) -> bool {
-        self.mailbox.queue().is_empty()
+        self.mailbox.queue.is_empty()
     }
 
     /// Number of events queued.
     pub fn len(&self) -> usize {
-        self.mailbox.queue().len()
+        self.mailbox.queue.len()
     }
 }
 
@@ -268,8 +247,7 @@ impl Hub {
         user: UserId,
     ) -> Option<(Connection, bool)> {
         let mailbox = Arc::new(Mailbox {
-            queue: Mutex::new(VecDeque::new()),
-            ready: Notify::new(),
+            queue: Queue::new(KEPT_SLOTS),
             skipped: AtomicBool::new(false),
         });
         let (close_tx, close_rx) = watch::channel(None);
@@ -372,24 +350,23 @@ impl Hub {
         let delivery = Arc::new(Delivery::new(envelope));
         let push = |slots: &Vec<Slot>| {
             for slot in slots {
-                let mut queue = slot.mailbox.queue();
-                if ephemeral && queue.len() * 2 >= self.capacity {
-                    drop(queue);
-                    self.skipped.fetch_add(1, Ordering::Relaxed);
-                    slot.mailbox.skipped.store(true, Ordering::Relaxed);
-                    continue;
-                }
-                if queue.len() >= self.capacity {
-                    drop(queue);
+                let queue = &slot.mailbox.queue;
+                if ephemeral {
+                    // Only into the free half: at least half full (len * 2 ≥ capacity)
+                    // refuses.
+                    if queue
+                        .try_push(delivery.clone(), self.capacity.div_ceil(2))
+                        .is_err()
+                    {
+                        self.skipped.fetch_add(1, Ordering::Relaxed);
+                        slot.mailbox.skipped.store(true, Ordering::Relaxed);
+                    }
+                } else if queue.try_push(delivery.clone(), self.capacity).is_err() {
                     if slot.close.borrow().is_none() {
                         self.dropped.fetch_add(1, Ordering::Relaxed);
                     }
                     slot.close(CloseReason::TooSlow);
-                    continue;
                 }
-                queue.push_back(delivery.clone());
-                drop(queue);
-                slot.mailbox.ready.notify_one();
             }
         };
         match &delivery.envelope.audience {

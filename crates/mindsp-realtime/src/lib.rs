@@ -7,6 +7,7 @@
 //!   the scaled profile where several nodes share one Redis.
 //! - [`typing`]: per-connection typing throttle and expiry.
 //! - [`limit`]: the per-connection command rate limiter.
+//! - [`queue`]: the small bounded queue each connection holds (events, replies).
 //! - [`close`]: the WebSocket close codes the server uses.
 //!
 //! [`Realtime`] puts them together for a server; the WebSocket protocol itself lives in
@@ -16,6 +17,7 @@ pub mod broker;
 pub mod hub;
 pub mod limit;
 pub mod presence;
+pub mod queue;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod typing;

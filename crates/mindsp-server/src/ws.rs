@@ -13,8 +13,8 @@
 //!   the hub (with the per-conversation cursors that make delivery gap-free and
 //!   duplicate-free), resume replays, pings, and the close frame.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -28,11 +28,12 @@ use mindsp_core::events::{Envelope, Event, TypingState};
 use mindsp_core::model::{Message as StoredMessage, SeqWindow};
 use mindsp_core::{Actor, ConversationId, Error, UserId};
 use mindsp_realtime::limit::TokenBucket;
+use mindsp_realtime::queue::Queue;
 use mindsp_realtime::typing::{Start, Typing};
 use mindsp_realtime::{CloseReason, Connection, Delivery, close, hub::event_frame};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 
 use crate::AppState;
@@ -285,63 +286,23 @@ const _: () = assert!(
 );
 
 /// Replies the reader hands the writer, at most [`REPLY_QUEUE`] at a time. Both halves
-/// run in the connection's one task, so they need no channel: a queue that holds memory
-/// only while it holds replies, and two `Notify`s. A tokio channel here cost every idle
-/// connection about 1.5 KiB (its shared state padded to cache lines, and a first block
-/// of 32 slots allocated at once).
-struct Handoff {
-    queue: Mutex<VecDeque<Out>>,
-    /// A reply was queued.
-    ready: Notify,
-    /// A reply was taken.
-    room: Notify,
-}
+/// run in the connection's one task; a [`Queue`] holds memory only while it holds
+/// replies (a tokio channel here cost every idle connection about 1.5 KiB).
+struct Handoff(Queue<Out>);
 
 impl Handoff {
     fn new() -> Self {
-        Self {
-            queue: Mutex::new(VecDeque::new()),
-            ready: Notify::new(),
-            room: Notify::new(),
-        }
+        Self(Queue::new(0))
     }
 
     /// Queues `out` once there is room for it.
     async fn send(&self, out: Out) {
-        loop {
-            {
-                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                if queue.len() < REPLY_QUEUE {
-                    queue.push_back(out);
-                    drop(queue);
-                    // A permit is kept if the writer is not waiting yet: never lost.
-                    self.ready.notify_one();
-                    return;
-                }
-            }
-            self.room.notified().await;
-        }
+        self.0.push(out, REPLY_QUEUE).await;
     }
 
-    /// The next reply, once there is one. Cancel-safe: a reply leaves the queue only in
-    /// the poll that returns it.
+    /// The next reply, once there is one. Cancel-safe.
     async fn recv(&self) -> Out {
-        loop {
-            let next = {
-                let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-                let next = queue.pop_front();
-                if queue.is_empty() && queue.capacity() > 0 {
-                    // An idle connection keeps no buffer.
-                    *queue = VecDeque::new();
-                }
-                next
-            };
-            if let Some(out) = next {
-                self.room.notify_one();
-                return out;
-            }
-            self.ready.notified().await;
-        }
+        self.0.pop().await
     }
 }
 
