@@ -100,9 +100,7 @@ async fn run(store: Arc<dyn Store>, users: usize, notifications: usize) -> anyho
         let sent = notifier.broadcast(&admin, None, &n).await?;
         for c in conns.iter_mut() {
             loop {
-                let d = tokio::time::timeout(Duration::from_secs(10), c.events.recv())
-                    .await?
-                    .expect("hub open");
+                let d = tokio::time::timeout(Duration::from_secs(10), c.events.recv()).await?;
                 if matches!(
                     d.envelope.event,
                     mindsp_core::events::Event::Notification { .. }

@@ -118,10 +118,9 @@ pub struct Events {
 pub struct Empty;
 
 impl Events {
-    /// The next event, waiting for one. Cancel-safe. Never `None` while the connection
-    /// is registered.
-    pub async fn recv(&mut self) -> Option<Arc<Delivery>> {
-        Some(self.mailbox.queue.pop().await)
+    /// The next event, waiting for one. Cancel-safe.
+    pub async fn recv(&mut self) -> Arc<Delivery> {
+        self.mailbox.queue.pop().await
     }
 
     /// The next event, if one is queued.

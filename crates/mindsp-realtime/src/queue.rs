@@ -127,6 +127,31 @@ mod tests {
         );
     }
 
+    /// A pop dropped after it was woken (a `select!` that took another branch) leaves
+    /// the item for the next pop, and so does a push dropped while it waited.
+    #[tokio::test]
+    async fn dropped_waiters_lose_nothing() {
+        let q = Queue::new(0);
+        {
+            let mut pop = std::pin::pin!(q.pop());
+            assert!(
+                tokio::time::timeout(Duration::from_millis(10), &mut pop)
+                    .await
+                    .is_err()
+            );
+            q.try_push(1, 1).unwrap();
+            // Dropped without being polled again, though woken.
+        }
+        assert_eq!(q.try_pop(), Some(1));
+        q.try_push(2, 1).unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(10), q.push(3, 1)).await;
+        assert!(waited.is_err(), "full: the push waited and was dropped");
+        assert_eq!(q.pop().await, 2);
+        assert_eq!(q.try_pop(), None, "the dropped push queued nothing");
+        q.try_push(4, 1).unwrap();
+        assert_eq!(q.pop().await, 4);
+    }
+
     #[tokio::test]
     async fn a_waiting_pusher_and_popper_are_woken() {
         let q = Arc::new(Queue::new(0));

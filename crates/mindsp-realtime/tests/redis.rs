@@ -44,8 +44,7 @@ async fn purge(c: &RedisConfig) {
 async fn next_frame(conn: &mut mindsp_realtime::Connection) -> String {
     let d = tokio::time::timeout(WAIT, conn.events.recv())
         .await
-        .expect("an event arrives")
-        .expect("queue open");
+        .expect("an event arrives");
     d.frame().to_owned()
 }
 

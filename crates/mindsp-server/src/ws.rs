@@ -865,10 +865,7 @@ impl Writer<'_> {
                         return;
                     }
                 },
-                d = conn.events.recv() => match d {
-                    Some(d) => Box::pin(self.deliver_batch(d, conn)).await,
-                    None => Err(Stop::Broken),
-                },
+                d = conn.events.recv() => Box::pin(self.deliver_batch(d, conn)).await,
                 _ = ping.tick() => self.send(Message::Ping(Default::default())).await,
             };
             if let Err(stop) = step {

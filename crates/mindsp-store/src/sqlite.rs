@@ -492,14 +492,18 @@ async fn index_chunk(conn: &mut sqlx::SqliteConnection) -> Result<Option<i64>> {
 }
 
 /// Indexes, one transaction per chunk, every message committed before the call (and
-/// perhaps some committed since; it stops at the first chunk past the call's last).
+/// perhaps some committed since; it stops at the first chunk past the call's last). With
+/// nothing new, as before most searches and at every idle check, one read and no
+/// transaction.
 async fn index_all(conn: &mut sqlx::SqliteConnection) -> Result<()> {
     use sqlx::Connection;
-    let target: Option<i64> = sqlx::query_scalar("SELECT max(pk) FROM main.messages")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db_err)?;
-    let Some(target) = target else {
+    let (target, last): (Option<i64>, i64) = sqlx::query_as(
+        "SELECT (SELECT max(pk) FROM main.messages), last_pk FROM search.index_state",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    let Some(target) = target.filter(|t| *t > last) else {
         return Ok(());
     };
     loop {
@@ -555,8 +559,9 @@ const APPEND_QUEUE: usize = 4096;
 
 /// The group-commit writer behind [`AppendQueue`]: checks a batch with one query,
 /// inserts it with one statement and commits once. Through sqlx every statement is a
-/// round trip to SQLite's worker thread, and every commit flushes the full-text index:
-/// batching pays both once per batch instead of once per message.
+/// round trip to SQLite's worker thread, and every commit writes the pages it dirtied to
+/// the WAL: batching pays both once per batch instead of once per message. A commit
+/// wakes the search indexer, which indexes beside the writer.
 struct Appender {
     pool: SqlitePool,
     index: Arc<SearchIndex>,
