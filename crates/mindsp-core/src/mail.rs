@@ -25,6 +25,13 @@ pub struct Email {
     pub text: String,
     /// HTML body, already escaped by the template that produced it.
     pub html: Option<String>,
+    /// The left part of the `Message-ID` (before the `@` and the sender's domain):
+    /// ASCII letters, digits, `.`, `-` and `_`, at most 64. Sending the same e-mail
+    /// again with the same value lets receivers recognise the duplicate. `None`: the
+    /// adapter makes one; the e-mail job sets it from the job's id, so that every
+    /// attempt of one job carries the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
 }
 
 /// Why an e-mail was not sent.

@@ -400,6 +400,23 @@ async fn refusals_map_to_permanent_and_temporary_failures() {
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].rcpt_tos, ["elodie.lefevre@sdis13.fr"]);
     assert_is(&received[0].raw, &good, &sender());
+
+    // The same job once more, as after a worker that died before marking it done: the
+    // copy carries the first one's Message-ID, made from the job's id.
+    handler.run(&job).await.expect("delivered again");
+    let received = sink.received();
+    assert_eq!(received.len(), 2);
+    let message_id = |raw: &[u8]| {
+        MessageParser::default()
+            .parse(raw)
+            .and_then(|m| m.message_id().map(str::to_owned))
+    };
+    let domain = sender().address.split_once('@').unwrap().1.to_owned();
+    assert_eq!(
+        message_id(&received[0].raw),
+        Some(format!("{}@{domain}", job.id.0.simple()))
+    );
+    assert_eq!(message_id(&received[1].raw), message_id(&received[0].raw));
 }
 
 // ---------------------------------------------------------------------------------

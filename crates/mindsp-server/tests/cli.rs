@@ -410,6 +410,7 @@ async fn worker_delivers_a_queued_email_into_the_mail_dir_and_stops_on_sigterm()
         subject: "Rappel : garde au CIS Fréjus samedi".into(),
         text: "Bonjour,\nVotre garde commence samedi à 7 h 00.".into(),
         html: Some("<p>Bonjour,</p><p>Votre garde commence samedi à 7 h 00.</p>".into()),
+        message_id: None,
     };
     let id = {
         let store = mindsp_store::open(&url).await.unwrap();

@@ -13,7 +13,9 @@
 //! - [`FileMailer`]: one `.eml` file per e-mail in a directory, for development.
 //!
 //! Delivery is at-least-once like every job: a worker that dies after the server
-//! accepted the message but before the job was marked done sends it again.
+//! accepted the message but before the job was marked done sends it again. Every
+//! attempt of a job carries the same `Message-ID`, made from the job's id, so that such
+//! a copy can be recognised by the receiving side.
 
 mod file;
 mod smtp;
@@ -127,7 +129,13 @@ impl Handler for SendEmail {
                 "the payload of an {SEND_EMAIL} job is invalid: {e}"
             ))
         })?;
-        match self.mailer.send(&payload.email).await {
+        let mut email = payload.email;
+        // A retry after an attempt the server accepted but did not confirm (a timeout
+        // after the data, a worker that died) sends the same Message-ID again.
+        email
+            .message_id
+            .get_or_insert_with(|| job.id.0.simple().to_string());
+        match self.mailer.send(&email).await {
             Ok(()) => {
                 tracing::debug!(job = %job.id, attempt = job.attempts, "e-mail handed to the mailer");
                 Ok(())
@@ -176,6 +184,17 @@ fn lettre_mailbox(mailbox: &Mailbox) -> Result<LettreMailbox, String> {
     Ok(LettreMailbox::new(name, address))
 }
 
+/// Whether `id` may be the left part of a Message-ID as [`Email::message_id`] says.
+fn valid_message_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        && !id.starts_with('.')
+        && !id.ends_with('.')
+        && !id.contains("..")
+}
+
 /// Builds the RFC 5322 message for `email` from `from`: `multipart/alternative` with
 /// the text and HTML parts when there is HTML, plain text otherwise; UTF-8 throughout
 /// (lettre encodes headers as encoded-words and picks the body transfer encoding).
@@ -186,15 +205,20 @@ fn build_message(from: &LettreMailbox, email: &Email) -> Result<Message, MailErr
             email.to.address
         ))
     })?;
+    let left = match &email.message_id {
+        Some(id) if valid_message_id(id) => id.clone(),
+        Some(id) => {
+            return Err(MailError::Permanent(format!(
+                "invalid Message-ID part {id:?}"
+            )));
+        }
+        None => Uuid::new_v4().simple().to_string(),
+    };
     let builder = Message::builder()
         .from(from.clone())
         .to(to)
         .subject(header_text(&email.subject))
-        .message_id(Some(format!(
-            "<{}@{}>",
-            Uuid::new_v4().simple(),
-            from.email.domain()
-        )));
+        .message_id(Some(format!("<{left}@{}>", from.email.domain())));
     let built = match &email.html {
         Some(html) => builder.multipart(MultiPart::alternative_plain_html(
             email.text.clone(),
@@ -225,6 +249,7 @@ mod tests {
             subject: "Rappel : FMPA « Secours routier » dans 24 heures".into(),
             text: "Bonjour,\nLa séance commence à 14 h 00.".into(),
             html: Some("<p>Bonjour,</p><p>La séance commence à 14 h 00.</p>".into()),
+            message_id: None,
         }
     }
 
@@ -302,10 +327,45 @@ mod tests {
         );
         let sent = mailer.sent.lock().unwrap();
         assert_eq!(sent.len(), 3);
+        let expected = Email {
+            message_id: Some(job.id.0.simple().to_string()),
+            ..email()
+        };
         assert!(
-            sent.iter().all(|e| *e == email()),
-            "every attempt sends the same mail"
+            sent.iter().all(|e| *e == expected),
+            "every attempt sends the same mail, Message-ID included: {sent:?}"
         );
+    }
+
+    #[test]
+    fn a_given_message_id_is_kept_and_an_unsafe_one_refused() {
+        let from = sender_mailbox(&Mailbox {
+            name: None,
+            address: "mindsp@sdis83.fr".into(),
+        })
+        .unwrap();
+        let mut mail = email();
+        mail.message_id = Some("0193a7c2.rappel-fmpa_42".into());
+        let raw = String::from_utf8(build_message(&from, &mail).unwrap().formatted()).unwrap();
+        assert!(
+            raw.contains("Message-ID: <0193a7c2.rappel-fmpa_42@sdis83.fr>"),
+            "{raw}"
+        );
+        for bad in [
+            "",
+            "a@b",
+            "a>\r\nBcc: x",
+            "a b",
+            ".a",
+            "a..b",
+            &"x".repeat(65),
+        ] {
+            mail.message_id = Some(bad.into());
+            assert!(
+                matches!(build_message(&from, &mail), Err(MailError::Permanent(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -429,6 +429,7 @@ fn email(
         subject: subject.to_owned(),
         text: text.render().map_err(fail)?,
         html: Some(html.render().map_err(fail)?),
+        message_id: None,
     })
 }
 
