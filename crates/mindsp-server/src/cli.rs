@@ -251,9 +251,10 @@ async fn open_redis_realtime(
 /// WebSocket (`/ws`) limits; see `docs/PROTOCOL.md`.
 #[derive(Debug, Clone, Args)]
 pub struct WsArgs {
-    /// Browser origins allowed to open a WebSocket, comma-separated
-    /// (`https://chat.sdis13.fr`), or `*`. Empty: the server's own origin only. Clients
-    /// sending no `Origin` (not browsers) are always allowed.
+    /// Browser origins whose pages may open a WebSocket and call the REST API (CORS),
+    /// comma-separated (`https://chat.sdis13.fr`), or `*`. Empty: the server's own
+    /// origin only. WebSocket clients sending no `Origin` (not browsers) are always
+    /// allowed.
     #[arg(long, env = "MINDSP_WS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub ws_allowed_origins: Vec<String>,
 

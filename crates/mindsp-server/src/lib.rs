@@ -230,7 +230,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/jobs/{id}/retry", post(retry_job))
         .route("/admin/jobs/{id}/discard", post(discard_job))
         .fallback(not_found);
-    Router::new()
+    let mut app = Router::new()
         .route("/healthz", get(healthz))
         .nest("/api", api)
         .fallback(not_found)
@@ -245,11 +245,51 @@ pub fn router(state: AppState) -> Router {
                 .on_response(
                     tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO),
                 ),
-        )
-        // After the trace layer: its spans show the URI, and `/ws?token=` carries a
-        // token.
-        .route("/ws", get(ws::handler))
-        .with_state(state)
+        );
+    if let Some(cors) = cors(&state.sockets.ws.allowed_origins) {
+        app = app.layer(cors);
+    }
+    // After the trace layer: its spans show the URI, and `/ws?token=` carries a
+    // token. The socket checks `Origin` itself (see `ws`), so no CORS there.
+    app.route("/ws", get(ws::handler)).with_state(state)
+}
+
+/// How long a browser may reuse a CORS preflight answer.
+const CORS_MAX_AGE: Duration = Duration::from_secs(600);
+
+/// CORS for the API: pages served from the allowed browser origins (the list the
+/// WebSocket checks, `*` for any) may call it with a bearer token, and read its
+/// answers, errors included. No cookies are involved, so no credentials mode. With no
+/// list, no CORS headers: only the server's own pages, which need none.
+fn cors(allowed: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if allowed.is_empty() {
+        return None;
+    }
+    let origin = if allowed.iter().any(|a| a == "*") {
+        AllowOrigin::any()
+    } else {
+        let allowed = allowed.to_vec();
+        AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+            origin
+                .to_str()
+                .is_ok_and(|o| ws::origin_listed(&allowed, o))
+        })
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origin)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(CORS_MAX_AGE),
+    )
 }
 
 async fn healthz() -> &'static str {

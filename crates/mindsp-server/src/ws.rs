@@ -195,11 +195,18 @@ fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), ApiError>
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
         host.is_some_and(|h| origin == format!("http://{h}") || origin == format!("https://{h}"))
     } else {
-        allowed
-            .iter()
-            .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+        origin_listed(allowed, origin)
     };
     if ok { Ok(()) } else { Err(forbidden()) }
+}
+
+/// Whether the browser origin `origin` is in `allowed` (`*` allows any), ignoring case
+/// and a trailing `/`. Shared by the WebSocket check and the API's CORS.
+pub(crate) fn origin_listed(allowed: &[String], origin: &str) -> bool {
+    let origin = origin.trim_end_matches('/');
+    allowed
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin))
 }
 
 fn token(headers: &HeaderMap, query: Option<&str>) -> Result<String, ApiError> {

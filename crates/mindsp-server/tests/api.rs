@@ -1105,3 +1105,94 @@ mod jobs {
         );
     }
 }
+
+/// Pages from an allowed browser origin may call the API (CORS): the preflight is
+/// answered, answers and errors carry the origin; any other origin gets no CORS header,
+/// and without a configured list none is ever sent.
+#[tokio::test]
+async fn allowed_browser_origins_may_call_the_api() {
+    use mindsp_server::HttpConfig;
+
+    const PAGE: &str = "https://chat.sdis13.fr";
+    let mut config = HttpConfig::with_secret(SECRET);
+    config.ws.allowed_origins = vec![format!("{PAGE}/")];
+    let app = TestApp::with_config(config).await;
+    let admin = app.tenant("sdis13").await;
+    let allowed_origin = |r: &axum::response::Response| {
+        r.headers()
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    // The preflight of a cross-origin POST with a token and a JSON body.
+    for (origin, expected) in [(PAGE, Some(PAGE)), ("https://ailleurs.example", None)] {
+        let r = app
+            .response(
+                Request::builder()
+                    .method(Method::OPTIONS)
+                    .uri("/api/conversations")
+                    .header(header::ORIGIN, origin)
+                    .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+                    .header(
+                        header::ACCESS_CONTROL_REQUEST_HEADERS,
+                        "authorization,content-type",
+                    )
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+        assert_eq!(allowed_origin(&r).as_deref(), expected, "{origin}");
+        if expected.is_some() {
+            assert!(r.status().is_success(), "{:?}", r.status());
+            let listed = |h| {
+                r.headers()
+                    .get(h)
+                    .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+                    .unwrap_or_default()
+            };
+            assert!(listed(header::ACCESS_CONTROL_ALLOW_METHODS).contains("post"));
+            let headers = listed(header::ACCESS_CONTROL_ALLOW_HEADERS);
+            assert!(headers.contains("authorization") && headers.contains("content-type"));
+        }
+    }
+
+    // Answers and errors alike carry the allowed origin, so the page can read them.
+    for (token, status) in [
+        (Some(admin.as_str()), StatusCode::OK),
+        (None, StatusCode::UNAUTHORIZED),
+    ] {
+        let mut req = Request::get("/api/me").header(header::ORIGIN, "https://CHAT.sdis13.fr");
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let r = app.response(req.body(Body::empty()).unwrap()).await;
+        assert_eq!(r.status(), status);
+        assert_eq!(
+            allowed_origin(&r).as_deref(),
+            Some("https://CHAT.sdis13.fr")
+        );
+    }
+    let r = app
+        .response(
+            Request::get("/api/me")
+                .header(header::ORIGIN, "https://ailleurs.example")
+                .header(header::AUTHORIZATION, format!("Bearer {admin}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(allowed_origin(&r), None);
+
+    // No list: no CORS at all (the server's own pages need none).
+    let plain = TestApp::new().await;
+    let r = plain
+        .response(
+            Request::get("/healthz")
+                .header(header::ORIGIN, PAGE)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(allowed_origin(&r), None);
+}

@@ -162,6 +162,12 @@ impl TestApp {
         self.raw(req).await
     }
 
+    /// The whole response, headers included.
+    #[allow(dead_code)] // not every test binary that includes this module uses it
+    pub async fn response(&self, req: Request<Body>) -> axum::response::Response {
+        self.app.clone().oneshot(req).await.unwrap()
+    }
+
     pub async fn raw(&self, req: Request<Body>) -> Reply {
         let resp = self.app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
