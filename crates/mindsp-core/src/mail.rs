@@ -26,7 +26,8 @@ pub struct Email {
     /// HTML body, already escaped by the template that produced it.
     pub html: Option<String>,
     /// The left part of the `Message-ID` (before the `@` and the sender's domain):
-    /// ASCII letters, digits, `.`, `-` and `_`, at most 64. Sending the same e-mail
+    /// 1 to 64 ASCII letters, digits, `.`, `-` and `_`, no `.` first, last or twice in
+    /// a row; the adapter refuses any other value for good. Sending the same e-mail
     /// again with the same value lets receivers recognise the duplicate. `None`: the
     /// adapter makes one; the e-mail job sets it from the job's id, so that every
     /// attempt of one job carries the same.

@@ -126,7 +126,7 @@ impl Handler for NotificationEmailHandler {
             address: user.email.clone(),
         };
         let url = self.url(n.link.as_deref());
-        let rendered = match n.kind.as_str() {
+        let mut rendered = match n.kind.as_str() {
             kind::FMPA_INVITATION | kind::FMPA_REMINDER | kind::FMPA_CANCELLED => {
                 let d = SessionData::deserialize(&n.data)
                     .map_err(|e| JobError::Permanent(format!("unreadable session: {e}")))?;
@@ -186,6 +186,8 @@ impl Handler for NotificationEmailHandler {
         }
         .map_err(|e| JobError::Permanent(e.to_string()))?;
         drop(tx);
+        // Every attempt of this job sends the same Message-ID (see `mail`).
+        rendered.message_id = Some(job.id.0.simple().to_string());
         match self.mailer.send(&rendered).await {
             Ok(()) => Ok(()),
             Err(MailError::Permanent(m)) => Err(JobError::Permanent(m)),

@@ -231,6 +231,18 @@ async fn an_offline_member_gets_one_digest_and_a_reader_none() {
         parsed.contains("Subject: 5 messages non lus dans 1 conversation"),
         "{parsed}"
     );
+
+    // The job run again (a worker died before marking it done): the copy has the same
+    // Message-ID, made from the job's id, so the receiving side can recognise it.
+    handler.run(&job).await.unwrap();
+    let expected = format!("Message-ID: <{}@sdis06.fr>", job.id.0.simple());
+    let files: Vec<_> = std::fs::read_dir(&mail_dir).unwrap().collect();
+    assert_eq!(files.len(), 2);
+    for f in files {
+        let eml = std::fs::read(f.unwrap().path()).unwrap();
+        let text = String::from_utf8_lossy(&eml);
+        assert!(text.contains(&expected), "{expected} in {text}");
+    }
 }
 
 #[tokio::test]

@@ -377,7 +377,7 @@ async fn checkpointer(
             let Some(c) = guard.as_mut() else {
                 return;
             };
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            if let Err(e) = sqlx::query("PRAGMA main.wal_checkpoint(PASSIVE)")
                 .execute(c)
                 .await
             {
@@ -388,7 +388,7 @@ async fn checkpointer(
         let Ok(mut w) = write.acquire().await else {
             break;
         };
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+        if let Err(e) = sqlx::query("PRAGMA main.wal_checkpoint(PASSIVE)")
             .execute(&mut *w)
             .await
         {
