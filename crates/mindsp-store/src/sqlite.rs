@@ -2033,6 +2033,22 @@ mod tests {
         }
     }
 
+    /// The tenant `sdis13` with one member, and the open transaction that made them.
+    async fn tenant_with_one_user(
+        store: &SqliteStore,
+    ) -> (mindsp_core::model::Tenant, UserId, Box<dyn TenantTx>) {
+        let t = store.create_tenant("sdis13", "SDIS 13").await.unwrap();
+        let mut tx = store.begin(t.id).await.unwrap();
+        let user = NewUser {
+            email: "sp@sdis13.fr".into(),
+            display_name: "Sapeur".into(),
+            role: Role::Member,
+            password_hash: String::new(),
+        };
+        let a = tx.insert_user(&user).await.unwrap().id;
+        (t, a, tx)
+    }
+
     /// A group "Garde" with `owner` as its only member.
     async fn group_of(tx: &mut dyn TenantTx, owner: UserId) -> ConversationId {
         tx.insert_conversation(&NewConversation {
@@ -2112,15 +2128,7 @@ mod tests {
     #[tokio::test]
     async fn an_in_memory_store_finds_each_message_sent_before_a_search() {
         let store = SqliteStore::open(SqliteConfig::memory()).await.unwrap();
-        let t = store.create_tenant("sdis13", "SDIS 13").await.unwrap();
-        let mut tx = store.begin(t.id).await.unwrap();
-        let user = NewUser {
-            email: "sp@sdis13.fr".into(),
-            display_name: "Sapeur".into(),
-            role: Role::Member,
-            password_hash: String::new(),
-        };
-        let a = tx.insert_user(&user).await.unwrap().id;
+        let (t, a, mut tx) = tenant_with_one_user(&store).await;
         let conv = group_of(tx.as_mut(), a).await;
         tx.commit().await.unwrap();
         let found = |word: &'static str| {
@@ -2154,15 +2162,7 @@ mod tests {
         let store = SqliteStore::open(SqliteConfig::file(path.to_str().unwrap()))
             .await
             .unwrap();
-        let t = store.create_tenant("sdis13", "SDIS 13").await.unwrap();
-        let mut tx = store.begin(t.id).await.unwrap();
-        let user = NewUser {
-            email: "sp@sdis13.fr".into(),
-            display_name: "Sapeur".into(),
-            role: Role::Member,
-            password_hash: String::new(),
-        };
-        let a = tx.insert_user(&user).await.unwrap().id;
+        let (t, a, mut tx) = tenant_with_one_user(&store).await;
         let mut convs = Vec::new();
         for _ in 0..200 {
             convs.push(group_of(tx.as_mut(), a).await);
