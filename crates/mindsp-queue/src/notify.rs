@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use mindsp_core::Error;
 use mindsp_core::jobs::Job;
-use mindsp_core::mail::{MailError, Mailbox, Mailer};
+use mindsp_core::mail::{Mailbox, Mailer};
 use mindsp_core::notify::{NotificationEmail, Notifier, OnlineUsers, kind};
 use mindsp_core::ports::Store;
 use mindsp_core::reminders::Reminder;
@@ -126,7 +126,7 @@ impl Handler for NotificationEmailHandler {
             address: user.email.clone(),
         };
         let url = self.url(n.link.as_deref());
-        let mut rendered = match n.kind.as_str() {
+        let rendered = match n.kind.as_str() {
             kind::FMPA_INVITATION | kind::FMPA_REMINDER | kind::FMPA_CANCELLED => {
                 let d = SessionData::deserialize(&n.data)
                     .map_err(|e| JobError::Permanent(format!("unreadable session: {e}")))?;
@@ -186,13 +186,7 @@ impl Handler for NotificationEmailHandler {
         }
         .map_err(|e| JobError::Permanent(e.to_string()))?;
         drop(tx);
-        // Every attempt of this job sends the same Message-ID (see `mail`).
-        rendered.message_id = Some(job.id.0.simple().to_string());
-        match self.mailer.send(&rendered).await {
-            Ok(()) => Ok(()),
-            Err(MailError::Permanent(m)) => Err(JobError::Permanent(m)),
-            Err(MailError::Transient(m)) => Err(JobError::Retry(m)),
-        }
+        crate::mail::send_for_job(self.mailer.as_ref(), job, rendered).await
     }
 }
 

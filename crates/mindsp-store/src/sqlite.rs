@@ -377,26 +377,33 @@ async fn checkpointer(
             let Some(c) = guard.as_mut() else {
                 return;
             };
-            if let Err(e) = sqlx::query("PRAGMA main.wal_checkpoint(PASSIVE)")
-                .execute(c)
-                .await
-            {
-                tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+            if !checkpoint(c).await {
                 continue;
             }
         }
         let Ok(mut w) = write.acquire().await else {
             break;
         };
-        if let Err(e) = sqlx::query("PRAGMA main.wal_checkpoint(PASSIVE)")
-            .execute(&mut *w)
-            .await
-        {
-            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
-        }
+        checkpoint(&mut w).await;
     }
     if let Some(c) = conn.lock().await.take() {
         let _ = sqlx::Connection::close(c).await;
+    }
+}
+
+/// One `PASSIVE` checkpoint of the database (`main` only: the writer also has the
+/// search index attached, whose own writer checkpoints it). False if it failed, which
+/// is logged; the next tick tries again.
+async fn checkpoint(conn: &mut sqlx::SqliteConnection) -> bool {
+    match sqlx::query("PRAGMA main.wal_checkpoint(PASSIVE)")
+        .execute(conn)
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+            false
+        }
     }
 }
 

@@ -129,25 +129,36 @@ impl Handler for SendEmail {
                 "the payload of an {SEND_EMAIL} job is invalid: {e}"
             ))
         })?;
-        let mut email = payload.email;
-        // A retry after an attempt the server accepted but did not confirm (a timeout
-        // after the data, a worker that died) sends the same Message-ID again.
-        email
-            .message_id
-            .get_or_insert_with(|| job.id.0.simple().to_string());
-        match self.mailer.send(&email).await {
-            Ok(()) => {
-                tracing::debug!(job = %job.id, attempt = job.attempts, "e-mail handed to the mailer");
-                Ok(())
-            }
-            Err(MailError::Permanent(reason)) => {
-                tracing::warn!(job = %job.id, %reason, "e-mail refused for good");
-                Err(JobError::Permanent(reason))
-            }
-            Err(MailError::Transient(reason)) => {
-                tracing::info!(job = %job.id, attempt = job.attempts, %reason, "e-mail not sent, temporary failure");
-                Err(JobError::Retry(reason))
-            }
+        send_for_job(self.mailer.as_ref(), job, payload.email).await
+    }
+}
+
+/// Sends `email` as an attempt of `job`, for every handler whose job sends an e-mail:
+/// unless the e-mail names its own, the `Message-ID` is made from the job's id, so a
+/// retry after an attempt the server accepted but did not confirm (a timeout after the
+/// data, a worker that died) sends the same one again. A [`MailError::Permanent`] ends
+/// the job ([`JobError::Permanent`]), a [`MailError::Transient`] asks for another
+/// attempt ([`JobError::Retry`]).
+pub(crate) async fn send_for_job(
+    mailer: &dyn Mailer,
+    job: &Job,
+    mut email: Email,
+) -> Result<(), JobError> {
+    email
+        .message_id
+        .get_or_insert_with(|| job.id.0.simple().to_string());
+    match mailer.send(&email).await {
+        Ok(()) => {
+            tracing::debug!(job = %job.id, attempt = job.attempts, "e-mail handed to the mailer");
+            Ok(())
+        }
+        Err(MailError::Permanent(reason)) => {
+            tracing::warn!(job = %job.id, %reason, "e-mail refused for good");
+            Err(JobError::Permanent(reason))
+        }
+        Err(MailError::Transient(reason)) => {
+            tracing::info!(job = %job.id, attempt = job.attempts, %reason, "e-mail not sent, temporary failure");
+            Err(JobError::Retry(reason))
         }
     }
 }
@@ -253,6 +264,15 @@ mod tests {
         }
     }
 
+    /// A sender without a display name, at sdis83.fr.
+    fn sender_83() -> LettreMailbox {
+        sender_mailbox(&Mailbox {
+            name: None,
+            address: "mindsp@sdis83.fr".into(),
+        })
+        .unwrap()
+    }
+
     fn job_of(new: &NewJob) -> Job {
         let now = chrono::Utc::now();
         Job {
@@ -339,11 +359,7 @@ mod tests {
 
     #[test]
     fn a_given_message_id_is_kept_and_an_unsafe_one_refused() {
-        let from = sender_mailbox(&Mailbox {
-            name: None,
-            address: "mindsp@sdis83.fr".into(),
-        })
-        .unwrap();
+        let from = sender_83();
         let mut mail = email();
         mail.message_id = Some("0193a7c2.rappel-fmpa_42".into());
         let raw = String::from_utf8(build_message(&from, &mail).unwrap().formatted()).unwrap();
@@ -405,11 +421,7 @@ mod tests {
 
     #[test]
     fn text_only_email_is_a_single_text_part() {
-        let from = sender_mailbox(&Mailbox {
-            name: None,
-            address: "mindsp@sdis83.fr".into(),
-        })
-        .unwrap();
+        let from = sender_83();
         let mut mail = email();
         mail.html = None;
         let raw = String::from_utf8(build_message(&from, &mail).unwrap().formatted()).unwrap();
@@ -422,11 +434,7 @@ mod tests {
 
     #[test]
     fn line_breaks_in_headers_cannot_inject() {
-        let from = sender_mailbox(&Mailbox {
-            name: None,
-            address: "mindsp@sdis83.fr".into(),
-        })
-        .unwrap();
+        let from = sender_83();
         let mut mail = email();
         mail.subject = "Salut\r\nBcc: victime@example.com".into();
         mail.to.name = Some("Martin\r\nBcc: autre@example.com".into());
@@ -436,11 +444,7 @@ mod tests {
 
     #[test]
     fn invalid_addresses_are_refused() {
-        let from = sender_mailbox(&Mailbox {
-            name: None,
-            address: "mindsp@sdis83.fr".into(),
-        })
-        .unwrap();
+        let from = sender_83();
         let mut mail = email();
         mail.to.address = "pas une adresse".into();
         assert!(matches!(
