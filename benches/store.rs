@@ -149,6 +149,7 @@ async fn bench_append(store: Arc<dyn Store>, total: usize) -> anyhow::Result<()>
     let convs = Arc::new(convs);
     let per_task = total / senders;
     let cpu_before = thread_cpu();
+    let io_before = written_bytes();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..senders {
@@ -186,7 +187,27 @@ async fn bench_append(store: Arc<dyn Store>, total: usize) -> anyhow::Result<()>
         hist.max()
     );
     report_cpu(&cpu_before, &thread_cpu(), done);
+    if let (Some(before), Some(after)) = (io_before, written_bytes()) {
+        println!(
+            "append writes per message: {:.1} KiB passed to write calls, {:.1} KiB sent to the disk",
+            (after.0 - before.0) as f64 / done as f64 / 1024.0,
+            (after.1 - before.1) as f64 / done as f64 / 1024.0
+        );
+    }
     Ok(())
+}
+
+/// Bytes this process passed to write calls and bytes it caused to be sent to storage
+/// (`wchar` and `write_bytes` of `/proc/self/io`; Linux only). Appends on SQLite are
+/// bound by what the WAL and its checkpoints write, so bytes per append show what a
+/// change to the schema or the pragmas costs the disk, whatever the machine's speed.
+fn written_bytes() -> Option<(u64, u64)> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    let field = |name: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    Some((field("wchar:")?, field("write_bytes:")?))
 }
 
 /// CPU time (user, system; seconds) and name of each thread of this process, from

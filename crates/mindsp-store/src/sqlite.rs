@@ -14,7 +14,7 @@
 use std::any::Any;
 use std::str::FromStr;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -351,11 +351,19 @@ impl Store for SqliteStore {
 /// WAL holds what was written meanwhile (a few MB at full append rate).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
+/// Most `PASSIVE` checkpoints the first step runs in a row beside the writer, and the
+/// duration under which a pass counts as caught up, ending the first step.
+const CHECKPOINT_SIDE_PASSES: usize = 4;
+const CHECKPOINT_CAUGHT_UP: Duration = Duration::from_millis(5);
+
 /// Copies committed WAL frames into the database file with `PASSIVE` checkpoints, which
 /// never block readers, in two steps: first on a connection of its own, beside the
-/// writer, then once more on the single writer connection between two append batches,
-/// which copies only what was committed during the first step and so holds the writer
-/// briefly. Stops when the store closes the first connection or the last handle to the
+/// writer, repeated while a pass takes long (up to [`CHECKPOINT_SIDE_PASSES`]); then once
+/// more on the single writer connection between two append batches, which copies only
+/// what was committed during the last pass of the first step and so holds the writer
+/// briefly. That step's cost is mostly syncing the WAL written since the last pass
+/// began: with one pass of ~40 ms at full append rate it held the writer ~21 ms every
+/// 200 ms, with the repeated passes ~13 ms (`benches/RESULTS.md`). Stops when the store closes the first connection or the last handle to the
 /// store is dropped.
 ///
 /// The second step is what keeps the WAL small: SQLite starts the WAL over from its
@@ -377,7 +385,18 @@ async fn checkpointer(
             let Some(c) = guard.as_mut() else {
                 return;
             };
-            if !checkpoint(c).await {
+            // Each pass copies what was committed up to its start; while passes are long,
+            // the writer committed much meanwhile, which the step on the writer would
+            // have to copy and sync.
+            let mut ok = false;
+            for _ in 0..CHECKPOINT_SIDE_PASSES {
+                let began = Instant::now();
+                ok = checkpoint(c).await;
+                if !ok || began.elapsed() < CHECKPOINT_CAUGHT_UP {
+                    break;
+                }
+            }
+            if !ok {
                 continue;
             }
         }
@@ -2178,7 +2197,7 @@ mod tests {
         let convs = Arc::new(convs);
 
         // 32 senders for three seconds (bounded by a count too), over 200 conversations.
-        let until = std::time::Instant::now() + Duration::from_secs(3);
+        let until = Instant::now() + Duration::from_secs(3);
         let mut tasks = Vec::new();
         for s in 0..32 {
             let (store, convs) = (store.clone(), convs.clone());
