@@ -727,11 +727,13 @@ impl Appender {
         });
         q.push(
             ") SELECT 0 AS kind, c.tenant_id, c.id AS conversation_id, m.user_id AS sender_id,
-                      c.last_seq AS seq, c.members_version, NULL AS id, NULL AS content,
+                      h.seq, c.members_version, NULL AS id, NULL AS content,
                       NULL AS idempotency_key, NULL AS created_at
                  FROM r CROSS JOIN conversation_members m
                    ON m.conversation_id = r.c AND m.user_id = r.u
                  JOIN conversations c ON c.id = m.conversation_id
+                 JOIN conversation_state h
+                   ON h.conversation_id = c.id AND h.user_id = X'00000000000000000000000000000000'
                UNION ALL
                SELECT 1, s.tenant_id, s.conversation_id, s.sender_id, s.seq, NULL, s.id,
                       s.content, s.idempotency_key, s.created_at
@@ -819,8 +821,18 @@ impl SqliteTx {
 const USER_COLS: &str = "id, tenant_id, email, display_name, role, active, created_at";
 const MESSAGE_COLS: &str =
     "id, conversation_id, sender_id, seq, content, idempotency_key, created_at";
-const CONV_COLS: &str =
-    "id, tenant_id, kind, name, created_by, created_at, last_activity_at, last_seq";
+/// A conversation's columns, from [`CONV_FROM`].
+const CONV_COLS: &str = "c.id, c.tenant_id, c.kind, c.name, c.created_by, c.created_at,
+     h.at AS last_activity_at, h.seq AS last_seq";
+/// A conversation (`c`) with its head (`h`: last seq and activity; migration 0006).
+const CONV_FROM: &str = "conversations c JOIN conversation_state h
+     ON h.conversation_id = c.id AND h.user_id = X'00000000000000000000000000000000'";
+/// The head `h` of a conversation `c` already in the query (migration 0006).
+const HEAD_JOIN: &str = "JOIN conversation_state h
+     ON h.conversation_id = c.id AND h.user_id = X'00000000000000000000000000000000'";
+/// A member row `me` with its read marker `r.seq` (migration 0006).
+const READ_JOIN: &str = "JOIN conversation_state r
+     ON r.conversation_id = me.conversation_id AND r.user_id = me.user_id";
 
 fn user_from_row(r: &SqliteRow) -> Result<User> {
     Ok(User {
@@ -1098,8 +1110,8 @@ impl TenantTx for SqliteTx {
             (ConversationKind::Group, _) => None,
         };
         sqlx::query(
-            "INSERT INTO conversations (id, tenant_id, kind, name, direct_key, created_by, created_at, last_activity_at, last_seq)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)",
+            "INSERT INTO conversations (id, tenant_id, kind, name, direct_key, created_by, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(conv.id.0)
         .bind(self.tenant.0)
@@ -1108,19 +1120,17 @@ impl TenantTx for SqliteTx {
         .bind(key)
         .bind(c.created_by.0)
         .bind(millis(at))
-        .bind(millis(at))
         .execute(&mut *self.tx)
         .await
         .map_err(db_err)?;
         let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO conversation_members (conversation_id, user_id, tenant_id, role, last_read_seq, joined_at) ",
+            "INSERT INTO conversation_members (conversation_id, user_id, tenant_id, role, joined_at) ",
         );
         q.push_values(&c.members, |mut b, (user, role)| {
             b.push_bind(conv.id.0)
                 .push_bind(user.0)
                 .push_bind(self.tenant.0)
                 .push_bind(role.as_str())
-                .push_bind(0i64)
                 .push_bind(millis(at));
         });
         q.build().execute(&mut *self.tx).await.map_err(db_err)?;
@@ -1129,7 +1139,7 @@ impl TenantTx for SqliteTx {
 
     async fn direct_between(&mut self, a: UserId, b: UserId) -> Result<Option<Conversation>> {
         sqlx::query(&format!(
-            "SELECT {CONV_COLS} FROM conversations WHERE tenant_id = ? AND direct_key = ?"
+            "SELECT {CONV_COLS} FROM {CONV_FROM} WHERE c.tenant_id = ? AND c.direct_key = ?"
         ))
         .bind(self.tenant.0)
         .bind(direct_key(a, b))
@@ -1143,7 +1153,7 @@ impl TenantTx for SqliteTx {
 
     async fn conversation(&mut self, id: ConversationId) -> Result<Option<Conversation>> {
         sqlx::query(&format!(
-            "SELECT {CONV_COLS} FROM conversations WHERE tenant_id = ? AND id = ?"
+            "SELECT {CONV_COLS} FROM {CONV_FROM} WHERE c.tenant_id = ? AND c.id = ?"
         ))
         .bind(self.tenant.0)
         .bind(id.0)
@@ -1167,12 +1177,12 @@ impl TenantTx for SqliteTx {
     }
 
     async fn members(&mut self, conv: ConversationId) -> Result<Vec<Member>> {
-        let rows = sqlx::query(
-            "SELECT m.user_id, u.display_name, m.role, m.last_read_seq, m.joined_at
-               FROM conversation_members m JOIN users u ON u.id = m.user_id
-              WHERE m.tenant_id = ? AND m.conversation_id = ?
-              ORDER BY m.joined_at, m.user_id",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT me.user_id, u.display_name, me.role, r.seq AS last_read_seq, me.joined_at
+                   FROM conversation_members me JOIN users u ON u.id = me.user_id {READ_JOIN}
+                  WHERE me.tenant_id = ? AND me.conversation_id = ?
+                  ORDER BY me.joined_at, me.user_id"
+        ))
         .bind(self.tenant.0)
         .bind(conv.0)
         .fetch_all(&mut *self.tx)
@@ -1197,11 +1207,11 @@ impl TenantTx for SqliteTx {
     }
 
     async fn member(&mut self, conv: ConversationId, user: UserId) -> Result<Option<Member>> {
-        sqlx::query(
-            "SELECT m.user_id, u.display_name, m.role, m.last_read_seq, m.joined_at
-               FROM conversation_members m JOIN users u ON u.id = m.user_id
-              WHERE m.tenant_id = ? AND m.conversation_id = ? AND m.user_id = ?",
-        )
+        sqlx::query(&format!(
+            "SELECT me.user_id, u.display_name, me.role, r.seq AS last_read_seq, me.joined_at
+                   FROM conversation_members me JOIN users u ON u.id = me.user_id {READ_JOIN}
+                  WHERE me.tenant_id = ? AND me.conversation_id = ? AND me.user_id = ?"
+        ))
         .bind(self.tenant.0)
         .bind(conv.0)
         .bind(user.0)
@@ -1220,8 +1230,8 @@ impl TenantTx for SqliteTx {
         role: MemberRole,
     ) -> Result<()> {
         let done = sqlx::query(
-            "INSERT INTO conversation_members (conversation_id, user_id, tenant_id, role, last_read_seq, joined_at)
-             SELECT c.id, ?, c.tenant_id, ?, c.last_seq, ?
+            "INSERT INTO conversation_members (conversation_id, user_id, tenant_id, role, joined_at)
+             SELECT c.id, ?, c.tenant_id, ?, ?
                FROM conversations c WHERE c.tenant_id = ? AND c.id = ?
              ON CONFLICT (conversation_id, user_id) DO UPDATE SET role = excluded.role",
         )
@@ -1262,20 +1272,19 @@ impl TenantTx for SqliteTx {
             Some(c) => (Some(millis(c.last_activity_at)), Some(c.id.0)),
             None => (None, None),
         };
-        let rows = sqlx::query(
-            "SELECT c.id, c.tenant_id, c.kind, c.name, c.created_by, c.created_at,
-                    c.last_activity_at, c.last_seq, me.last_read_seq,
+        let rows = sqlx::query(&format!(
+            "SELECT {CONV_COLS}, r.seq AS last_read_seq,
                     (SELECT count(*) FROM conversation_members x WHERE x.conversation_id = c.id) AS member_count,
                     lm.id AS lm_id, lm.sender_id AS lm_sender_id, lm.content AS lm_content,
                     lm.idempotency_key AS lm_idempotency_key, lm.created_at AS lm_created_at
-               FROM conversation_members me
-               JOIN conversations c ON c.id = me.conversation_id
-               LEFT JOIN messages lm ON lm.conversation_id = c.id AND lm.seq = c.last_seq
+               FROM conversation_members me {READ_JOIN}
+               JOIN conversations c ON c.id = me.conversation_id {HEAD_JOIN}
+               LEFT JOIN messages lm ON lm.conversation_id = c.id AND lm.seq = h.seq
               WHERE me.user_id = ?1 AND me.tenant_id = ?2 AND c.tenant_id = ?2
-                AND (?3 IS NULL OR (c.last_activity_at, c.id) < (?3, ?4))
-              ORDER BY c.last_activity_at DESC, c.id DESC
-              LIMIT ?5",
-        )
+                AND (?3 IS NULL OR (h.at, c.id) < (?3, ?4))
+              ORDER BY h.at DESC, c.id DESC
+              LIMIT ?5"
+        ))
         .bind(user.0)
         .bind(self.tenant.0)
         .bind(at)
@@ -1333,8 +1342,10 @@ impl TenantTx for SqliteTx {
         // checked by the join, and the trigger moves the conversation and read marker.
         let row: Option<(i64, i64)> = sqlx::query_as(
             "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at)
-             SELECT ?1, c.tenant_id, c.id, me.user_id, c.last_seq + 1, ?2, ?3, ?4
+             SELECT ?1, c.tenant_id, c.id, me.user_id, h.seq + 1, ?2, ?3, ?4
                FROM conversations c
+               JOIN conversation_state h
+                 ON h.conversation_id = c.id AND h.user_id = X'00000000000000000000000000000000'
                JOIN conversation_members me ON me.conversation_id = c.id AND me.user_id = ?5
               WHERE c.tenant_id = ?6 AND c.id = ?7
              RETURNING seq, (SELECT members_version FROM conversations WHERE id = ?7)",
@@ -1397,11 +1408,14 @@ impl TenantTx for SqliteTx {
 
     async fn mark_read(&mut self, conv: ConversationId, user: UserId, seq: i64) -> Result<i64> {
         sqlx::query_scalar(
-            "UPDATE conversation_members
-                SET last_read_seq = max(last_read_seq,
-                    min(?1, (SELECT last_seq FROM conversations WHERE id = ?2 AND tenant_id = ?3)))
-              WHERE conversation_id = ?2 AND tenant_id = ?3 AND user_id = ?4
-              RETURNING last_read_seq",
+            "UPDATE conversation_state
+                SET seq = max(seq, min(?1, (SELECT h.seq FROM conversation_state h
+                                             WHERE h.conversation_id = ?2
+                                               AND h.user_id = X'00000000000000000000000000000000')))
+              WHERE conversation_id = ?2 AND user_id = ?4
+                AND EXISTS (SELECT 1 FROM conversation_members m
+                             WHERE m.conversation_id = ?2 AND m.user_id = ?4 AND m.tenant_id = ?3)
+              RETURNING seq",
         )
         .bind(seq)
         .bind(conv.0)
@@ -1726,20 +1740,21 @@ impl TenantTx for SqliteTx {
         unread_since: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<UserId>> {
-        let rows: Vec<Uuid> = sqlx::query_scalar(
+        let rows: Vec<Uuid> = sqlx::query_scalar(&format!(
             "SELECT DISTINCT me.user_id
-               FROM conversations c
+               FROM {CONV_FROM}
                JOIN conversation_members me ON me.conversation_id = c.id
+               {READ_JOIN}
                JOIN users u ON u.id = me.user_id
-               JOIN messages first ON first.conversation_id = c.id AND first.seq = me.last_read_seq + 1
+               JOIN messages first ON first.conversation_id = c.id AND first.seq = r.seq + 1
                LEFT JOIN digest_state d ON d.user_id = me.user_id AND d.tenant_id = ?1
               WHERE c.tenant_id = ?1 AND me.tenant_id = ?1 AND u.tenant_id = ?1 AND u.active = 1
-                AND c.last_seq > me.last_read_seq
+                AND h.seq > r.seq
                 AND first.created_at <= ?2
                 AND (d.sent_through IS NULL
-                     OR (c.last_activity_at > d.sent_through AND d.sent_through <= ?2))
-              LIMIT ?3",
-        )
+                     OR (h.at > d.sent_through AND d.sent_through <= ?2))
+              LIMIT ?3"
+        ))
         .bind(self.tenant.0)
         .bind(millis(unread_since))
         .bind(limit)
@@ -1755,21 +1770,21 @@ impl TenantTx for SqliteTx {
         max_conversations: u32,
         max_messages: u32,
     ) -> Result<Vec<DigestEntry>> {
-        let convs = sqlx::query(
-            "SELECT c.id, c.kind, c.name, c.last_seq, me.last_read_seq,
+        let convs = sqlx::query(&format!(
+            "SELECT c.id, c.kind, c.name, h.seq AS last_seq, r.seq AS last_read_seq,
                     (SELECT ou.display_name FROM conversation_members o
                        JOIN users ou ON ou.id = o.user_id
                       WHERE o.conversation_id = c.id AND o.user_id <> ?1
                       ORDER BY o.joined_at, o.user_id LIMIT 1) AS other_name
-               FROM conversation_members me
-               JOIN conversations c ON c.id = me.conversation_id
+               FROM conversation_members me {READ_JOIN}
+               JOIN conversations c ON c.id = me.conversation_id {HEAD_JOIN}
                LEFT JOIN digest_state d ON d.user_id = me.user_id AND d.tenant_id = ?2
               WHERE me.user_id = ?1 AND me.tenant_id = ?2 AND c.tenant_id = ?2
-                AND c.last_seq > me.last_read_seq
-                AND (d.sent_through IS NULL OR c.last_activity_at > d.sent_through)
-              ORDER BY c.last_activity_at DESC, c.id DESC
-              LIMIT ?3",
-        )
+                AND h.seq > r.seq
+                AND (d.sent_through IS NULL OR h.at > d.sent_through)
+              ORDER BY h.at DESC, c.id DESC
+              LIMIT ?3"
+        ))
         .bind(user.0)
         .bind(self.tenant.0)
         .bind(max_conversations)
@@ -2225,6 +2240,145 @@ mod tests {
             wal < sent as u64 * 4096,
             "the WAL grew with every commit: {wal} bytes after {sent} messages"
         );
+        store.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A database written before migration 0006 keeps every conversation's sequence and
+    /// activity and every member's read marker when they move to `conversation_state`,
+    /// and appends, reads and new members go on from them.
+    #[tokio::test]
+    async fn an_existing_database_keeps_its_heads_and_read_markers() {
+        let dir = std::env::temp_dir().join(format!("mindsp-upgrade-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("old.db");
+        let (t, a, b, c, conv) = (
+            TenantId::new(),
+            UserId::new(),
+            UserId::new(),
+            UserId::new(),
+            ConversationId::new(),
+        );
+        {
+            let options = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal);
+            let pool = SqlitePool::connect_with(options).await.unwrap();
+            let before = sqlx::migrate::Migrator {
+                migrations: MIGRATOR
+                    .migrations
+                    .iter()
+                    .filter(|m| m.version < 6)
+                    .cloned()
+                    .collect(),
+                ..sqlx::migrate::Migrator::DEFAULT
+            };
+            before.run(&pool).await.unwrap();
+            sqlx::query("INSERT INTO tenants VALUES (?, 'sdis13', 'SDIS 13', 0)")
+                .bind(t.0)
+                .execute(&pool)
+                .await
+                .unwrap();
+            for (u, email) in [(a, "a@sdis13.fr"), (b, "b@sdis13.fr"), (c, "c@sdis13.fr")] {
+                sqlx::query("INSERT INTO users VALUES (?, ?, ?, ?, 'member', 1, '', 0)")
+                    .bind(u.0)
+                    .bind(t.0)
+                    .bind(email)
+                    .bind(email)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            sqlx::query(
+                "INSERT INTO conversations (id, tenant_id, kind, name, created_by, created_at, last_activity_at, last_seq)
+                 VALUES (?, ?, 'group', 'CIS Aubagne', ?, 1000, 1000, 0)",
+            )
+            .bind(conv.0)
+            .bind(t.0)
+            .bind(a.0)
+            .execute(&pool)
+            .await
+            .unwrap();
+            for (u, role) in [(a, "owner"), (b, "member")] {
+                sqlx::query(
+                    "INSERT INTO conversation_members (conversation_id, user_id, tenant_id, role, last_read_seq, joined_at)
+                     VALUES (?, ?, ?, ?, 0, 1000)",
+                )
+                .bind(conv.0)
+                .bind(u.0)
+                .bind(t.0)
+                .bind(role)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            // Three messages from `a` (the old trigger moves the head and a's marker),
+            // of which `b` has read the first.
+            for seq in 1..=3i64 {
+                sqlx::query(
+                    "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, created_at)
+                     VALUES (?, ?, ?, ?, ?, 'Départ en intervention', ?)",
+                )
+                .bind(MessageId::new().0)
+                .bind(t.0)
+                .bind(conv.0)
+                .bind(a.0)
+                .bind(seq)
+                .bind(1000 + seq * 1000)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            sqlx::query("UPDATE conversation_members SET last_read_seq = 1 WHERE user_id = ?")
+                .bind(b.0)
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+
+        let store = SqliteStore::open(SqliteConfig::file(path.to_str().unwrap()))
+            .await
+            .unwrap();
+        let mut tx = store.begin(t).await.unwrap();
+        let head = tx.conversation(conv).await.unwrap().unwrap();
+        assert_eq!(head.last_seq, 3);
+        assert_eq!(head.last_activity_at.timestamp_millis(), 4000);
+        let markers = |members: Vec<Member>| {
+            let mut m: Vec<(UserId, i64)> = members
+                .into_iter()
+                .map(|m| (m.user_id, m.last_read_seq))
+                .collect();
+            m.sort();
+            m
+        };
+        let mut expected = vec![(a, 3), (b, 1)];
+        expected.sort();
+        assert_eq!(markers(tx.members(conv).await.unwrap()), expected);
+        let unread = |list: Vec<ConversationSummary>| list[0].unread_count;
+        assert_eq!(unread(tx.list_conversations(b, None, 10).await.unwrap()), 2);
+        assert_eq!(unread(tx.list_conversations(a, None, 10).await.unwrap()), 0);
+
+        // The sequence goes on; the sender's marker moves, the other's does not.
+        let msg = request(t, conv, b, "after").msg;
+        assert_eq!(tx.append_message(&msg).await.unwrap().message().seq, 4);
+        assert_eq!(unread(tx.list_conversations(a, None, 10).await.unwrap()), 1);
+        assert_eq!(unread(tx.list_conversations(b, None, 10).await.unwrap()), 0);
+        // A member added now has read up to the head; a removed one leaves no marker.
+        tx.upsert_member(conv, c, MemberRole::Member).await.unwrap();
+        assert_eq!(tx.member(conv, c).await.unwrap().unwrap().last_read_seq, 4);
+        assert!(tx.remove_member(conv, b).await.unwrap());
+        assert!(matches!(
+            tx.mark_read(conv, b, 4).await,
+            Err(Error::NotFound("conversation"))
+        ));
+        tx.commit().await.unwrap();
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM conversation_state")
+            .fetch_one(&store.read)
+            .await
+            .unwrap();
+        assert_eq!(left, 3, "the head, a's marker and c's marker");
         store.close().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
