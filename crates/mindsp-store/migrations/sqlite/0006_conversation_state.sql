@@ -6,7 +6,7 @@
 -- (conversation, user): the conversation's head under the zero user id, each member's
 -- read marker under their id. A conversation's head and its members' markers sit side
 -- by side, so an append dirties one small page for both; in the append benchmark each
--- append wrote 13.4 KiB instead of 19.6 (benches/RESULTS.md).
+-- append wrote 17.2-17.7 KiB instead of 20.4-20.9 (benches/RESULTS.md).
 --
 --   head row (user_id = zero):  seq = last seq, at = last activity (ms)
 --   member row:                 seq = last read seq, at unused (0)
