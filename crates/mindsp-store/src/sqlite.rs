@@ -44,6 +44,24 @@ use crate::common::{
     prefs_to_json, spawn_indexer,
 };
 
+/// The user id under which `conversation_state` holds a conversation's head (its last
+/// seq and activity) rather than a member's read marker (migration 0006).
+macro_rules! head_user {
+    () => {
+        "X'00000000000000000000000000000000'"
+    };
+}
+
+/// Joins the head `h` of the conversation `c` (a literal, for `concat!`).
+macro_rules! head_join {
+    () => {
+        concat!(
+            "JOIN conversation_state h ON h.conversation_id = c.id AND h.user_id = ",
+            head_user!()
+        )
+    };
+}
+
 /// Embedded migrations, exposed so an embedding application can run them itself.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -363,8 +381,8 @@ const CHECKPOINT_CAUGHT_UP: Duration = Duration::from_millis(5);
 /// what was committed during the last pass of the first step and so holds the writer
 /// briefly. That step's cost is mostly syncing the WAL written since the last pass
 /// began: with one pass of ~40 ms at full append rate it held the writer ~21 ms every
-/// 200 ms, with the repeated passes ~13 ms (`benches/RESULTS.md`). Stops when the store closes the first connection or the last handle to the
-/// store is dropped.
+/// 200 ms, with the repeated passes ~13 ms (`benches/RESULTS.md`). Stops when the store
+/// closes the first connection or the last handle to the store is dropped.
 ///
 /// The second step is what keeps the WAL small: SQLite starts the WAL over from its
 /// beginning only after a checkpoint has copied every frame, which a checkpoint running
@@ -725,21 +743,21 @@ impl Appender {
                 .push_bind(r.msg.sender_id.0)
                 .push_bind(r.msg.idempotency_key.as_deref());
         });
-        q.push(
+        q.push(concat!(
             ") SELECT 0 AS kind, c.tenant_id, c.id AS conversation_id, m.user_id AS sender_id,
                       h.seq, c.members_version, NULL AS id, NULL AS content,
                       NULL AS idempotency_key, NULL AS created_at
                  FROM r CROSS JOIN conversation_members m
                    ON m.conversation_id = r.c AND m.user_id = r.u
-                 JOIN conversations c ON c.id = m.conversation_id
-                 JOIN conversation_state h
-                   ON h.conversation_id = c.id AND h.user_id = X'00000000000000000000000000000000'
+                 JOIN conversations c ON c.id = m.conversation_id ",
+            head_join!(),
+            "
                UNION ALL
                SELECT 1, s.tenant_id, s.conversation_id, s.sender_id, s.seq, NULL, s.id,
                       s.content, s.idempotency_key, s.created_at
                  FROM r CROSS JOIN messages s
                    ON s.conversation_id = r.c AND s.sender_id = r.u AND s.idempotency_key = r.key",
-        );
+        ));
         for row in q.build().fetch_all(&mut *tx).await.map_err(db_err)? {
             let tenant = TenantId(row.try_get("tenant_id").map_err(db_err)?);
             if row.try_get::<i64, _>("kind").map_err(db_err)? == 1 {
@@ -824,12 +842,10 @@ const MESSAGE_COLS: &str =
 /// A conversation's columns, from [`CONV_FROM`].
 const CONV_COLS: &str = "c.id, c.tenant_id, c.kind, c.name, c.created_by, c.created_at,
      h.at AS last_activity_at, h.seq AS last_seq";
-/// A conversation (`c`) with its head (`h`: last seq and activity; migration 0006).
-const CONV_FROM: &str = "conversations c JOIN conversation_state h
-     ON h.conversation_id = c.id AND h.user_id = X'00000000000000000000000000000000'";
-/// The head `h` of a conversation `c` already in the query (migration 0006).
-const HEAD_JOIN: &str = "JOIN conversation_state h
-     ON h.conversation_id = c.id AND h.user_id = X'00000000000000000000000000000000'";
+/// A conversation (`c`) with its head (`h`).
+const CONV_FROM: &str = concat!("conversations c ", head_join!());
+/// The head `h` of a conversation `c` already in the query.
+const HEAD_JOIN: &str = head_join!();
 /// A member row `me` with its read marker `r.seq` (migration 0006).
 const READ_JOIN: &str = "JOIN conversation_state r
      ON r.conversation_id = me.conversation_id AND r.user_id = me.user_id";
@@ -1340,16 +1356,16 @@ impl TenantTx for SqliteTx {
         }
         // One statement: the sequence is read under the single writer, membership is
         // checked by the join, and the trigger moves the conversation and read marker.
-        let row: Option<(i64, i64)> = sqlx::query_as(
+        let row: Option<(i64, i64)> = sqlx::query_as(concat!(
             "INSERT INTO messages (id, tenant_id, conversation_id, sender_id, seq, content, idempotency_key, created_at)
              SELECT ?1, c.tenant_id, c.id, me.user_id, h.seq + 1, ?2, ?3, ?4
-               FROM conversations c
-               JOIN conversation_state h
-                 ON h.conversation_id = c.id AND h.user_id = X'00000000000000000000000000000000'
+               FROM conversations c ",
+            head_join!(),
+            "
                JOIN conversation_members me ON me.conversation_id = c.id AND me.user_id = ?5
               WHERE c.tenant_id = ?6 AND c.id = ?7
              RETURNING seq, (SELECT members_version FROM conversations WHERE id = ?7)",
-        )
+        ))
         .bind(m.id.0)
         .bind(&m.content)
         .bind(&m.idempotency_key)
@@ -1407,16 +1423,17 @@ impl TenantTx for SqliteTx {
     }
 
     async fn mark_read(&mut self, conv: ConversationId, user: UserId, seq: i64) -> Result<i64> {
-        sqlx::query_scalar(
+        sqlx::query_scalar(concat!(
             "UPDATE conversation_state
                 SET seq = max(seq, min(?1, (SELECT h.seq FROM conversation_state h
-                                             WHERE h.conversation_id = ?2
-                                               AND h.user_id = X'00000000000000000000000000000000')))
+                                             WHERE h.conversation_id = ?2 AND h.user_id = ",
+            head_user!(),
+            ")))
               WHERE conversation_id = ?2 AND user_id = ?4
                 AND EXISTS (SELECT 1 FROM conversation_members m
                              WHERE m.conversation_id = ?2 AND m.user_id = ?4 AND m.tenant_id = ?3)
               RETURNING seq",
-        )
+        ))
         .bind(seq)
         .bind(conv.0)
         .bind(self.tenant.0)
