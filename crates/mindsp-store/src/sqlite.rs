@@ -396,6 +396,8 @@ async fn checkpointer(
 ) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The WAL's frame count that the last step on the writer saw.
+    let mut copied_on_writer = None;
     while alive.strong_count() > 0 {
         tick.tick().await;
         {
@@ -406,22 +408,24 @@ async fn checkpointer(
             // Each pass copies what was committed up to its start; while passes are long,
             // the writer committed much meanwhile, which the step on the writer would
             // have to copy and sync.
-            let mut ok = false;
+            let mut frames = None;
             for _ in 0..CHECKPOINT_SIDE_PASSES {
                 let began = Instant::now();
-                ok = checkpoint(c).await;
-                if !ok || began.elapsed() < CHECKPOINT_CAUGHT_UP {
+                frames = checkpoint(c).await;
+                if frames.is_none() || began.elapsed() < CHECKPOINT_CAUGHT_UP {
                     break;
                 }
             }
-            if !ok {
+            // Nothing committed since the last step on the writer (an idle store) needs
+            // no new one: the writer is left alone until something is written.
+            if frames.is_none() || frames == Some(0) || frames == copied_on_writer {
                 continue;
             }
         }
         let Ok(mut w) = write.acquire().await else {
             break;
         };
-        checkpoint(&mut w).await;
+        copied_on_writer = checkpoint(&mut w).await;
     }
     if let Some(c) = conn.lock().await.take() {
         let _ = sqlx::Connection::close(c).await;
@@ -429,17 +433,17 @@ async fn checkpointer(
 }
 
 /// One `PASSIVE` checkpoint of the database (`main` only: the writer also has the
-/// search index attached, whose own writer checkpoints it). False if it failed, which
-/// is logged; the next tick tries again.
-async fn checkpoint(conn: &mut sqlx::SqliteConnection) -> bool {
-    match sqlx::query("PRAGMA main.wal_checkpoint(PASSIVE)")
-        .execute(conn)
+/// search index attached, whose own writer checkpoints it): the number of frames the WAL
+/// held when it ran, or `None` if it failed, which is logged; the next tick tries again.
+async fn checkpoint(conn: &mut sqlx::SqliteConnection) -> Option<i64> {
+    match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA main.wal_checkpoint(PASSIVE)")
+        .fetch_one(conn)
         .await
     {
-        Ok(_) => true,
+        Ok((_busy, frames, _copied)) => Some(frames),
         Err(e) => {
             tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
-            false
+            None
         }
     }
 }
@@ -2282,15 +2286,19 @@ mod tests {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal);
             let pool = SqlitePool::connect_with(options).await.unwrap();
-            let before = sqlx::migrate::Migrator {
-                migrations: MIGRATOR
-                    .migrations
-                    .iter()
-                    .filter(|m| m.version < 6)
-                    .cloned()
-                    .collect(),
-                ..sqlx::migrate::Migrator::DEFAULT
-            };
+            // The migrations as they were before 0006, through sqlx's public API: a
+            // directory holding copies of the first five files.
+            let old = dir.join("migrations");
+            std::fs::create_dir_all(&old).unwrap();
+            let ours = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+            for file in std::fs::read_dir(&ours).unwrap() {
+                let name = file.unwrap().file_name();
+                if name.to_string_lossy().as_ref() < "0006" {
+                    std::fs::copy(ours.join(&name), old.join(&name)).unwrap();
+                }
+            }
+            let before = sqlx::migrate::Migrator::new(old).await.unwrap();
+            assert_eq!(before.iter().count(), 5);
             before.run(&pool).await.unwrap();
             sqlx::query("INSERT INTO tenants VALUES (?, 'sdis13', 'SDIS 13', 0)")
                 .bind(t.0)
