@@ -1,8 +1,9 @@
 //! The job queue on SQLite, in the store's own file.
 //!
-//! Every write goes through the store's single writer connection (SQLite has one
-//! writer at a time anyway), so reservations are serialised and no two workers can
-//! take the same job. Workers reserve and complete in batches, which is what makes the
+//! Every write goes through the store's single writer connection under the store's
+//! write turn (SQLite has one writer at a time anyway, and the store's message appends
+//! take the same turn), so reservations are serialised and no two workers can take the
+//! same job. Workers reserve and complete in batches, which is what makes the
 //! throughput: one transaction leases up to a batch of jobs, one marks a batch done.
 
 use std::collections::HashSet;
@@ -15,9 +16,9 @@ use mindsp_core::ids::{JobId, TenantId};
 use mindsp_core::jobs::*;
 use mindsp_core::model::now;
 use mindsp_core::ports::TenantTx;
-use mindsp_store::sqlite::{SqliteStore, SqliteTx};
+use mindsp_store::sqlite::{SqliteStore, SqliteTx, WriteTurn};
 use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use crate::sql::{
@@ -32,6 +33,7 @@ const COLS: &str = "id, tenant_id, kind, queue, payload, priority, state, run_at
 /// The SQL job queue on SQLite. Cheap to clone.
 #[derive(Clone)]
 pub struct SqliteQueue {
+    store: SqliteStore,
     pool: SqlitePool,
 }
 
@@ -39,8 +41,17 @@ impl SqliteQueue {
     /// A queue in `store`'s database (its migrations created the tables).
     pub fn new(store: &SqliteStore) -> Self {
         Self {
+            store: store.clone(),
             pool: store.pool().clone(),
         }
+    }
+
+    /// A write transaction, with the store's write turn to hold until it ends (declared
+    /// first, so it is dropped last).
+    async fn begin(&self) -> Result<(WriteTurn, Transaction<'static, Sqlite>)> {
+        let turn = self.store.write_turn().await;
+        let tx = self.pool.begin().await.map_err(sql_err)?;
+        Ok((turn, tx))
     }
 }
 
@@ -228,7 +239,7 @@ fn scope_filter(scope: JobScope) -> &'static str {
 #[async_trait]
 impl JobQueue for SqliteQueue {
     async fn enqueue(&self, job: &NewJob) -> Result<Enqueued> {
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
+        let (_turn, mut tx) = self.begin().await?;
         let out = enqueue_on(&mut tx, job).await?;
         tx.commit().await.map_err(sql_err)?;
         Ok(out)
@@ -238,7 +249,7 @@ impl JobQueue for SqliteQueue {
         for job in jobs {
             job.validate()?;
         }
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
+        let (_turn, mut tx) = self.begin().await?;
         let mut out = Vec::with_capacity(jobs.len());
         if jobs.iter().all(|j| j.unique_key.is_none()) {
             // The common case: many rows per statement.
@@ -301,7 +312,7 @@ impl JobQueue for SqliteQueue {
         let t = ms(at);
         let expires = at + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
         let token = Uuid::new_v4();
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
+        let (_turn, mut tx) = self.begin().await?;
         recover_leases(&mut tx, queue, t).await?;
         promote_due(&mut tx, queue, t).await?;
         let rows = sqlx::query(&format!(
@@ -357,7 +368,7 @@ impl JobQueue for SqliteQueue {
 
     async fn renew(&self, leases: &[LeaseRef], lease: Duration) -> Result<Vec<bool>> {
         let expires = now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
+        let (_turn, mut tx) = self.begin().await?;
         let mut kept = HashSet::new();
         for chunk in leases.chunks(LEASE_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new("UPDATE jobs SET lease_expires_at = ");
@@ -380,7 +391,7 @@ impl JobQueue for SqliteQueue {
             return Ok(0);
         }
         let at = ms(now());
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
+        let (_turn, mut tx) = self.begin().await?;
         let mut per_scope: Vec<ScopeCount> = Vec::new();
         for chunk in leases.chunks(LEASE_CHUNK) {
             let mut q =
@@ -411,7 +422,7 @@ impl JobQueue for SqliteQueue {
         retry_at: Option<DateTime<Utc>>,
     ) -> Result<Option<JobState>> {
         let at = ms(now());
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
+        let (_turn, mut tx) = self.begin().await?;
         let scope: Option<Uuid> = sqlx::query_scalar(
             "SELECT uniq_scope FROM jobs WHERE id = ? AND lease_token = ? AND state = 'running'",
         )
@@ -451,7 +462,7 @@ impl JobQueue for SqliteQueue {
 
     async fn release(&self, leases: &[LeaseRef]) -> Result<u64> {
         let at = ms(now());
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
+        let (_turn, mut tx) = self.begin().await?;
         let mut released = 0;
         for l in leases {
             let held: Option<i64> = sqlx::query_scalar(
@@ -518,6 +529,7 @@ impl JobQueue for SqliteQueue {
 
     async fn cancel_unique(&self, tenant: Option<TenantId>, key: &str) -> Result<bool> {
         let at = ms(now());
+        let _turn = self.store.write_turn().await;
         let done = sqlx::query(
             "UPDATE jobs SET state = 'cancelled', updated_at = ?, finished_at = ?
               WHERE uniq_scope = ? AND unique_key = ? AND state IN ('scheduled', 'ready', 'retrying')",
@@ -539,7 +551,7 @@ impl JobQueue for SqliteQueue {
         job: &NewJob,
     ) -> Result<bool> {
         job.validate()?;
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
+        let (_turn, mut tx) = self.begin().await?;
         let claimed = sqlx::query(
             "INSERT INTO job_ticks (schedule, fire_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
         )
@@ -648,7 +660,7 @@ impl JobQueue for SqliteQueue {
 
     async fn retry(&self, scope: JobScope, id: JobId) -> Result<bool> {
         let at = ms(now());
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
+        let (_turn, mut tx) = self.begin().await?;
         let sql = format!(
             "SELECT uniq_scope FROM jobs WHERE id = ?
                 AND state IN ('dead', 'retrying', 'cancelled'){}",
@@ -689,7 +701,7 @@ impl JobQueue for SqliteQueue {
 
     async fn prune(&self, before: DateTime<Utc>) -> Result<u64> {
         let before = ms(before);
-        let mut tx = self.pool.begin().await.map_err(sql_err)?;
+        let (_turn, mut tx) = self.begin().await?;
         let done = sqlx::query(
             "DELETE FROM jobs WHERE state IN ('succeeded', 'dead', 'cancelled')
                 AND finished_at < ?",
@@ -739,6 +751,7 @@ impl SqliteQueue {
         if let JobScope::Tenant(t) = scope {
             q = q.bind(t.0);
         }
+        let _turn = self.store.write_turn().await;
         Ok(q.execute(&self.pool)
             .await
             .map_err(sql_err)?

@@ -23,33 +23,34 @@ pub(crate) fn db_err(e: sqlx::Error) -> Error {
         && db.is_unique_violation()
     {
         // PostgreSQL names the constraint; SQLite names the columns in its message.
-        let hint = db
-            .constraint()
-            .map(str::to_owned)
-            .unwrap_or_else(|| db.message().to_owned());
-        let (code, message) = if hint.contains("slug") {
-            ("slug_taken", "a tenant with this slug already exists")
-        } else if hint.contains("email") {
-            (
-                "email_taken",
-                "a user with this e-mail already exists in the tenant",
-            )
-        } else if hint.contains("direct_key") {
-            (
-                "direct_exists",
-                "a direct conversation between these users already exists",
-            )
-        } else if hint.contains("idempotency_key") {
-            (
-                "duplicate_idempotency_key",
-                "a message with this idempotency key already exists",
-            )
-        } else {
-            ("conflict", "the change conflicts with existing data")
-        };
-        return Error::conflict(code, message);
+        return unique_violation(db.constraint().unwrap_or_else(|| db.message()));
     }
     Error::Storage(e.to_string())
+}
+
+/// The conflict a unique violation means, from the constraint or columns it names.
+pub(crate) fn unique_violation(hint: &str) -> Error {
+    let (code, message) = if hint.contains("slug") {
+        ("slug_taken", "a tenant with this slug already exists")
+    } else if hint.contains("email") {
+        (
+            "email_taken",
+            "a user with this e-mail already exists in the tenant",
+        )
+    } else if hint.contains("direct_key") {
+        (
+            "direct_exists",
+            "a direct conversation between these users already exists",
+        )
+    } else if hint.contains("idempotency_key") {
+        (
+            "duplicate_idempotency_key",
+            "a message with this idempotency key already exists",
+        )
+    } else {
+        ("conflict", "the change conflicts with existing data")
+    };
+    Error::conflict(code, message)
 }
 
 /// One append waiting for a group commit.

@@ -1,15 +1,17 @@
 //! SQLite adapter (the embedded default).
 //!
-//! One file in WAL mode. Writes go through a pool of exactly one connection, so write
-//! transactions queue in-process instead of failing with `SQLITE_BUSY`; reads go
-//! through a separate pool of read-only connections and never wait for writers.
+//! One file in WAL mode. Writes go through a pool of exactly one connection, and
+//! message appends through a thread with a connection of its own (`append`); the two
+//! take turns through the store's write turn, so write transactions queue in-process
+//! instead of failing with `SQLITE_BUSY`. Reads go through a separate pool of read-only
+//! connections and never wait for writers.
 //! `synchronous = NORMAL` (the WAL default recommendation) survives a crash of the
 //! process; `synchronous = FULL` also survives power loss, at a throughput cost, and
 //! is chosen with [`SqliteConfig::durable_on_power_loss`].
 //!
 //! Message appends that arrive together are committed together (group commit, see
-//! [`Appender`]): one transaction, one full-text index flush and one multi-row insert
-//! for up to [`MAX_APPEND_BATCH`] messages, each caller answered after that commit.
+//! `append`, and [`Appender`] for an in-memory database): one transaction for up to
+//! [`MAX_APPEND_BATCH`] messages, each caller answered after that commit.
 
 use std::any::Any;
 use std::str::FromStr;
@@ -62,6 +64,10 @@ macro_rules! head_join {
     };
 }
 
+mod append;
+
+use append::{AppendConfig, AppendThread};
+
 /// Embedded migrations, exposed so an embedding application can run them itself.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -97,7 +103,9 @@ impl SqliteConfig {
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
-    appends: AppendQueue,
+    appends: Appends,
+    /// Taken by every writer of the file for as long as it writes (see [`Self::write_turn`]).
+    turn: Arc<tokio::sync::Mutex<()>>,
     index: Arc<SearchIndex>,
     /// The checkpointer's connection (files only); taken and closed by [`Self::close`].
     checkpoints: Arc<tokio::sync::Mutex<Option<sqlx::SqliteConnection>>>,
@@ -204,14 +212,29 @@ impl SqliteStore {
             INDEX_GATHER,
             Arc::downgrade(&alive),
         );
-        let appends = AppendQueue::spawn(
-            Appender {
-                pool: write.clone(),
-                index: index.clone(),
-            },
-            MAX_APPEND_BATCH,
-            APPEND_QUEUE,
-        );
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        let appends = if memory {
+            Appends::Pool(AppendQueue::spawn(
+                Appender {
+                    pool: write.clone(),
+                    turn: turn.clone(),
+                    index: index.clone(),
+                },
+                MAX_APPEND_BATCH,
+                APPEND_QUEUE,
+            ))
+        } else {
+            Appends::Thread(AppendThread::spawn(
+                AppendConfig {
+                    path: &config.path,
+                    durable: config.durable_on_power_loss,
+                    max_batch: MAX_APPEND_BATCH,
+                    capacity: APPEND_QUEUE,
+                },
+                turn.clone(),
+                index.wake.clone(),
+            )?)
+        };
         let checkpoints = Arc::new(tokio::sync::Mutex::new(None));
         if !memory {
             let options = SqliteConnectOptions::new()
@@ -223,7 +246,7 @@ impl SqliteStore {
             *checkpoints.lock().await = Some(conn);
             tokio::spawn(checkpointer(
                 checkpoints.clone(),
-                write.clone(),
+                turn.clone(),
                 Arc::downgrade(&alive),
             ));
         }
@@ -231,15 +254,27 @@ impl SqliteStore {
             write,
             read,
             appends,
+            turn,
             index,
             checkpoints,
             _alive: alive,
         })
     }
 
-    /// The write pool, for tools and tests that need raw SQL.
+    /// The write pool, for tools and tests that need raw SQL. Write through it only while
+    /// holding [`Self::write_turn`].
     pub fn pool(&self) -> &SqlitePool {
         &self.write
+    }
+
+    /// Waits for, and holds until dropped, the turn to write to the file. Message appends
+    /// run on a connection of their own (see `append`), the other writes on the write
+    /// pool's; both take this turn first, so SQLite never sees two writers at once
+    /// (which it would answer with waits in its busy handler, or with `SQLITE_BUSY` for
+    /// a transaction that read before it wrote). Turns are served in order of arrival.
+    /// Take it before a connection of [`Self::pool`], never while holding one.
+    pub async fn write_turn(&self) -> WriteTurn {
+        WriteTurn(self.turn.clone().lock_owned().await)
     }
 
     /// Brings the full-text index up to date with every committed message. The store
@@ -253,6 +288,9 @@ impl SqliteStore {
     /// and removes it, so once this returns the database file alone holds everything
     /// (and may be copied).
     pub async fn close(&self) {
+        if let Appends::Thread(thread) = &self.appends {
+            thread.close().await;
+        }
         self.read.close().await;
         self.write.close().await;
         if let Some(conn) = self.index.conn.lock().await.take() {
@@ -262,6 +300,18 @@ impl SqliteStore {
             let _ = sqlx::Connection::close(conn).await;
         }
     }
+}
+
+/// The turn to write to a SQLite store's file, held until dropped
+/// ([`SqliteStore::write_turn`]).
+pub struct WriteTurn(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<()>);
+
+/// Where appends go: a thread with a connection of its own for a file (see `append`),
+/// the write pool's connection for an in-memory database, private to that connection.
+#[derive(Clone)]
+enum Appends {
+    Thread(AppendThread),
+    Pool(AppendQueue),
 }
 
 /// What a pool runs on each new connection: attach the full-text index's file (a path,
@@ -312,6 +362,7 @@ impl Store for SqliteStore {
             name: name.to_owned(),
             created_at: now(),
         };
+        let _turn = self.write_turn().await;
         sqlx::query("INSERT INTO tenants (id, slug, name, created_at) VALUES (?, ?, ?, ?)")
             .bind(t.id.0)
             .bind(&t.slug)
@@ -343,11 +394,13 @@ impl Store for SqliteStore {
     }
 
     async fn begin(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
+        let turn = self.write_turn().await;
         let tx = self.write.begin().await.map_err(db_err)?;
         Ok(Box::new(SqliteTx {
             tx,
             tenant,
             index: self.index.clone(),
+            _turn: Some(turn),
         }))
     }
 
@@ -357,11 +410,15 @@ impl Store for SqliteStore {
             tx,
             tenant,
             index: self.index.clone(),
+            _turn: None,
         }))
     }
 
     async fn append(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
-        self.appends.append(tenant, msg).await
+        match &self.appends {
+            Appends::Thread(thread) => thread.append(tenant, msg).await,
+            Appends::Pool(queue) => queue.append(tenant, msg).await,
+        }
     }
 }
 
@@ -375,14 +432,14 @@ const CHECKPOINT_SIDE_PASSES: usize = 4;
 const CHECKPOINT_CAUGHT_UP: Duration = Duration::from_millis(5);
 
 /// Copies committed WAL frames into the database file with `PASSIVE` checkpoints, which
-/// never block readers, in two steps: first on a connection of its own, beside the
-/// writer, repeated while a pass takes long (up to [`CHECKPOINT_SIDE_PASSES`]); then once
-/// more on the single writer connection between two append batches, which copies only
-/// what was committed during the last pass of the first step and so holds the writer
+/// never block readers, on a connection of its own and in two steps: first beside the
+/// writers, repeated while a pass takes long (up to [`CHECKPOINT_SIDE_PASSES`]); then
+/// once more holding the write turn, between two append batches, which copies only what
+/// was committed during the last pass of the first step and so holds the writers
 /// briefly. That step's cost is mostly syncing the WAL written since the last pass
 /// began: with one pass of ~40 ms at full append rate it held the writer ~21 ms every
 /// 200 ms, with the repeated passes ~13 ms (`benches/RESULTS.md`). Stops when the store
-/// closes the first connection or the last handle to the store is dropped.
+/// closes the connection or the last handle to the store is dropped.
 ///
 /// The second step is what keeps the WAL small: SQLite starts the WAL over from its
 /// beginning only after a checkpoint has copied every frame, which a checkpoint running
@@ -391,41 +448,37 @@ const CHECKPOINT_CAUGHT_UP: Duration = Duration::from_millis(5);
 /// extending the file instead of overwriting pages the kernel already holds.
 async fn checkpointer(
     conn: Arc<tokio::sync::Mutex<Option<sqlx::SqliteConnection>>>,
-    write: SqlitePool,
+    turn: Arc<tokio::sync::Mutex<()>>,
     alive: Weak<()>,
 ) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The WAL's frame count that the last step on the writer saw.
-    let mut copied_on_writer = None;
+    // The WAL's frame count that the last step under the write turn saw.
+    let mut copied_under_turn = None;
     while alive.strong_count() > 0 {
         tick.tick().await;
-        {
-            let mut guard = conn.lock().await;
-            let Some(c) = guard.as_mut() else {
-                return;
-            };
-            // Each pass copies what was committed up to its start; while passes are long,
-            // the writer committed much meanwhile, which the step on the writer would
-            // have to copy and sync.
-            let mut frames = None;
-            for _ in 0..CHECKPOINT_SIDE_PASSES {
-                let began = Instant::now();
-                frames = checkpoint(c).await;
-                if frames.is_none() || began.elapsed() < CHECKPOINT_CAUGHT_UP {
-                    break;
-                }
-            }
-            // Nothing committed since the last step on the writer (an idle store) needs
-            // no new one: the writer is left alone until something is written.
-            if frames.is_none() || frames == Some(0) || frames == copied_on_writer {
-                continue;
+        let mut guard = conn.lock().await;
+        let Some(c) = guard.as_mut() else {
+            return;
+        };
+        // Each pass copies what was committed up to its start; while passes are long,
+        // the writers committed much meanwhile, which the step under the turn would
+        // have to copy and sync.
+        let mut frames = None;
+        for _ in 0..CHECKPOINT_SIDE_PASSES {
+            let began = Instant::now();
+            frames = checkpoint(c).await;
+            if frames.is_none() || began.elapsed() < CHECKPOINT_CAUGHT_UP {
+                break;
             }
         }
-        let Ok(mut w) = write.acquire().await else {
-            break;
-        };
-        copied_on_writer = checkpoint(&mut w).await;
+        // Nothing committed since the last step under the turn (an idle store) needs no
+        // new one: the writers are left alone until something is written.
+        if frames.is_none() || frames == Some(0) || frames == copied_under_turn {
+            continue;
+        }
+        let _turn = turn.lock().await;
+        copied_under_turn = checkpoint(c).await;
     }
     if let Some(c) = conn.lock().await.take() {
         let _ = sqlx::Connection::close(c).await;
@@ -669,24 +722,28 @@ pub const MAX_APPEND_BATCH: usize = 256;
 /// slows senders down instead of growing memory without bound.
 const APPEND_QUEUE: usize = 4096;
 
-/// The group-commit writer behind [`AppendQueue`]: checks a batch with one query,
+/// The group-commit writer of an in-memory database, behind [`AppendQueue`] (a file
+/// has the append thread instead, `append`): checks a batch with one query,
 /// inserts it with one statement and commits once. Through sqlx every statement is a
 /// round trip to SQLite's worker thread, and every commit writes the pages it dirtied to
 /// the WAL: batching pays both once per batch instead of once per message. A commit
 /// wakes the search indexer, which indexes beside the writer.
 struct Appender {
     pool: SqlitePool,
+    turn: Arc<tokio::sync::Mutex<()>>,
     index: Arc<SearchIndex>,
 }
 
 #[async_trait]
 impl GroupCommit for Appender {
     async fn append_alone(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
+        let turn = WriteTurn(self.turn.clone().lock_owned().await);
         let tx = self.pool.begin().await.map_err(db_err)?;
         let mut tx = SqliteTx {
             tx,
             tenant,
             index: self.index.clone(),
+            _turn: Some(turn),
         };
         let appended = tx.append_message(msg).await?;
         if appended.created() {
@@ -711,6 +768,7 @@ impl GroupCommit for Appender {
     }
 
     async fn append_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Result<Appended>>> {
+        let _turn = self.turn.lock().await;
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
         let done = self.append_batch_in(&mut conn, batch).await;
         if done.is_err() {
@@ -831,6 +889,9 @@ pub struct SqliteTx {
     tx: Transaction<'static, Sqlite>,
     tenant: TenantId,
     index: Arc<SearchIndex>,
+    /// The write turn, for a unit of work; released after the transaction ends (the
+    /// fields drop in order).
+    _turn: Option<WriteTurn>,
 }
 
 impl SqliteTx {
@@ -2124,12 +2185,9 @@ mod tests {
         .id
     }
 
-    /// The batch answers repeated keys, non-members and other tenants by itself: the
-    /// whole batch commits (`Ok`), instead of failing on the unique index and falling
-    /// back to one transaction per message, which would give the same answers slowly.
-    #[tokio::test]
-    async fn a_batch_answers_known_keys_and_strangers_without_falling_back() {
-        let store = SqliteStore::open(SqliteConfig::memory()).await.unwrap();
+    /// Two tenants with two users each, a group of the first user with a message sent
+    /// under the key `k1`, and a batch that asks for every answer a batch can give.
+    async fn batch_fixture(store: &SqliteStore) -> (Appended, [AppendRequest; 6]) {
         let mut people = Vec::new();
         let mut tenants = Vec::new();
         for slug in ["sdis13", "sdis84"] {
@@ -2155,11 +2213,6 @@ mod tests {
             .append(tenants[0], &request(tenants[0], conv, a, "k1").msg)
             .await
             .unwrap();
-
-        let appender = Appender {
-            pool: store.pool().clone(),
-            index: store.index.clone(),
-        };
         let batch = [
             request(tenants[0], conv, a, "k1"), // stored before: that message
             request(tenants[0], conv, a, "k2"), // new: seq 2
@@ -2168,7 +2221,10 @@ mod tests {
             request(tenants[1], conv, stranger, "k4"), // another tenant
             request(tenants[1], conv, a, "k1"), // another tenant asking for a stored key
         ];
-        let answers = appender.append_batch(&batch).await.expect("batch commits");
+        (first, batch)
+    }
+
+    fn assert_batch_answers(first: &Appended, answers: &[Result<Appended>]) {
         let seq = |i: usize| match &answers[i] {
             Ok(Appended::Created { message, .. }) => ("created", message.seq),
             Ok(Appended::Existing(m)) => ("existing", m.seq),
@@ -2182,6 +2238,107 @@ mod tests {
         assert_eq!(seq(3), ("not found", 0));
         assert_eq!(seq(4), ("not found", 0));
         assert_eq!(seq(5), ("not found", 0));
+    }
+
+    /// The batch answers repeated keys, non-members and other tenants by itself: the
+    /// whole batch commits (`Ok`), instead of failing on the unique index and falling
+    /// back to one transaction per message, which would give the same answers slowly.
+    /// In memory, through the write pool's connection.
+    #[tokio::test]
+    async fn a_batch_answers_known_keys_and_strangers_without_falling_back() {
+        let store = SqliteStore::open(SqliteConfig::memory()).await.unwrap();
+        let (first, batch) = batch_fixture(&store).await;
+        let appender = Appender {
+            pool: store.pool().clone(),
+            turn: store.turn.clone(),
+            index: store.index.clone(),
+        };
+        let answers = appender.append_batch(&batch).await.expect("batch commits");
+        assert_batch_answers(&first, &answers);
+    }
+
+    /// The same on a file, through the append thread's transaction.
+    #[tokio::test]
+    async fn a_batch_on_the_append_connection_answers_the_same() {
+        let dir = std::env::temp_dir().join(format!("mindsp-batch-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("batch.db").to_string_lossy().into_owned();
+        let store = SqliteStore::open(SqliteConfig::file(&path)).await.unwrap();
+        let (first, batch) = batch_fixture(&store).await;
+        let mut conn = rusqlite::Connection::open(&path).unwrap();
+        let answers = append::append_in_transaction(&mut conn, &batch).expect("batch commits");
+        assert_batch_answers(&first, &answers);
+        drop(conn);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Appends (on their own connection) and units of work (on the write pool's) take
+    /// turns: a unit of work that reads before it writes, while appends commit
+    /// continuously, neither fails with `SQLITE_BUSY` nor waits out the busy timeout,
+    /// and every acknowledged append is stored, numbered without gaps.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_and_units_of_work_take_turns() {
+        let dir = std::env::temp_dir().join(format!("mindsp-turns-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("turns.db").to_string_lossy().into_owned();
+        let store = SqliteStore::open(SqliteConfig::file(&path)).await.unwrap();
+        let (t, a, mut tx) = tenant_with_one_user(&store).await;
+        let conv = group_of(tx.as_mut(), a).await;
+        tx.commit().await.unwrap();
+
+        const SENDERS: usize = 8;
+        const EACH: usize = 100;
+        let mut appends = Vec::new();
+        for s in 0..SENDERS {
+            let store = store.clone();
+            appends.push(tokio::spawn(async move {
+                for i in 0..EACH {
+                    store
+                        .append(t.id, &request(t.id, conv, a, &format!("{s}-{i}")).msg)
+                        .await
+                        .expect("append");
+                }
+            }));
+        }
+        let mut units = Vec::new();
+        for _ in 0..2 {
+            let store = store.clone();
+            units.push(tokio::spawn(async move {
+                let mut marked = 0;
+                while marked < 40 {
+                    let mut tx = store.begin(t.id).await.expect("begin");
+                    // Read first (this snapshot is what an append committed meanwhile
+                    // would make stale), then write.
+                    let head = tx.conversation(conv).await.expect("read").unwrap().last_seq;
+                    tx.mark_read(conv, a, head)
+                        .await
+                        .expect("write after a read");
+                    tx.commit().await.expect("commit");
+                    marked += 1;
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+        for task in appends.into_iter().chain(units) {
+            task.await.unwrap();
+        }
+
+        let mut tx = store.read(t.id).await.unwrap();
+        let seqs: Vec<i64> = tx
+            .messages(conv, SeqWindow::Latest, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(seqs.len(), SENDERS * EACH);
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (1..=(SENDERS * EACH) as i64).collect::<Vec<_>>());
+        drop(tx);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// In memory the index is filled inside the search's own transaction, which a read
