@@ -301,7 +301,8 @@ async fn not_found() -> ApiError {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests
-/// finish for at most `grace` before returning.
+/// finish for at most `grace` before returning. Every accepted connection gets
+/// `TCP_NODELAY` ([`no_delay`]).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -309,6 +310,7 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let listener = axum::serve::ListenerExt::tap_io(listener, no_delay);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = tx.send(());
@@ -326,6 +328,16 @@ pub async fn serve(
             tracing::warn!(?grace, "shutdown grace period over; dropping remaining requests");
             Ok(())
         }
+    }
+}
+
+/// Turns off Nagle's algorithm on an accepted connection. WebSocket events are small
+/// writes, often several in a row to one client; with Nagle each one after the first
+/// waited for the client's acknowledgement, which a client may delay by up to 40 ms:
+/// under load about one delivery in seven took 20–50 ms more (`benches/RESULTS.md`).
+pub fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
     }
 }
 
@@ -367,5 +379,23 @@ pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     async {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("ctrl-c received, shutting down");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `serve` does to each accepted connection: Nagle's algorithm off.
+    #[tokio::test]
+    async fn accepted_connections_send_small_frames_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr);
+        let (accepted, _client) = tokio::join!(listener.accept(), client);
+        let (mut tcp, _) = accepted.unwrap();
+        assert!(!tcp.nodelay().unwrap(), "Nagle is on by default");
+        no_delay(&mut tcp);
+        assert!(tcp.nodelay().unwrap());
     }
 }
