@@ -136,7 +136,15 @@ fn run(
         if !batch.is_empty() {
             let results = {
                 let _turn = turn.blocking_lock();
-                commit_batch(&mut conn, &batch)
+                // A bug that panics fails its batch (the transaction rolls back as it
+                // unwinds), not every append after it.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    commit_batch(&mut conn, &batch)
+                }))
+                .unwrap_or_else(|_| {
+                    let failed = || Err(Error::Storage("the append failed unexpectedly".into()));
+                    batch.iter().map(|_| failed()).collect()
+                })
             };
             if results
                 .iter()
