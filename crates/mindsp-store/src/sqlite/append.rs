@@ -136,15 +136,7 @@ fn run(
         if !batch.is_empty() {
             let results = {
                 let _turn = turn.blocking_lock();
-                // A bug that panics fails its batch (the transaction rolls back as it
-                // unwinds), not every append after it.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    commit_batch(&mut conn, &batch)
-                }))
-                .unwrap_or_else(|_| {
-                    let failed = || Err(Error::Storage("the append failed unexpectedly".into()));
-                    batch.iter().map(|_| failed()).collect()
-                })
+                commit_batch(&mut conn, &batch)
             };
             if results
                 .iter()
@@ -168,13 +160,24 @@ fn run(
 /// The whole batch in one transaction; if that fails, each request in one of its own,
 /// so that one bad request fails only itself. One answer per request, in order.
 fn commit_batch(conn: &mut rusqlite::Connection, batch: &[AppendRequest]) -> Vec<Result<Appended>> {
-    match append_in_transaction(conn, batch) {
+    match unwound(|| append_in_transaction(conn, batch)) {
         Ok(results) => results,
         Err(e) => {
             tracing::warn!(error = %e, size = batch.len(), "append batch failed; retrying one by one");
-            batch.iter().map(|r| append_alone(conn, r)).collect()
+            batch
+                .iter()
+                .map(|r| unwound(|| append_alone(conn, r)))
+                .collect()
         }
     }
+}
+
+/// Runs `f`; a bug that panics in it becomes an error of that call (its transaction
+/// rolls back as it unwinds) instead of ending the thread, after which every append
+/// would fail. Each attempt is guarded alone, so answers already committed are kept.
+fn unwound<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(Error::Storage("the append failed unexpectedly".into())))
 }
 
 /// One request on its own. A conflict on the message's id means a caller retried the
