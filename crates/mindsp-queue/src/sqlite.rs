@@ -16,9 +16,9 @@ use mindsp_core::ids::{JobId, TenantId};
 use mindsp_core::jobs::*;
 use mindsp_core::model::now;
 use mindsp_core::ports::TenantTx;
-use mindsp_store::sqlite::{SqliteStore, SqliteTx, WriteTurn};
+use mindsp_store::sqlite::{SqliteStore, SqliteTx};
 use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::sql::{
@@ -34,7 +34,6 @@ const COLS: &str = "id, tenant_id, kind, queue, payload, priority, state, run_at
 #[derive(Clone)]
 pub struct SqliteQueue {
     store: SqliteStore,
-    pool: SqlitePool,
 }
 
 impl SqliteQueue {
@@ -42,16 +41,13 @@ impl SqliteQueue {
     pub fn new(store: &SqliteStore) -> Self {
         Self {
             store: store.clone(),
-            pool: store.pool().clone(),
         }
     }
 
-    /// A write transaction, with the store's write turn to hold until it ends (declared
-    /// first, so it is dropped last).
-    async fn begin(&self) -> Result<(WriteTurn, Transaction<'static, Sqlite>)> {
-        let turn = self.store.write_turn().await;
-        let tx = self.pool.begin().await.map_err(sql_err)?;
-        Ok((turn, tx))
+    /// The store's write pool: reads go straight to it, writes take the write turn
+    /// first (`SqliteStore::begin_write`, `SqliteStore::write_turn`).
+    fn pool(&self) -> &SqlitePool {
+        self.store.pool()
     }
 }
 
@@ -239,7 +235,7 @@ fn scope_filter(scope: JobScope) -> &'static str {
 #[async_trait]
 impl JobQueue for SqliteQueue {
     async fn enqueue(&self, job: &NewJob) -> Result<Enqueued> {
-        let (_turn, mut tx) = self.begin().await?;
+        let (_turn, mut tx) = self.store.begin_write().await?;
         let out = enqueue_on(&mut tx, job).await?;
         tx.commit().await.map_err(sql_err)?;
         Ok(out)
@@ -249,7 +245,7 @@ impl JobQueue for SqliteQueue {
         for job in jobs {
             job.validate()?;
         }
-        let (_turn, mut tx) = self.begin().await?;
+        let (_turn, mut tx) = self.store.begin_write().await?;
         let mut out = Vec::with_capacity(jobs.len());
         if jobs.iter().all(|j| j.unique_key.is_none()) {
             // The common case: many rows per statement.
@@ -312,7 +308,7 @@ impl JobQueue for SqliteQueue {
         let t = ms(at);
         let expires = at + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
         let token = Uuid::new_v4();
-        let (_turn, mut tx) = self.begin().await?;
+        let (_turn, mut tx) = self.store.begin_write().await?;
         recover_leases(&mut tx, queue, t).await?;
         promote_due(&mut tx, queue, t).await?;
         let rows = sqlx::query(&format!(
@@ -360,7 +356,7 @@ impl JobQueue for SqliteQueue {
         .bind(queue)
         .bind(queue)
         .bind(queue)
-        .fetch_one(&self.pool)
+        .fetch_one(self.pool())
         .await
         .map_err(sql_err)?;
         Ok(next.map(from_ms))
@@ -368,7 +364,7 @@ impl JobQueue for SqliteQueue {
 
     async fn renew(&self, leases: &[LeaseRef], lease: Duration) -> Result<Vec<bool>> {
         let expires = now() + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
-        let (_turn, mut tx) = self.begin().await?;
+        let (_turn, mut tx) = self.store.begin_write().await?;
         let mut kept = HashSet::new();
         for chunk in leases.chunks(LEASE_CHUNK) {
             let mut q = QueryBuilder::<Sqlite>::new("UPDATE jobs SET lease_expires_at = ");
@@ -391,7 +387,7 @@ impl JobQueue for SqliteQueue {
             return Ok(0);
         }
         let at = ms(now());
-        let (_turn, mut tx) = self.begin().await?;
+        let (_turn, mut tx) = self.store.begin_write().await?;
         let mut per_scope: Vec<ScopeCount> = Vec::new();
         for chunk in leases.chunks(LEASE_CHUNK) {
             let mut q =
@@ -422,7 +418,7 @@ impl JobQueue for SqliteQueue {
         retry_at: Option<DateTime<Utc>>,
     ) -> Result<Option<JobState>> {
         let at = ms(now());
-        let (_turn, mut tx) = self.begin().await?;
+        let (_turn, mut tx) = self.store.begin_write().await?;
         let scope: Option<Uuid> = sqlx::query_scalar(
             "SELECT uniq_scope FROM jobs WHERE id = ? AND lease_token = ? AND state = 'running'",
         )
@@ -462,7 +458,7 @@ impl JobQueue for SqliteQueue {
 
     async fn release(&self, leases: &[LeaseRef]) -> Result<u64> {
         let at = ms(now());
-        let (_turn, mut tx) = self.begin().await?;
+        let (_turn, mut tx) = self.store.begin_write().await?;
         let mut released = 0;
         for l in leases {
             let held: Option<i64> = sqlx::query_scalar(
@@ -518,7 +514,7 @@ impl JobQueue for SqliteQueue {
         if let JobScope::Tenant(t) = scope {
             q = q.bind(t.0);
         }
-        let row = q.fetch_optional(&self.pool).await.map_err(sql_err)?;
+        let row = q.fetch_optional(self.pool()).await.map_err(sql_err)?;
         row.map(|r| job_from_row(&r, now())).transpose()
     }
 
@@ -538,7 +534,7 @@ impl JobQueue for SqliteQueue {
         .bind(at)
         .bind(scope_of(tenant))
         .bind(key)
-        .execute(&self.pool)
+        .execute(self.pool())
         .await
         .map_err(sql_err)?;
         Ok(done.rows_affected() > 0)
@@ -551,7 +547,7 @@ impl JobQueue for SqliteQueue {
         job: &NewJob,
     ) -> Result<bool> {
         job.validate()?;
-        let (_turn, mut tx) = self.begin().await?;
+        let (_turn, mut tx) = self.store.begin_write().await?;
         let claimed = sqlx::query(
             "INSERT INTO job_ticks (schedule, fire_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
         )
@@ -580,7 +576,7 @@ impl JobQueue for SqliteQueue {
         if let JobScope::Tenant(t) = scope {
             q = q.bind(t.0);
         }
-        let rows = q.fetch_all(&self.pool).await.map_err(sql_err)?;
+        let rows = q.fetch_all(self.pool()).await.map_err(sql_err)?;
         fold_counts(rows.iter().map(|r| {
             Ok((
                 r.try_get("queue").map_err(sql_err)?,
@@ -599,7 +595,7 @@ impl JobQueue for SqliteQueue {
         )
         .bind(throughput_scope(scope))
         .bind(window[0])
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await
         .map_err(sql_err)?;
         minute_stats(
@@ -652,7 +648,7 @@ impl JobQueue for SqliteQueue {
         }
         let rows = q
             .bind(filter.limit as i64)
-            .fetch_all(&self.pool)
+            .fetch_all(self.pool())
             .await
             .map_err(sql_err)?;
         rows.iter().map(|r| job_from_row(r, at)).collect()
@@ -660,7 +656,7 @@ impl JobQueue for SqliteQueue {
 
     async fn retry(&self, scope: JobScope, id: JobId) -> Result<bool> {
         let at = ms(now());
-        let (_turn, mut tx) = self.begin().await?;
+        let (_turn, mut tx) = self.store.begin_write().await?;
         let sql = format!(
             "SELECT uniq_scope FROM jobs WHERE id = ?
                 AND state IN ('dead', 'retrying', 'cancelled'){}",
@@ -701,7 +697,7 @@ impl JobQueue for SqliteQueue {
 
     async fn prune(&self, before: DateTime<Utc>) -> Result<u64> {
         let before = ms(before);
-        let (_turn, mut tx) = self.begin().await?;
+        let (_turn, mut tx) = self.store.begin_write().await?;
         let done = sqlx::query(
             "DELETE FROM jobs WHERE state IN ('succeeded', 'dead', 'cancelled')
                 AND finished_at < ?",
@@ -752,7 +748,7 @@ impl SqliteQueue {
             q = q.bind(t.0);
         }
         let _turn = self.store.write_turn().await;
-        Ok(q.execute(&self.pool)
+        Ok(q.execute(self.pool())
             .await
             .map_err(sql_err)?
             .rows_affected()

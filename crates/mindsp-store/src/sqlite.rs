@@ -277,6 +277,14 @@ impl SqliteStore {
         WriteTurn(self.turn.clone().lock_owned().await)
     }
 
+    /// A transaction on the write pool with the write turn it needs: hold the turn until
+    /// the transaction ends (bind it first, `let (_turn, mut tx) = ...`, so it drops last).
+    pub async fn begin_write(&self) -> Result<(WriteTurn, Transaction<'static, Sqlite>)> {
+        let turn = self.write_turn().await;
+        let tx = self.write.begin().await.map_err(db_err)?;
+        Ok((turn, tx))
+    }
+
     /// Brings the full-text index up to date with every committed message. The store
     /// does this by itself in the background and before each search; this is for tools
     /// that load messages in bulk and want the index complete before measuring.
@@ -394,8 +402,7 @@ impl Store for SqliteStore {
     }
 
     async fn begin(&self, tenant: TenantId) -> Result<Box<dyn TenantTx>> {
-        let turn = self.write_turn().await;
-        let tx = self.write.begin().await.map_err(db_err)?;
+        let (turn, tx) = self.begin_write().await?;
         Ok(Box::new(SqliteTx {
             tx,
             tenant,
