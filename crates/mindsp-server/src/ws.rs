@@ -857,7 +857,13 @@ impl Writer<'_> {
                     Err(_) => Err(Stop::Broken),
                 },
                 out = self.replies.recv() => match out {
-                    Out::Frame(f) => self.send(Message::text(f)).await,
+                    // A command's answer usually has company: a `send` has just queued
+                    // its own `new_message` for this connection (the sender's other
+                    // devices see it there). One write carries both.
+                    Out::Frame(f) => match self.feed(Message::text(f)).await {
+                        Ok(()) => Box::pin(self.deliver_batch(None, conn)).await,
+                        Err(stop) => Err(stop),
+                    },
                     Out::Resume(resume) => {
                         let (id, cursors) = *resume;
                         Box::pin(self.resume(id, cursors)).await
@@ -872,7 +878,7 @@ impl Writer<'_> {
                         return;
                     }
                 },
-                d = conn.events.recv() => Box::pin(self.deliver_batch(d, conn)).await,
+                d = conn.events.recv() => Box::pin(self.deliver_batch(Some(d), conn)).await,
                 _ = ping.tick() => self.send(Message::Ping(Default::default())).await,
             };
             if let Err(stop) = step {
@@ -918,14 +924,18 @@ impl Writer<'_> {
     }
 
     /// Delivers `first` and whatever else is already queued (up to a batch), then
-    /// flushes once.
+    /// flushes once: with what was fed before, all in one write to the socket.
     async fn deliver_batch(
         &mut self,
-        first: Arc<Delivery>,
+        first: Option<Arc<Delivery>>,
         conn: &mut Connection,
     ) -> Result<(), Stop> {
-        self.deliver(&first).await?;
-        for _ in 1..BATCH {
+        let mut room = BATCH;
+        if let Some(first) = first {
+            self.deliver(&first).await?;
+            room -= 1;
+        }
+        for _ in 0..room {
             match conn.events.try_recv() {
                 Ok(d) => self.deliver(&d).await?,
                 Err(_) => break,
