@@ -850,12 +850,12 @@ impl Writer<'_> {
             if let Some(reason) = *self.closed.borrow_and_update() {
                 break Stop::Hub(reason);
             }
+            // Biased, and the close signal polled last: the check above already saw
+            // any close, and a branch that is ready at once leaves the others unpolled,
+            // so a busy connection does not register (and unregister) its wake-up on
+            // the close signal for every event.
             let step = tokio::select! {
                 biased;
-                r = self.closed.changed() => match r {
-                    Ok(()) => continue,
-                    Err(_) => Err(Stop::Broken),
-                },
                 out = self.replies.recv() => match out {
                     // A command's answer usually has company: a `send` has just queued
                     // its own `new_message` for this connection (the sender's other
@@ -880,6 +880,10 @@ impl Writer<'_> {
                 },
                 d = conn.events.recv() => Box::pin(self.deliver_batch(Some(d), conn)).await,
                 _ = ping.tick() => self.send(Message::Ping(Default::default())).await,
+                r = self.closed.changed() => match r {
+                    Ok(()) => continue,
+                    Err(_) => Err(Stop::Broken),
+                },
             };
             if let Err(stop) = step {
                 break stop;
@@ -903,7 +907,10 @@ impl Writer<'_> {
         if let Some(reason) = *self.closed.borrow() {
             return Err(Stop::Hub(reason));
         }
+        // The socket first: it usually takes the frame at once, and the close signal
+        // is then never polled (see `run`).
         tokio::select! {
+            biased;
             r = self.sink.feed(message) => r.map_err(|_| Stop::Broken),
             r = self.closed.changed() => Err(self.stop_from(r)),
         }
@@ -911,6 +918,7 @@ impl Writer<'_> {
 
     async fn flush(&mut self) -> Result<(), Stop> {
         tokio::select! {
+            biased;
             r = self.sink.flush() => r.map_err(|_| Stop::Broken),
             r = self.closed.changed() => Err(self.stop_from(r)),
         }
