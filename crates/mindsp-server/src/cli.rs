@@ -293,6 +293,13 @@ pub struct WsArgs {
           value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub ws_typing_ttl_ms: u64,
 
+    /// Bytes a connection gathers before writing to its socket within a batch of events.
+    /// Lower keeps less memory per idle connection after bursts (presence); 0 writes
+    /// each frame at once, at some CPU cost when many events go to one connection.
+    #[arg(long, env = "MINDSP_WS_WRITE_BUFFER", default_value_t = 2 * 1024,
+          value_parser = clap::value_parser!(u32).range(0..=1024 * 1024))]
+    pub ws_write_buffer: u32,
+
     /// Most messages one `resume` replays per conversation; further behind, the client
     /// gets `resync` and reads the history over HTTP.
     #[arg(long, env = "MINDSP_WS_MAX_RESUME_MESSAGES", default_value_t = 500,
@@ -319,6 +326,7 @@ impl WsArgs {
             typing_throttle: (ttl * 2 / 5).max(Duration::from_millis(50)),
             typing_ttl: ttl,
             max_resume_messages: self.ws_max_resume_messages,
+            write_buffer_bytes: self.ws_write_buffer as usize,
             ..crate::ws::WsConfig::default()
         }
     }
@@ -789,5 +797,32 @@ fn init_logging(filter: &str, format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    fn ws_config(args: &[&str]) -> Result<crate::ws::WsConfig, clap::Error> {
+        let cli = Cli::try_parse_from(args)?;
+        match cli.command {
+            Some(Command::Serve(serve)) => Ok(serve.ws.config()),
+            _ => panic!("not serve"),
+        }
+    }
+
+    #[test]
+    fn the_write_buffer_setting_reaches_the_websocket_config() {
+        let default = ws_config(&["mindsp-server", "serve"]).unwrap();
+        assert_eq!(default.write_buffer_bytes, 2048);
+        let eager = ws_config(&["mindsp-server", "serve", "--ws-write-buffer", "0"]).unwrap();
+        assert_eq!(eager.write_buffer_bytes, 0);
+        let err = ws_config(&["mindsp-server", "serve", "--ws-write-buffer", "2000000"])
+            .err()
+            .expect("above 1 MiB is refused");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
     }
 }

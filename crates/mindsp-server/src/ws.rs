@@ -70,6 +70,14 @@ pub struct WsConfig {
     pub max_resume_messages: i64,
     /// How long a close frame may take to go out before the socket is dropped.
     pub close_timeout: Duration,
+    /// Bytes the writer gathers before writing to the socket within a batch of events
+    /// (it writes at the end of every batch anyway). tungstenite's buffer keeps the
+    /// capacity of the largest burst it held and never shrinks, so this bounds what an
+    /// idle connection keeps after a burst (presence when colleagues connect). 0 writes
+    /// each frame at once: least memory, one system call per frame. Measured in groups
+    /// of 100 (`benches/RESULTS.md`): 2 KiB, 10.9 KiB per idle connection; 0, 8.6 KiB
+    /// and about 8 % more CPU per delivery to busy groups; 8 KiB, 14.0 KiB.
+    pub write_buffer_bytes: usize,
 }
 
 impl Default for WsConfig {
@@ -87,6 +95,7 @@ impl Default for WsConfig {
             max_resume_conversations: 1000,
             max_resume_messages: 500,
             close_timeout: Duration::from_secs(5),
+            write_buffer_bytes: 2 * 1024,
         }
     }
 }
@@ -99,12 +108,6 @@ const MAX_TOKEN_BYTES: usize = 4096;
 const MAX_TYPING: usize = 32;
 /// Replies queued from the reader to the writer.
 const REPLY_QUEUE: usize = 64;
-/// Bytes the writer buffers before writing to the socket (it flushes after each batch).
-/// tungstenite's buffer keeps the capacity of the largest burst it held and never
-/// shrinks, so this bounds what every idle connection keeps after a burst of events
-/// (presence when colleagues connect): 8 KiB left 14.0 KiB per idle connection in
-/// groups of 100, 2 KiB 12.1 KiB, with no measurable cost under load (benches/RESULTS.md).
-const WRITE_BUFFER: usize = 2 * 1024;
 /// Bytes read from the socket at once. Commands are a few hundred bytes; a larger frame
 /// grows the buffer while it is read. Every idle connection holds this much.
 const READ_BUFFER: usize = 1024;
@@ -150,7 +153,7 @@ pub(crate) async fn handler(
                 .max_message_size(max)
                 .max_frame_size(max)
                 .read_buffer_size(READ_BUFFER)
-                .write_buffer_size(WRITE_BUFFER)
+                .write_buffer_size(state.ws.write_buffer_bytes)
                 .on_upgrade(move |socket| run(state, actor, expires, socket))
         }
         Err(e) => e.into_response(),
