@@ -821,8 +821,7 @@ mod tests {
         let eager = ws_config(&["mindsp-server", "serve", "--ws-write-buffer", "0"]).unwrap();
         assert_eq!(eager.write_buffer_bytes, 0);
         let err = ws_config(&["mindsp-server", "serve", "--ws-write-buffer", "2000000"])
-            .err()
-            .expect("above 1 MiB is refused");
+            .expect_err("above 1 MiB is refused");
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
     }
 }
