@@ -525,7 +525,7 @@ impl JobQueue for SqliteQueue {
 
     async fn cancel_unique(&self, tenant: Option<TenantId>, key: &str) -> Result<bool> {
         let at = ms(now());
-        let _turn = self.store.write_turn().await;
+        let _turn = self.store.write_turn().await?;
         let done = sqlx::query(
             "UPDATE jobs SET state = 'cancelled', updated_at = ?, finished_at = ?
               WHERE uniq_scope = ? AND unique_key = ? AND state IN ('scheduled', 'ready', 'retrying')",
@@ -747,7 +747,7 @@ impl SqliteQueue {
         if let JobScope::Tenant(t) = scope {
             q = q.bind(t.0);
         }
-        let _turn = self.store.write_turn().await;
+        let _turn = self.store.write_turn().await?;
         Ok(q.execute(self.pool())
             .await
             .map_err(sql_err)?

@@ -80,6 +80,10 @@ pub struct SqliteConfig {
     pub read_connections: u32,
     /// `synchronous = FULL` instead of `NORMAL`: survive power loss, not only crashes.
     pub durable_on_power_loss: bool,
+    /// How long a write waits for its turn (another writer holding the file) before it
+    /// fails with a storage error instead of waiting on (30 s, as long as the pool's
+    /// connection was waited for before writers took turns).
+    pub write_wait: Duration,
 }
 
 impl SqliteConfig {
@@ -89,6 +93,7 @@ impl SqliteConfig {
             path: path.into(),
             read_connections: 4,
             durable_on_power_loss: false,
+            write_wait: Duration::from_secs(30),
         }
     }
 
@@ -105,7 +110,7 @@ pub struct SqliteStore {
     read: SqlitePool,
     appends: Appends,
     /// Taken by every writer of the file for as long as it writes (see [`Self::write_turn`]).
-    turn: Arc<tokio::sync::Mutex<()>>,
+    turn: Turn,
     index: Arc<SearchIndex>,
     /// The checkpointer's connection (files only); taken and closed by [`Self::close`].
     checkpoints: Arc<tokio::sync::Mutex<Option<sqlx::SqliteConnection>>>,
@@ -212,7 +217,10 @@ impl SqliteStore {
             INDEX_GATHER,
             Arc::downgrade(&alive),
         );
-        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        let turn = Turn {
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+            wait: config.write_wait,
+        };
         let appends = if memory {
             Appends::Pool(AppendQueue::spawn(
                 Appender {
@@ -246,7 +254,7 @@ impl SqliteStore {
             *checkpoints.lock().await = Some(conn);
             tokio::spawn(checkpointer(
                 checkpoints.clone(),
-                turn.clone(),
+                turn.lock.clone(),
                 Arc::downgrade(&alive),
             ));
         }
@@ -272,15 +280,17 @@ impl SqliteStore {
     /// pool's; both take this turn first, so SQLite never sees two writers at once
     /// (which it would answer with waits in its busy handler, or with `SQLITE_BUSY` for
     /// a transaction that read before it wrote). Turns are served in order of arrival.
-    /// Take it before a connection of [`Self::pool`], never while holding one.
-    pub async fn write_turn(&self) -> WriteTurn {
-        WriteTurn(self.turn.clone().lock_owned().await)
+    /// Take it before a connection of [`Self::pool`], never while holding one. Fails
+    /// after [`SqliteConfig::write_wait`] (a writer that holds the turn that long is
+    /// stuck; better an error than every write of the server waiting behind it).
+    pub async fn write_turn(&self) -> Result<WriteTurn> {
+        self.turn.take().await
     }
 
     /// A transaction on the write pool with the write turn it needs: hold the turn until
     /// the transaction ends (bind it first, `let (_turn, mut tx) = ...`, so it drops last).
     pub async fn begin_write(&self) -> Result<(WriteTurn, Transaction<'static, Sqlite>)> {
-        let turn = self.write_turn().await;
+        let turn = self.write_turn().await?;
         let tx = self.write.begin().await.map_err(db_err)?;
         Ok((turn, tx))
     }
@@ -313,6 +323,43 @@ impl SqliteStore {
 /// The turn to write to a SQLite store's file, held until dropped
 /// ([`SqliteStore::write_turn`]).
 pub struct WriteTurn(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<()>);
+
+/// The write turn of one file and how long a writer waits for it.
+#[derive(Clone)]
+pub(crate) struct Turn {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    wait: Duration,
+}
+
+impl Turn {
+    /// Waits for the turn, at most `wait`. Turns are served in order of arrival.
+    async fn take(&self) -> Result<WriteTurn> {
+        match tokio::time::timeout(self.wait, self.lock.clone().lock_owned()).await {
+            Ok(guard) => Ok(WriteTurn(guard)),
+            Err(_) => Err(self.busy()),
+        }
+    }
+
+    /// The same from a thread outside the runtime (the append thread), on a runtime of
+    /// that thread's own for the timer; `None` when the wait ran out ([`Self::busy`]).
+    pub(crate) fn take_blocking(
+        &self,
+        timer: &tokio::runtime::Runtime,
+    ) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        // The timeout is made inside `block_on`: its timer needs the runtime's context.
+        timer
+            .block_on(async { tokio::time::timeout(self.wait, self.lock.lock()).await })
+            .ok()
+    }
+
+    /// The error of a write that found no turn within the wait.
+    pub(crate) fn busy(&self) -> Error {
+        Error::Storage(format!(
+            "the database stayed busy: no turn to write within {} ms",
+            self.wait.as_millis()
+        ))
+    }
+}
 
 /// Where appends go: a thread with a connection of its own for a file (see `append`),
 /// the write pool's connection for an in-memory database, private to that connection.
@@ -370,7 +417,7 @@ impl Store for SqliteStore {
             name: name.to_owned(),
             created_at: now(),
         };
-        let _turn = self.write_turn().await;
+        let _turn = self.write_turn().await?;
         sqlx::query("INSERT INTO tenants (id, slug, name, created_at) VALUES (?, ?, ?, ?)")
             .bind(t.id.0)
             .bind(&t.slug)
@@ -737,14 +784,14 @@ const APPEND_QUEUE: usize = 4096;
 /// wakes the search indexer, which indexes beside the writer.
 struct Appender {
     pool: SqlitePool,
-    turn: Arc<tokio::sync::Mutex<()>>,
+    turn: Turn,
     index: Arc<SearchIndex>,
 }
 
 #[async_trait]
 impl GroupCommit for Appender {
     async fn append_alone(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
-        let turn = WriteTurn(self.turn.clone().lock_owned().await);
+        let turn = self.turn.take().await?;
         let tx = self.pool.begin().await.map_err(db_err)?;
         let mut tx = SqliteTx {
             tx,
@@ -775,7 +822,7 @@ impl GroupCommit for Appender {
     }
 
     async fn append_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Result<Appended>>> {
-        let _turn = self.turn.lock().await;
+        let _turn = self.turn.take().await?;
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
         let done = self.append_batch_in(&mut conn, batch).await;
         if done.is_err() {
@@ -2345,6 +2392,61 @@ mod tests {
         assert_eq!(sorted, (1..=(SENDERS * EACH) as i64).collect::<Vec<_>>());
         drop(tx);
         store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A writer stuck with the turn holds the others up for the store's `write_wait`
+    /// only: appends (on the thread and in memory), units of work, tenant creation and
+    /// `write_turn` itself then fail with a storage error, store nothing, and work again
+    /// once the turn is free.
+    #[tokio::test]
+    async fn writes_give_up_when_the_turn_stays_taken() {
+        let dir = std::env::temp_dir().join(format!("mindsp-stuck-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stuck.db").to_string_lossy().into_owned();
+        let quick = |mut config: SqliteConfig| {
+            config.write_wait = Duration::from_millis(200);
+            config
+        };
+        for store in [
+            SqliteStore::open(quick(SqliteConfig::file(&path)))
+                .await
+                .unwrap(),
+            SqliteStore::open(quick(SqliteConfig::memory()))
+                .await
+                .unwrap(),
+        ] {
+            let (t, a, mut tx) = tenant_with_one_user(&store).await;
+            let conv = group_of(tx.as_mut(), a).await;
+            tx.commit().await.unwrap();
+
+            let stuck = store.write_turn().await.unwrap();
+            // Each gives up within the wait, far sooner than this.
+            async fn busy<T>(write: impl Future<Output = Result<T>>) {
+                match tokio::time::timeout(Duration::from_secs(10), write).await {
+                    Ok(Err(Error::Storage(text))) => assert!(text.contains("no turn"), "{text}"),
+                    Ok(Err(e)) => panic!("expected the busy error, got {e}"),
+                    Ok(Ok(_)) => panic!("wrote while another writer held the turn"),
+                    Err(_) => panic!("still waiting for the turn after 10 s"),
+                }
+            }
+            busy(store.append(t.id, &request(t.id, conv, a, "stuck").msg)).await;
+            busy(store.begin(t.id)).await;
+            busy(store.create_tenant("other", "Other")).await;
+            busy(store.write_turn()).await;
+            drop(stuck);
+
+            let appended = store
+                .append(t.id, &request(t.id, conv, a, "free").msg)
+                .await
+                .expect("the turn is free again");
+            assert_eq!(
+                appended.message().seq,
+                1,
+                "the refused append stored nothing"
+            );
+            store.close().await;
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -19,9 +19,10 @@ use std::sync::Arc;
 use mindsp_core::model::{Appended, Message, NewMessage};
 use mindsp_core::{ConversationId, Error, MessageId, Result, TenantId, UserId};
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
-use tokio::sync::{Mutex, Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
+use super::Turn;
 use crate::common::{
     AppendRequest, BatchConversation, BatchState, from_millis, millis, plan_batch, unique_violation,
 };
@@ -49,11 +50,7 @@ pub(super) struct AppendConfig<'a> {
 impl AppendThread {
     /// Opens the thread's connection and starts it. `turn` is the store's write turn;
     /// `wake` is told after each commit that added messages (the search indexer).
-    pub(super) fn spawn(
-        config: AppendConfig<'_>,
-        turn: Arc<Mutex<()>>,
-        wake: Arc<Notify>,
-    ) -> Result<Self> {
+    pub(super) fn spawn(config: AppendConfig<'_>, turn: Turn, wake: Arc<Notify>) -> Result<Self> {
         let conn = rusqlite::Connection::open(config.path).map_err(sql_err)?;
         // As the sqlx connections (`SqliteStore::open`): commits never checkpoint (the
         // checkpointer does), and another process may hold the lock a moment.
@@ -70,9 +67,14 @@ impl AppendThread {
         .map_err(sql_err)?;
         let (queue, waiting) = mpsc::channel(config.capacity.max(1));
         let max_batch = config.max_batch.max(1);
+        // A runtime of the thread's own, for the timer of its wait for the write turn.
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| Error::Storage(format!("cannot start the append thread: {e}")))?;
         std::thread::Builder::new()
             .name("mindsp-sqlite-append".into())
-            .spawn(move || run(conn, waiting, max_batch, &turn, &wake))
+            .spawn(move || run(conn, waiting, max_batch, &turn, &timer, &wake))
             .map_err(|e| Error::Storage(format!("cannot start the append thread: {e}")))?;
         Ok(Self(queue))
     }
@@ -110,7 +112,8 @@ fn run(
     mut conn: rusqlite::Connection,
     mut queue: mpsc::Receiver<Command>,
     max_batch: usize,
-    turn: &Mutex<()>,
+    turn: &Turn,
+    timer: &tokio::runtime::Runtime,
     wake: &Notify,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
@@ -134,9 +137,11 @@ fn run(
             }
         }
         if !batch.is_empty() {
-            let results = {
-                let _turn = turn.blocking_lock();
-                commit_batch(&mut conn, &batch)
+            // A writer stuck with the turn fails the batch after the store's wait,
+            // rather than holding every sender up for as long as it is stuck.
+            let results = match turn.take_blocking(timer) {
+                Some(_turn) => commit_batch(&mut conn, &batch),
+                None => batch.iter().map(|_| Err(turn.busy())).collect(),
             };
             if results
                 .iter()
