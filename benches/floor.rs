@@ -15,7 +15,8 @@
 //!
 //! On loopback the receiving side's TCP work (and the wake-up of the reader) runs on
 //! the writer's system call, so the server's figure is the floor of `load.rs`'s "server
-//! CPU per delivery" for a server that writes each delivery on its own.
+//! CPU per delivery" (also measured on loopback) for a server that writes each delivery
+//! on its own. Over a real network the receiver's share would not be the server's.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -59,10 +60,10 @@ fn clock_ticks() -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let conns = env_or("MINDSP_FLOOR_CONNS", 1_000) as usize;
+    let conns = env_or("MINDSP_FLOOR_CONNS", 1_000).max(1) as usize;
     let bytes = env_or("MINDSP_FLOOR_BYTES", 350) as usize;
-    let rate = env_or("MINDSP_FLOOR_RATE", 100_000);
-    let secs = env_or("MINDSP_FLOOR_SECS", 10);
+    let rate = env_or("MINDSP_FLOOR_RATE", 100_000).max(1);
+    let secs = env_or("MINDSP_FLOOR_SECS", 10).max(1);
     let total = rate * secs;
     println!("# floor: {conns} loopback connections, {bytes}-byte writes, {rate}/s for {secs} s");
 
@@ -109,20 +110,22 @@ fn main() -> anyhow::Result<()> {
         sockets.push(s);
     }
     let frame = vec![b'x'; bytes];
-    let per_ms = (rate / 1_000).max(1);
+    // Writes due by a time follow from the rate exactly; they go out in bursts of about
+    // a millisecond's worth (at least one).
+    let burst = (rate / 1_000).max(1);
     let cpu0 = thread_cpu();
     let start = Instant::now();
     let mut written = 0u64;
     let mut late = Duration::ZERO;
     while written < total {
-        let due = start + Duration::from_millis(written / per_ms);
+        let due = start + Duration::from_nanos(written * 1_000_000_000 / rate);
         let now = Instant::now();
         if due > now {
             std::thread::sleep(due - now);
         } else {
             late = late.max(now - due);
         }
-        for _ in 0..per_ms.min(total - written) {
+        for _ in 0..burst.min(total - written) {
             sockets[(written % conns as u64) as usize].write_all(&frame)?;
             written += 1;
         }

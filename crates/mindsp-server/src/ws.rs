@@ -74,9 +74,9 @@ pub struct WsConfig {
     /// (it writes at the end of every batch anyway). tungstenite's buffer keeps the
     /// capacity of the largest burst it held and never shrinks, so this bounds what an
     /// idle connection keeps after a burst (presence when colleagues connect). 0 writes
-    /// each frame at once: least memory, one system call per frame. Measured in groups
-    /// of 100 (`benches/RESULTS.md`): 2 KiB, 10.9 KiB per idle connection; 0, 8.6 KiB
-    /// and about 8 % more CPU per delivery to busy groups; 8 KiB, 14.0 KiB.
+    /// each frame at once: least memory, one system call per frame (twice as many to
+    /// busy group connections). Measured in groups of 100 (`benches/RESULTS.md`): 2 KiB,
+    /// 10.3-10.9 KiB per idle connection; 512, 9.0 KiB; 0, 8.6 KiB; 8 KiB, 14.0 KiB.
     pub write_buffer_bytes: usize,
 }
 

@@ -281,8 +281,10 @@ impl SqliteStore {
     /// (which it would answer with waits in its busy handler, or with `SQLITE_BUSY` for
     /// a transaction that read before it wrote). Turns are served in order of arrival.
     /// Take it before a connection of [`Self::pool`], never while holding one. Fails
-    /// after [`SqliteConfig::write_wait`] (a writer that holds the turn that long is
-    /// stuck; better an error than every write of the server waiting behind it).
+    /// once it has waited [`SqliteConfig::write_wait`], in the queue included: writers
+    /// that hold the turn that long are stuck or far too many, and an error is better
+    /// than every write of the server waiting behind them. (The checkpointer alone waits
+    /// without a limit: it has no caller to fail.)
     pub async fn write_turn(&self) -> Result<WriteTurn> {
         self.turn.take().await
     }
@@ -822,7 +824,11 @@ impl GroupCommit for Appender {
     }
 
     async fn append_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Result<Appended>>> {
-        let _turn = self.turn.take().await?;
+        // No turn within the wait: every request of the batch fails now. (An `Err` here
+        // would have each retried alone, each waiting the whole wait again.)
+        let Ok(_turn) = self.turn.take().await else {
+            return Ok(batch.iter().map(|_| Err(self.turn.busy())).collect());
+        };
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
         let done = self.append_batch_in(&mut conn, batch).await;
         if done.is_err() {
@@ -2405,7 +2411,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("stuck.db").to_string_lossy().into_owned();
         let quick = |mut config: SqliteConfig| {
-            config.write_wait = Duration::from_millis(200);
+            config.write_wait = Duration::from_millis(100);
             config
         };
         for store in [
@@ -2431,6 +2437,20 @@ mod tests {
                 }
             }
             busy(store.append(t.id, &request(t.id, conv, a, "stuck").msg)).await;
+            // Many at once: their batches fail together, each caller within about one
+            // wait (not one wait per request after another: 150 waits would be 15 s).
+            let many: Vec<_> = (0..150)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let msg = request(t.id, conv, a, &format!("many-{i}")).msg;
+                        busy(store.append(t.id, &msg)).await;
+                    })
+                })
+                .collect();
+            for task in many {
+                task.await.unwrap();
+            }
             busy(store.begin(t.id)).await;
             busy(store.create_tenant("other", "Other")).await;
             busy(store.write_turn()).await;

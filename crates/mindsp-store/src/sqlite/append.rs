@@ -67,14 +67,20 @@ impl AppendThread {
         .map_err(sql_err)?;
         let (queue, waiting) = mpsc::channel(config.capacity.max(1));
         let max_batch = config.max_batch.max(1);
-        // A runtime of the thread's own, for the timer of its wait for the write turn.
-        let timer = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .map_err(|e| Error::Storage(format!("cannot start the append thread: {e}")))?;
         std::thread::Builder::new()
             .name("mindsp-sqlite-append".into())
-            .spawn(move || run(conn, waiting, max_batch, &turn, &timer, &wake))
+            .spawn(move || {
+                // A runtime of the thread's own, for the timer of its wait for the write
+                // turn (made here: a runtime may not be dropped in an async context).
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(timer) => run(conn, waiting, max_batch, &turn, &timer, &wake),
+                    // Appends then fail as "the store is closed".
+                    Err(e) => tracing::error!(error = %e, "the append thread cannot start"),
+                }
+            })
             .map_err(|e| Error::Storage(format!("cannot start the append thread: {e}")))?;
         Ok(Self(queue))
     }
