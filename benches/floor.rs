@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use mindsp_benches::cpu_time;
 use tokio::io::AsyncReadExt;
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -31,32 +32,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// CPU time (user + system) of the calling thread.
-fn thread_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<u64> = after
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    // utime and stime are fields 14 and 15; `after` starts at field 3.
-    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-    Duration::from_secs_f64(ticks as f64 / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,11 +69,11 @@ fn main() -> anyhow::Result<()> {
                         }
                     }));
                 }
-                let start = thread_cpu();
+                let start = cpu_time("thread-self");
                 for t in tasks {
                     t.await?;
                 }
-                Ok(thread_cpu().saturating_sub(start))
+                Ok(cpu_time("thread-self").saturating_sub(start))
             })
         })
     };
@@ -113,7 +88,7 @@ fn main() -> anyhow::Result<()> {
     // Writes due by a time follow from the rate exactly; they go out in bursts of about
     // a millisecond's worth (at least one).
     let burst = (rate / 1_000).max(1);
-    let cpu0 = thread_cpu();
+    let cpu0 = cpu_time("thread-self");
     let start = Instant::now();
     let mut written = 0u64;
     let mut late = Duration::ZERO;
@@ -130,7 +105,7 @@ fn main() -> anyhow::Result<()> {
             written += 1;
         }
     }
-    let server_cpu = thread_cpu().saturating_sub(cpu0);
+    let server_cpu = cpu_time("thread-self").saturating_sub(cpu0);
     let elapsed = start.elapsed();
     drop(sockets);
     let client_cpu = client

@@ -81,6 +81,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use mindsp_benches::{clock_ticks, cpu_time};
 use mindsp_core::model::{NewUser, Role, User};
 use mindsp_core::ports::Store;
 use mindsp_core::{Actor, Limits, Messaging};
@@ -353,21 +354,6 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// CPU time (user + system) of a process, from `/proc/<pid>/stat`.
-fn cpu_time(pid: &str, ticks_per_sec: f64) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at the state, field 3.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |n: usize| {
-        fields
-            .get(n - 3)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_secs_f64((ticks(14) + ticks(15)) as f64 / ticks_per_sec)
-}
-
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -401,20 +387,6 @@ fn load_average() -> String {
         .take(3)
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`, read once).
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(100.0)
-    })
 }
 
 /// CPU time of every process named `postgres` (the postmaster, its backends and
@@ -527,7 +499,7 @@ impl CpuWindow {
         Self {
             at: Instant::now(),
             server: nodes.cpu(),
-            generator: cpu_time("self", clock_ticks()),
+            generator: cpu_time("self"),
             machine: machine_jiffies(),
             services: nodes.database.as_deref().map(ServiceCpu::read),
         }
@@ -539,7 +511,7 @@ impl CpuWindow {
         let busy = (busy - self.machine.0) as f64 / (total - self.machine.1).max(1) as f64;
         CpuUse {
             server: nodes.cpu().saturating_sub(self.server),
-            generator: cpu_time("self", clock_ticks()).saturating_sub(self.generator),
+            generator: cpu_time("self").saturating_sub(self.generator),
             elapsed: self.at.elapsed(),
             busy: busy * cores,
             services: self
@@ -777,10 +749,7 @@ impl Nodes {
 
     /// CPU time of all nodes.
     fn cpu(&self) -> Duration {
-        self.procs
-            .iter()
-            .map(|p| cpu_time(&p.pid, clock_ticks()))
-            .sum()
+        self.procs.iter().map(|p| cpu_time(&p.pid)).sum()
     }
 
     /// Resident memory of all nodes, in KiB.
