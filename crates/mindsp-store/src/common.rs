@@ -63,7 +63,10 @@ pub(crate) struct AppendRequest {
 #[async_trait]
 pub(crate) trait GroupCommit: Send + Sync + 'static {
     /// Appends a whole batch in one transaction and commits it: one answer per request,
-    /// in order. `Err` means nothing of the batch was committed.
+    /// in order. `Err` means nothing of the batch was committed, and each request is
+    /// then tried alone (one bad request fails only itself); a failure that is the
+    /// batch's as a whole (no turn to write) answers every request with its error
+    /// instead, since trying each alone would only meet it again.
     async fn append_batch(&self, batch: &[AppendRequest]) -> Result<Vec<Result<Appended>>>;
 
     /// Appends one message in a transaction of its own, as `Store::append`'s default does.
@@ -94,15 +97,33 @@ impl AppendQueue {
 
     /// Queues one append and waits for its answer.
     pub(crate) async fn append(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
-        let (reply, answer) = oneshot::channel();
-        let closed = || Error::Storage("the store is closed".into());
-        let request = AppendRequest {
-            tenant,
-            msg: msg.clone(),
-        };
-        self.0.send((request, reply)).await.map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+        ask_writer(&self.0, tenant, msg, |request, reply| (request, reply)).await
     }
+}
+
+/// Sends one append to a group-commit writer's queue, wrapped by `wrap` into what that
+/// queue carries, and waits for the writer's answer.
+pub(crate) async fn ask_writer<C>(
+    queue: &mpsc::Sender<C>,
+    tenant: TenantId,
+    msg: &NewMessage,
+    wrap: impl FnOnce(AppendRequest, oneshot::Sender<Result<Appended>>) -> C,
+) -> Result<Appended> {
+    let (reply, answer) = oneshot::channel();
+    let request = AppendRequest {
+        tenant,
+        msg: msg.clone(),
+    };
+    queue
+        .send(wrap(request, reply))
+        .await
+        .map_err(|_| store_closed())?;
+    answer.await.map_err(|_| store_closed())?
+}
+
+/// The answer to an append whose writer is gone.
+pub(crate) fn store_closed() -> Error {
+    Error::Storage("the store is closed".into())
 }
 
 async fn run_group_commit(
@@ -148,16 +169,28 @@ async fn run_group_commit(
 /// repeated idempotency key, instead of an error for a message that exists.
 async fn append_alone(writer: &impl GroupCommit, req: &AppendRequest) -> Result<Appended> {
     match writer.append_alone(req.tenant, &req.msg).await {
-        Err(e @ Error::Conflict { .. }) => match writer.stored(req.tenant, req.msg.id).await {
-            Ok(Some(m))
-                if m.sender_id == req.msg.sender_id
-                    && m.conversation_id == req.msg.conversation_id =>
-            {
-                Ok(Appended::Existing(m))
-            }
-            _ => Err(e),
-        },
+        Err(e @ Error::Conflict { .. }) => {
+            answer_conflict(req, e, writer.stored(req.tenant, req.msg.id).await)
+        }
         other => other,
+    }
+}
+
+/// The answer to a request alone that met `conflict`, given what is `stored` under its
+/// message's id: that message when it is this request's (same sender and conversation),
+/// else the conflict.
+pub(crate) fn answer_conflict(
+    req: &AppendRequest,
+    conflict: Error,
+    stored: Result<Option<Message>>,
+) -> Result<Appended> {
+    match stored {
+        Ok(Some(m))
+            if m.sender_id == req.msg.sender_id && m.conversation_id == req.msg.conversation_id =>
+        {
+            Ok(Appended::Existing(m))
+        }
+        _ => Err(conflict),
     }
 }
 

@@ -354,8 +354,13 @@ impl Turn {
             .ok()
     }
 
+    /// The answers to a batch of `n` appends that found no turn within the wait.
+    pub(crate) fn refuse(&self, n: usize) -> Vec<Result<Appended>> {
+        (0..n).map(|_| Err(self.busy())).collect()
+    }
+
     /// The error of a write that found no turn within the wait.
-    pub(crate) fn busy(&self) -> Error {
+    fn busy(&self) -> Error {
         Error::Storage(format!(
             "the database stayed busy: no turn to write within {} ms",
             self.wait.as_millis()
@@ -827,7 +832,7 @@ impl GroupCommit for Appender {
         // No turn within the wait: every request of the batch fails now. (An `Err` here
         // would have each retried alone, each waiting the whole wait again.)
         let Ok(_turn) = self.turn.take().await else {
-            return Ok(batch.iter().map(|_| Err(self.turn.busy())).collect());
+            return Ok(self.turn.refuse(batch.len()));
         };
         let mut conn = self.pool.acquire().await.map_err(db_err)?;
         let done = self.append_batch_in(&mut conn, batch).await;

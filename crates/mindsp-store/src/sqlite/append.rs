@@ -24,7 +24,8 @@ use uuid::Uuid;
 
 use super::Turn;
 use crate::common::{
-    AppendRequest, BatchConversation, BatchState, from_millis, millis, plan_batch, unique_violation,
+    AppendRequest, BatchConversation, BatchState, answer_conflict, ask_writer, from_millis, millis,
+    plan_batch, store_closed, unique_violation,
 };
 
 enum Command {
@@ -87,16 +88,7 @@ impl AppendThread {
 
     /// Queues one append and waits for its answer, given after the commit that holds it.
     pub(super) async fn append(&self, tenant: TenantId, msg: &NewMessage) -> Result<Appended> {
-        let (reply, answer) = oneshot::channel();
-        let request = AppendRequest {
-            tenant,
-            msg: msg.clone(),
-        };
-        self.0
-            .send(Command::Append(request, reply))
-            .await
-            .map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+        ask_writer(&self.0, tenant, msg, Command::Append).await
     }
 
     /// Closes the thread's connection once the appends queued before are answered.
@@ -106,10 +98,6 @@ impl AppendThread {
             let _ = closed.await;
         }
     }
-}
-
-fn closed() -> Error {
-    Error::Storage("the store is closed".into())
 }
 
 /// The thread: takes every append waiting (up to `max_batch`), commits them in one
@@ -147,7 +135,7 @@ fn run(
             // rather than holding every sender up for as long as it is stuck.
             let results = match turn.take_blocking(timer) {
                 Some(_turn) => commit_batch(&mut conn, &batch),
-                None => batch.iter().map(|_| Err(turn.busy())).collect(),
+                None => turn.refuse(batch.len()),
             };
             if results
                 .iter()
@@ -195,16 +183,10 @@ fn unwound<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// very same message: the stored one is the answer, as for a repeated idempotency key.
 fn append_alone(conn: &mut rusqlite::Connection, req: &AppendRequest) -> Result<Appended> {
     match append_in_transaction(conn, std::slice::from_ref(req)) {
-        Ok(mut one) => one.pop().unwrap_or_else(|| Err(closed())),
-        Err(e @ Error::Conflict { .. }) => match stored(conn, req.tenant, req.msg.id) {
-            Ok(Some(m))
-                if m.sender_id == req.msg.sender_id
-                    && m.conversation_id == req.msg.conversation_id =>
-            {
-                Ok(Appended::Existing(m))
-            }
-            _ => Err(e),
-        },
+        Ok(mut one) => one.pop().unwrap_or_else(|| Err(store_closed())),
+        Err(e @ Error::Conflict { .. }) => {
+            answer_conflict(req, e, stored(conn, req.tenant, req.msg.id))
+        }
         Err(e) => Err(e),
     }
 }
