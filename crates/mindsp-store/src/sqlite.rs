@@ -254,7 +254,7 @@ impl SqliteStore {
             *checkpoints.lock().await = Some(conn);
             tokio::spawn(checkpointer(
                 checkpoints.clone(),
-                turn.lock.clone(),
+                turn.clone(),
                 Arc::downgrade(&alive),
             ));
         }
@@ -283,8 +283,8 @@ impl SqliteStore {
     /// Take it before a connection of [`Self::pool`], never while holding one. Fails
     /// once it has waited [`SqliteConfig::write_wait`], in the queue included: writers
     /// that hold the turn that long are stuck or far too many, and an error is better
-    /// than every write of the server waiting behind them. (The checkpointer alone waits
-    /// without a limit: it has no caller to fail.)
+    /// than every write of the server waiting behind them. (The checkpointer skips its
+    /// step then and tries at its next tick.)
     pub async fn write_turn(&self) -> Result<WriteTurn> {
         self.turn.take().await
     }
@@ -509,7 +509,7 @@ const CHECKPOINT_CAUGHT_UP: Duration = Duration::from_millis(5);
 /// extending the file instead of overwriting pages the kernel already holds.
 async fn checkpointer(
     conn: Arc<tokio::sync::Mutex<Option<sqlx::SqliteConnection>>>,
-    turn: Arc<tokio::sync::Mutex<()>>,
+    turn: Turn,
     alive: Weak<()>,
 ) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
@@ -538,7 +538,11 @@ async fn checkpointer(
         if frames.is_none() || frames == Some(0) || frames == copied_under_turn {
             continue;
         }
-        let _turn = turn.lock().await;
+        // No turn within the wait (a writer stuck with it): skip this step, the next
+        // tick tries again.
+        let Ok(_turn) = turn.take().await else {
+            continue;
+        };
         copied_under_turn = checkpoint(c).await;
     }
     if let Some(c) = conn.lock().await.take() {
