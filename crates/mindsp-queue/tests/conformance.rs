@@ -208,13 +208,15 @@ async fn lease_expiry_hands_the_job_out_again(b: &Backend) {
         .await
         .unwrap()
         .id();
-    let short = Duration::from_millis(200);
+    // Long enough that the checks made within a lease do not outlast it on a loaded
+    // machine; the sleeps outlast it.
+    let short = Duration::from_millis(1000);
     let lost = q.reserve(DEFAULT_QUEUE, 1, short).await.unwrap().remove(0);
     assert!(q.reserve(DEFAULT_QUEUE, 1, short).await.unwrap().is_empty());
     let due = q.next_due(DEFAULT_QUEUE).await.unwrap().unwrap();
     assert!((due - lost.expires_at).num_milliseconds().abs() <= 1);
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     let again = q.reserve(DEFAULT_QUEUE, 1, short).await.unwrap().remove(0);
     assert_eq!(again.job.id, id);
     assert_eq!(again.job.attempts, 2);
@@ -228,7 +230,7 @@ async fn lease_expiry_hands_the_job_out_again(b: &Backend) {
     assert_eq!(get(q, id).await.state, JobState::Running);
 
     // The second worker dies too, on the last attempt: the job ends dead, not lost.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(q.reserve(DEFAULT_QUEUE, 1, short).await.unwrap().is_empty());
     let job = get(q, id).await;
     assert_eq!(job.state, JobState::Dead);
@@ -238,10 +240,13 @@ async fn lease_expiry_hands_the_job_out_again(b: &Backend) {
 async fn renewed_leases_hold(b: &Backend) {
     let q = &*b.queue;
     q.enqueue(&NewJob::new("t.long", json!({}))).await.unwrap();
-    let short = Duration::from_millis(300);
+    // Renewed every quarter lease: the whole run outlives the lease twice over, and a
+    // renewal may come more than a second late on a loaded machine (at 300 / 150 ms,
+    // one late renewal under CI load let the lease lapse).
+    let short = Duration::from_millis(2000);
     let lease = q.reserve(DEFAULT_QUEUE, 1, short).await.unwrap().remove(0);
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
             q.renew(&[lease.lease_ref()], short).await.unwrap(),
             vec![true]
