@@ -21,6 +21,7 @@ pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod notifications;
+mod upgrade;
 pub mod workers;
 pub mod ws;
 

@@ -17,8 +17,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -35,9 +33,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::upgrade::{NotWebSocket, Socket, Upgrade};
 
 /// Limits and timings of the WebSocket endpoint.
 #[derive(Debug, Clone)]
@@ -132,7 +134,7 @@ pub(crate) async fn handler(
     State(state): State<AppState>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Upgrade, NotWebSocket>,
 ) -> Response {
     let state = state.sockets.clone();
     match accept(&state, &headers, query.as_deref()).await {
@@ -149,12 +151,17 @@ pub(crate) async fn handler(
                 }
             };
             let max = state.ws.max_message_bytes;
-            upgrade
-                .max_message_size(max)
-                .max_frame_size(max)
+            // tungstenite hands every frame straight to `Buffered`, which gathers them
+            // (its own buffer would keep the capacity of the largest burst).
+            let config = WebSocketConfig::default()
+                .max_message_size(Some(max))
+                .max_frame_size(Some(max))
                 .read_buffer_size(READ_BUFFER)
-                .write_buffer_size(state.ws.write_buffer_bytes)
-                .on_upgrade(move |socket| run(state, actor, expires, socket))
+                .write_buffer_size(0);
+            let threshold = state.ws.write_buffer_bytes;
+            upgrade.on_upgrade(config, threshold, move |socket| {
+                run(state, actor, expires, socket)
+            })
         }
         Err(e) => e.into_response(),
     }
@@ -316,7 +323,7 @@ impl Handoff {
     }
 }
 
-async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: WebSocket) {
+async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: Socket) {
     let realtime = state.realtime.clone();
     let opened = realtime.open(actor.tenant_id, actor.user_id, watchers(&state, actor));
     let Some(mut conn) = Box::pin(opened).await else {
@@ -405,7 +412,7 @@ fn expiry_instant(exp: i64) -> Instant {
 
 fn close_message(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
-        code,
+        code: CloseCode::from(code),
         reason: Utf8Bytes::from_static(reason),
     }))
 }
@@ -439,7 +446,7 @@ async fn publish_typing(
 struct Reader<'a> {
     state: &'a Shared,
     actor: Actor,
-    stream: SplitStream<WebSocket>,
+    stream: SplitStream<Socket>,
     out: &'a Handoff,
     expires: Instant,
     typing: Typing,
@@ -577,7 +584,7 @@ impl Reader<'_> {
                             self.out.send(Out::Frame(error_frame(&Value::Null, &r))).await;
                         }
                         Some(Ok(Message::Close(_))) => return Out::Gone,
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     }
                 }
                 // One timer for the three deadlines (a timer is ~100 bytes of every
@@ -811,11 +818,10 @@ impl Reader<'_> {
     }
 }
 
-fn read_error(e: axum::Error) -> Out {
+fn read_error(e: tokio_tungstenite::tungstenite::Error) -> Out {
     use tokio_tungstenite::tungstenite::Error as WsError;
-    let inner = e.into_inner();
-    match inner.downcast_ref::<WsError>() {
-        Some(WsError::Capacity(_)) => Out::Close(close::MESSAGE_TOO_BIG, "message too big"),
+    match e {
+        WsError::Capacity(_) => Out::Close(close::MESSAGE_TOO_BIG, "message too big"),
         _ => Out::Gone,
     }
 }
@@ -825,7 +831,7 @@ fn read_error(e: axum::Error) -> Out {
 struct Writer<'a> {
     state: &'a Shared,
     actor: Actor,
-    sink: SplitSink<WebSocket, Message>,
+    sink: SplitSink<Socket, Message>,
     replies: &'a Handoff,
     closed: watch::Receiver<Option<CloseReason>>,
     /// Per conversation, the last `seq` delivered on this connection.

@@ -458,6 +458,22 @@ async fn bad_frames_get_their_answers_and_the_server_keeps_serving() {
     assert_eq!(resp.status(), 101);
     let (st, _) = Client::refused(format!("ws://{}/ws?token={}&x=1", s.addr, alice.token)).await;
     assert_eq!(st, 400);
+    // A valid token without a WebSocket handshake: a plain GET, or a protocol version
+    // other than 13.
+    let plain = reqwest::get(format!("http://{}/ws?token={}", s.addr, alice.token))
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 400);
+    let body: Value = plain.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "websocket_required");
+    let mut req = s.ws_url(&alice.token).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-version", "8".parse().unwrap());
+    let (st, body) = Client::refused(req).await;
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
+        (400, Some("websocket_required"))
+    );
 
     // After all that, everyone is still served (Alice's first socket has spent its
     // rate budget: she sends from another one).
