@@ -293,9 +293,10 @@ pub struct WsArgs {
           value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub ws_typing_ttl_ms: u64,
 
-    /// Bytes a connection gathers before writing to its socket within a batch of events.
-    /// Lower keeps less memory per idle connection after bursts (presence); 0 writes
-    /// each frame at once, at some CPU cost when many events go to one connection.
+    /// Bytes a connection gathers before writing to its socket within a batch of events
+    /// (the buffer is released once written out, so idle connections hold none); 0
+    /// writes each frame at once, with more system calls when many events go to one
+    /// connection.
     #[arg(long, env = "MINDSP_WS_WRITE_BUFFER", default_value_t = 2 * 1024,
           value_parser = clap::value_parser!(u32).range(0..=1024 * 1024))]
     pub ws_write_buffer: u32,

@@ -73,12 +73,10 @@ pub struct WsConfig {
     /// How long a close frame may take to go out before the socket is dropped.
     pub close_timeout: Duration,
     /// Bytes the writer gathers before writing to the socket within a batch of events
-    /// (it writes at the end of every batch anyway). tungstenite's buffer keeps the
-    /// capacity of the largest burst it held and never shrinks, so this bounds what an
-    /// idle connection keeps after a burst (presence when colleagues connect). 0 writes
-    /// each frame at once: least memory, one system call per frame (twice as many to
-    /// busy group connections). Measured in groups of 100 (`benches/RESULTS.md`): 2 KiB,
-    /// 10.3-10.9 KiB per idle connection; 512, 9.0 KiB; 0, 8.6 KiB; 8 KiB, 14.0 KiB.
+    /// (it writes at the end of every batch anyway). The buffer is handed back once the
+    /// socket took it all (`upgrade::Buffered`), so an idle connection holds none
+    /// whatever this is. 0 writes each frame at once: one system call per frame (twice
+    /// as many to busy group connections, `benches/RESULTS.md`).
     pub write_buffer_bytes: usize,
 }
 
