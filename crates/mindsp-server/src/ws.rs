@@ -113,6 +113,11 @@ const REPLY_QUEUE: usize = 64;
 const READ_BUFFER: usize = 1024;
 /// Events the writer sends in one batch before flushing.
 const BATCH: usize = 64;
+/// Messages a connection holds while it waits for their predecessors to arrive live.
+const HELD: usize = 64;
+/// Turns a connection gives the tasks publishing those predecessors before it reads
+/// the missing messages from the store.
+const GAP_TURNS: usize = 2;
 /// Sent once a client caught up after typing or presence events were skipped for it.
 const EVENTS_SKIPPED: &str = r#"{"v":1,"type":"events_skipped","events":["typing","presence"]}"#;
 
@@ -356,6 +361,7 @@ async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: Socket) {
         closed: conn.closed.clone(),
         cursors: HashMap::new(),
         floors: HashMap::new(),
+        held: Vec::new(),
     };
     tokio::select! {
         () = writer.run(&mut conn) => {}
@@ -399,6 +405,17 @@ async fn watchers(state: &Shared, actor: Actor) -> Vec<UserId> {
             tracing::warn!(error = %e, user = %actor.user_id, "presence not announced: contacts unreadable");
             Vec::new()
         }
+    }
+}
+
+/// The conversation and `seq` of a held message.
+fn held_seq(d: &Delivery) -> Option<(ConversationId, i64)> {
+    match &d.envelope.event {
+        Event::NewMessage {
+            conversation_id,
+            message,
+        } => Some((*conversation_id, message.seq)),
+        _ => None,
     }
 }
 
@@ -837,6 +854,9 @@ struct Writer<'a> {
     /// Per conversation without a resume cursor, the first `seq` seen live: messages
     /// below it that arrive later (published out of order) were never delivered here.
     floors: HashMap<ConversationId, i64>,
+    /// Messages that arrived ahead of the next one expected in their conversation,
+    /// held until the end of the batch (at most [`HELD`]).
+    held: Vec<Arc<Delivery>>,
 }
 
 /// Why writing stopped.
@@ -950,18 +970,36 @@ impl Writer<'_> {
             self.deliver(&first).await?;
             room -= 1;
         }
-        for _ in 0..room {
-            match conn.events.try_recv() {
-                Ok(d) => self.deliver(&d).await?,
-                Err(_) => break,
+        self.deliver_queued(conn, room).await?;
+        // A message held for a gap usually has its predecessor published a moment later
+        // by another task (the commits of one batch are published in any order): give
+        // that task a turn and take what it queued, rather than have every member's
+        // connection read the store. What is still missing then comes from the store.
+        for _ in 0..GAP_TURNS {
+            if self.held.is_empty() {
+                break;
             }
+            tokio::task::yield_now().await;
+            self.deliver_queued(conn, BATCH).await?;
         }
+        self.fill_held().await?;
         // Typing or presence skipped while this client was behind: now that it has
         // caught up, it should ask for presence again and clear typing indicators.
         if conn.events.is_empty() && conn.take_skipped() {
             self.feed(Message::text(EVENTS_SKIPPED)).await?;
         }
         self.flush().await
+    }
+
+    /// Delivers up to `room` events already queued.
+    async fn deliver_queued(&mut self, conn: &mut Connection, room: usize) -> Result<(), Stop> {
+        for _ in 0..room {
+            match conn.events.try_recv() {
+                Ok(d) => self.deliver(&d).await?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
     }
 
     async fn close(&mut self, code: u16, reason: &'static str) {
@@ -975,7 +1013,7 @@ impl Writer<'_> {
 
     /// Sends an event from the hub, keeping each conversation's messages in order,
     /// without gap or duplicate.
-    async fn deliver(&mut self, d: &Delivery) -> Result<(), Stop> {
+    async fn deliver(&mut self, d: &Arc<Delivery>) -> Result<(), Stop> {
         match &d.envelope.event {
             Event::NewMessage {
                 conversation_id,
@@ -994,6 +1032,12 @@ impl Writer<'_> {
                     }
                     Some(c) if message.seq <= c => return Ok(()),
                     Some(c) if message.seq == c + 1 => {}
+                    // Ahead of the next one expected: held until its predecessors arrive
+                    // or are read from the store, at the end of the batch.
+                    Some(_) if self.held.len() < HELD => {
+                        self.held.push(d.clone());
+                        return Ok(());
+                    }
                     // Missed some (published out of order, or lost): fetch them first.
                     Some(c) => {
                         if !self.replay(conv, c, Some(message.seq - 1)).await? {
@@ -1005,7 +1049,8 @@ impl Writer<'_> {
                     }
                 }
                 self.cursors.insert(conv, message.seq);
-                self.feed(Message::text(d.frame())).await
+                self.feed(Message::text(d.frame())).await?;
+                self.release_held(conv).await
             }
             Event::ConversationUpdated {
                 conversation_id,
@@ -1021,6 +1066,55 @@ impl Writer<'_> {
             Event::AccountDeactivated { .. } => Ok(()),
             _ => self.feed(Message::text(d.frame())).await,
         }
+    }
+
+    /// Sends the held messages of `conv` that now follow its cursor, in order; drops
+    /// those at or below it (already sent) and all of them if the cursor is gone (the
+    /// user left the conversation).
+    async fn release_held(&mut self, conv: ConversationId) -> Result<(), Stop> {
+        while !self.held.is_empty() {
+            let cursor = self.cursors.get(&conv).copied();
+            self.held.retain(|d| match held_seq(d) {
+                Some((c, seq)) if c == conv => cursor.is_some_and(|at| seq > at),
+                _ => true,
+            });
+            let Some(at) = cursor else { break };
+            let Some(i) = self
+                .held
+                .iter()
+                .position(|d| held_seq(d) == Some((conv, at + 1)))
+            else {
+                break;
+            };
+            let d = self.held.swap_remove(i);
+            self.cursors.insert(conv, at + 1);
+            self.feed(Message::text(d.frame())).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends every held message, each after what precedes it read from the store.
+    async fn fill_held(&mut self) -> Result<(), Stop> {
+        while let Some((conv, _)) = self.held.first().and_then(|d| held_seq(d)) {
+            let first = self
+                .held
+                .iter()
+                .filter_map(|d| held_seq(d))
+                .filter(|&(c, _)| c == conv)
+                .map(|(_, seq)| seq)
+                .min()
+                .unwrap_or_default();
+            if let Some(at) = self.cursors.get(&conv).copied()
+                && first > at + 1
+                && self.replay(conv, at, Some(first - 1)).await?
+            {
+                // The live message goes out even if the store lacked some before it.
+                let at = self.cursors.get(&conv).copied().unwrap_or(first - 1);
+                self.cursors.insert(conv, at.max(first - 1));
+            }
+            self.release_held(conv).await?;
+        }
+        Ok(())
     }
 
     /// Sends the stored messages after `from` (up to `to` when given) that this

@@ -888,3 +888,71 @@ async fn resume_after_a_live_message_sends_each_message_once() {
     let want: Vec<String> = (1..=30).map(|i| format!("m{i}")).collect();
     assert_eq!(contents, want, "the 30 older ones once, and m31 not again");
 }
+
+/// Messages published out of order (the commits of one batch are published by several
+/// tasks, in any order) reach a client once each and in order: one ahead of the next
+/// expected waits for its predecessor to arrive live, or is preceded by it read from
+/// the store when it never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_published_out_of_order_arrive_once_and_in_order() {
+    use mindsp_core::events::{Envelope, Event};
+
+    let s = Server::start(config()).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let cid: mindsp_core::ConversationId = conv.parse().unwrap();
+    let mut b = s.connect(&bob).await;
+    let first = s
+        .state
+        .messaging
+        .send(&alice.actor, cid, "m0", None)
+        .await
+        .unwrap();
+    assert_eq!(b.next("new_message").await["message"]["content"], "m0");
+
+    // Stored (committed) by a service that publishes nothing; published below by hand.
+    let quiet = mindsp_core::Messaging::new(s.store.clone(), s.state.messaging.limits().clone());
+    let mut stored = Vec::new();
+    for i in 1..=7 {
+        let m = quiet
+            .send(&alice.actor, cid, &format!("m{i}"), None)
+            .await
+            .unwrap();
+        stored.push(m.message().clone());
+    }
+    let publish = |i: usize| {
+        s.state.realtime.publish(Envelope::to_users(
+            alice.actor.tenant_id,
+            vec![bob.actor.user_id],
+            Event::NewMessage {
+                conversation_id: cid,
+                message: stored[i - 1].clone(),
+            },
+        ))
+    };
+    // m2 before m1; m4 and m5 never published, m6 then m7.
+    publish(2).await;
+    publish(1).await;
+    publish(3).await;
+    publish(7).await;
+    publish(6).await;
+
+    let mut got = Vec::new();
+    for _ in 1..=7 {
+        got.push(b.next("new_message").await);
+    }
+    let contents: Vec<&str> = got
+        .iter()
+        .map(|f| f["message"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(contents, ["m1", "m2", "m3", "m4", "m5", "m6", "m7"]);
+    let seqs: Vec<i64> = got.iter().map(seq).collect();
+    let want: Vec<i64> = (1..=7).map(|i| first.message().seq + i).collect();
+    assert_eq!(seqs, want);
+    // Nothing twice.
+    b.ok("ping", json!({})).await;
+    let again = b.drain().await;
+    assert!(
+        again.iter().all(|f| f["type"] != "new_message"),
+        "{again:?}"
+    );
+}
