@@ -31,6 +31,7 @@ use mindsp_realtime::typing::{Start, Typing};
 use mindsp_realtime::{CloseReason, Connection, Delivery, close, hub::event_frame};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -390,6 +391,11 @@ async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: Socket) {
         }
     }))
     .await;
+    // tungstenite writes its answer to a client's close into `Buffered` and, the
+    // handshake being over, never flushes: write it out and end the stream.
+    if let Ok(mut socket) = reader.stream.reunite(writer.sink) {
+        let _ = tokio::time::timeout(state.ws.close_timeout, socket.get_mut().shutdown()).await;
+    }
 }
 
 /// Who is told when `actor` comes online or goes offline: the people who share a
@@ -1032,19 +1038,21 @@ impl Writer<'_> {
                     }
                     Some(c) if message.seq <= c => return Ok(()),
                     Some(c) if message.seq == c + 1 => {}
-                    // Ahead of the next one expected: held until its predecessors arrive
-                    // or are read from the store, at the end of the batch.
-                    Some(_) if self.held.len() < HELD => {
-                        self.held.push(d.clone());
-                        return Ok(());
-                    }
-                    // Missed some (published out of order, or lost): fetch them first.
-                    Some(c) => {
-                        if !self.replay(conv, c, Some(message.seq - 1)).await? {
-                            return Ok(());
+                    // Ahead of the next one expected (published out of order, or its
+                    // predecessors lost): held until they arrive or are read from the
+                    // store, at the end of the batch, or now if too many are held.
+                    Some(_) => {
+                        if self.held.len() >= HELD {
+                            self.fill_held().await?;
                         }
-                        if self.cursors.get(&conv).is_some_and(|c| message.seq <= *c) {
-                            return Ok(());
+                        match self.cursors.get(&conv).copied() {
+                            Some(c) if message.seq == c + 1 => {}
+                            Some(c) if message.seq > c => {
+                                self.held.push(d.clone());
+                                return Ok(());
+                            }
+                            // Sent meanwhile, or the conversation is no longer visible.
+                            _ => return Ok(()),
                         }
                     }
                 }
@@ -1060,7 +1068,14 @@ impl Writer<'_> {
                 if removed.contains(&self.actor.user_id) {
                     self.cursors.remove(conversation_id);
                     self.floors.remove(conversation_id);
+                    self.held
+                        .retain(|d| held_seq(d).is_none_or(|(c, _)| c != *conversation_id));
                 }
+                self.feed(Message::text(d.frame())).await
+            }
+            // A read marker or a mention may name a held message: that goes out first.
+            Event::MessageRead { .. } | Event::Notification { .. } if !self.held.is_empty() => {
+                self.fill_held().await?;
                 self.feed(Message::text(d.frame())).await
             }
             Event::AccountDeactivated { .. } => Ok(()),

@@ -956,3 +956,22 @@ async fn messages_published_out_of_order_arrive_once_and_in_order() {
         "{again:?}"
     );
 }
+
+/// A client that closes gets the server's close frame back (a clean close, not a
+/// dropped connection), even though the server gathers its writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_close_is_answered_with_a_close_frame() {
+    use futures::StreamExt;
+
+    let s = Server::start(config()).await;
+    let (alice, _bob, _conv) = alice_and_bob(&s).await;
+    let mut a = s.connect(&alice).await;
+    a.ws.close(None).await.unwrap();
+    let answer = tokio::time::timeout(wsclient::WAIT, a.ws.next())
+        .await
+        .expect("the server answers within the wait");
+    assert!(
+        matches!(answer, Some(Ok(Message::Close(_)))),
+        "expected the server's close frame, got {answer:?}"
+    );
+}
