@@ -50,7 +50,8 @@
 //!   pings, in tenants of `MINDSP_LOAD_IDLE_TENANT` (1,000) users, in groups of
 //!   `MINDSP_LOAD_IDLE_GROUP` (0: none; presence goes to the people who share a
 //!   conversation, so groups give each connect someone to tell); server RSS is read
-//!   before, at half and at all connections (`/proc/<pid>/status`). Then closed.
+//!   before, at half and at all connections (`/proc/<pid>/status`); with groups, again
+//!   after one long message (3,840 bytes) in each group. Then closed.
 //! - (a) `MINDSP_LOAD_CLIENTS` (1,000) clients in conversations of `MINDSP_LOAD_SMALL`
 //!   (10), offered rates `MINDSP_LOAD_SMALL_RATES` (500,1000,2000,5000,10000 messages/s);
 //! - (b) the same clients in groups of `MINDSP_LOAD_GROUP` (100), offered rates
@@ -792,6 +793,8 @@ struct Population {
     small: Vec<Conv>,
     groups: Vec<Conv>,
     idle: Vec<String>,
+    /// The idle users' groups (`MINDSP_LOAD_IDLE_GROUP`), members by index in `idle`.
+    idle_groups: Vec<Conv>,
 }
 
 /// Opens the backend's store with the library, populates it and closes it.
@@ -829,12 +832,19 @@ async fn populate(cfg: &Config, store: Arc<dyn Store>, secret: &str) -> anyhow::
     let groups = conversations(&svc, &people, cfg.group, "Groupement").await?;
 
     let mut idle = Vec::with_capacity(cfg.idle);
+    let mut idle_groups = Vec::new();
     let mut t = 0;
     while idle.len() < cfg.idle {
         let n = cfg.idle_tenant.min(cfg.idle - idle.len());
         let tenant = users(&store, &format!("veille{t}"), n, &hash).await?;
         if cfg.idle_group > 1 {
-            conversations(&svc, &tenant, cfg.idle_group, "Veille").await?;
+            let base = idle.len();
+            for c in conversations(&svc, &tenant, cfg.idle_group, "Veille").await? {
+                idle_groups.push(Conv {
+                    id: c.id,
+                    members: c.members.iter().map(|m| base + m).collect(),
+                });
+            }
         }
         for u in &tenant {
             idle.push(mint(u)?);
@@ -858,6 +868,7 @@ async fn populate(cfg: &Config, store: Arc<dyn Store>, secret: &str) -> anyhow::
         small,
         groups,
         idle,
+        idle_groups,
     })
 }
 
@@ -1057,6 +1068,7 @@ async fn idle_scenario(
     nodes: &Nodes,
     shared: &Arc<Shared>,
     tokens: &[String],
+    groups: &[Conv],
 ) -> anyhow::Result<()> {
     if tokens.is_empty() {
         return Ok(());
@@ -1120,6 +1132,26 @@ async fn idle_scenario(
         "generator RSS: {:.2} KiB per connection",
         (rss_kib("self") as f64 - gen0 as f64) / connected.max(1) as f64
     );
+    if failure.is_none() && !groups.is_empty() {
+        // One long message in every group (3,900 characters, the most a message holds
+        // is 4,000): each member's connection writes a frame of about 4 KiB once.
+        let long = "Feu de broussailles, secteur Sainte-Victoire : renfort demande. ".repeat(60);
+        for (k, g) in groups.iter().enumerate() {
+            let frame = format!(
+                r#"{{"v":1,"type":"send","id":{k},"conversation_id":"{}","content":"{long}"}}"#,
+                g.id
+            );
+            let _ = clients[g.members[0]].tx.send(frame);
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss = nodes.rss_kib();
+        println!(
+            "after one message of {} bytes in each of the {} groups: {rss} KiB, {:.2} KiB per connection overall",
+            long.len(),
+            groups.len(),
+            (rss as f64 - rss0 as f64) / connected.max(1) as f64
+        );
+    }
     let closed = shared.closed.load(Relaxed);
     if closed > 0 {
         println!("{closed} connections closed during the scenario");
@@ -1371,7 +1403,7 @@ async fn scenarios(
         );
     }
 
-    idle_scenario(cfg, nodes, shared, &pop.idle).await?;
+    idle_scenario(cfg, nodes, shared, &pop.idle, &pop.idle_groups).await?;
 
     let started = Instant::now();
     let (clients, err) = connect_all(cfg, &nodes.addrs(), shared, &pop.active, 0).await;

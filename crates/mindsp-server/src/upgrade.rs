@@ -5,8 +5,10 @@
 //! that buffer keeps the capacity of the largest burst it ever held: every idle
 //! connection kept 1.4-2 KiB after a burst of `presence` frames. Here tungstenite writes
 //! each frame at once into [`Buffered`], which gathers them into one write to the socket
-//! and frees its buffer once the socket took it all, so an idle connection holds no
-//! write buffer at all (`benches/RESULTS.md`).
+//! and hands its buffer back once the socket took it all. tungstenite still formats each
+//! frame in a buffer of its own that keeps the size of the largest frame; the writer
+//! bounds that by fragmenting long texts (`ws::MAX_FRAME`). `benches/RESULTS.md` has
+//! the figures.
 
 use std::io;
 use std::pin::Pin;

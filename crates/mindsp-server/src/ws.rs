@@ -34,7 +34,9 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Bytes;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
@@ -114,6 +116,12 @@ const REPLY_QUEUE: usize = 64;
 const READ_BUFFER: usize = 1024;
 /// Events the writer sends in one batch before flushing.
 const BATCH: usize = 64;
+/// Longest frame sent: a longer text goes out as a fragmented message (RFC 6455, section
+/// 5.4), which WebSocket clients reassemble. tungstenite keeps, on every connection, a
+/// buffer the size of the largest frame it ever wrote there: a message of 4,000
+/// characters left 4 KiB on each member's connection, a group's `conversation_updated`
+/// listing 100 members about 15 KiB (`benches/RESULTS.md`).
+const MAX_FRAME: usize = 512;
 /// Messages a connection holds while it waits for their predecessors to arrive live.
 const HELD: usize = 64;
 /// Turns a connection gives the tasks publishing those predecessors before it reads
@@ -412,6 +420,32 @@ async fn watchers(state: &Shared, actor: Actor) -> Vec<UserId> {
             Vec::new()
         }
     }
+}
+
+/// `text` as a fragmented text message: frames of at most `max` bytes (at least 4),
+/// split between characters.
+fn fragments(text: &str, max: usize) -> Vec<Frame> {
+    let bytes = Bytes::copy_from_slice(text.as_bytes());
+    let mut frames = Vec::with_capacity(text.len().div_ceil(max));
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + max).min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let opcode = if start == 0 {
+            Data::Text
+        } else {
+            Data::Continue
+        };
+        frames.push(Frame::message(
+            bytes.slice(start..end),
+            OpCode::Data(opcode),
+            end == text.len(),
+        ));
+        start = end;
+    }
+    frames
 }
 
 /// The conversation and `seq` of a held message.
@@ -893,7 +927,7 @@ impl Writer<'_> {
                     // A command's answer usually has company: a `send` has just queued
                     // its own `new_message` for this connection (the sender's other
                     // devices see it there). One write carries both.
-                    Out::Frame(f) => match self.feed(Message::text(f)).await {
+                    Out::Frame(f) => match self.feed_text(&f).await {
                         Ok(()) => Box::pin(self.deliver_batch(None, conn)).await,
                         Err(stop) => Err(stop),
                     },
@@ -949,6 +983,18 @@ impl Writer<'_> {
         }
     }
 
+    /// Buffers a text frame, split into fragments of at most [`MAX_FRAME`] bytes when
+    /// longer (see there).
+    async fn feed_text(&mut self, text: &str) -> Result<(), Stop> {
+        if text.len() <= MAX_FRAME {
+            return self.feed(Message::text(text)).await;
+        }
+        for frame in fragments(text, MAX_FRAME) {
+            self.feed(Message::Frame(frame)).await?;
+        }
+        Ok(())
+    }
+
     async fn flush(&mut self) -> Result<(), Stop> {
         tokio::select! {
             biased;
@@ -992,7 +1038,7 @@ impl Writer<'_> {
         // Typing or presence skipped while this client was behind: now that it has
         // caught up, it should ask for presence again and clear typing indicators.
         if conn.events.is_empty() && conn.take_skipped() {
-            self.feed(Message::text(EVENTS_SKIPPED)).await?;
+            self.feed_text(EVENTS_SKIPPED).await?;
         }
         self.flush().await
     }
@@ -1034,7 +1080,7 @@ impl Writer<'_> {
                     // Older than where this connection started: each message is
                     // published once, so it was not delivered here yet.
                     Some(_) if self.floors.get(&conv).is_some_and(|f| message.seq < *f) => {
-                        return self.feed(Message::text(d.frame())).await;
+                        return self.feed_text(d.frame()).await;
                     }
                     Some(c) if message.seq <= c => return Ok(()),
                     Some(c) if message.seq == c + 1 => {}
@@ -1057,7 +1103,7 @@ impl Writer<'_> {
                     }
                 }
                 self.cursors.insert(conv, message.seq);
-                self.feed(Message::text(d.frame())).await?;
+                self.feed_text(d.frame()).await?;
                 self.release_held(conv).await
             }
             Event::ConversationUpdated {
@@ -1071,15 +1117,15 @@ impl Writer<'_> {
                     self.held
                         .retain(|d| held_seq(d).is_none_or(|(c, _)| c != *conversation_id));
                 }
-                self.feed(Message::text(d.frame())).await
+                self.feed_text(d.frame()).await
             }
             // A read marker or a mention may name a held message: that goes out first.
             Event::MessageRead { .. } | Event::Notification { .. } if !self.held.is_empty() => {
                 self.fill_held().await?;
-                self.feed(Message::text(d.frame())).await
+                self.feed_text(d.frame()).await
             }
             Event::AccountDeactivated { .. } => Ok(()),
-            _ => self.feed(Message::text(d.frame())).await,
+            _ => self.feed_text(d.frame()).await,
         }
     }
 
@@ -1103,7 +1149,7 @@ impl Writer<'_> {
             };
             let d = self.held.swap_remove(i);
             self.cursors.insert(conv, at + 1);
-            self.feed(Message::text(d.frame())).await?;
+            self.feed_text(d.frame()).await?;
         }
         Ok(())
     }
@@ -1184,7 +1230,7 @@ impl Writer<'_> {
             conversation_id: conv,
             message: m,
         });
-        self.feed(Message::text(frame)).await
+        self.feed_text(&frame).await
     }
 
     /// Sets the cursors, replays everything after them, then acknowledges. Live events
@@ -1225,7 +1271,7 @@ impl Writer<'_> {
                     "from_seq": seq,
                     "last_seq": last,
                 });
-                self.feed(Message::text(frame.to_string())).await?;
+                self.feed_text(&frame.to_string()).await?;
                 resync.push(conv);
                 continue;
             }
@@ -1249,6 +1295,37 @@ impl Writer<'_> {
             }
         }
         let body = json!({ "replayed": replayed, "not_found": not_found, "resync": resync });
-        self.send(Message::text(ack(&id, body))).await
+        self.feed_text(&ack(&id, body)).await?;
+        self.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_texts_go_out_in_fragments_split_between_characters() {
+        // Two-byte characters after one byte: every MAX_FRAME-th byte is inside one.
+        let text = "a".to_owned() + &"é".repeat(MAX_FRAME) + "fin";
+        let frames = fragments(&text, MAX_FRAME);
+        assert_eq!(frames.len(), 3, "two full fragments and a short one");
+        let mut joined = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let first = i == 0;
+            let last = i == frames.len() - 1;
+            assert_eq!(f.header().is_final, last);
+            let kind = if first { Data::Text } else { Data::Continue };
+            assert_eq!(f.header().opcode, OpCode::Data(kind));
+            assert!(f.payload().len() <= MAX_FRAME);
+            std::str::from_utf8(f.payload()).expect("whole characters in each fragment");
+            joined.extend_from_slice(f.payload());
+        }
+        assert_eq!(joined, text.as_bytes());
+        // One byte over: a second fragment of that byte.
+        let frames = fragments(&"a".repeat(MAX_FRAME + 1), MAX_FRAME);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].payload().len(), MAX_FRAME);
+        assert_eq!(frames[1].payload(), b"a");
     }
 }

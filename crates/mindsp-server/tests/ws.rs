@@ -975,3 +975,21 @@ async fn a_client_close_is_answered_with_a_close_frame() {
         "expected the server's close frame, got {answer:?}"
     );
 }
+
+/// A message longer than one frame (the server sends it in fragments) arrives whole, to
+/// the other member and in the sender's acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_message_arrives_whole() {
+    let s = Server::start(config()).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let mut a = s.connect(&alice).await;
+    let mut b = s.connect(&bob).await;
+    // 3,900 characters, accents included: several fragments.
+    let text = "Feu de broussailles, secteur Sainte-Victoire : renfort demandé. ".repeat(60);
+    let ack = a
+        .ok("send", json!({"conversation_id": conv, "content": text}))
+        .await;
+    let got = b.next("new_message").await;
+    assert_eq!(got["message"]["content"], text.as_str());
+    assert_eq!(seq(&got), seq(&ack));
+}
