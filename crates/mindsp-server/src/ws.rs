@@ -112,8 +112,9 @@ const MAX_TYPING: usize = 32;
 /// Replies queued from the reader to the writer.
 const REPLY_QUEUE: usize = 64;
 /// Bytes read from the socket at once. Commands are a few hundred bytes; a larger frame
-/// grows the buffer while it is read. Every idle connection holds this much.
-const READ_BUFFER: usize = 1024;
+/// grows the buffer while it is read. Every idle connection holds this much (1 KiB
+/// before cost 0.7 KiB more per connection, `benches/RESULTS.md`).
+const READ_BUFFER: usize = 512;
 /// Events the writer sends in one batch before flushing.
 const BATCH: usize = 64;
 /// Longest frame sent: a longer text goes out as a fragmented message (RFC 6455, section
