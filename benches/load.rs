@@ -1133,8 +1133,8 @@ async fn idle_scenario(
         (rss_kib("self") as f64 - gen0 as f64) / connected.max(1) as f64
     );
     if failure.is_none() && !groups.is_empty() {
-        // One long message in every group (3,900 characters, the most a message holds
-        // is 4,000): each member's connection writes a frame of about 4 KiB once.
+        // One long message in every group (3,840 characters, the most a message holds
+        // is 4,000): each member's connection writes about 4 KiB once.
         let long = "Feu de broussailles, secteur Sainte-Victoire : renfort demande. ".repeat(60);
         for (k, g) in groups.iter().enumerate() {
             let frame = format!(

@@ -111,17 +111,21 @@ const MAX_TOKEN_BYTES: usize = 4096;
 const MAX_TYPING: usize = 32;
 /// Replies queued from the reader to the writer.
 const REPLY_QUEUE: usize = 64;
-/// Bytes read from the socket at once. Commands are a few hundred bytes; a larger frame
-/// grows the buffer while it is read. Every idle connection holds this much (1 KiB
-/// before cost 0.7 KiB more per connection, `benches/RESULTS.md`).
+/// Bytes read from the socket at once. Commands are a few hundred bytes. Every idle
+/// connection holds this much (1 KiB cost about 0.5 KiB more per connection,
+/// `benches/RESULTS.md`); a longer command grows the buffer for good (tungstenite
+/// never shrinks it), up to the largest command that connection sent.
 const READ_BUFFER: usize = 512;
+/// Longest wait for the last writes of a closing connection (the answer to a client's
+/// close, then the end of the stream).
+const LAST_WRITE: Duration = Duration::from_secs(1);
 /// Events the writer sends in one batch before flushing.
 const BATCH: usize = 64;
 /// Longest frame sent: a longer text goes out as a fragmented message (RFC 6455, section
 /// 5.4), which WebSocket clients reassemble. tungstenite keeps, on every connection, a
-/// buffer the size of the largest frame it ever wrote there: a message of 4,000
-/// characters left 4 KiB on each member's connection, a group's `conversation_updated`
-/// listing 100 members about 15 KiB (`benches/RESULTS.md`).
+/// buffer the size of the largest frame it ever wrote there: a message of 3,840 bytes
+/// left about 4 KiB on each member's connection (`benches/RESULTS.md`), and a group's
+/// `conversation_updated` lists every member (about 150 bytes each).
 const MAX_FRAME: usize = 512;
 /// Messages a connection holds while it waits for their predecessors to arrive live.
 const HELD: usize = 64;
@@ -377,6 +381,18 @@ async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: Socket) {
         () = writer.run(&mut conn) => {}
         () = reader.run() => {}
     }
+    // One socket again. tungstenite writes its answer to a client's close into
+    // `Buffered` and, the handshake being over, never flushes the stream: flush both now
+    // (briefly: a client that does not read gets no longer).
+    let mut socket = reader.stream.reunite(writer.sink).ok();
+    let linger = state.ws.close_timeout.min(LAST_WRITE);
+    if let Some(s) = socket.as_mut() {
+        let _ = tokio::time::timeout(linger, async {
+            let _ = SinkExt::flush(s).await;
+            let _ = s.get_mut().flush().await;
+        })
+        .await;
+    }
     // Whoever was typing stops.
     for (conv, audience) in reader.typing.drain() {
         Box::pin(publish_typing(
@@ -392,19 +408,16 @@ async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: Socket) {
     Box::pin(realtime.close(conn, watchers(&state, actor))).await;
     // After a close frame of ours, keep the socket until the client answers it (or
     // for the close timeout), so it reads our code rather than a reset.
+    let Some(mut socket) = socket else { return };
     let _ = Box::pin(tokio::time::timeout(state.ws.close_timeout, async {
-        while let Some(Ok(m)) = reader.stream.next().await {
+        while let Some(Ok(m)) = socket.next().await {
             if matches!(m, Message::Close(_)) {
                 break;
             }
         }
     }))
     .await;
-    // tungstenite writes its answer to a client's close into `Buffered` and, the
-    // handshake being over, never flushes: write it out and end the stream.
-    if let Ok(mut socket) = reader.stream.reunite(writer.sink) {
-        let _ = tokio::time::timeout(state.ws.close_timeout, socket.get_mut().shutdown()).await;
-    }
+    let _ = tokio::time::timeout(linger, socket.get_mut().shutdown()).await;
 }
 
 /// Who is told when `actor` comes online or goes offline: the people who share a
@@ -1035,7 +1048,7 @@ impl Writer<'_> {
             tokio::task::yield_now().await;
             self.deliver_queued(conn, BATCH).await?;
         }
-        self.fill_held().await?;
+        self.fill_held(None).await?;
         // Typing or presence skipped while this client was behind: now that it has
         // caught up, it should ask for presence again and clear typing indicators.
         if conn.events.is_empty() && conn.take_skipped() {
@@ -1090,7 +1103,7 @@ impl Writer<'_> {
                     // store, at the end of the batch, or now if too many are held.
                     Some(_) => {
                         if self.held.len() >= HELD {
-                            self.fill_held().await?;
+                            self.fill_held(None).await?;
                         }
                         match self.cursors.get(&conv).copied() {
                             Some(c) if message.seq == c + 1 => {}
@@ -1121,8 +1134,14 @@ impl Writer<'_> {
                 self.feed_text(d.frame()).await
             }
             // A read marker or a mention may name a held message: that goes out first.
-            Event::MessageRead { .. } | Event::Notification { .. } if !self.held.is_empty() => {
-                self.fill_held().await?;
+            Event::MessageRead {
+                conversation_id, ..
+            } if !self.held.is_empty() => {
+                self.fill_held(Some(*conversation_id)).await?;
+                self.feed_text(d.frame()).await
+            }
+            Event::Notification { .. } if !self.held.is_empty() => {
+                self.fill_held(None).await?;
                 self.feed_text(d.frame()).await
             }
             Event::AccountDeactivated { .. } => Ok(()),
@@ -1155,9 +1174,15 @@ impl Writer<'_> {
         Ok(())
     }
 
-    /// Sends every held message, each after what precedes it read from the store.
-    async fn fill_held(&mut self) -> Result<(), Stop> {
-        while let Some((conv, _)) = self.held.first().and_then(|d| held_seq(d)) {
+    /// Sends every held message (of conversation `only`, when given), each after what
+    /// precedes it read from the store.
+    async fn fill_held(&mut self, only: Option<ConversationId>) -> Result<(), Stop> {
+        while let Some((conv, _)) = self
+            .held
+            .iter()
+            .filter_map(|d| held_seq(d))
+            .find(|&(c, _)| only.is_none_or(|o| o == c))
+        {
             let first = self
                 .held
                 .iter()

@@ -984,7 +984,7 @@ async fn a_long_message_arrives_whole() {
     let (alice, bob, conv) = alice_and_bob(&s).await;
     let mut a = s.connect(&alice).await;
     let mut b = s.connect(&bob).await;
-    // 3,900 characters, accents included: several fragments.
+    // 3,840 characters (3,900 bytes, accents included): several fragments.
     let text = "Feu de broussailles, secteur Sainte-Victoire : renfort demandé. ".repeat(60);
     let ack = a
         .ok("send", json!({"conversation_id": conv, "content": text}))
