@@ -462,15 +462,11 @@ fn fragments(text: &str, max: usize) -> Vec<Frame> {
     frames
 }
 
-/// The conversation and `seq` of a held message.
-fn held_seq(d: &Delivery) -> Option<(ConversationId, i64)> {
-    match &d.envelope.event {
-        Event::NewMessage {
-            conversation_id,
-            message,
-        } => Some((*conversation_id, message.seq)),
-        _ => None,
-    }
+/// A `new_message` held until its predecessors are sent (see [`Writer::deliver`]).
+struct Held {
+    conv: ConversationId,
+    seq: i64,
+    delivery: Arc<Delivery>,
 }
 
 /// A token expiry (seconds since the epoch) as a deadline on the monotonic clock.
@@ -910,7 +906,7 @@ struct Writer<'a> {
     floors: HashMap<ConversationId, i64>,
     /// Messages that arrived ahead of the next one expected in their conversation,
     /// held until the end of the batch (at most [`HELD`]).
-    held: Vec<Arc<Delivery>>,
+    held: Vec<Held>,
 }
 
 /// Why writing stopped.
@@ -1108,7 +1104,11 @@ impl Writer<'_> {
                         match self.cursors.get(&conv).copied() {
                             Some(c) if message.seq == c + 1 => {}
                             Some(c) if message.seq > c => {
-                                self.held.push(d.clone());
+                                self.held.push(Held {
+                                    conv,
+                                    seq: message.seq,
+                                    delivery: d.clone(),
+                                });
                                 return Ok(());
                             }
                             // Sent meanwhile, or the conversation is no longer visible.
@@ -1128,8 +1128,7 @@ impl Writer<'_> {
                 if removed.contains(&self.actor.user_id) {
                     self.cursors.remove(conversation_id);
                     self.floors.remove(conversation_id);
-                    self.held
-                        .retain(|d| held_seq(d).is_none_or(|(c, _)| c != *conversation_id));
+                    self.held.retain(|h| h.conv != *conversation_id);
                 }
                 self.feed_text(d.frame()).await
             }
@@ -1155,21 +1154,19 @@ impl Writer<'_> {
     async fn release_held(&mut self, conv: ConversationId) -> Result<(), Stop> {
         while !self.held.is_empty() {
             let cursor = self.cursors.get(&conv).copied();
-            self.held.retain(|d| match held_seq(d) {
-                Some((c, seq)) if c == conv => cursor.is_some_and(|at| seq > at),
-                _ => true,
-            });
+            self.held
+                .retain(|h| h.conv != conv || cursor.is_some_and(|at| h.seq > at));
             let Some(at) = cursor else { break };
             let Some(i) = self
                 .held
                 .iter()
-                .position(|d| held_seq(d) == Some((conv, at + 1)))
+                .position(|h| h.conv == conv && h.seq == at + 1)
             else {
                 break;
             };
-            let d = self.held.swap_remove(i);
+            let held = self.held.swap_remove(i);
             self.cursors.insert(conv, at + 1);
-            self.feed_text(d.frame()).await?;
+            self.feed_text(held.delivery.frame()).await?;
         }
         Ok(())
     }
@@ -1177,27 +1174,22 @@ impl Writer<'_> {
     /// Sends every held message (of conversation `only`, when given), each after what
     /// precedes it read from the store.
     async fn fill_held(&mut self, only: Option<ConversationId>) -> Result<(), Stop> {
-        while let Some((conv, _)) = self
+        while let Some(conv) = self
             .held
             .iter()
-            .filter_map(|d| held_seq(d))
-            .find(|&(c, _)| only.is_none_or(|o| o == c))
+            .map(|h| h.conv)
+            .find(|c| only.is_none_or(|o| o == *c))
         {
-            let first = self
-                .held
-                .iter()
-                .filter_map(|d| held_seq(d))
-                .filter(|&(c, _)| c == conv)
-                .map(|(_, seq)| seq)
-                .min()
-                .unwrap_or_default();
+            let first = self.held.iter().filter(|h| h.conv == conv).map(|h| h.seq);
+            let first = first.min().expect("one held message of conv");
             if let Some(at) = self.cursors.get(&conv).copied()
                 && first > at + 1
                 && self.replay(conv, at, Some(first - 1)).await?
             {
-                // The live message goes out even if the store lacked some before it.
-                let at = self.cursors.get(&conv).copied().unwrap_or(first - 1);
-                self.cursors.insert(conv, at.max(first - 1));
+                // The live message goes out even if the store lacked some before it
+                // (the replay keeps the cursor when it can see the conversation).
+                let at = self.cursors.entry(conv).or_insert(first - 1);
+                *at = (*at).max(first - 1);
             }
             self.release_held(conv).await?;
         }
