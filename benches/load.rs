@@ -106,6 +106,8 @@ const CONNECT_CONCURRENCY: usize = 128;
 /// How long opening one connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// What every message says after its measurement fields.
+/// The idle scenario's long message, repeated 60 times.
+const LONG: &str = "Feu de broussailles, secteur Sainte-Victoire : renfort demande. ";
 const TEXT: &str = "Départ VSAV pour un secours à personne, CIS Aix";
 const PASSWORD: &str = "Motdepasse-bench-42";
 
@@ -289,6 +291,8 @@ struct Shared {
     errors: AtomicU64,
     /// Connections the server closed, and connections that broke.
     closed: AtomicU64,
+    /// Deliveries of the idle scenario's long message ([`LONG`]).
+    long_delivered: AtomicU64,
     /// The first few errors and close codes, to print.
     notes: Mutex<Vec<String>>,
 }
@@ -318,6 +322,10 @@ impl Shared {
         let Some(at) = text.find(r#""content":""#) else {
             return;
         };
+        if text[at + 11..].starts_with(&LONG[..20]) {
+            self.long_delivered.fetch_add(1, Relaxed);
+            return;
+        }
         let mut fields = text[at + 11..].splitn(4, ' ');
         let mut next = || fields.next().and_then(|f| f.parse::<u64>().ok());
         let (Some(step), Some(i), Some(scheduled)) = (next(), next(), next()) else {
@@ -1135,7 +1143,7 @@ async fn idle_scenario(
     if failure.is_none() && !groups.is_empty() {
         // One long message in every group (3,840 characters, the most a message holds
         // is 4,000): each member's connection writes about 4 KiB once.
-        let long = "Feu de broussailles, secteur Sainte-Victoire : renfort demande. ".repeat(60);
+        let long = LONG.repeat(60);
         for (k, g) in groups.iter().enumerate() {
             let frame = format!(
                 r#"{{"v":1,"type":"send","id":{k},"conversation_id":"{}","content":"{long}"}}"#,
@@ -1145,10 +1153,12 @@ async fn idle_scenario(
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         let rss = nodes.rss_kib();
+        let expected: usize = groups.iter().map(|g| g.members.len()).sum();
         println!(
-            "after one message of {} bytes in each of the {} groups: {rss} KiB, {:.2} KiB per connection overall",
+            "after one message of {} bytes in each of the {} groups ({} of {expected} deliveries seen): {rss} KiB, {:.2} KiB per connection overall",
             long.len(),
             groups.len(),
+            shared.long_delivered.load(Relaxed),
             (rss as f64 - rss0 as f64) / connected.max(1) as f64
         );
     }
@@ -1345,6 +1355,7 @@ async fn run(cfg: &Config, dir: &Path, backend: &Backend) -> anyhow::Result<()> 
         steps,
         errors: AtomicU64::new(0),
         closed: AtomicU64::new(0),
+        long_delivered: AtomicU64::new(0),
         notes: Mutex::new(Vec::new()),
     });
 
