@@ -993,3 +993,59 @@ async fn a_long_message_arrives_whole() {
     assert_eq!(got["message"]["content"], text.as_str());
     assert_eq!(seq(&got), seq(&ack));
 }
+
+/// A read marker never overtakes a message held for a gap: published right after a
+/// message whose predecessor was not published, it reaches the client after both (the
+/// predecessor read from the store). On a current-thread runtime the two envelopes are
+/// queued before the connection's writer runs, so they land in one batch.
+#[tokio::test]
+async fn a_read_marker_waits_for_the_messages_held_before_it() {
+    use mindsp_core::events::{Envelope, Event};
+
+    let s = Server::start(config()).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let cid: mindsp_core::ConversationId = conv.parse().unwrap();
+    let mut b = s.connect(&bob).await;
+    let first = s
+        .state
+        .messaging
+        .send(&alice.actor, cid, "m0", None)
+        .await
+        .unwrap();
+    assert_eq!(b.next("new_message").await["message"]["content"], "m0");
+
+    // m1 and m2 stored by a service that publishes nothing; m2 alone is published.
+    let quiet = mindsp_core::Messaging::new(s.store.clone(), s.state.messaging.limits().clone());
+    quiet.send(&alice.actor, cid, "m1", None).await.unwrap();
+    let m2 = quiet.send(&alice.actor, cid, "m2", None).await.unwrap();
+    let m2 = m2.message().clone();
+    let to_bob = |event| Envelope::to_users(alice.actor.tenant_id, vec![bob.actor.user_id], event);
+    s.state
+        .realtime
+        .publish(to_bob(Event::NewMessage {
+            conversation_id: cid,
+            message: m2.clone(),
+        }))
+        .await;
+    s.state
+        .realtime
+        .publish(to_bob(Event::MessageRead {
+            conversation_id: cid,
+            user_id: alice.actor.user_id,
+            seq: m2.seq,
+            unread: None,
+        }))
+        .await;
+
+    let mut order = Vec::new();
+    while order.len() < 3 {
+        let f = b.next_any().await;
+        match f["type"].as_str().unwrap() {
+            "new_message" => order.push(f["message"]["content"].as_str().unwrap().to_owned()),
+            "message_read" => order.push("message_read".to_owned()),
+            _ => {}
+        }
+    }
+    assert_eq!(order, ["m1", "m2", "message_read"]);
+    assert_eq!(m2.seq, first.message().seq + 2);
+}
