@@ -96,6 +96,13 @@ pub enum Event {
         /// The unread count now.
         unread: i64,
     },
+    /// Events of these kinds (`type` values) may not have reached this connection: its
+    /// node lost its link to the other nodes for a moment. The client catches up (the
+    /// protocol document says how for each kind).
+    EventsSkipped {
+        /// The kinds that may be missing.
+        events: Vec<String>,
+    },
     /// A user was deactivated: their live connections must close. Never sent to
     /// clients as a frame; the connection is closed instead.
     AccountDeactivated {

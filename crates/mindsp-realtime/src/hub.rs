@@ -97,11 +97,27 @@ pub fn event_frame(event: &Event) -> String {
     })
 }
 
+/// The `type` of every event that goes from node to node: what [`Hub::events_lost`]
+/// says may be missing.
+pub const RELAYED_KINDS: &[&str] = &[
+    "new_message",
+    "message_read",
+    "typing",
+    "presence",
+    "conversation_updated",
+    "notification",
+    "notifications_read",
+    "notification_deleted",
+];
+
 /// One connection's queue, filled by the hub and emptied by the connection.
 struct Mailbox {
     queue: Queue<Arc<Delivery>>,
     /// Set when a typing or presence event was skipped for this connection.
     skipped: AtomicBool,
+    /// Set while an [`Event::EventsSkipped`] from [`Hub::events_lost`] waits in the
+    /// queue: one is enough, however often events are lost before it is taken.
+    lost: AtomicBool,
 }
 
 /// Slots a drained queue keeps rather than freeing (a busy connection would otherwise
@@ -120,12 +136,22 @@ pub struct Empty;
 impl Events {
     /// The next event, waiting for one. Cancel-safe.
     pub async fn recv(&mut self) -> Arc<Delivery> {
-        self.mailbox.queue.pop().await
+        let d = self.mailbox.queue.pop().await;
+        self.taken(d)
     }
 
     /// The next event, if one is queued.
     pub fn try_recv(&mut self) -> Result<Arc<Delivery>, Empty> {
-        self.mailbox.queue.try_pop().ok_or(Empty)
+        let d = self.mailbox.queue.try_pop().ok_or(Empty)?;
+        Ok(self.taken(d))
+    }
+
+    /// Events lost after this one is taken need another notice.
+    fn taken(&self, d: Arc<Delivery>) -> Arc<Delivery> {
+        if matches!(d.envelope.event, Event::EventsSkipped { .. }) {
+            self.mailbox.lost.store(false, Ordering::Relaxed);
+        }
+        d
     }
 
     /// Whether no event is queued.
@@ -248,6 +274,7 @@ impl Hub {
         let mailbox = Arc::new(Mailbox {
             queue: Queue::new(KEPT_SLOTS),
             skipped: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
         });
         let (close_tx, close_rx) = watch::channel(None);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -361,10 +388,7 @@ impl Hub {
                         slot.mailbox.skipped.store(true, Ordering::Relaxed);
                     }
                 } else if queue.try_push(delivery.clone(), self.capacity).is_err() {
-                    if slot.close.borrow().is_none() {
-                        self.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    slot.close(CloseReason::TooSlow);
+                    self.too_slow(slot);
                 }
             }
         };
@@ -378,6 +402,46 @@ impl Hub {
             }
             Audience::Tenant => users.values().for_each(push),
         }
+    }
+
+    /// Tells every local connection that events may have been lost on their way to this
+    /// node (its link to the other nodes broke, see `redis`): each is sent an
+    /// [`Event::EventsSkipped`] naming every kind of event that goes between nodes, in
+    /// its queue after what was delivered before, so that its client catches up. A
+    /// connection whose previous notice is still queued gets no second one.
+    pub fn events_lost(&self) {
+        let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        let events: Vec<String> = RELAYED_KINDS.iter().map(|k| (*k).to_owned()).collect();
+        for (tenant, users) in tenants.iter() {
+            let delivery = Arc::new(Delivery::new(Envelope {
+                tenant: *tenant,
+                audience: Audience::Tenant,
+                event: Event::EventsSkipped {
+                    events: events.clone(),
+                },
+            }));
+            for slot in users.values().flatten() {
+                if slot.mailbox.lost.swap(true, Ordering::Relaxed) {
+                    continue;
+                }
+                if slot
+                    .mailbox
+                    .queue
+                    .try_push(delivery.clone(), self.capacity)
+                    .is_err()
+                {
+                    self.too_slow(slot);
+                }
+            }
+        }
+    }
+
+    /// Closes a connection whose queue is full: its client does not read.
+    fn too_slow(&self, slot: &Slot) {
+        if slot.close.borrow().is_none() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        slot.close(CloseReason::TooSlow);
     }
 
     /// Asks every local connection of `user` to close.
@@ -434,6 +498,38 @@ mod tests {
                 state: TypingState::Start,
             },
         )
+    }
+
+    /// Every connection of every tenant is told, once while its notice waits, again
+    /// for losses after it was taken.
+    #[test]
+    fn lost_events_are_told_once_per_notice_taken() {
+        let hub = Hub::new(8);
+        let (t1, t2) = (TenantId::new(), TenantId::new());
+        let (mut a, _) = hub.register(t1, UserId::new()).unwrap();
+        let (mut b, _) = hub.register(t2, UserId::new()).unwrap();
+        let told = |c: &mut Connection| match c.events.try_recv().map(|d| d.frame().to_owned()) {
+            Ok(f) => f.starts_with(r#"{"v":1,"type":"events_skipped","events":["new_message""#),
+            Err(Empty) => false,
+        };
+        hub.events_lost();
+        hub.deliver(typing(t1, vec![a.user]));
+        hub.events_lost();
+        assert_eq!(
+            a.events.len(),
+            2,
+            "the notice, then typing; no second notice"
+        );
+        assert!(told(&mut a));
+        assert!(a.events.try_recv().is_ok());
+        assert!(told(&mut b));
+        assert!(b.events.is_empty());
+        hub.events_lost();
+        assert!(
+            told(&mut a),
+            "losses after the notice was taken are told again"
+        );
+        assert!(told(&mut b));
     }
 
     #[tokio::test]

@@ -15,13 +15,16 @@
 //!
 //! Pub/sub is at-most-once. `fred` reconnects by itself and [`SubscriberClient`]
 //! subscribes again after each reconnection; what was published in between is lost for
-//! this node. A lost `new_message` is not lost for clients: in a conversation where the
-//! connection has a cursor (it resumed, or saw a message live), the next message
-//! arrives with a `seq` beyond the cursor and the connection reads the missing ones
-//! from the store first (`mindsp-server`'s `ws` module); until such a next message, or
-//! if the connection had no cursor there, the client gets it by resuming. Typing, read receipts
-//! and presence changes published during the outage are lost (they are transient, and a
-//! `presence` query reads Redis).
+//! this node. So once subscribed again (and whenever the subscriber falls so far behind
+//! that envelopes are dropped), the node tells every local connection that events may
+//! be missing ([`Hub::events_lost`]: an `events_skipped` frame naming every kind), and
+//! clients catch up: `resume` for messages, a reload over HTTP for read markers,
+//! conversations and notifications, a `presence` query (which reads Redis), typing
+//! indicators cleared. Meanwhile a message is not lost either: in a conversation where
+//! the connection has a cursor, the next message arrives with a `seq` beyond it and the
+//! connection reads the missing ones from the store first (`mindsp-server`'s `ws`
+//! module). A deactivation published during the outage is caught by the server, which
+//! checks the account of every connection told to catch up.
 //!
 //! # Presence: [`RedisPresence`]
 //!
@@ -149,6 +152,7 @@ impl RedisBroker {
         let resubscriber = subscriber.manage_subscriptions();
         let feeder = {
             let channel = channel.clone();
+            let hub = hub.clone();
             tokio::spawn(async move {
                 loop {
                     match messages.recv().await {
@@ -164,24 +168,41 @@ impl RedisBroker {
                                 ),
                             }
                         }
-                        Err(RecvError::Lagged(n)) => tracing::warn!(
-                            dropped = n,
-                            "real-time subscriber fell behind; dropped envelopes (messages \
-                             are recovered from the store by gap filling)"
-                        ),
+                        Err(RecvError::Lagged(n)) => {
+                            tracing::warn!(
+                                dropped = n,
+                                "real-time subscriber fell behind and dropped envelopes; \
+                                 local clients are told to catch up"
+                            );
+                            hub.events_lost();
+                        }
                         Err(RecvError::Closed) => break,
                     }
                 }
             })
         };
         subscriber.subscribe(channel.as_str()).await?;
+        // Whatever was published while the subscriber was away never reaches this node:
+        // once subscribed again, every local client is told to catch up.
         let reconnects = {
             let mut rx = subscriber.reconnect_rx();
+            let (subscriber, channel) = (subscriber.clone(), channel.clone());
             tokio::spawn(async move {
                 while rx.recv().await.is_ok() {
-                    tracing::info!(
-                        "real-time subscriber (re)connected to Redis; subscription restored"
-                    );
+                    // `manage_subscriptions` subscribes again too; this one is awaited,
+                    // so the clients catch up only from a live subscription.
+                    match subscriber.subscribe(channel.as_str()).await {
+                        Ok(()) => tracing::info!(
+                            "real-time subscriber reconnected to Redis; local clients are \
+                             told to catch up"
+                        ),
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "real-time subscriber reconnected but could not subscribe; \
+                             local clients are told to catch up"
+                        ),
+                    }
+                    hub.events_lost();
                 }
             })
         };

@@ -1143,8 +1143,34 @@ impl Writer<'_> {
                 self.fill_held(None).await?;
                 self.feed_text(d.frame()).await
             }
+            // The node may have missed anything, a deactivation included: the account
+            // is checked before the client is told to catch up.
+            Event::EventsSkipped { .. } => {
+                if !self.account_active().await {
+                    return Err(Stop::Hub(CloseReason::Deactivated));
+                }
+                self.fill_held(None).await?;
+                self.feed_text(d.frame()).await
+            }
             Event::AccountDeactivated { .. } => Ok(()),
             _ => self.feed_text(d.frame()).await,
+        }
+    }
+
+    /// Whether the connection's account still exists and is active; true when the store
+    /// cannot say (logged: the connection is not cut for a storage fault).
+    async fn account_active(&self) -> bool {
+        let (tenant, user) = (self.actor.tenant_id, self.actor.user_id);
+        let found = match self.state.messaging.store().read(tenant).await {
+            Ok(mut tx) => tx.user(user).await,
+            Err(e) => Err(e),
+        };
+        match found {
+            Ok(found) => found.is_some_and(|u| u.active),
+            Err(e) => {
+                tracing::warn!(error = %e, user = %user, "cannot check an account; connection kept");
+                true
+            }
         }
     }
 

@@ -1049,3 +1049,39 @@ async fn a_read_marker_waits_for_the_messages_held_before_it() {
     assert_eq!(order, ["m1", "m2", "message_read"]);
     assert_eq!(m2.seq, first.message().seq + 2);
 }
+
+/// A connection told that events may be missing (its node lost its link to the other
+/// nodes, `Hub::events_lost`) gets `events_skipped` naming every kind, after checking
+/// its account: a deactivation lost on its way closes the socket then with 4003.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn told_events_were_lost_a_connection_checks_its_account_and_catches_up() {
+    let s = Server::start(config()).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let mut a = s.connect(&alice).await;
+    let mut b = s.connect(&bob).await;
+    // Bob is deactivated in the store, and the event that would close his socket is lost
+    // (nothing is published).
+    let mut tx = s.store.begin(bob.actor.tenant_id).await.unwrap();
+    tx.set_user_active(bob.actor.user_id, false).await.unwrap();
+    tx.commit().await.unwrap();
+    b.ok("ping", json!({})).await;
+
+    s.state.realtime.hub().events_lost();
+    let told = a.next("events_skipped").await;
+    let kinds: Vec<&str> = told["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, mindsp_realtime::hub::RELAYED_KINDS);
+    assert_eq!(b.close_code().await, Some(4003));
+    // Alice's connection carries on.
+    let sent = a
+        .ok(
+            "send",
+            json!({"conversation_id": conv, "content": "toujours là"}),
+        )
+        .await;
+    assert_eq!(sent["message"]["content"], "toujours là");
+}
