@@ -26,6 +26,13 @@
 //! module). A deactivation published during the outage is caught by the server, which
 //! checks the account of every connection told to catch up.
 //!
+//! Nothing waits for Redis to come back: every command gives up after
+//! [`RedisConfig::command_timeout`], and at once while the client is reconnecting (a
+//! publish is awaited before the sender's acknowledgement, presence before a
+//! connection's first frame). An envelope that cannot be published is delivered to this
+//! node's own connections, so that people on one node keep talking live through an
+//! outage.
+//!
 //! # Presence: [`RedisPresence`]
 //!
 //! Each node counts its connections per (tenant, user) in memory and writes to Redis
@@ -88,16 +95,22 @@ pub struct RedisConfig {
     /// A node silent this long is dead: its users turn offline. Same on every node;
     /// longer than `heartbeat` (two or three heartbeats).
     pub window: Duration,
+    /// Longest wait for one Redis command. A publish is awaited after the commit, before
+    /// the sender's acknowledgement: without a bound, a Redis that stops answering
+    /// would hold every send (and every connection's opening) until it came back.
+    pub command_timeout: Duration,
 }
 
 impl RedisConfig {
-    /// Defaults for `url`: [`DEFAULT_PREFIX`], a 3 s heartbeat and a 10 s window.
+    /// Defaults for `url`: [`DEFAULT_PREFIX`], a 3 s heartbeat, a 10 s window and a 1 s
+    /// command timeout.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             prefix: DEFAULT_PREFIX.to_owned(),
             heartbeat: Duration::from_secs(3),
             window: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -106,15 +119,16 @@ impl RedisConfig {
 /// dropped (and recovered by gap filling).
 const SUBSCRIBER_BUFFER: usize = 16 * 1024;
 
-fn builder(url: &str) -> Result<Builder, RedisError> {
-    let config = Config::from_url(url)?;
-    let mut builder = Builder::from_config(config);
+fn builder(config: &RedisConfig) -> Result<Builder, RedisError> {
+    let mut builder = Builder::from_config(Config::from_url(&config.url)?);
+    let timeout = config.command_timeout;
     builder
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(5);
         })
         .with_performance_config(|p| {
             p.broadcast_channel_capacity = SUBSCRIBER_BUFFER;
+            p.default_command_timeout = timeout;
         })
         // Forever, backing off up to 2 s: a node without Redis cannot fan out.
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
@@ -123,6 +137,7 @@ fn builder(url: &str) -> Result<Builder, RedisError> {
 
 /// Fan-out through one Redis pub/sub channel; see the [module documentation](self).
 pub struct RedisBroker {
+    hub: Arc<Hub>,
     client: Client,
     subscriber: SubscriberClient,
     channel: String,
@@ -141,7 +156,7 @@ impl RedisBroker {
     /// Connects a publishing and a subscribing connection and starts feeding `hub`.
     /// Returns once the subscription is active.
     pub async fn connect(hub: Arc<Hub>, config: &RedisConfig) -> Result<Self, RedisError> {
-        let builder = builder(&config.url)?;
+        let builder = builder(config)?;
         let client = builder.build()?;
         client.init().await?;
         let subscriber = builder.build_subscriber_client()?;
@@ -186,7 +201,7 @@ impl RedisBroker {
         // once subscribed again, every local client is told to catch up.
         let reconnects = {
             let mut rx = subscriber.reconnect_rx();
-            let (subscriber, channel) = (subscriber.clone(), channel.clone());
+            let (subscriber, channel, hub) = (subscriber.clone(), channel.clone(), hub.clone());
             tokio::spawn(async move {
                 while rx.recv().await.is_ok() {
                     // `manage_subscriptions` subscribes again too; this one is awaited,
@@ -207,6 +222,7 @@ impl RedisBroker {
             })
         };
         Ok(Self {
+            hub,
             client,
             subscriber,
             channel,
@@ -248,12 +264,22 @@ impl Broker for RedisBroker {
                 return;
             }
         };
-        if let Err(e) = self
-            .client
-            .publish::<i64, _, _>(self.channel.as_str(), payload)
-            .await
-        {
-            tracing::warn!(error = %e, "cannot publish to Redis; clients recover messages by resuming");
+        // While disconnected, fail at once rather than wait for the timeout.
+        let sent = if self.client.is_connected() {
+            self.client
+                .publish::<i64, _, _>(self.channel.as_str(), payload)
+                .await
+        } else {
+            Err(not_connected())
+        };
+        if let Err(e) = sent {
+            // This node's own connections get it anyway. Other nodes' clients are told
+            // to catch up when their subscription comes back (an outage breaks it);
+            // otherwise gap filling or their next `resume` brings a lost message. A
+            // publish that timed out may still go through later: a message then
+            // arrives twice here, and connections drop the second by its `seq`.
+            tracing::warn!(error = %e, "cannot publish to Redis; delivered on this node only");
+            self.hub.deliver(envelope);
         }
     }
 }
@@ -347,6 +373,11 @@ return out
 /// Most dead nodes one sweep handles (the next sweep takes the rest).
 const SWEEP_LIMIT: i64 = 16;
 
+/// The error of a command not sent because the client is reconnecting.
+fn not_connected() -> RedisError {
+    RedisError::new(fred::error::ErrorKind::IO, "not connected to Redis")
+}
+
 fn script(body: &str) -> String {
     format!("{NOW}{body}")
 }
@@ -437,6 +468,9 @@ impl Drop for RedisPresence {
 
 impl Shared {
     async fn eval(&self, body: &str, args: Vec<Value>) -> Result<Value, RedisError> {
+        if !self.client.is_connected() {
+            return Err(not_connected());
+        }
         self.client
             .eval(script(body), self.nodes_key.as_str(), args)
             .await

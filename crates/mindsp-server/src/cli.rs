@@ -226,12 +226,10 @@ async fn open_redis_realtime(
     if args.presence_window_secs <= args.presence_heartbeat_secs {
         bail!("MINDSP_PRESENCE_WINDOW_SECS must be longer than MINDSP_PRESENCE_HEARTBEAT_SECS");
     }
-    let config = mindsp_realtime::redis::RedisConfig {
-        url: url.to_owned(),
-        prefix: prefix.clone(),
-        heartbeat: Duration::from_secs(args.presence_heartbeat_secs),
-        window: Duration::from_secs(args.presence_window_secs),
-    };
+    let mut config = mindsp_realtime::redis::RedisConfig::new(url);
+    config.prefix = prefix.clone();
+    config.heartbeat = Duration::from_secs(args.presence_heartbeat_secs);
+    config.window = Duration::from_secs(args.presence_window_secs);
     let realtime = mindsp_realtime::Realtime::redis(&config, queue_capacity)
         .await
         .with_context(|| format!("cannot connect to Redis at {}", redact(url)))?;
