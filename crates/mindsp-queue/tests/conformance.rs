@@ -32,7 +32,9 @@ async fn reserve_before(q: &dyn JobQueue, retry_at: chrono::DateTime<Utc>) -> Op
     let began = Utc::now();
     let early = q.reserve(DEFAULT_QUEUE, 1, LEASE).await.unwrap();
     assert!(
-        early.is_empty() || began >= retry_at,
+        // Whole milliseconds: a queue that keeps times in ms makes the job due within the
+        // millisecond before `retry_at`.
+        early.is_empty() || began.timestamp_millis() >= retry_at.timestamp_millis(),
         "reserved before its retry time"
     );
     early.into_iter().next()

@@ -197,6 +197,8 @@ pub struct Hub {
     capacity: usize,
     dropped: AtomicU64,
     skipped: AtomicU64,
+    /// How many times [`Hub::events_lost`] was called.
+    losses: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -261,6 +263,7 @@ impl Hub {
             capacity: capacity.max(1),
             dropped: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+            losses: watch::Sender::new(0),
         })
     }
 
@@ -409,7 +412,10 @@ impl Hub {
     /// [`Event::EventsSkipped`] naming every kind of event that goes between nodes, in
     /// its queue after what was delivered before, so that its client catches up. A
     /// connection whose previous notice is still queued gets no second one.
+    /// Watchers of [`Hub::losses`] hear of each call (the server checks that the
+    /// connected accounts are still active: a deactivation may be among the lost).
     pub fn events_lost(&self) {
+        self.losses.send_modify(|n| *n += 1);
         let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
         let events: Vec<String> = RELAYED_KINDS.iter().map(|k| (*k).to_owned()).collect();
         for (tenant, users) in tenants.iter() {
@@ -442,6 +448,20 @@ impl Hub {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
         slot.close(CloseReason::TooSlow);
+    }
+
+    /// Changes with every call of [`Hub::events_lost`].
+    pub fn losses(&self) -> watch::Receiver<u64> {
+        self.losses.subscribe()
+    }
+
+    /// The users with a connection on this node, by tenant.
+    pub fn local_users(&self) -> Vec<(TenantId, Vec<UserId>)> {
+        let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
+        tenants
+            .iter()
+            .map(|(t, users)| (*t, users.keys().copied().collect()))
+            .collect()
     }
 
     /// Asks every local connection of `user` to close.
@@ -530,6 +550,19 @@ mod tests {
             "losses after the notice was taken are told again"
         );
         assert!(told(&mut b));
+        assert_eq!(*hub.losses().borrow(), 3);
+    }
+
+    /// A notice taken by the waiting `recv` clears the mark too.
+    #[tokio::test]
+    async fn a_notice_taken_by_recv_lets_the_next_loss_through() {
+        let hub = Hub::new(8);
+        let (mut a, _) = hub.register(TenantId::new(), UserId::new()).unwrap();
+        hub.events_lost();
+        let d = a.events.recv().await;
+        assert!(matches!(d.envelope.event, Event::EventsSkipped { .. }));
+        hub.events_lost();
+        assert_eq!(a.events.len(), 1, "told again");
     }
 
     #[tokio::test]

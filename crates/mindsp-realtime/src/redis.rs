@@ -13,26 +13,30 @@
 //! that user's first events. The hub drops envelopes of tenants it has no connection of
 //! with one map lookup.
 //!
-//! Pub/sub is at-most-once. `fred` reconnects by itself and [`SubscriberClient`]
-//! subscribes again after each reconnection; what was published in between is lost for
-//! this node. So once subscribed again (and whenever the subscriber falls so far behind
-//! that envelopes are dropped), the node tells every local connection that events may
-//! be missing ([`Hub::events_lost`]: an `events_skipped` frame naming every kind), and
-//! clients catch up: `resume` for messages, a reload over HTTP for read markers,
-//! conversations and notifications, a `presence` query (which reads Redis), typing
-//! indicators cleared. Meanwhile a message is not lost either: in a conversation where
-//! the connection has a cursor, the next message arrives with a `seq` beyond it and the
-//! connection reads the missing ones from the store first (`mindsp-server`'s `ws`
-//! module). A deactivation published during the outage is caught by the server, which
-//! checks the account of every connection told to catch up.
+//! Pub/sub is at-most-once. `fred` reconnects by itself and the broker subscribes again
+//! after each reconnection (retrying until Redis accepts); what was published in
+//! between is lost for this node. So once subscribed again, and whenever the subscriber
+//! fell so far behind that it dropped envelopes (once the rest is delivered), the node
+//! tells every local connection that events may be missing ([`Hub::events_lost`]: an
+//! `events_skipped` frame naming every kind), and clients catch up: `resume` for
+//! messages, a reload over HTTP for read markers, conversations and notifications, a
+//! `presence` query (which reads Redis), typing indicators cleared. Meanwhile a message
+//! is not lost either: in a conversation where the connection has a cursor, the next
+//! message arrives with a `seq` beyond it and the connection reads the missing ones
+//! from the store first (`mindsp-server`'s `ws` module). A deactivation among the lost
+//! events is caught by the server, which then checks the accounts of the users
+//! connected to the node.
 //!
 //! Nothing waits for Redis to come back: every command gives up after
 //! [`RedisConfig::command_timeout`], and at once while the client is reconnecting (a
 //! publish is awaited before the sender's acknowledgement, presence before a
 //! connection's first frame). An envelope that cannot be published is delivered to this
 //! node's own connections, so that people on one node keep talking live through an
-//! outage.
-//!
+//! outage; and once the node publishes again (its publishing connection is back, or a
+//! publish goes through), it first publishes `events_lost` instead of an envelope, so
+//! that every node tells its connections to catch up, even those whose subscription
+//! held.
+
 //! # Presence: [`RedisPresence`]
 //!
 //! Each node counts its connections per (tenant, user) in memory and writes to Redis
@@ -70,7 +74,7 @@ use fred::types::config::{Config, ReconnectPolicy};
 use fred::types::{Builder, Value};
 use mindsp_core::events::{Audience, Envelope, Event, PresenceStatus};
 use mindsp_core::{TenantId, UserId};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
@@ -141,7 +145,85 @@ pub struct RedisBroker {
     client: Client,
     subscriber: SubscriberClient,
     channel: String,
+    /// Something could not be published since the other nodes were last told.
+    unsent: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// Published on the channel instead of an envelope: "events published by a node did not
+/// go out". Every node then tells its connections to catch up.
+const UNSENT: &str = "events_lost";
+
+/// Delivers what the subscription brings to `hub`. When the subscriber fell behind and
+/// dropped envelopes, the connections are told once the rest is delivered (a notice
+/// before the envelopes still queued would have clients catch up from a state not
+/// delivered yet).
+async fn feed(
+    mut messages: broadcast::Receiver<fred::types::Message>,
+    channel: String,
+    hub: Arc<Hub>,
+) {
+    let mut lost = false;
+    loop {
+        match messages.recv().await {
+            Ok(m) if *m.channel == *channel => {
+                let payload = m.value.as_bytes().unwrap_or_default();
+                if payload == UNSENT.as_bytes() {
+                    tracing::info!(
+                        "another node could not publish; local clients are told to catch up"
+                    );
+                    hub.events_lost();
+                } else if let Ok(envelope) = serde_json::from_slice::<Envelope>(payload) {
+                    hub.deliver(envelope);
+                } else {
+                    tracing::warn!(channel = %channel, "ignoring a message that is not an envelope");
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    dropped = n,
+                    "real-time subscriber fell behind and dropped envelopes; local clients \
+                     will be told to catch up"
+                );
+                lost = true;
+            }
+            Err(RecvError::Closed) => return,
+        }
+        if lost && messages.is_empty() {
+            hub.events_lost();
+            lost = false;
+        }
+    }
+}
+
+/// Waits for the next event of a `fred` notification channel; false once it is closed.
+async fn next_event<T: Clone>(rx: &mut broadcast::Receiver<T>) -> bool {
+    !matches!(rx.recv().await, Err(RecvError::Closed))
+}
+
+/// Subscribes to `channel` again after a reconnection, retrying (backing off to 2 s)
+/// until Redis accepts: the clients are told to catch up only from a live subscription.
+async fn resubscribe(subscriber: &SubscriberClient, channel: &str) {
+    let mut wait = Duration::from_millis(50);
+    while let Err(e) = subscriber.subscribe(channel).await {
+        tracing::warn!(error = %e, "cannot subscribe to Redis again; retrying");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Tells every node, if something could not be published since they were last told.
+async fn announce_unsent(client: &Client, channel: &str, unsent: &AtomicBool) {
+    if !unsent.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    let told = client.is_connected() && client.publish::<i64, _, _>(channel, UNSENT).await.is_ok();
+    if told {
+        tracing::info!("told every node that some events could not be published");
+    } else {
+        unsent.store(true, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -162,62 +244,37 @@ impl RedisBroker {
         let subscriber = builder.build_subscriber_client()?;
         subscriber.init().await?;
         let channel = format!("{}events", config.prefix);
-        // Before subscribing, so nothing published after the subscription is missed.
-        let mut messages = subscriber.message_rx();
-        let resubscriber = subscriber.manage_subscriptions();
-        let feeder = {
-            let channel = channel.clone();
-            let hub = hub.clone();
-            tokio::spawn(async move {
-                loop {
-                    match messages.recv().await {
-                        Ok(m) => {
-                            if *m.channel != *channel {
-                                continue;
-                            }
-                            match m.value.as_bytes().map(serde_json::from_slice::<Envelope>) {
-                                Some(Ok(envelope)) => hub.deliver(envelope),
-                                _ => tracing::warn!(
-                                    channel = %channel,
-                                    "ignoring a message that is not an envelope"
-                                ),
-                            }
-                        }
-                        Err(RecvError::Lagged(n)) => {
-                            tracing::warn!(
-                                dropped = n,
-                                "real-time subscriber fell behind and dropped envelopes; \
-                                 local clients are told to catch up"
-                            );
-                            hub.events_lost();
-                        }
-                        Err(RecvError::Closed) => break,
-                    }
-                }
-            })
-        };
+        // Before subscribing, so that nothing published after the subscription is
+        // missed, and a reconnection right after it is seen.
+        let messages = subscriber.message_rx();
+        let mut reconnected = subscriber.reconnect_rx();
+        let feeder = tokio::spawn(feed(messages, channel.clone(), hub.clone()));
         subscriber.subscribe(channel.as_str()).await?;
         // Whatever was published while the subscriber was away never reaches this node:
         // once subscribed again, every local client is told to catch up.
-        let reconnects = {
-            let mut rx = subscriber.reconnect_rx();
+        let resubscriber = {
             let (subscriber, channel, hub) = (subscriber.clone(), channel.clone(), hub.clone());
             tokio::spawn(async move {
-                while rx.recv().await.is_ok() {
-                    // `manage_subscriptions` subscribes again too; this one is awaited,
-                    // so the clients catch up only from a live subscription.
-                    match subscriber.subscribe(channel.as_str()).await {
-                        Ok(()) => tracing::info!(
-                            "real-time subscriber reconnected to Redis; local clients are \
-                             told to catch up"
-                        ),
-                        Err(e) => tracing::warn!(
-                            error = %e,
-                            "real-time subscriber reconnected but could not subscribe; \
-                             local clients are told to catch up"
-                        ),
-                    }
+                while next_event(&mut reconnected).await {
+                    resubscribe(&subscriber, &channel).await;
+                    tracing::info!(
+                        "real-time subscriber reconnected to Redis; local clients are told \
+                         to catch up"
+                    );
                     hub.events_lost();
+                }
+            })
+        };
+        // What this node could not publish never reached the others: once its
+        // publishing connection is back, every node is told (the next publish tells
+        // them too, if it comes first).
+        let unsent = Arc::new(AtomicBool::new(false));
+        let announcer = {
+            let mut reconnected = client.reconnect_rx();
+            let (client, channel, unsent) = (client.clone(), channel.clone(), unsent.clone());
+            tokio::spawn(async move {
+                while next_event(&mut reconnected).await {
+                    announce_unsent(&client, &channel, &unsent).await;
                 }
             })
         };
@@ -226,7 +283,8 @@ impl RedisBroker {
             client,
             subscriber,
             channel,
-            tasks: vec![feeder, resubscriber, reconnects],
+            unsent,
+            tasks: vec![feeder, resubscriber, announcer],
         })
     }
 
@@ -264,6 +322,7 @@ impl Broker for RedisBroker {
                 return;
             }
         };
+        announce_unsent(&self.client, &self.channel, &self.unsent).await;
         // While disconnected, fail at once rather than wait for the timeout.
         let sent = if self.client.is_connected() {
             self.client
@@ -273,12 +332,12 @@ impl Broker for RedisBroker {
             Err(not_connected())
         };
         if let Err(e) = sent {
-            // This node's own connections get it anyway. Other nodes' clients are told
-            // to catch up when their subscription comes back (an outage breaks it);
-            // otherwise gap filling or their next `resume` brings a lost message. A
-            // publish that timed out may still go through later: a message then
-            // arrives twice here, and connections drop the second by its `seq`.
+            // This node's own connections get it anyway; the other nodes are told that
+            // something did not go out once publishing works again. A publish that timed
+            // out may still go through later: a message then arrives twice here, and
+            // connections drop the second by its `seq`.
             tracing::warn!(error = %e, "cannot publish to Redis; delivered on this node only");
+            self.unsent.store(true, Ordering::SeqCst);
             self.hub.deliver(envelope);
         }
     }

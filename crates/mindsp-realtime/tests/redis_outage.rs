@@ -1,9 +1,7 @@
-//! A node whose subscription to Redis breaks tells its connections to catch up, against
-//! a real Redis (`MINDSP_TEST_REDIS_URL`; skipped with a message otherwise).
-//!
-//! A test binary of its own: it kills every pub/sub connection of the Redis server,
-//! which would disturb the other Redis tests if they ran beside it (cargo runs test
-//! binaries one after another).
+//! Redis outages: a node whose subscription breaks, whose publishes fail, or whose
+//! Redis stops, against private `redis-server` processes on free loopback ports (one
+//! per test, killed, paused and restarted by it). Runs where `MINDSP_TEST_REDIS_URL` is
+//! set (Redis is installed there); skipped with a message otherwise.
 
 use std::time::Duration;
 
@@ -16,14 +14,58 @@ use mindsp_realtime::redis::RedisConfig;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// A node of its own on a private Redis server (see [`PrivateRedis`]), with short
+/// timeouts; `None` (with a message) when the test cannot run here.
+async fn private_node() -> Option<(PrivateRedis, RedisConfig)> {
+    if std::env::var("MINDSP_TEST_REDIS_URL").is_err() {
+        eprintln!("skipped: set MINDSP_TEST_REDIS_URL to run the Redis outage tests");
+        return None;
+    }
+    let redis = PrivateRedis::start()?;
+    let mut config = RedisConfig::new(format!("redis://127.0.0.1:{}", redis.port));
+    config.heartbeat = Duration::from_millis(200);
+    config.window = Duration::from_millis(600);
+    config.command_timeout = Duration::from_millis(300);
+    Some((redis, config))
+}
+
+/// A client of the private server, for commands the test gives it.
+async fn admin(config: &RedisConfig) -> fred::clients::Client {
+    let client = fred::types::Builder::from_config(
+        fred::types::config::Config::from_url(&config.url).unwrap(),
+    )
+    .build()
+    .unwrap();
+    client.init().await.unwrap();
+    client
+}
+
+async fn next(conn: &mut mindsp_realtime::Connection, what: &str) -> Event {
+    tokio::time::timeout(WAIT, conn.events.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what}"))
+        .envelope
+        .event
+        .clone()
+}
+
+fn typing(tenant: TenantId, to: UserId, state: TypingState) -> Envelope {
+    Envelope::to_users(
+        tenant,
+        vec![to],
+        Event::Typing {
+            conversation_id: ConversationId::new(),
+            user_id: UserId::new(),
+            state,
+        },
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_subscription_tells_every_connection_to_catch_up() {
-    let Ok(url) = std::env::var("MINDSP_TEST_REDIS_URL") else {
-        eprintln!("skipped: set MINDSP_TEST_REDIS_URL to run the Redis outage test");
+    let Some((_redis, config)) = private_node().await else {
         return;
     };
-    let mut config = RedisConfig::new(url.clone());
-    config.prefix = format!("{{mindsp-test-{}}}:rt:", uuid::Uuid::new_v4().simple());
     let node = Realtime::redis(&config, 64)
         .await
         .expect("connect to Redis");
@@ -33,28 +75,11 @@ async fn a_broken_subscription_tells_every_connection_to_catch_up() {
     let (mut elsewhere, _) = node.hub().register(other_tenant, other).unwrap();
 
     // Nothing to catch up while the subscription holds.
-    let typing = |state| {
-        Envelope::to_users(
-            tenant,
-            vec![user],
-            Event::Typing {
-                conversation_id: ConversationId::new(),
-                user_id: other,
-                state,
-            },
-        )
-    };
-    node.publish(typing(TypingState::Start)).await;
-    let first = tokio::time::timeout(WAIT, conn.events.recv())
-        .await
-        .expect("the typing event arrives");
-    assert!(matches!(first.envelope.event, Event::Typing { .. }));
+    node.publish(typing(tenant, user, TypingState::Start)).await;
+    let first = next(&mut conn, "the typing event arrives").await;
+    assert!(matches!(first, Event::Typing { .. }));
 
-    let admin =
-        fred::types::Builder::from_config(fred::types::config::Config::from_url(&url).unwrap())
-            .build()
-            .unwrap();
-    admin.init().await.unwrap();
+    let admin = admin(&config).await;
     let killed: i64 = admin
         .custom(
             fred::cmd!("CLIENT"),
@@ -62,7 +87,7 @@ async fn a_broken_subscription_tells_every_connection_to_catch_up() {
         )
         .await
         .unwrap();
-    assert!(killed >= 1, "the node's subscriber was connected");
+    assert_eq!(killed, 1, "the node's subscriber");
 
     // Every connection, of every tenant, is told; then live events flow again.
     for c in [&mut conn, &mut elsewhere] {
@@ -78,17 +103,58 @@ async fn a_broken_subscription_tells_every_connection_to_catch_up() {
                 .starts_with(r#"{"v":1,"type":"events_skipped","events":["new_message""#)
         );
     }
-    node.publish(typing(TypingState::Stop)).await;
-    let after = tokio::time::timeout(WAIT, conn.events.recv())
-        .await
-        .expect("live events reach the node again");
+    node.publish(typing(tenant, user, TypingState::Stop)).await;
+    let after = next(&mut conn, "live events reach the node again").await;
     assert!(matches!(
-        after.envelope.event,
+        after,
         Event::Typing {
             state: TypingState::Stop,
             ..
         }
     ));
+    let _ = admin.quit().await;
+}
+
+/// A node whose publish fails while the other node's subscription holds (Redis paused
+/// for writes: `CLIENT PAUSE ... WRITE` holds `PUBLISH` too) tells every node once it
+/// publishes again, so the other node's connections catch up as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_failed_is_announced_to_every_node_once_publishing_works() {
+    let Some((_redis, config)) = private_node().await else {
+        return;
+    };
+    let a = Realtime::redis(&config, 64).await.expect("node a");
+    let b = Realtime::redis(&config, 64).await.expect("node b");
+    let tenant = TenantId::new();
+    let (on_a, on_b) = (UserId::new(), UserId::new());
+    let (mut conn_a, _) = a.hub().register(tenant, on_a).unwrap();
+    let (mut conn_b, _) = b.hub().register(tenant, on_b).unwrap();
+
+    let admin = admin(&config).await;
+    let _: String = admin
+        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "1500", "WRITE"])
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, a.publish(typing(tenant, on_a, TypingState::Start)))
+        .await
+        .expect("the publish gives up");
+    let local = next(&mut conn_a, "delivered on its own node").await;
+    assert!(matches!(local, Event::Typing { .. }));
+    // Once Redis takes writes again, the next publish goes out after the announcement.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    a.publish(typing(tenant, on_b, TypingState::Stop)).await;
+    let mut told = false;
+    loop {
+        match next(&mut conn_b, "node b hears of the failed publish").await {
+            Event::EventsSkipped { .. } => told = true,
+            Event::Typing {
+                state: TypingState::Stop,
+                ..
+            } => break,
+            _ => {}
+        }
+    }
+    assert!(told, "node b's connection was told before the next event");
     let _ = admin.quit().await;
 }
 
@@ -151,35 +217,16 @@ impl Drop for PrivateRedis {
 /// Redis again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_blocks_nobody_and_ends_with_a_notice() {
-    if std::env::var("MINDSP_TEST_REDIS_URL").is_err() {
-        eprintln!("skipped: set MINDSP_TEST_REDIS_URL to run the Redis outage tests");
-        return;
-    }
-    let Some(mut redis) = PrivateRedis::start() else {
+    let Some((mut redis, config)) = private_node().await else {
         return;
     };
-    let mut config = RedisConfig::new(format!("redis://127.0.0.1:{}", redis.port));
-    config.heartbeat = Duration::from_millis(200);
-    config.window = Duration::from_millis(600);
     let node = Realtime::redis(&config, 64)
         .await
         .expect("connect to Redis");
     let (tenant, user) = (TenantId::new(), UserId::new());
     let (mut conn, _) = node.hub().register(tenant, user).unwrap();
-    let typing = |state| {
-        Envelope::to_users(
-            tenant,
-            vec![user],
-            Event::Typing {
-                conversation_id: ConversationId::new(),
-                user_id: UserId::new(),
-                state,
-            },
-        )
-    };
-
     redis.kill();
-    tokio::time::timeout(WAIT, node.publish(typing(TypingState::Start)))
+    tokio::time::timeout(WAIT, node.publish(typing(tenant, user, TypingState::Start)))
         .await
         .expect("publishing returns while Redis is down");
     let local = tokio::time::timeout(WAIT, conn.events.recv())
@@ -206,7 +253,7 @@ async fn a_redis_outage_blocks_nobody_and_ends_with_a_notice() {
     // Through Redis again (a publish may still fail until the publishing connection
     // is back: then it comes locally, which this check does not tell apart, so the
     // notice above is what shows the subscription is back).
-    node.publish(typing(TypingState::Stop)).await;
+    node.publish(typing(tenant, user, TypingState::Stop)).await;
     let after = tokio::time::timeout(WAIT, conn.events.recv())
         .await
         .expect("events flow again");

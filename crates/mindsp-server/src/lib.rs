@@ -120,7 +120,9 @@ impl AppState {
     }
 
     /// Wires the service over a store, a job queue (if any) and a real-time stack of
-    /// the caller's choice (another broker, say).
+    /// the caller's choice (another broker, say). Called within a tokio runtime, it also
+    /// starts the task that closes the connections of deactivated users after events
+    /// were lost on their way to this node (see `Hub::events_lost`).
     pub fn assemble(
         store: Arc<dyn Store>,
         jobs: Option<Arc<dyn JobQueue>>,
@@ -142,13 +144,15 @@ impl AppState {
             .with_publisher(realtime.publisher())
             .with_notifier(notifier.clone());
         let tokens = Tokens::new(&config.jwt_secret, config.token_ttl);
+        let sockets = Arc::new(ws::Shared {
+            messaging: messaging.clone(),
+            tokens: tokens.clone(),
+            realtime: realtime.clone(),
+            ws: config.ws.clone(),
+        });
+        ws::check_accounts_after_losses(&sockets);
         Self {
-            sockets: Arc::new(ws::Shared {
-                messaging: messaging.clone(),
-                tokens: tokens.clone(),
-                realtime: realtime.clone(),
-                ws: config.ws.clone(),
-            }),
+            sockets,
             messaging,
             notifier,
             training,

@@ -13,7 +13,7 @@
 //!   the hub (with the per-conversation cursors that make delivery gap-free and
 //!   duplicate-free), resume replays, pings, and the close frame.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -418,6 +418,49 @@ async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: Socket) {
     }))
     .await;
     let _ = tokio::time::timeout(linger, socket.get_mut().shutdown()).await;
+}
+
+/// Users checked per read by [`check_accounts_after_losses`].
+const ACCOUNT_CHECK_CHUNK: usize = 500;
+
+/// After each loss of events on their way to this node (`Hub::events_lost`: its link to
+/// the other nodes broke), closes with 4003 the connections of users who are no longer
+/// active, since a deactivation may have been among the lost events. One read per
+/// tenant with connections here (per [`ACCOUNT_CHECK_CHUNK`] users), not one per
+/// connection. Needs a tokio runtime (none: nothing is started); ends with the state.
+pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let mut losses = shared.realtime.hub().losses();
+    let shared = Arc::downgrade(shared);
+    runtime.spawn(async move {
+        while losses.changed().await.is_ok() {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let hub = shared.realtime.hub();
+            for (tenant, users) in hub.local_users() {
+                for users in users.chunks(ACCOUNT_CHECK_CHUNK) {
+                    let active = match shared.messaging.store().read(tenant).await {
+                        Ok(mut tx) => tx.active_users_among(users).await,
+                        Err(e) => Err(e),
+                    };
+                    let active: HashSet<UserId> = match active {
+                        Ok(active) => active.into_iter().collect(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, tenant = %tenant, "cannot check accounts after lost events; connections kept");
+                            continue;
+                        }
+                    };
+                    for user in users.iter().filter(|u| !active.contains(u)) {
+                        tracing::info!(user = %user, "account no longer active: its connections close");
+                        hub.close_user(tenant, *user, CloseReason::Deactivated);
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Who is told when `actor` comes online or goes offline: the people who share a
@@ -1143,34 +1186,13 @@ impl Writer<'_> {
                 self.fill_held(None).await?;
                 self.feed_text(d.frame()).await
             }
-            // The node may have missed anything, a deactivation included: the account
-            // is checked before the client is told to catch up.
+            // The client catches up from what it has: held messages go out first.
             Event::EventsSkipped { .. } => {
-                if !self.account_active().await {
-                    return Err(Stop::Hub(CloseReason::Deactivated));
-                }
                 self.fill_held(None).await?;
                 self.feed_text(d.frame()).await
             }
             Event::AccountDeactivated { .. } => Ok(()),
             _ => self.feed_text(d.frame()).await,
-        }
-    }
-
-    /// Whether the connection's account still exists and is active; true when the store
-    /// cannot say (logged: the connection is not cut for a storage fault).
-    async fn account_active(&self) -> bool {
-        let (tenant, user) = (self.actor.tenant_id, self.actor.user_id);
-        let found = match self.state.messaging.store().read(tenant).await {
-            Ok(mut tx) => tx.user(user).await,
-            Err(e) => Err(e),
-        };
-        match found {
-            Ok(found) => found.is_some_and(|u| u.active),
-            Err(e) => {
-                tracing::warn!(error = %e, user = %user, "cannot check an account; connection kept");
-                true
-            }
         }
     }
 

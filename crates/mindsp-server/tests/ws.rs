@@ -1050,11 +1050,12 @@ async fn a_read_marker_waits_for_the_messages_held_before_it() {
     assert_eq!(m2.seq, first.message().seq + 2);
 }
 
-/// A connection told that events may be missing (its node lost its link to the other
-/// nodes, `Hub::events_lost`) gets `events_skipped` naming every kind, after checking
-/// its account: a deactivation lost on its way closes the socket then with 4003.
+/// When events may have been lost on their way to a node (it lost its link to the other
+/// nodes, `Hub::events_lost`), its connections get `events_skipped` naming every kind,
+/// and the node checks the accounts connected to it: a deactivation lost on its way
+/// closes that user's sockets then, with 4003.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn told_events_were_lost_a_connection_checks_its_account_and_catches_up() {
+async fn events_lost_on_the_way_close_deactivated_accounts_and_clients_catch_up() {
     let s = Server::start(config()).await;
     let (alice, bob, conv) = alice_and_bob(&s).await;
     let mut a = s.connect(&alice).await;
