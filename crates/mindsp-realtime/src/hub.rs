@@ -553,6 +553,40 @@ mod tests {
         assert_eq!(*hub.losses().borrow(), 3);
     }
 
+    /// The kind of `event` if it goes from node to node and clients can miss it. The
+    /// match is exhaustive on purpose: a new kind of event does not compile here until
+    /// it is classified, and listed in [`RELAYED_KINDS`] if relayed.
+    fn relayed_kind(event: &Event) -> Option<&'static str> {
+        match event {
+            Event::NewMessage { .. } => Some("new_message"),
+            Event::MessageRead { .. } => Some("message_read"),
+            Event::Typing { .. } => Some("typing"),
+            Event::Presence { .. } => Some("presence"),
+            Event::ConversationUpdated { .. } => Some("conversation_updated"),
+            Event::Notification { .. } => Some("notification"),
+            Event::NotificationsRead { .. } => Some("notifications_read"),
+            Event::NotificationDeleted { .. } => Some("notification_deleted"),
+            // The notice itself, and a close that is never a frame.
+            Event::EventsSkipped { .. } | Event::AccountDeactivated { .. } => None,
+        }
+    }
+
+    #[test]
+    fn relayed_kinds_are_the_frames_types() {
+        let event = typing(TenantId::new(), Vec::new()).event;
+        let kind = relayed_kind(&event).unwrap();
+        assert!(RELAYED_KINDS.contains(&kind));
+        let frame = Delivery::new(typing(TenantId::new(), Vec::new()))
+            .frame()
+            .to_owned();
+        assert!(frame.contains(&format!(r#""type":"{kind}""#)), "{frame}");
+        assert_eq!(
+            RELAYED_KINDS.len(),
+            8,
+            "one per relayed variant of relayed_kind"
+        );
+    }
+
     /// A notice taken by the waiting `recv` clears the mark too.
     #[tokio::test]
     async fn a_notice_taken_by_recv_lets_the_next_loss_through() {
