@@ -134,7 +134,8 @@ impl Realtime {
     }
 
     /// Unregisters a connection and, when it was the user's last, tells `watchers`
-    /// (awaited only then).
+    /// (awaited only then). Once [`Realtime::shutdown`] was called, only unregisters:
+    /// presence is left to the nodes that stay.
     pub async fn close(
         &self,
         conn: Connection,
@@ -142,6 +143,9 @@ impl Realtime {
     ) {
         let (tenant, user) = (conn.tenant, conn.user);
         drop(conn);
+        if self.hub.is_closing() {
+            return;
+        }
         if let Some(seen) = self.presence.disconnected(tenant, user).await {
             self.presence_changed(
                 tenant,
@@ -152,6 +156,16 @@ impl Realtime {
             )
             .await;
         }
+    }
+
+    /// Refuses new connections, asks every live one to close (1012: reconnect
+    /// elsewhere), and leaves this node's users' presence to the nodes that stay
+    /// ([`Presence::leaving`]): a rolling restart does not show everyone offline then
+    /// online again to their colleagues, and nobody is left online for long (with Redis,
+    /// the other nodes' sweep turns offline whoever did not reconnect).
+    pub async fn shutdown(&self) {
+        self.hub.shutdown();
+        self.presence.leaving().await;
     }
 
     /// The presence of `users` of `tenant`.

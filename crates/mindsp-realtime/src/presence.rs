@@ -35,6 +35,11 @@ pub trait Presence: Send + Sync + 'static {
     async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<DateTime<Utc>>;
     /// The presence of each of `users`, in the same order.
     async fn query(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence>;
+    /// This node is shutting down: its connections will close without
+    /// [`Presence::disconnected`], and its users' presence is left to the nodes that
+    /// stay (those who reconnect to one of them meanwhile stay online without a word).
+    /// Does nothing by default: with one node, every client leaves with it.
+    async fn leaving(&self) {}
 }
 
 #[derive(Default)]

@@ -719,6 +719,13 @@ impl Presence for RedisPresence {
         seen
     }
 
+    /// Stops the heartbeats: the other nodes sweep this one after the window, and the
+    /// users it held turn offline then unless they reconnected to another node.
+    async fn leaving(&self) {
+        self.task.abort();
+        tracing::info!(node = %self.shared.node, "presence left to the other nodes' sweep");
+    }
+
     async fn query(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence> {
         let s = &self.shared;
         let offline = |u: &UserId| UserPresence {

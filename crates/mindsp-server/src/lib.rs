@@ -164,9 +164,10 @@ impl AppState {
     }
 
     /// Starts closing every WebSocket with 1012 (reconnect elsewhere) and refuses new
-    /// ones; then waits, at most `grace`, until they are gone. True when all are.
+    /// ones, leaving presence to the other nodes (`Realtime::shutdown`); then waits, at
+    /// most `grace`, until they are gone. True when all are.
     pub async fn close_websockets(&self, grace: Duration) -> bool {
-        self.realtime.hub().shutdown();
+        self.realtime.shutdown().await;
         self.realtime.hub().drained(grace).await
     }
 }

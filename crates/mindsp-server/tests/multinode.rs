@@ -156,6 +156,15 @@ impl Node {
         Self { child, addr }
     }
 
+    /// SIGTERM: the node closes its sockets with 1012 and exits.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// SIGKILL: no close frame, no goodbye to Redis.
     fn kill(&mut self) {
         self.child.kill().unwrap();
@@ -524,6 +533,62 @@ async fn a_killed_node_leaves_its_users_offline_for_the_others() {
         "{more:?}"
     );
     drop(n2);
+}
+
+/// A node shutting down (SIGTERM, a rolling restart) leaves its users' presence to the
+/// node that stays: one who reconnects there at once, as the 1012 close asks, shows the
+/// others no offline-then-online flicker; one who does not turns offline when node 1 is
+/// swept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_node_leaves_presence_to_the_node_that_stays() {
+    let Some((pg, redis)) = services() else {
+        return;
+    };
+    let shared = Shared::new(&pg, &redis).await;
+    let (n1, n2, admin) = cluster(&shared).await;
+    let alice = n1.user(&admin, "Alice").await;
+    let carol = n1.user(&admin, "Carol").await;
+    let bob = n2.user(&admin, "Bob").await;
+    let conv = n1.group(&alice, &[&bob, &carol]).await;
+
+    let mut b = n2.connect(&bob).await;
+    let mut a = n1.connect(&alice).await;
+    let mut c = n1.connect(&carol).await;
+    for who in [&alice, &carol] {
+        b.next_where("presence", |f| {
+            f["user_id"] == who.id.as_str() && f["status"] == "online"
+        })
+        .await;
+    }
+    b.drain().await;
+
+    n1.terminate();
+    assert_eq!(a.close_code().await, Some(1012));
+    assert_eq!(c.close_code().await, Some(1012));
+    let _a = n2.connect(&alice).await;
+    // Carol does not come back: offline once node 1, silent, is swept (3 s window).
+    b.next_where("presence", |f| {
+        f["user_id"] == carol.id.as_str() && f["status"] == "offline"
+    })
+    .await;
+    let seen = b.drain().await;
+    assert!(
+        !seen
+            .iter()
+            .any(|f| f["type"] == "presence" && f["user_id"] == alice.id.as_str()),
+        "Alice moved to node 2 without going offline: {seen:?}"
+    );
+    let q = b.ok("presence", json!({"conversation_id": conv})).await;
+    let status = |who: &Person| {
+        q["presence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["user_id"] == who.id.as_str())
+            .map(|p| p["status"].clone())
+    };
+    assert_eq!(status(&alice), Some(json!("online")), "{q}");
+    assert_eq!(status(&carol), Some(json!("offline")), "{q}");
 }
 
 /// Notifications in the scaled profile: one created on node 1 reaches the recipient's
