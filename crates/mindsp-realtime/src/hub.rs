@@ -507,6 +507,7 @@ mod tests {
     use super::*;
     use mindsp_core::ConversationId;
     use mindsp_core::events::{PresenceStatus, TypingState};
+    use serde_json::json;
 
     fn typing(tenant: TenantId, to: Vec<UserId>) -> Envelope {
         Envelope::to_users(
@@ -555,7 +556,8 @@ mod tests {
 
     /// The kind of `event` if it goes from node to node and clients can miss it. The
     /// match is exhaustive on purpose: a new kind of event does not compile here until
-    /// it is classified, and listed in [`RELAYED_KINDS`] if relayed.
+    /// it is classified; give it a sample in `one_of_each` too, and the test below
+    /// checks that [`RELAYED_KINDS`] lists it if relayed.
     fn relayed_kind(event: &Event) -> Option<&'static str> {
         match event {
             Event::NewMessage { .. } => Some("new_message"),
@@ -571,20 +573,48 @@ mod tests {
         }
     }
 
+    /// One event of every kind, from the frames clients receive.
+    fn one_of_each() -> Vec<Event> {
+        let (id, at) = (uuid::Uuid::nil(), "2026-12-06T12:00:00.000Z");
+        [
+            json!({"type": "new_message", "conversation_id": id, "message": {"id": id,
+                "conversation_id": id, "sender_id": id, "seq": 1, "content": "x",
+                "created_at": at}}),
+            json!({"type": "message_read", "conversation_id": id, "user_id": id, "seq": 1}),
+            json!({"type": "typing", "conversation_id": id, "user_id": id, "state": "start"}),
+            json!({"type": "presence", "user_id": id, "status": "online"}),
+            json!({"type": "conversation_updated", "conversation_id": id, "kind": "group",
+                "name": null, "members": []}),
+            json!({"type": "notification", "unread": 1, "notification": {"id": id,
+                "user_id": id, "kind": "k", "title": "t", "body": "b", "link": null,
+                "data": {}, "created_at": at, "read_at": null}}),
+            json!({"type": "notifications_read", "ids": [], "all": true, "unread": 0}),
+            json!({"type": "notification_deleted", "id": id, "unread": 0}),
+            json!({"type": "events_skipped", "events": []}),
+            json!({"type": "account_deactivated", "user_id": id}),
+        ]
+        .into_iter()
+        .map(|v| serde_json::from_value(v).expect("an event"))
+        .collect()
+    }
+
+    /// Every event that goes between nodes and reaches clients is listed in
+    /// [`RELAYED_KINDS`] under its frame's `type`, and nothing else is.
     #[test]
-    fn relayed_kinds_are_the_frames_types() {
-        let event = typing(TenantId::new(), Vec::new()).event;
-        let kind = relayed_kind(&event).unwrap();
-        assert!(RELAYED_KINDS.contains(&kind));
-        let frame = Delivery::new(typing(TenantId::new(), Vec::new()))
-            .frame()
-            .to_owned();
-        assert!(frame.contains(&format!(r#""type":"{kind}""#)), "{frame}");
-        assert_eq!(
-            RELAYED_KINDS.len(),
-            8,
-            "one per relayed variant of relayed_kind"
-        );
+    fn relayed_kinds_are_exactly_the_relayed_frames() {
+        let events = one_of_each();
+        let mut kinds: Vec<&str> = events.iter().filter_map(relayed_kind).collect();
+        for (event, kind) in events
+            .iter()
+            .filter_map(|e| relayed_kind(e).map(|k| (e, k)))
+        {
+            let frame = event_frame(event);
+            assert!(frame.contains(&format!(r#""type":"{kind}""#)), "{frame}");
+        }
+        kinds.sort_unstable();
+        let mut listed = RELAYED_KINDS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(kinds, listed);
     }
 
     /// A notice taken by the waiting `recv` clears the mark too.

@@ -134,8 +134,8 @@ impl Realtime {
     }
 
     /// Unregisters a connection and, when it was the user's last, tells `watchers`
-    /// (awaited only then). Once [`Realtime::shutdown`] was called, only unregisters:
-    /// presence is left to the nodes that stay.
+    /// (awaited only then). Once the hub is shutting down ([`Realtime::shutdown`]),
+    /// only unregisters: presence is left to the nodes that stay.
     pub async fn close(
         &self,
         conn: Connection,

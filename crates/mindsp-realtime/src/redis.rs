@@ -5,7 +5,8 @@
 //! Every node publishes each envelope, as JSON, to **one** pub/sub channel,
 //! `<prefix>events`, and one subscriber connection per node feeds the local [`Hub`] with
 //! everything it receives, its own envelopes included. The publishing node does not
-//! deliver locally as well, so each node's hub sees each envelope exactly once.
+//! deliver locally as well, so each node's hub sees each envelope once (outages aside:
+//! see below).
 //!
 //! One channel rather than one per tenant: behind a load balancer every node holds
 //! users of every active tenant, so per-tenant channels would save no traffic, and
@@ -57,9 +58,15 @@
 //! `last_seen` = the dead node's last heartbeat). A killed node's users therefore turn
 //! offline within `window` plus one `heartbeat`. All times are Redis's clock, so the
 //! nodes' clocks need not agree; every node of a deployment must use the same `window`.
+//! A node that stops cleanly ([`Presence::leaving`], at SIGTERM) stops its heartbeats
+//! and writes no disconnection: it is swept like a dead one, and whoever reconnected to
+//! another node meanwhile stays online without an event. With a single node, its users
+//! are swept when it starts again (under a new node id).
 //!
 //! A node that finds itself missing from `nodes` at a heartbeat (it was swept after a
 //! long pause or a partition, or Redis lost its data) announces its local users again.
+//! A disconnection that could not be written (Redis away) is written at the next
+//! heartbeats, and the tenant is told that the user is offline then.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,11 +77,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{ClientLike, EventInterface, LuaInterface, PubsubInterface};
-use fred::types::config::{Config, ReconnectPolicy};
+use fred::types::config::{Config, ReconnectPolicy, UnresponsiveConfig};
 use fred::types::{Builder, Value};
 use mindsp_core::events::{Audience, Envelope, Event, PresenceStatus};
 use mindsp_core::{TenantId, UserId};
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
@@ -129,6 +137,13 @@ fn builder(config: &RedisConfig) -> Result<Builder, RedisError> {
     builder
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(5);
+            // A connection that stops answering without closing (a partition, a hung
+            // Redis) is closed and reconnected, so that commands fail at once
+            // meanwhile rather than each after the timeout.
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(timeout * 3),
+                interval: timeout,
+            };
         })
         .with_performance_config(|p| {
             p.broadcast_channel_capacity = SUBSCRIBER_BUFFER;
@@ -150,6 +165,10 @@ pub struct RedisBroker {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// The longest a lagging subscriber waits for its queue to empty before the connections
+/// are told that envelopes were dropped.
+const LAG_NOTICE: Duration = Duration::from_secs(1);
+
 /// Published on the channel instead of an envelope: "events published by a node did not
 /// go out". Every node then tells its connections to catch up.
 const UNSENT: &str = "events_lost";
@@ -163,7 +182,8 @@ async fn feed(
     channel: String,
     hub: Arc<Hub>,
 ) {
-    let mut lost = false;
+    // Since when envelopes were dropped and the connections not told yet.
+    let mut lost: Option<std::time::Instant> = None;
     loop {
         match messages.recv().await {
             Ok(m) if *m.channel == *channel => {
@@ -186,13 +206,14 @@ async fn feed(
                     "real-time subscriber fell behind and dropped envelopes; local clients \
                      will be told to catch up"
                 );
-                lost = true;
+                lost.get_or_insert_with(std::time::Instant::now);
             }
             Err(RecvError::Closed) => return,
         }
-        if lost && messages.is_empty() {
+        // Once the rest is delivered, or after a second of steady traffic at the latest.
+        if lost.is_some_and(|since| messages.is_empty() || since.elapsed() >= LAG_NOTICE) {
             hub.events_lost();
-            lost = false;
+            lost = None;
         }
     }
 }
@@ -214,11 +235,13 @@ async fn resubscribe(subscriber: &SubscriberClient, channel: &str) {
 }
 
 /// Tells every node, if something could not be published since they were last told.
-async fn announce_unsent(client: &Client, channel: &str, unsent: &AtomicBool) {
+/// Unless `wait`, only when connected: a publish must not wait for a reconnection.
+async fn announce_unsent(client: &Client, channel: &str, unsent: &AtomicBool, wait: bool) {
     if !unsent.swap(false, Ordering::SeqCst) {
         return;
     }
-    let told = client.is_connected() && client.publish::<i64, _, _>(channel, UNSENT).await.is_ok();
+    let told = (wait || client.is_connected())
+        && client.publish::<i64, _, _>(channel, UNSENT).await.is_ok();
     if told {
         tracing::info!("told every node that some events could not be published");
     } else {
@@ -274,7 +297,9 @@ impl RedisBroker {
             let (client, channel, unsent) = (client.clone(), channel.clone(), unsent.clone());
             tokio::spawn(async move {
                 while next_event(&mut reconnected).await {
-                    announce_unsent(&client, &channel, &unsent).await;
+                    // fred tells of the reconnection just before it counts as connected:
+                    // the announcement waits for it (at most the command timeout).
+                    announce_unsent(&client, &channel, &unsent, true).await;
                 }
             })
         };
@@ -322,7 +347,7 @@ impl Broker for RedisBroker {
                 return;
             }
         };
-        announce_unsent(&self.client, &self.channel, &self.unsent).await;
+        announce_unsent(&self.client, &self.channel, &self.unsent, false).await;
         // While disconnected, fail at once rather than wait for the timeout.
         let sent = if self.client.is_connected() {
             self.client
@@ -381,6 +406,23 @@ if removed == 1 and redis.call('HLEN', ukey) == 0 then
   return now
 end
 return -1
+";
+
+/// As [`DISCONNECT`], for a disconnection written late: the first attempt may have run
+/// after all (a command that timed out can still reach Redis), so it returns the user's
+/// `last_seen` whenever they have no node left, and -1 while they have one.
+const DISCONNECT_LATE: &str = r"
+local p, node, tenant, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local tu = tenant .. ':' .. user
+local ukey = p .. 'u:' .. tu
+local removed = redis.call('HDEL', ukey, node)
+redis.call('SREM', p .. 'n:' .. node, tu)
+if redis.call('HLEN', ukey) > 0 then return -1 end
+if removed == 1 then
+  redis.call('HSET', p .. 'seen:' .. tenant, user, now)
+  return now
+end
+return tonumber(redis.call('HGET', p .. 'seen:' .. tenant, user) or now)
 ";
 
 /// KEYS[1] nodes; ARGV node. Returns 1 when the node was missing.
@@ -460,6 +502,11 @@ struct Shared {
     /// Set when a script found this node missing from `nodes`: announce every local
     /// user again at the next heartbeat.
     reannounce: AtomicBool,
+    /// Users whose last disconnection could not be written to Redis: written at the
+    /// next heartbeats, unless they connected here again meanwhile.
+    offline_unwritten: Mutex<Vec<(TenantId, UserId)>>,
+    /// Set by [`Presence::leaving`]: no more heartbeats.
+    leaving: watch::Sender<bool>,
 }
 
 /// Presence shared by every node through Redis; see the [module documentation](self).
@@ -494,18 +541,25 @@ impl RedisPresence {
             window: config.window,
             local: Mutex::new(HashMap::new()),
             reannounce: AtomicBool::new(false),
+            offline_unwritten: Mutex::new(Vec::new()),
+            leaving: watch::Sender::new(false),
         });
         shared.heartbeat().await?;
         let every = config.heartbeat.max(Duration::from_millis(100));
         let task = {
             let shared = shared.clone();
+            let mut leaving = shared.leaving.subscribe();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 tick.tick().await;
                 loop {
-                    tick.tick().await;
-                    shared.tick().await;
+                    // Stopped only between ticks: a sweep in progress publishes the
+                    // offline events of what it removed.
+                    tokio::select! {
+                        _ = tick.tick() => shared.tick().await,
+                        _ = leaving.changed() => return,
+                    }
                 }
             })
         };
@@ -597,6 +651,7 @@ impl Shared {
         if self.reannounce.swap(false, Ordering::SeqCst) {
             self.announce_all().await;
         }
+        self.write_offline().await;
         if let Err(e) = self.sweep().await {
             tracing::warn!(error = %e, "presence sweep failed");
         }
@@ -619,11 +674,55 @@ impl Shared {
                 }
                 Ok(false) => {}
                 Err(e) => {
+                    // The next heartbeat starts over; the others would wait as long.
                     tracing::warn!(error = %e, "cannot announce a user's presence");
                     self.reannounce.store(true, Ordering::SeqCst);
+                    return;
                 }
             }
         }
+    }
+
+    /// Writes the disconnections that could not be written when they happened (their
+    /// users still show online), and tells the tenant of those who are offline now.
+    /// A user connected here again meanwhile is left as they are.
+    async fn write_offline(&self) {
+        let pending = std::mem::take(
+            &mut *self
+                .offline_unwritten
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut left = Vec::new();
+        for (i, &(tenant, user)) in pending.iter().enumerate() {
+            let slot = self.slot(tenant, user);
+            let n = slot.lock().await;
+            let written = if *n > 0 {
+                Ok(None)
+            } else {
+                self.eval(DISCONNECT_LATE, self.ids(tenant, user))
+                    .await
+                    .map(|v| v.convert::<i64>().ok().filter(|ms| *ms >= 0))
+            };
+            drop(n);
+            self.forget(tenant, user, slot);
+            match written {
+                Ok(Some(ms)) => {
+                    self.publish_presence(tenant, user, PresenceStatus::Offline, millis(ms))
+                        .await;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record a disconnection in Redis; will retry");
+                    left.extend_from_slice(&pending[i..]);
+                    break;
+                }
+            }
+        }
+        self.offline_unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(left);
     }
 
     async fn sweep(&self) -> Result<(), RedisError> {
@@ -709,8 +808,13 @@ impl Presence for RedisPresence {
                     .filter(|ms| *ms >= 0)
                     .and_then(millis),
                 Err(e) => {
-                    // The entry stays until this node's heartbeats stop; logged only.
-                    tracing::warn!(error = %e, "cannot record a disconnection in Redis");
+                    // Written at the next heartbeats; meanwhile the user still shows
+                    // online.
+                    tracing::warn!(error = %e, "cannot record a disconnection in Redis; will retry");
+                    s.offline_unwritten
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((tenant, user));
                     None
                 }
             }
@@ -722,7 +826,7 @@ impl Presence for RedisPresence {
     /// Stops the heartbeats: the other nodes sweep this one after the window, and the
     /// users it held turn offline then unless they reconnected to another node.
     async fn leaving(&self) {
-        self.task.abort();
+        self.shared.leaving.send_replace(true);
         tracing::info!(node = %self.shared.node, "presence left to the other nodes' sweep");
     }
 

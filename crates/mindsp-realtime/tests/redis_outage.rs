@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use fred::interfaces::ClientLike;
-use mindsp_core::events::{Envelope, Event, TypingState};
+use mindsp_core::events::{Envelope, Event, PresenceStatus, TypingState};
 use mindsp_core::{ConversationId, TenantId, UserId};
 use mindsp_realtime::Realtime;
 use mindsp_realtime::hub::RELAYED_KINDS;
@@ -158,6 +158,55 @@ async fn a_publish_that_failed_is_announced_to_every_node_once_publishing_works(
     let _ = admin.quit().await;
 }
 
+/// A disconnection that could not be written to Redis (writes paused) is written at a
+/// later heartbeat, and the tenant hears that the user is offline: nobody stays online
+/// for good because Redis was away when they left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnection_redis_missed_is_written_later() {
+    let Some((_redis, mut config)) = private_node().await else {
+        return;
+    };
+    // Long enough that no node is swept during the pause (a sweep would announce the
+    // user offline by another way).
+    config.window = Duration::from_secs(30);
+    let a = Realtime::redis(&config, 64).await.expect("node a");
+    let b = Realtime::redis(&config, 64).await.expect("node b");
+    let (tenant, user, watcher) = (TenantId::new(), UserId::new(), UserId::new());
+    let (mut w, _) = b.hub().register(tenant, watcher).unwrap();
+    let conn = a
+        .open(tenant, user, std::future::ready(vec![watcher]))
+        .await
+        .unwrap();
+    let online = next(&mut w, "online").await;
+    assert!(matches!(
+        online,
+        Event::Presence {
+            status: PresenceStatus::Online,
+            ..
+        }
+    ));
+
+    let admin = admin(&config).await;
+    let _: String = admin
+        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "1000", "WRITE"])
+        .await
+        .unwrap();
+    a.close(conn, std::future::ready(vec![watcher])).await;
+    loop {
+        match next(&mut w, "offline once Redis takes writes again").await {
+            Event::Presence {
+                user_id,
+                status: PresenceStatus::Offline,
+                ..
+            } if user_id == user => break,
+            _ => {}
+        }
+    }
+    let now = b.presence(tenant, &[user]).await;
+    assert_eq!(now[0].status, PresenceStatus::Offline);
+    let _ = admin.quit().await;
+}
+
 /// A Redis server of the test's own on a free loopback port, so that it can be killed
 /// and started again; killed when dropped.
 struct PrivateRedis {
@@ -189,6 +238,9 @@ impl PrivateRedis {
         };
         self.child = Some(child);
         for _ in 0..100 {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("redis-server exited ({status}): port {} taken?", self.port);
+            }
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return Some(());
             }
@@ -233,9 +285,14 @@ async fn a_redis_outage_blocks_nobody_and_ends_with_a_notice() {
         .await
         .expect("this node's connections get what it published");
     assert!(matches!(local.envelope.event, Event::Typing { .. }));
+    // In a tenant of its own: once Redis is back, the node announces its users again.
     let opened = tokio::time::timeout(
         WAIT,
-        node.open(tenant, UserId::new(), std::future::ready(Vec::new())),
+        node.open(
+            TenantId::new(),
+            UserId::new(),
+            std::future::ready(Vec::new()),
+        ),
     )
     .await
     .expect("opening a connection returns while Redis is down");

@@ -560,11 +560,12 @@ async fn run_serve(
     };
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    // WebSockets are told to reconnect elsewhere (1012) as soon as the signal comes.
-    let hub = state.realtime.hub().clone();
+    // WebSockets are told to reconnect elsewhere (1012) as soon as the signal comes,
+    // and presence is left to the other nodes from then on.
+    let realtime = state.realtime.clone();
     let shutdown = async move {
         shutdown.await;
-        hub.shutdown();
+        realtime.shutdown().await;
     };
     let served = serve(listener, app, shutdown, grace).await;
     if !state.close_websockets(grace).await {

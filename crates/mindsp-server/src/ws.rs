@@ -24,7 +24,7 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use mindsp_core::events::{Envelope, Event, TypingState};
 use mindsp_core::model::{Message as StoredMessage, SeqWindow};
-use mindsp_core::{Actor, ConversationId, Error, UserId};
+use mindsp_core::{Actor, ConversationId, Error, TenantId, UserId};
 use mindsp_realtime::limit::TokenBucket;
 use mindsp_realtime::queue::Queue;
 use mindsp_realtime::typing::{Start, Typing};
@@ -442,16 +442,8 @@ pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
             let hub = shared.realtime.hub();
             for (tenant, users) in hub.local_users() {
                 for users in users.chunks(ACCOUNT_CHECK_CHUNK) {
-                    let active = match shared.messaging.store().read(tenant).await {
-                        Ok(mut tx) => tx.active_users_among(users).await,
-                        Err(e) => Err(e),
-                    };
-                    let active: HashSet<UserId> = match active {
-                        Ok(active) => active.into_iter().collect(),
-                        Err(e) => {
-                            tracing::warn!(error = %e, tenant = %tenant, "cannot check accounts after lost events; connections kept");
-                            continue;
-                        }
+                    let Some(active) = active_among(&shared, tenant, users).await else {
+                        continue;
                     };
                     for user in users.iter().filter(|u| !active.contains(u)) {
                         tracing::info!(user = %user, "account no longer active: its connections close");
@@ -462,6 +454,35 @@ pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
         }
     });
 }
+
+/// Of `users`, those still active, trying the store a few times (a second apart);
+/// `None` when it cannot say (logged: the connections are kept).
+async fn active_among(
+    shared: &Shared,
+    tenant: TenantId,
+    users: &[UserId],
+) -> Option<HashSet<UserId>> {
+    for attempt in 1..=ACCOUNT_CHECK_ATTEMPTS {
+        let active = match shared.messaging.store().read(tenant).await {
+            Ok(mut tx) => tx.active_users_among(users).await,
+            Err(e) => Err(e),
+        };
+        match active {
+            Ok(active) => return Some(active.into_iter().collect()),
+            Err(e) if attempt < ACCOUNT_CHECK_ATTEMPTS => {
+                tracing::warn!(error = %e, tenant = %tenant, "cannot check accounts after lost events; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, tenant = %tenant, "cannot check accounts after lost events; connections kept");
+            }
+        }
+    }
+    None
+}
+
+/// Reads of the store [`active_among`] tries before giving up.
+const ACCOUNT_CHECK_ATTEMPTS: u32 = 3;
 
 /// Who is told when `actor` comes online or goes offline: the people who share a
 /// conversation with them. Nobody, if the store cannot say (logged).
