@@ -237,7 +237,8 @@ async fn resubscribe(subscriber: &SubscriberClient, channel: &str) {
 /// Tells every node, if something could not be published since they were last told.
 /// Unless `wait`, only when connected: a publish must not wait for a reconnection.
 async fn announce_unsent(client: &Client, channel: &str, unsent: &AtomicBool, wait: bool) {
-    if !unsent.swap(false, Ordering::SeqCst) {
+    // A load first: every publish comes through here, and a swap would write the flag.
+    if !unsent.load(Ordering::Relaxed) || !unsent.swap(false, Ordering::SeqCst) {
         return;
     }
     let told = (wait || client.is_connected())
