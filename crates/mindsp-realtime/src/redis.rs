@@ -394,26 +394,13 @@ if added == 1 and redis.call('HLEN', ukey) == 1 then online = 1 end
 return {online, missing}
 ";
 
-/// KEYS[1] nodes; ARGV prefix, node, tenant, user. Returns last_seen (ms) when the
-/// user is now offline everywhere, else -1.
+/// KEYS[1] nodes; ARGV prefix, node, tenant, user, late. Returns last_seen (ms) when
+/// this call left the user offline everywhere, else -1. With `late` = 1 (a
+/// disconnection written after a failed try, which may have run after all: a command
+/// that timed out can still reach Redis), returns their `last_seen` whenever they have
+/// no node left.
 const DISCONNECT: &str = r"
-local p, node, tenant, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local tu = tenant .. ':' .. user
-local ukey = p .. 'u:' .. tu
-local removed = redis.call('HDEL', ukey, node)
-redis.call('SREM', p .. 'n:' .. node, tu)
-if removed == 1 and redis.call('HLEN', ukey) == 0 then
-  redis.call('HSET', p .. 'seen:' .. tenant, user, now)
-  return now
-end
-return -1
-";
-
-/// As [`DISCONNECT`], for a disconnection written late: the first attempt may have run
-/// after all (a command that timed out can still reach Redis), so it returns the user's
-/// `last_seen` whenever they have no node left, and -1 while they have one.
-const DISCONNECT_LATE: &str = r"
-local p, node, tenant, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local p, node, tenant, user, late = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local tu = tenant .. ':' .. user
 local ukey = p .. 'u:' .. tu
 local removed = redis.call('HDEL', ukey, node)
@@ -423,7 +410,10 @@ if removed == 1 then
   redis.call('HSET', p .. 'seen:' .. tenant, user, now)
   return now
 end
-return tonumber(redis.call('HGET', p .. 'seen:' .. tenant, user) or now)
+if late == '1' then
+  return tonumber(redis.call('HGET', p .. 'seen:' .. tenant, user) or now)
+end
+return -1
 ";
 
 /// KEYS[1] nodes; ARGV node. Returns 1 when the node was missing.
@@ -701,7 +691,9 @@ impl Shared {
             let written = if *n > 0 {
                 Ok(None)
             } else {
-                self.eval(DISCONNECT_LATE, self.ids(tenant, user))
+                let mut args = self.ids(tenant, user);
+                args.push("1".into());
+                self.eval(DISCONNECT, args)
                     .await
                     .map(|v| v.convert::<i64>().ok().filter(|ms| *ms >= 0))
             };
@@ -802,7 +794,9 @@ impl Presence for RedisPresence {
             if *n > 0 {
                 return None;
             }
-            match s.eval(DISCONNECT, s.ids(tenant, user)).await {
+            let mut args = s.ids(tenant, user);
+            args.push("0".into());
+            match s.eval(DISCONNECT, args).await {
                 Ok(v) => v
                     .convert::<i64>()
                     .ok()

@@ -6,6 +6,7 @@ mod wsclient;
 use std::time::Duration;
 
 use futures::SinkExt;
+use mindsp_core::events::{Envelope, Event};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -889,45 +890,76 @@ async fn resume_after_a_live_message_sends_each_message_once() {
     assert_eq!(contents, want, "the 30 older ones once, and m31 not again");
 }
 
+/// Alice and Bob in a group, Bob connected and past a first message `m0` that reached
+/// him live, then `m1`..`mN` stored by a service that publishes nothing: they reach Bob
+/// only as the test publishes them ([`Quiet::publish`]).
+struct Quiet<'a> {
+    s: &'a Server,
+    alice: Person,
+    bob: Person,
+    conv: mindsp_core::ConversationId,
+    first_seq: i64,
+    stored: Vec<mindsp_core::model::Message>,
+}
+
+impl<'a> Quiet<'a> {
+    /// The setting, and Bob's client.
+    async fn new(s: &'a Server, n: usize) -> (Self, Client) {
+        let (alice, bob, conv) = alice_and_bob(s).await;
+        let conv: mindsp_core::ConversationId = conv.parse().unwrap();
+        let mut b = s.connect(&bob).await;
+        let first = s
+            .state
+            .messaging
+            .send(&alice.actor, conv, "m0", None)
+            .await
+            .unwrap();
+        assert_eq!(b.next("new_message").await["message"]["content"], "m0");
+        let quiet =
+            mindsp_core::Messaging::new(s.store.clone(), s.state.messaging.limits().clone());
+        let mut stored = Vec::new();
+        for i in 1..=n {
+            let m = quiet
+                .send(&alice.actor, conv, &format!("m{i}"), None)
+                .await
+                .unwrap();
+            stored.push(m.message().clone());
+        }
+        let q = Self {
+            s,
+            alice,
+            bob,
+            conv,
+            first_seq: first.message().seq,
+            stored,
+        };
+        (q, b)
+    }
+
+    /// Publishes `event` to Bob, as the service would after a commit.
+    async fn publish(&self, event: Event) {
+        let to_bob = Envelope::to_users(
+            self.alice.actor.tenant_id,
+            vec![self.bob.actor.user_id],
+            event,
+        );
+        self.s.state.realtime.publish(to_bob).await;
+    }
+}
+
 /// Messages published out of order (the commits of one batch are published by several
 /// tasks, in any order) reach a client once each and in order: one ahead of the next
 /// expected waits for its predecessor to arrive live, or is preceded by it read from
 /// the store when it never does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_published_out_of_order_arrive_once_and_in_order() {
-    use mindsp_core::events::{Envelope, Event};
-
     let s = Server::start(config()).await;
-    let (alice, bob, conv) = alice_and_bob(&s).await;
-    let cid: mindsp_core::ConversationId = conv.parse().unwrap();
-    let mut b = s.connect(&bob).await;
-    let first = s
-        .state
-        .messaging
-        .send(&alice.actor, cid, "m0", None)
-        .await
-        .unwrap();
-    assert_eq!(b.next("new_message").await["message"]["content"], "m0");
-
-    // Stored (committed) by a service that publishes nothing; published below by hand.
-    let quiet = mindsp_core::Messaging::new(s.store.clone(), s.state.messaging.limits().clone());
-    let mut stored = Vec::new();
-    for i in 1..=7 {
-        let m = quiet
-            .send(&alice.actor, cid, &format!("m{i}"), None)
-            .await
-            .unwrap();
-        stored.push(m.message().clone());
-    }
+    let (q, mut b) = Quiet::new(&s, 7).await;
     let publish = |i: usize| {
-        s.state.realtime.publish(Envelope::to_users(
-            alice.actor.tenant_id,
-            vec![bob.actor.user_id],
-            Event::NewMessage {
-                conversation_id: cid,
-                message: stored[i - 1].clone(),
-            },
-        ))
+        q.publish(Event::NewMessage {
+            conversation_id: q.conv,
+            message: q.stored[i - 1].clone(),
+        })
     };
     // m2 before m1; m4 and m5 never published, m6 then m7.
     publish(2).await;
@@ -946,7 +978,7 @@ async fn messages_published_out_of_order_arrive_once_and_in_order() {
         .collect();
     assert_eq!(contents, ["m1", "m2", "m3", "m4", "m5", "m6", "m7"]);
     let seqs: Vec<i64> = got.iter().map(seq).collect();
-    let want: Vec<i64> = (1..=7).map(|i| first.message().seq + i).collect();
+    let want: Vec<i64> = (1..=7).map(|i| q.first_seq + i).collect();
     assert_eq!(seqs, want);
     // Nothing twice.
     b.ok("ping", json!({})).await;
@@ -1000,43 +1032,22 @@ async fn a_long_message_arrives_whole() {
 /// queued before the connection's writer runs, so they land in one batch.
 #[tokio::test]
 async fn a_read_marker_waits_for_the_messages_held_before_it() {
-    use mindsp_core::events::{Envelope, Event};
-
     let s = Server::start(config()).await;
-    let (alice, bob, conv) = alice_and_bob(&s).await;
-    let cid: mindsp_core::ConversationId = conv.parse().unwrap();
-    let mut b = s.connect(&bob).await;
-    let first = s
-        .state
-        .messaging
-        .send(&alice.actor, cid, "m0", None)
-        .await
-        .unwrap();
-    assert_eq!(b.next("new_message").await["message"]["content"], "m0");
-
-    // m1 and m2 stored by a service that publishes nothing; m2 alone is published.
-    let quiet = mindsp_core::Messaging::new(s.store.clone(), s.state.messaging.limits().clone());
-    quiet.send(&alice.actor, cid, "m1", None).await.unwrap();
-    let m2 = quiet.send(&alice.actor, cid, "m2", None).await.unwrap();
-    let m2 = m2.message().clone();
-    let to_bob = |event| Envelope::to_users(alice.actor.tenant_id, vec![bob.actor.user_id], event);
-    s.state
-        .realtime
-        .publish(to_bob(Event::NewMessage {
-            conversation_id: cid,
-            message: m2.clone(),
-        }))
-        .await;
-    s.state
-        .realtime
-        .publish(to_bob(Event::MessageRead {
-            conversation_id: cid,
-            user_id: alice.actor.user_id,
-            seq: m2.seq,
-            unread: None,
-        }))
-        .await;
-
+    let (q, mut b) = Quiet::new(&s, 2).await;
+    // m2 alone is published, then a read marker up to it.
+    let m2 = q.stored[1].clone();
+    q.publish(Event::NewMessage {
+        conversation_id: q.conv,
+        message: m2.clone(),
+    })
+    .await;
+    q.publish(Event::MessageRead {
+        conversation_id: q.conv,
+        user_id: q.alice.actor.user_id,
+        seq: m2.seq,
+        unread: None,
+    })
+    .await;
     let mut order = Vec::new();
     while order.len() < 3 {
         let f = b.next_any().await;
@@ -1047,7 +1058,7 @@ async fn a_read_marker_waits_for_the_messages_held_before_it() {
         }
     }
     assert_eq!(order, ["m1", "m2", "message_read"]);
-    assert_eq!(m2.seq, first.message().seq + 2);
+    assert_eq!(m2.seq, q.first_seq + 2);
 }
 
 /// When events may have been lost on their way to a node (it lost its link to the other
