@@ -17,7 +17,8 @@
 //! Pub/sub is at-most-once. `fred` reconnects by itself and the broker subscribes again
 //! after each reconnection (retrying until Redis accepts); what was published in
 //! between is lost for this node. So once subscribed again, and whenever the subscriber
-//! fell so far behind that it dropped envelopes (once the rest is delivered), the node
+//! fell so far behind that it dropped envelopes (once the rest is delivered, or within
+//! a second if it stays behind), the node
 //! tells every local connection that events may be missing ([`Hub::events_lost`]: an
 //! `events_skipped` frame naming every kind), and clients catch up: `resume` for
 //! messages, a reload over HTTP for read markers, conversations and notifications, a
@@ -60,13 +61,16 @@
 //! nodes' clocks need not agree; every node of a deployment must use the same `window`.
 //! A node that stops cleanly ([`Presence::leaving`], at SIGTERM) stops its heartbeats
 //! and writes no disconnection: it is swept like a dead one, and whoever reconnected to
-//! another node meanwhile stays online without an event. With a single node, its users
-//! are swept when it starts again (under a new node id).
+//! another node meanwhile stays online without an event. With a single server node,
+//! its users are swept by the next process of the deployment that runs presence on
+//! the same Redis: the node when it starts again (under a new node id), or a `worker`
+//! given the Redis URL.
 //!
 //! A node that finds itself missing from `nodes` at a heartbeat (it was swept after a
 //! long pause or a partition, or Redis lost its data) announces its local users again.
 //! A disconnection that could not be written (Redis away) is written at the next
-//! heartbeats, and the tenant is told that the user is offline then.
+//! heartbeats (at most 100 per heartbeat), unless the user connected here again, and
+//! the whole tenant is told that the user is offline then, as after a sweep.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,9 +141,11 @@ fn builder(config: &RedisConfig) -> Result<Builder, RedisError> {
     builder
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(5);
-            // A connection that stops answering without closing (a partition, a hung
-            // Redis) is closed and reconnected, so that commands fail at once
-            // meanwhile rather than each after the timeout.
+            // fred closes and reconnects a connection whose latest command has gone
+            // unanswered this long (a partition, a hung Redis), so that commands fail at
+            // once meanwhile rather than each after the timeout. It does not see a
+            // connection that is only read from (the subscriber), nor one written to
+            // more often than that; those rely on the command timeout alone.
             c.unresponsive = UnresponsiveConfig {
                 max_timeout: Some(timeout * 3),
                 interval: timeout,
@@ -166,8 +172,10 @@ pub struct RedisBroker {
 }
 
 /// The longest a lagging subscriber waits for its queue to empty before the connections
-/// are told that envelopes were dropped.
+/// are told that envelopes were dropped; doubled, up to [`LAG_NOTICE_MAX`], while it
+/// stays behind.
 const LAG_NOTICE: Duration = Duration::from_secs(1);
+const LAG_NOTICE_MAX: Duration = Duration::from_secs(30);
 
 /// Published on the channel instead of an envelope: "events published by a node did not
 /// go out". Every node then tells its connections to catch up.
@@ -176,7 +184,9 @@ const UNSENT: &str = "events_lost";
 /// Delivers what the subscription brings to `hub`. When the subscriber fell behind and
 /// dropped envelopes, the connections are told once the rest is delivered (a notice
 /// before the envelopes still queued would have clients catch up from a state not
-/// delivered yet).
+/// delivered yet), or after [`LAG_NOTICE`] if it stays behind, then at doubling
+/// intervals while it does (each notice makes every client catch up: under steady
+/// overload, one a second would add to it).
 async fn feed(
     mut messages: broadcast::Receiver<fred::types::Message>,
     channel: String,
@@ -184,6 +194,7 @@ async fn feed(
 ) {
     // Since when envelopes were dropped and the connections not told yet.
     let mut lost: Option<std::time::Instant> = None;
+    let mut wait = LAG_NOTICE;
     loop {
         match messages.recv().await {
             Ok(m) if *m.channel == *channel => {
@@ -210,10 +221,15 @@ async fn feed(
             }
             Err(RecvError::Closed) => return,
         }
-        // Once the rest is delivered, or after a second of steady traffic at the latest.
-        if lost.is_some_and(|since| messages.is_empty() || since.elapsed() >= LAG_NOTICE) {
+        let Some(since) = lost else { continue };
+        if messages.is_empty() {
             hub.events_lost();
             lost = None;
+            wait = LAG_NOTICE;
+        } else if since.elapsed() >= wait {
+            hub.events_lost();
+            lost = None;
+            wait = (wait * 2).min(LAG_NOTICE_MAX);
         }
     }
 }
@@ -462,6 +478,10 @@ end
 return out
 ";
 
+/// Most disconnections missed by Redis one heartbeat writes (the next takes the rest),
+/// so that the heartbeat itself stays on time.
+const OFFLINE_PER_TICK: usize = 100;
+
 /// Most dead nodes one sweep handles (the next sweep takes the rest).
 const SWEEP_LIMIT: i64 = 16;
 
@@ -495,7 +515,8 @@ struct Shared {
     reannounce: AtomicBool,
     /// Users whose last disconnection could not be written to Redis: written at the
     /// next heartbeats, unless they connected here again meanwhile.
-    offline_unwritten: Mutex<Vec<(TenantId, UserId)>>,
+    /// With each, whether a try may have reached Redis after all (it timed out).
+    offline_unwritten: Mutex<HashMap<(TenantId, UserId), bool>>,
     /// Set by [`Presence::leaving`]: no more heartbeats.
     leaving: watch::Sender<bool>,
 }
@@ -532,7 +553,7 @@ impl RedisPresence {
             window: config.window,
             local: Mutex::new(HashMap::new()),
             reannounce: AtomicBool::new(false),
-            offline_unwritten: Mutex::new(Vec::new()),
+            offline_unwritten: Mutex::new(HashMap::new()),
             leaving: watch::Sender::new(false),
         });
         shared.heartbeat().await?;
@@ -675,28 +696,39 @@ impl Shared {
     }
 
     /// Writes the disconnections that could not be written when they happened (their
-    /// users still show online), and tells the tenant of those who are offline now.
-    /// A user connected here again meanwhile is left as they are.
+    /// users still show online), at most [`OFFLINE_PER_TICK`] per heartbeat, and tells
+    /// the tenant of those who are offline now. A user connected here again meanwhile
+    /// is left as they are (their entry was dropped then).
     async fn write_offline(&self) {
-        let pending = std::mem::take(
-            &mut *self
+        let pending: Vec<((TenantId, UserId), bool)> = {
+            let unwritten = self
                 .offline_unwritten
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        let mut left = Vec::new();
-        for (i, &(tenant, user)) in pending.iter().enumerate() {
+                .unwrap_or_else(|e| e.into_inner());
+            unwritten
+                .iter()
+                .take(OFFLINE_PER_TICK)
+                .map(|(k, late)| (*k, *late))
+                .collect()
+        };
+        for ((tenant, user), late) in pending {
             let slot = self.slot(tenant, user);
             let n = slot.lock().await;
             let written = if *n > 0 {
                 Ok(None)
             } else {
                 let mut args = self.ids(tenant, user);
-                args.push("1".into());
+                args.push(if late { "1" } else { "0" }.into());
                 self.eval(DISCONNECT, args)
                     .await
                     .map(|v| v.convert::<i64>().ok().filter(|ms| *ms >= 0))
             };
+            if written.is_ok() {
+                self.offline_unwritten
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&(tenant, user));
+            }
             drop(n);
             self.forget(tenant, user, slot);
             match written {
@@ -707,15 +739,10 @@ impl Shared {
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot record a disconnection in Redis; will retry");
-                    left.extend_from_slice(&pending[i..]);
-                    break;
+                    return;
                 }
             }
         }
-        self.offline_unwritten
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(left);
     }
 
     async fn sweep(&self) -> Result<(), RedisError> {
@@ -769,6 +796,11 @@ impl Presence for RedisPresence {
         if *n > 1 {
             return false;
         }
+        // Back before a disconnection missed by Redis was written: it no longer holds.
+        s.offline_unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(tenant, user));
         match s.connect(tenant, user).await {
             Ok(online) => online,
             Err(e) => {
@@ -796,7 +828,15 @@ impl Presence for RedisPresence {
             }
             let mut args = s.ids(tenant, user);
             args.push("0".into());
-            match s.eval(DISCONNECT, args).await {
+            let written = s.eval(DISCONNECT, args).await;
+            if written.is_ok() {
+                // Any older unwritten disconnection is written by this one.
+                s.offline_unwritten
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&(tenant, user));
+            }
+            match written {
                 Ok(v) => v
                     .convert::<i64>()
                     .ok()
@@ -806,10 +846,12 @@ impl Presence for RedisPresence {
                     // Written at the next heartbeats; meanwhile the user still shows
                     // online.
                     tracing::warn!(error = %e, "cannot record a disconnection in Redis; will retry");
-                    s.offline_unwritten
+                    let timed_out = *e.kind() == fred::error::ErrorKind::Timeout;
+                    *s.offline_unwritten
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push((tenant, user));
+                        .entry((tenant, user))
+                        .or_default() |= timed_out;
                     None
                 }
             }
@@ -821,8 +863,13 @@ impl Presence for RedisPresence {
     /// Stops the heartbeats: the other nodes sweep this one after the window, and the
     /// users it held turn offline then unless they reconnected to another node.
     async fn leaving(&self) {
-        self.shared.leaving.send_replace(true);
-        tracing::info!(node = %self.shared.node, "presence left to the other nodes' sweep");
+        if self
+            .shared
+            .leaving
+            .send_if_modified(|l| !std::mem::replace(l, true))
+        {
+            tracing::info!(node = %self.shared.node, "presence left to the other nodes' sweep");
+        }
     }
 
     async fn query(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence> {

@@ -204,6 +204,15 @@ async fn a_disconnection_redis_missed_is_written_later() {
     }
     let now = b.presence(tenant, &[user]).await;
     assert_eq!(now[0].status, PresenceStatus::Offline);
+    // Told once: nothing more about the user over several heartbeats.
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(d) = tokio::time::timeout_at(quiet_until, w.events.recv()).await {
+        assert!(
+            !matches!(d.envelope.event, Event::Presence { user_id, .. } if user_id == user),
+            "{:?}",
+            d.envelope.event
+        );
+    }
     let _ = admin.quit().await;
 }
 
