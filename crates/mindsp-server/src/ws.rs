@@ -1203,12 +1203,9 @@ impl Writer<'_> {
                 self.fill_held(Some(*conversation_id)).await?;
                 self.feed_text(d.frame()).await
             }
-            Event::Notification { .. } if !self.held.is_empty() => {
-                self.fill_held(None).await?;
-                self.feed_text(d.frame()).await
-            }
-            // The client catches up from what it has: held messages go out first.
-            Event::EventsSkipped { .. } => {
+            // So may a notification; and a client told to catch up does so from what it
+            // has, held messages included.
+            Event::Notification { .. } | Event::EventsSkipped { .. } if !self.held.is_empty() => {
                 self.fill_held(None).await?;
                 self.feed_text(d.frame()).await
             }
