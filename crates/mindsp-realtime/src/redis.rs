@@ -920,3 +920,74 @@ impl Presence for RedisPresence {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mindsp_core::events::TypingState;
+    use mindsp_core::{ConversationId, TenantId, UserId};
+
+    fn message(channel: &str, payload: String) -> fred::types::Message {
+        fred::types::Message {
+            channel: channel.into(),
+            value: Value::from(payload),
+            kind: fred::types::MessageKind::Message,
+            server: fred::types::config::Server::new("127.0.0.1", 6379),
+        }
+    }
+
+    /// A subscriber that fell behind tells its connections after delivering what it
+    /// still holds, not before (they would catch up from a state not delivered yet);
+    /// and the `events_lost` marker of another node tells them too.
+    #[tokio::test]
+    async fn a_lagging_subscriber_tells_after_what_it_still_holds() {
+        let hub = Hub::new(64);
+        let (tenant, user) = (TenantId::new(), UserId::new());
+        let (mut conn, _) = hub.register(tenant, user).unwrap();
+        let typing = |state| {
+            serde_json::to_string(&Envelope::to_users(
+                tenant,
+                vec![user],
+                Event::Typing {
+                    conversation_id: ConversationId::new(),
+                    user_id: UserId::new(),
+                    state,
+                },
+            ))
+            .unwrap()
+        };
+        // Room for two: of five sent before the feeder reads, three are dropped.
+        let (tx, rx) = broadcast::channel(2);
+        for _ in 0..4 {
+            tx.send(message("ch", typing(TypingState::Start))).unwrap();
+        }
+        tx.send(message("ch", typing(TypingState::Stop))).unwrap();
+        drop(tx);
+        feed(rx, "ch".into(), hub.clone()).await;
+        let kinds: Vec<&'static str> = std::iter::from_fn(|| conn.events.try_recv().ok())
+            .map(|d| match d.envelope.event {
+                Event::Typing {
+                    state: TypingState::Start,
+                    ..
+                } => "start",
+                Event::Typing { .. } => "stop",
+                Event::EventsSkipped { .. } => "events_skipped",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(kinds, ["start", "stop", "events_skipped"]);
+
+        let (tx, rx) = broadcast::channel(2);
+        tx.send(message("ch", UNSENT.to_owned())).unwrap();
+        tx.send(message("other", typing(TypingState::Start)))
+            .unwrap();
+        drop(tx);
+        feed(rx, "ch".into(), hub.clone()).await;
+        let d = conn.events.try_recv().expect("told");
+        assert!(matches!(d.envelope.event, Event::EventsSkipped { .. }));
+        assert!(
+            conn.events.is_empty(),
+            "another channel's message is not delivered"
+        );
+    }
+}
