@@ -14,8 +14,10 @@
 //! that user's first events. The hub drops envelopes of tenants it has no connection of
 //! with one map lookup.
 //!
-//! Pub/sub is at-most-once. `fred` reconnects by itself and the broker subscribes again
-//! after each reconnection (retrying until Redis accepts); what was published in
+//! Pub/sub is at-most-once. `fred` reconnects by itself (the subscriber pings now and
+//! then, so that a connection dropped silently by the network is noticed too) and the
+//! broker subscribes again after each reconnection (retrying until Redis accepts); what
+//! was published in
 //! between is lost for this node. So once subscribed again, and whenever the subscriber
 //! fell so far behind that it dropped envelopes (once the rest is delivered, or within
 //! a second if it stays behind), the node
@@ -80,7 +82,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fred::clients::{Client, SubscriberClient};
-use fred::interfaces::{ClientLike, EventInterface, LuaInterface, PubsubInterface};
+use fred::interfaces::{
+    ClientLike, EventInterface, HeartbeatInterface, LuaInterface, PubsubInterface,
+};
 use fred::types::config::{Config, ReconnectPolicy, UnresponsiveConfig};
 use fred::types::{Builder, Value};
 use mindsp_core::events::{Audience, Envelope, Event, PresenceStatus};
@@ -320,13 +324,25 @@ impl RedisBroker {
                 }
             })
         };
+        // The subscriber only reads: a connection that died without a word (a NAT or
+        // firewall dropping it while idle) would look like a quiet channel forever. A
+        // ping now and then, left unanswered, makes fred's unresponsive check close and
+        // reconnect it (then the clients catch up, above). Sent less often than that
+        // check's limit, which each write restarts.
+        let pinger = {
+            let subscriber = subscriber.clone();
+            let every = config.command_timeout * 4;
+            tokio::spawn(async move {
+                let _ = subscriber.enable_heartbeat(every, false).await;
+            })
+        };
         Ok(Self {
             hub,
             client,
             subscriber,
             channel,
             unsent,
-            tasks: vec![feeder, resubscriber, announcer],
+            tasks: vec![feeder, resubscriber, announcer, pinger],
         })
     }
 

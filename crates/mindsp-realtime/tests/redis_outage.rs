@@ -115,6 +115,30 @@ async fn a_broken_subscription_tells_every_connection_to_catch_up() {
     let _ = admin.quit().await;
 }
 
+/// A subscriber connection that stops answering (Redis paused for every command, as a
+/// connection silently dropped by the network would look) is noticed by its pings,
+/// made again, and the connections are told to catch up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_subscriber_connection_is_noticed_and_made_again() {
+    let Some((_redis, config)) = private_node().await else {
+        return;
+    };
+    let node = Realtime::redis(&config, 64)
+        .await
+        .expect("connect to Redis");
+    let (mut conn, _) = node.hub().register(TenantId::new(), UserId::new()).unwrap();
+    let admin = admin(&config).await;
+    let _: String = admin
+        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "4000", "ALL"])
+        .await
+        .unwrap();
+    while !matches!(
+        next(&mut conn, "told to catch up after the pause").await,
+        Event::EventsSkipped { .. }
+    ) {}
+    let _ = admin.quit().await;
+}
+
 /// A node whose publish fails while the other node's subscription holds (Redis paused
 /// for writes: `CLIENT PAUSE ... WRITE` holds `PUBLISH` too) tells every node once it
 /// publishes again, so the other node's connections catch up as well.
