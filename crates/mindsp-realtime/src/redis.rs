@@ -731,34 +731,66 @@ impl Shared {
             let slot = self.slot(tenant, user);
             let n = slot.lock().await;
             let written = if *n > 0 {
+                self.unwritten_done(tenant, user);
                 Ok(None)
             } else {
-                let mut args = self.ids(tenant, user);
-                args.push(if late { "1" } else { "0" }.into());
-                self.eval(DISCONNECT, args)
-                    .await
-                    .map(|v| v.convert::<i64>().ok().filter(|ms| *ms >= 0))
+                self.write_disconnection(tenant, user, late).await
             };
-            if written.is_ok() {
-                self.offline_unwritten
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&(tenant, user));
-            }
             drop(n);
             self.forget(tenant, user, slot);
             match written {
-                Ok(Some(ms)) => {
-                    self.publish_presence(tenant, user, PresenceStatus::Offline, millis(ms))
+                Ok(Some(seen)) => {
+                    self.publish_presence(tenant, user, PresenceStatus::Offline, Some(seen))
                         .await;
                 }
                 Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot record a disconnection in Redis; will retry");
-                    return;
-                }
+                Err(()) => return,
             }
         }
+    }
+
+    /// Writes the 1 → 0 transition of `user` on this node (`late`: see [`DISCONNECT`]);
+    /// `last_seen` when they are offline everywhere now. Either way the user's
+    /// disconnection is written or kept for the next heartbeats ([`Self::write_offline`]).
+    /// Called under the user's slot lock.
+    async fn write_disconnection(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        late: bool,
+    ) -> Result<Option<DateTime<Utc>>, ()> {
+        let mut args = self.ids(tenant, user);
+        args.push(if late { "1" } else { "0" }.into());
+        match self.eval(DISCONNECT, args).await {
+            Ok(v) => {
+                // Any older unwritten disconnection is written by this one.
+                self.unwritten_done(tenant, user);
+                Ok(v.convert::<i64>()
+                    .ok()
+                    .filter(|ms| *ms >= 0)
+                    .and_then(millis))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record a disconnection in Redis; will retry");
+                // A command that timed out may still have reached Redis.
+                let timed_out = *e.kind() == fred::error::ErrorKind::Timeout;
+                *self
+                    .offline_unwritten
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry((tenant, user))
+                    .or_default() |= timed_out;
+                Err(())
+            }
+        }
+    }
+
+    /// Nothing is left to write of `user`'s disconnections on this node.
+    fn unwritten_done(&self, tenant: TenantId, user: UserId) {
+        self.offline_unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(tenant, user));
     }
 
     async fn sweep(&self) -> Result<(), RedisError> {
@@ -813,10 +845,7 @@ impl Presence for RedisPresence {
             return false;
         }
         // Back before a disconnection missed by Redis was written: it no longer holds.
-        s.offline_unwritten
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(tenant, user));
+        s.unwritten_done(tenant, user);
         match s.connect(tenant, user).await {
             Ok(online) => online,
             Err(e) => {
@@ -842,35 +871,11 @@ impl Presence for RedisPresence {
             if *n > 0 {
                 return None;
             }
-            let mut args = s.ids(tenant, user);
-            args.push("0".into());
-            let written = s.eval(DISCONNECT, args).await;
-            if written.is_ok() {
-                // Any older unwritten disconnection is written by this one.
-                s.offline_unwritten
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&(tenant, user));
-            }
-            match written {
-                Ok(v) => v
-                    .convert::<i64>()
-                    .ok()
-                    .filter(|ms| *ms >= 0)
-                    .and_then(millis),
-                Err(e) => {
-                    // Written at the next heartbeats; meanwhile the user still shows
-                    // online.
-                    tracing::warn!(error = %e, "cannot record a disconnection in Redis; will retry");
-                    let timed_out = *e.kind() == fred::error::ErrorKind::Timeout;
-                    *s.offline_unwritten
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .entry((tenant, user))
-                        .or_default() |= timed_out;
-                    None
-                }
-            }
+            // On failure, written at the next heartbeats; meanwhile the user still
+            // shows online.
+            s.write_disconnection(tenant, user, false)
+                .await
+                .unwrap_or_default()
         };
         s.forget(tenant, user, slot);
         seen
