@@ -94,9 +94,7 @@ impl Realtime {
     ) -> Result<Self, redis::RedisError> {
         let hub = Hub::new(queue_capacity);
         let broker = Arc::new(redis::RedisBroker::connect(hub.clone(), config).await?);
-        let client = broker.client().clone();
-        let broker: Arc<dyn Broker> = broker;
-        let presence = redis::RedisPresence::start(client, broker.clone(), config).await?;
+        let presence = redis::RedisPresence::start(broker.clone(), config).await?;
         Ok(Self::new(hub, broker, Arc::new(presence)))
     }
 

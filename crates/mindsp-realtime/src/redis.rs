@@ -32,14 +32,15 @@
 //! connected to the node.
 //!
 //! Nothing waits for Redis to come back: every command gives up after
-//! [`RedisConfig::command_timeout`], and at once while the client is reconnecting (a
-//! publish is awaited before the sender's acknowledgement, presence before a
-//! connection's first frame). An envelope that cannot be published is delivered to this
-//! node's own connections, so that people on one node keep talking live through an
-//! outage; and once the node publishes again (its publishing connection is back, or a
-//! publish goes through), it first publishes `events_lost` instead of an envelope, so
-//! that every node tells its connections to catch up, even those whose subscription
-//! held.
+//! [`RedisConfig::command_timeout`], and writes at once while the client is
+//! reconnecting, or after a command timed out until Redis answers a probe (a publish is
+//! awaited before the sender's acknowledgement, presence before a connection's first
+//! frame: a Redis that hangs must not cost each of them the timeout). An envelope that
+//! cannot be published is delivered to this node's own connections, so that people on
+//! one node keep talking live through an outage; and once the node publishes again
+//! (its publishing connection is back, Redis answered the probe, or a publish goes
+//! through), it first publishes `events_lost` instead of an envelope, so that every
+//! node tells its connections to catch up, even those whose subscription held.
 
 //! # Presence: [`RedisPresence`]
 //!
@@ -169,9 +170,7 @@ pub struct RedisBroker {
     hub: Arc<Hub>,
     client: Client,
     subscriber: SubscriberClient,
-    channel: String,
-    /// Something could not be published since the other nodes were last told.
-    unsent: Arc<AtomicBool>,
+    writes: Arc<Writes>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -254,26 +253,154 @@ async fn resubscribe(subscriber: &SubscriberClient, channel: &str) {
     }
 }
 
-/// Tells every node, if something could not be published since they were last told.
-/// Unless `wait`, only when connected: a publish must not wait for a reconnection.
-async fn announce_unsent(client: &Client, channel: &str, unsent: &AtomicBool, wait: bool) {
-    // A load first: every publish comes through here, and a swap would write the flag.
-    if !unsent.load(Ordering::Relaxed) || !unsent.swap(false, Ordering::SeqCst) {
-        return;
+/// This node's writes to Redis: its publishing connection (shared with presence), and
+/// what went wrong with it.
+///
+/// - **Unsent envelopes.** What could not be published never reached the other nodes:
+///   once publishing works again, they are told ([`UNSENT`] on the channel).
+/// - **A Redis that does not answer.** A command can time out on a connection fred
+///   still counts as up (a Redis that hangs or is paused, a partition not noticed yet).
+///   fred's own check for unresponsive connections does not see that under steady
+///   traffic (each write restarts it), so every publish, and so every send's
+///   acknowledgement, would wait the whole [`RedisConfig::command_timeout`]. After a
+///   timeout, publishes and presence writes fail at once instead (the breaker is open)
+///   and a probe, a publish on a channel nobody reads, retries until Redis answers.
+pub(crate) struct Writes {
+    client: Client,
+    channel: String,
+    probe_channel: String,
+    /// Something could not be published since the other nodes were last told.
+    unsent: AtomicBool,
+    /// The breaker: a command timed out and no probe has been answered since.
+    stalled: AtomicBool,
+    /// Pause between probes that failed without waiting (the client reconnecting).
+    every: Duration,
+}
+
+impl Writes {
+    fn new(client: Client, config: &RedisConfig) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            channel: format!("{}events", config.prefix),
+            probe_channel: format!("{}probe", config.prefix),
+            unsent: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+            every: config.command_timeout,
+        })
     }
-    let told = (wait || client.is_connected())
-        && client.publish::<i64, _, _>(channel, UNSENT).await.is_ok();
-    if told {
-        tracing::info!("told every node that some events could not be published");
-    } else {
-        unsent.store(true, Ordering::SeqCst);
+
+    /// Why a write should not be sent now (it would wait for the timeout): `None` when it
+    /// may go.
+    fn refused(&self) -> Option<RedisError> {
+        if !self.client.is_connected() {
+            Some(not_connected())
+        } else if self.stalled.load(Ordering::Relaxed) {
+            Some(RedisError::new(
+                fred::error::ErrorKind::IO,
+                "Redis did not answer in time; writes wait until it does",
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Notes the outcome of a write: a timeout opens the breaker (and starts the probe
+    /// if it was closed).
+    fn outcome<T>(self: &Arc<Self>, r: Result<T, RedisError>) -> Result<T, RedisError> {
+        if let Err(e) = &r
+            && *e.kind() == fred::error::ErrorKind::Timeout
+            && !self.stalled.swap(true, Ordering::SeqCst)
+        {
+            tracing::warn!("a Redis command timed out; writes fail at once until Redis answers");
+            tokio::spawn(Self::probe(Arc::downgrade(self)));
+        }
+        r
+    }
+
+    /// Publishes on the probe channel until Redis answers, then closes the breaker and
+    /// tells the other nodes of what did not go out meanwhile. Ends early with the
+    /// broker and the presence that hold `this`.
+    async fn probe(this: std::sync::Weak<Self>) {
+        while let Some(w) = this.upgrade() {
+            let started = tokio::time::Instant::now();
+            let probe = w.client.publish::<i64, _, _>(w.probe_channel.as_str(), "");
+            if probe.await.is_ok() {
+                w.stalled.store(false, Ordering::SeqCst);
+                tracing::info!("Redis answers again; writes resume");
+                w.announce(true).await;
+                return;
+            }
+            // A timeout has waited already; a refusal (reconnecting) came at once.
+            let pause = w.every.saturating_sub(started.elapsed());
+            drop(w);
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Tells every node, if something could not be published since they were last told.
+    /// Unless `wait`, only when a write may go: a publish must not wait for a
+    /// reconnection.
+    async fn announce(self: &Arc<Self>, wait: bool) {
+        // A load first: every publish comes through here, and a swap would write.
+        if !self.unsent.load(Ordering::Relaxed) || !self.unsent.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let told = (wait || self.refused().is_none())
+            && self
+                .outcome(
+                    self.client
+                        .publish::<i64, _, _>(self.channel.as_str(), UNSENT)
+                        .await,
+                )
+                .is_ok();
+        if told {
+            tracing::info!("told every node that some events could not be published");
+        } else {
+            self.unsent.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Publishes `payload` on the channel, or fails at once when it would wait (see
+    /// [`Self::refused`]). On failure the other nodes are told later.
+    async fn publish(self: &Arc<Self>, payload: String) -> Result<(), RedisError> {
+        self.announce(false).await;
+        let sent = match self.refused() {
+            None => self.outcome(
+                self.client
+                    .publish::<i64, _, _>(self.channel.as_str(), payload)
+                    .await,
+            ),
+            Some(e) => Err(e),
+        };
+        if let Err(e) = &sent {
+            // Once per outage in the log, not once per publish.
+            if self.unsent.swap(true, Ordering::SeqCst) {
+                tracing::debug!(error = %e, "cannot publish to Redis; delivered on this node only");
+            } else {
+                tracing::warn!(error = %e, "cannot publish to Redis; events are delivered on this node only until it can");
+            }
+        }
+        sent.map(drop)
+    }
+
+    /// Runs a presence script, unless it would wait (see [`Self::refused`]).
+    async fn eval(
+        self: &Arc<Self>,
+        body: &str,
+        key: &str,
+        args: Vec<Value>,
+    ) -> Result<Value, RedisError> {
+        if let Some(e) = self.refused() {
+            return Err(e);
+        }
+        self.outcome(self.client.eval(script(body), key, args).await)
     }
 }
 
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBroker")
-            .field("channel", &self.channel)
+            .field("channel", &self.writes.channel)
             .finish()
     }
 }
@@ -312,15 +439,15 @@ impl RedisBroker {
         // What this node could not publish never reached the others: once its
         // publishing connection is back, every node is told (the next publish tells
         // them too, if it comes first).
-        let unsent = Arc::new(AtomicBool::new(false));
+        let writes = Writes::new(client.clone(), config);
         let announcer = {
             let mut reconnected = client.reconnect_rx();
-            let (client, channel, unsent) = (client.clone(), channel.clone(), unsent.clone());
+            let writes = writes.clone();
             tokio::spawn(async move {
                 while next_event(&mut reconnected).await {
                     // fred tells of the reconnection just before it counts as connected:
                     // the announcement waits for it (at most the command timeout).
-                    announce_unsent(&client, &channel, &unsent, true).await;
+                    writes.announce(true).await;
                 }
             })
         };
@@ -340,8 +467,7 @@ impl RedisBroker {
             hub,
             client,
             subscriber,
-            channel,
-            unsent,
+            writes,
             tasks: vec![feeder, resubscriber, announcer, pinger],
         })
     }
@@ -353,7 +479,7 @@ impl RedisBroker {
 
     /// The channel envelopes go through.
     pub fn channel(&self) -> &str {
-        &self.channel
+        &self.writes.channel
     }
 }
 
@@ -380,22 +506,11 @@ impl Broker for RedisBroker {
                 return;
             }
         };
-        announce_unsent(&self.client, &self.channel, &self.unsent, false).await;
-        // While disconnected, fail at once rather than wait for the timeout.
-        let sent = if self.client.is_connected() {
-            self.client
-                .publish::<i64, _, _>(self.channel.as_str(), payload)
-                .await
-        } else {
-            Err(not_connected())
-        };
-        if let Err(e) = sent {
+        if self.writes.publish(payload).await.is_err() {
             // This node's own connections get it anyway; the other nodes are told that
             // something did not go out once publishing works again. A publish that timed
             // out may still go through later: a message then arrives twice here, and
             // connections drop the second by its `seq`.
-            tracing::warn!(error = %e, "cannot publish to Redis; delivered on this node only");
-            self.unsent.store(true, Ordering::SeqCst);
             self.hub.deliver(envelope);
         }
     }
@@ -517,7 +632,8 @@ fn millis(ms: i64) -> Option<DateTime<Utc>> {
 type Slot = Arc<tokio::sync::Mutex<u32>>;
 
 struct Shared {
-    client: Client,
+    /// The broker's writes: a presence script fails at once when a publish would.
+    writes: Arc<Writes>,
     broker: Arc<dyn Broker>,
     prefix: String,
     nodes_key: String,
@@ -553,15 +669,11 @@ impl std::fmt::Debug for RedisPresence {
 
 impl RedisPresence {
     /// Registers this node (a fresh id), then heartbeats and sweeps every
-    /// `config.heartbeat` until dropped; offline events of dead nodes' users go out
-    /// through `broker`.
-    pub async fn start(
-        client: Client,
-        broker: Arc<dyn Broker>,
-        config: &RedisConfig,
-    ) -> Result<Self, RedisError> {
+    /// `config.heartbeat` until dropped; writes through `broker`'s connection, and
+    /// publishes through `broker` the offline events of dead nodes' users.
+    pub async fn start(broker: Arc<RedisBroker>, config: &RedisConfig) -> Result<Self, RedisError> {
         let shared = Arc::new(Shared {
-            client,
+            writes: broker.writes.clone(),
             broker,
             prefix: config.prefix.clone(),
             nodes_key: format!("{}nodes", config.prefix),
@@ -609,12 +721,7 @@ impl Drop for RedisPresence {
 
 impl Shared {
     async fn eval(&self, body: &str, args: Vec<Value>) -> Result<Value, RedisError> {
-        if !self.client.is_connected() {
-            return Err(not_connected());
-        }
-        self.client
-            .eval(script(body), self.nodes_key.as_str(), args)
-            .await
+        self.writes.eval(body, &self.nodes_key, args).await
     }
 
     fn ids(&self, tenant: TenantId, user: UserId) -> Vec<Value> {

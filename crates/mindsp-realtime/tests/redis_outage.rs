@@ -164,21 +164,96 @@ async fn a_publish_that_failed_is_announced_to_every_node_once_publishing_works(
         .expect("the publish gives up");
     let local = next(&mut conn_a, "delivered on its own node").await;
     assert!(matches!(local, Event::Typing { .. }));
-    // Once Redis takes writes again, the next publish goes out after the announcement.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    a.publish(typing(tenant, on_b, TypingState::Stop)).await;
+    // Once Redis takes writes again, publishes go out after the announcement.
+    assert!(
+        told_then_through(&a, &mut conn_b, tenant, on_b).await,
+        "node b's connection was told before the next event"
+    );
+    let _ = admin.quit().await;
+}
+
+/// Publishes on `from` a typing stop for `to` until `conn` (on another node) gets it
+/// through Redis; whether `conn` was told to catch up before. Publishes are retried:
+/// until the node sees Redis answer again, they stay on the node.
+async fn told_then_through(
+    from: &Realtime,
+    conn: &mut mindsp_realtime::Connection,
+    tenant: TenantId,
+    to: UserId,
+) -> bool {
     let mut told = false;
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        match next(&mut conn_b, "node b hears of the failed publish").await {
-            Event::EventsSkipped { .. } => told = true,
-            Event::Typing {
-                state: TypingState::Stop,
-                ..
-            } => break,
-            _ => {}
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing crossed Redis again"
+        );
+        from.publish(typing(tenant, to, TypingState::Stop)).await;
+        while let Ok(d) = tokio::time::timeout(Duration::from_millis(100), conn.events.recv()).await
+        {
+            match d.envelope.event {
+                Event::EventsSkipped { .. } => told = true,
+                Event::Typing {
+                    state: TypingState::Stop,
+                    ..
+                } => return told,
+                _ => {}
+            }
         }
     }
-    assert!(told, "node b's connection was told before the next event");
+}
+
+/// A Redis that keeps its connections but takes no write (paused: fred still counts
+/// the connection as up, and steady traffic keeps its unresponsive check quiet) costs
+/// the node one command timeout, not one per publish: after the first, publishes and
+/// presence writes fail at once (delivered on the node only) until Redis answers a
+/// probe. Then the other node is told to catch up and publishes cross Redis again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_hangs_costs_one_timeout_not_one_per_send() {
+    let Some((_redis, config)) = private_node().await else {
+        return;
+    };
+    // One by one, each waiting for the timeout, these would take twice `WAIT`.
+    const SENDS: u32 = 100;
+    let a = Realtime::redis(&config, 256).await.expect("node a");
+    let b = Realtime::redis(&config, 64).await.expect("node b");
+    let tenant = TenantId::new();
+    let (on_a, on_b) = (UserId::new(), UserId::new());
+    let (mut conn_a, _) = a.hub().register(tenant, on_a).unwrap();
+    let (mut conn_b, _) = b.hub().register(tenant, on_b).unwrap();
+
+    let admin = admin(&config).await;
+    let _: String = admin
+        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "60000", "WRITE"])
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        for _ in 0..SENDS {
+            a.publish(typing(tenant, on_a, TypingState::Start)).await;
+        }
+        // Presence writes too: each opening writes the user's presence.
+        for _ in 0..SENDS {
+            let opened = a
+                .open(tenant, UserId::new(), std::future::ready(Vec::new()))
+                .await;
+            drop(opened);
+        }
+    })
+    .await
+    .expect("after the first timeout, writes to a Redis that hangs fail at once");
+    for _ in 0..SENDS {
+        let local = next(&mut conn_a, "delivered on its own node").await;
+        assert!(matches!(local, Event::Typing { .. }), "{local:?}");
+    }
+
+    let _: String = admin
+        .custom(fred::cmd!("CLIENT"), vec!["UNPAUSE"])
+        .await
+        .unwrap();
+    assert!(
+        told_then_through(&a, &mut conn_b, tenant, on_b).await,
+        "node b's connection was told to catch up before the next event"
+    );
     let _ = admin.quit().await;
 }
 
