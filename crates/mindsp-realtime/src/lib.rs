@@ -29,7 +29,7 @@ use mindsp_core::{TenantId, UserId};
 
 pub use broker::{Broker, BrokerPublisher};
 pub use hub::{CloseReason, Connection, Delivery, Hub};
-pub use presence::{LocalPresence, Presence, UserPresence};
+pub use presence::{LocalPresence, Presence, PresenceUnavailable, UserPresence};
 
 /// WebSocket close codes, documented in `docs/PROTOCOL.md`.
 pub mod close {
@@ -167,7 +167,11 @@ impl Realtime {
     }
 
     /// The presence of `users` of `tenant`.
-    pub async fn presence(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence> {
+    pub async fn presence(
+        &self,
+        tenant: TenantId,
+        users: &[UserId],
+    ) -> Result<Vec<UserPresence>, PresenceUnavailable> {
         self.presence.query(tenant, users).await
     }
 
@@ -198,10 +202,16 @@ impl Realtime {
 
 #[async_trait::async_trait]
 impl mindsp_core::notify::OnlineUsers for Realtime {
+    /// Nobody, when presence cannot be read: they get the e-mail rather than miss it.
     async fn online_among(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserId> {
-        self.presence
-            .query(tenant, users)
-            .await
+        let presence = match self.presence.query(tenant, users).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence unknown: everyone counts as offline");
+                return Vec::new();
+            }
+        };
+        presence
             .into_iter()
             .filter(|p| p.status == PresenceStatus::Online)
             .map(|p| p.user_id)

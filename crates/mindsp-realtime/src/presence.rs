@@ -26,6 +26,12 @@ pub struct UserPresence {
     pub last_seen: Option<DateTime<Utc>>,
 }
 
+/// Presence could not be read (Redis away): a client shows it as unknown rather than
+/// everyone offline, and asks again later.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("presence cannot be read now: {0}")]
+pub struct PresenceUnavailable(pub String);
+
 /// Tracks who is online, per tenant.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
@@ -34,7 +40,11 @@ pub trait Presence: Send + Sync + 'static {
     /// A connection of `user` closed. `Some(last_seen)` when this made them offline.
     async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<DateTime<Utc>>;
     /// The presence of each of `users`, in the same order.
-    async fn query(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence>;
+    async fn query(
+        &self,
+        tenant: TenantId,
+        users: &[UserId],
+    ) -> Result<Vec<UserPresence>, PresenceUnavailable>;
     /// This node is shutting down: its connections will close without
     /// [`Presence::disconnected`], and its users' presence is left to the nodes that
     /// stay (those who reconnect to one of them meanwhile stay online without a word).
@@ -85,9 +95,13 @@ impl Presence for LocalPresence {
         Some(now)
     }
 
-    async fn query(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence> {
+    async fn query(
+        &self,
+        tenant: TenantId,
+        users: &[UserId],
+    ) -> Result<Vec<UserPresence>, PresenceUnavailable> {
         let map = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        users
+        Ok(users
             .iter()
             .map(|u| match map.get(&(tenant, *u)) {
                 Some(e) if e.connections > 0 => UserPresence {
@@ -101,7 +115,7 @@ impl Presence for LocalPresence {
                     last_seen: e.and_then(|e| e.last_seen),
                 },
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -116,13 +130,19 @@ mod tests {
         assert!(p.connected(t, u).await);
         assert!(!p.connected(t, u).await);
         assert!(p.disconnected(t, u).await.is_none());
-        assert_eq!(p.query(t, &[u]).await[0].status, PresenceStatus::Online);
+        assert_eq!(
+            p.query(t, &[u]).await.unwrap()[0].status,
+            PresenceStatus::Online
+        );
         let seen = p.disconnected(t, u).await.expect("offline now");
-        let q = p.query(t, &[u]).await;
+        let q = p.query(t, &[u]).await.unwrap();
         assert_eq!(q[0].status, PresenceStatus::Offline);
         assert_eq!(q[0].last_seen, Some(seen));
         // Another tenant's user of the same id is someone else.
-        assert_eq!(p.query(TenantId::new(), &[u]).await[0].last_seen, None);
+        assert_eq!(
+            p.query(TenantId::new(), &[u]).await.unwrap()[0].last_seen,
+            None
+        );
         assert!(p.disconnected(t, u).await.is_none());
     }
 }

@@ -96,7 +96,7 @@ use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::hub::Hub;
-use crate::presence::{Presence, UserPresence};
+use crate::presence::{Presence, PresenceUnavailable, UserPresence};
 
 pub use fred::error::Error as RedisError;
 
@@ -1000,15 +1000,14 @@ impl Presence for RedisPresence {
         }
     }
 
-    async fn query(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserPresence> {
+    async fn query(
+        &self,
+        tenant: TenantId,
+        users: &[UserId],
+    ) -> Result<Vec<UserPresence>, PresenceUnavailable> {
         let s = &self.shared;
-        let offline = |u: &UserId| UserPresence {
-            user_id: *u,
-            status: PresenceStatus::Offline,
-            last_seen: None,
-        };
         if users.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let mut args: Vec<Value> = vec![s.prefix.as_str().into(), tenant.to_string().into()];
         args.extend(users.iter().map(|u| Value::from(u.to_string())));
@@ -1020,10 +1019,10 @@ impl Presence for RedisPresence {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read presence from Redis");
-                return users.iter().map(offline).collect();
+                return Err(PresenceUnavailable(e.to_string()));
             }
         };
-        users
+        Ok(users
             .iter()
             .zip(out.chunks_exact(2))
             .map(|(u, pair)| {
@@ -1045,7 +1044,7 @@ impl Presence for RedisPresence {
                     },
                 }
             })
-            .collect()
+            .collect())
     }
 }
 

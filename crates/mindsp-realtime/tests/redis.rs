@@ -110,16 +110,19 @@ async fn presence_is_shared_and_a_dead_node_is_swept_once() {
     let a = n1.open(t, u, ready(vec![watcher])).await.unwrap();
     let f = next_about(&mut w, u).await;
     assert!(f.contains(r#""status":"online""#), "{f}");
-    let q = n2.presence(t, &[u, UserId::new()]).await;
+    let q = n2.presence(t, &[u, UserId::new()]).await.unwrap();
     assert_eq!(q[0].status, PresenceStatus::Online);
     assert_eq!(q[1].status, PresenceStatus::Offline);
     // A second connection on node 2, closed again: no event, still online.
     let b = n2.open(t, u, ready(vec![watcher])).await.unwrap();
     n2.close(b, ready(vec![watcher])).await;
-    assert_eq!(n1.presence(t, &[u]).await[0].status, PresenceStatus::Online);
+    assert_eq!(
+        n1.presence(t, &[u]).await.unwrap()[0].status,
+        PresenceStatus::Online
+    );
     // The same user id in another tenant is someone else.
     assert_eq!(
-        n1.presence(TenantId::new(), &[u]).await[0].status,
+        n1.presence(TenantId::new(), &[u]).await.unwrap()[0].status,
         PresenceStatus::Offline
     );
 
@@ -132,7 +135,7 @@ async fn presence_is_shared_and_a_dead_node_is_swept_once() {
         f.contains(r#""status":"offline""#) && f.contains("last_seen"),
         "{f}"
     );
-    let q = n2.presence(t, &[u]).await;
+    let q = n2.presence(t, &[u]).await.unwrap();
     assert_eq!(q[0].status, PresenceStatus::Offline);
     assert!(q[0].last_seen.is_some());
     // One event for that transition: several sweeps later, nothing more.

@@ -12,6 +12,10 @@ use mindsp_realtime::Realtime;
 use mindsp_realtime::hub::RELAYED_KINDS;
 use mindsp_realtime::redis::RedisConfig;
 
+#[path = "support/private_redis.rs"]
+mod private_redis;
+use private_redis::PrivateRedis;
+
 const WAIT: Duration = Duration::from_secs(15);
 
 /// A node of its own on a private Redis server (see [`PrivateRedis`]), with short
@@ -22,7 +26,7 @@ async fn private_node() -> Option<(PrivateRedis, RedisConfig)> {
         return None;
     }
     let redis = PrivateRedis::start()?;
-    let mut config = RedisConfig::new(format!("redis://127.0.0.1:{}", redis.port));
+    let mut config = RedisConfig::new(redis.url());
     config.heartbeat = Duration::from_millis(200);
     config.window = Duration::from_millis(600);
     config.command_timeout = Duration::from_millis(300);
@@ -245,6 +249,8 @@ async fn a_redis_that_hangs_costs_one_timeout_not_one_per_send() {
         let local = next(&mut conn_a, "delivered on its own node").await;
         assert!(matches!(local, Event::Typing { .. }), "{local:?}");
     }
+    // Presence cannot be read: unknown, rather than everyone offline.
+    assert!(a.presence(tenant, &[on_a]).await.is_err());
 
     let _: String = admin
         .custom(fred::cmd!("CLIENT"), vec!["UNPAUSE"])
@@ -254,6 +260,9 @@ async fn a_redis_that_hangs_costs_one_timeout_not_one_per_send() {
         told_then_through(&a, &mut conn_b, tenant, on_b).await,
         "node b's connection was told to catch up before the next event"
     );
+    a.presence(tenant, &[on_a])
+        .await
+        .expect("presence is read again");
     let _ = admin.quit().await;
 }
 
@@ -301,7 +310,7 @@ async fn a_disconnection_redis_missed_is_written_later() {
             _ => {}
         }
     }
-    let now = b.presence(tenant, &[user]).await;
+    let now = b.presence(tenant, &[user]).await.unwrap();
     assert_eq!(now[0].status, PresenceStatus::Offline);
     // Told once: nothing more about the user over several heartbeats.
     let quiet_until = tokio::time::Instant::now() + Duration::from_secs(1);
@@ -313,62 +322,6 @@ async fn a_disconnection_redis_missed_is_written_later() {
         );
     }
     let _ = admin.quit().await;
-}
-
-/// A Redis server of the test's own on a free loopback port, so that it can be killed
-/// and started again; killed when dropped.
-struct PrivateRedis {
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl PrivateRedis {
-    /// `None` (with a message) when `redis-server` cannot be started.
-    fn start() -> Option<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .ok()?;
-        let mut redis = Self { port, child: None };
-        redis.restart()?;
-        Some(redis)
-    }
-
-    fn restart(&mut self) -> Option<()> {
-        let child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn();
-        let Ok(child) = child else {
-            eprintln!("skipped: redis-server cannot be started here");
-            return None;
-        };
-        self.child = Some(child);
-        for _ in 0..100 {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("redis-server exited ({status}): port {} taken?", self.port);
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Some(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not listen on {}", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// While Redis is down, publishing and opening connections return (nothing waits for
@@ -393,6 +346,10 @@ async fn a_redis_outage_blocks_nobody_and_ends_with_a_notice() {
         .await
         .expect("this node's connections get what it published");
     assert!(matches!(local.envelope.event, Event::Typing { .. }));
+    assert!(
+        node.presence(tenant, &[user]).await.is_err(),
+        "presence is unknown while Redis is down"
+    );
     // In a tenant of its own: once Redis is back, the node announces its users again.
     let opened = tokio::time::timeout(
         WAIT,

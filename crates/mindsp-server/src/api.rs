@@ -258,7 +258,17 @@ pub(crate) async fn conversation_presence(
 ) -> ApiResult<axum::Json<Value>> {
     let (_, members) = state.messaging.conversation(&auth.actor, id).await?;
     let ids: Vec<UserId> = members.iter().map(|m| m.user_id).collect();
-    let presence = state.realtime.presence(auth.actor.tenant_id, &ids).await;
+    let presence = state
+        .realtime
+        .presence(auth.actor.tenant_id, &ids)
+        .await
+        .map_err(|_| {
+            ApiError::http(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "presence_unavailable",
+                "presence cannot be read now; ask again later",
+            )
+        })?;
     Ok(axum::Json(
         json!({ "conversation_id": id, "presence": presence }),
     ))

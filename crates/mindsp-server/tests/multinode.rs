@@ -5,6 +5,8 @@
 //! Needs both `MINDSP_TEST_POSTGRES_URL` and `MINDSP_TEST_REDIS_URL`; skipped (with a
 //! message) otherwise.
 
+#[path = "../../mindsp-realtime/tests/support/private_redis.rs"]
+mod private_redis;
 mod wsclient;
 
 use std::io::{BufRead, BufReader};
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use fred::interfaces::{ClientLike, LuaInterface};
 use mindsp_core::model::{NewUser, Role};
+use private_redis::PrivateRedis;
 use serde_json::{Value, json};
 use sqlx::Connection;
 use wsclient::{Client, PASSWORD};
@@ -674,4 +677,64 @@ async fn notifications_and_reminders_from_a_worker_process_cross_nodes() {
     let _ = worker.kill();
     let _ = worker.wait();
     let _ = std::fs::remove_dir_all(&mail);
+}
+
+/// While a node's Redis is down, presence is unknown rather than "everyone offline":
+/// the socket's `presence` command and `GET …/presence` answer `presence_unavailable`
+/// (503), and sends are still acknowledged. Once Redis is back (empty: a restart keeps
+/// nothing), the node writes its users again and presence reads as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_unavailable_not_offline_while_redis_is_down() {
+    let Some((pg, _)) = services() else {
+        return;
+    };
+    let Some(mut redis) = PrivateRedis::start() else {
+        return;
+    };
+    let shared = Shared::new(&pg, &redis.url()).await;
+    let (n1, _n2, admin) = cluster(&shared).await;
+    let alice = n1.user(&admin, "Alice").await;
+    let bob = n1.user(&admin, "Bob").await;
+    let conv = n1.group(&alice, &[&bob]).await;
+    let mut a = n1.connect(&alice).await;
+    let _b = n1.connect(&bob).await;
+    let both_online = |q: &Value| {
+        q["presence"]
+            .as_array()
+            .is_some_and(|p| p.len() == 2 && p.iter().all(|p| p["status"] == "online"))
+    };
+    let q = a.ok("presence", json!({"conversation_id": conv})).await;
+    assert!(both_online(&q), "{q}");
+
+    redis.kill();
+    let r = a.call("presence", json!({"conversation_id": conv})).await;
+    assert_eq!(r["code"], "presence_unavailable", "{r}");
+    let resp = reqwest::Client::new()
+        .get(n1.url(&format!("/api/conversations/{conv}/presence")))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "presence_unavailable", "{body}");
+    a.ok(
+        "send",
+        json!({"conversation_id": conv, "content": "Redis est tombé", "idempotency_key": "k1"}),
+    )
+    .await;
+
+    redis.restart().expect("redis-server starts again");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = a.call("presence", json!({"conversation_id": conv})).await;
+        if r["type"] == "ack" && both_online(&r) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence never read again: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
