@@ -145,3 +145,31 @@ async fn presence_is_shared_and_a_dead_node_is_swept_once() {
     drop(n2);
     purge(&c).await;
 }
+
+/// A node that shuts down (`Realtime::shutdown`, at SIGTERM) stops its heartbeats while
+/// its process still runs and its sockets close: the other node sweeps it after the
+/// window and tells the tenant that its user is offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_stops_its_heartbeats_and_is_swept() {
+    let Some(c) = config() else { return };
+    let n1 = Realtime::redis(&c, 64).await.unwrap();
+    let n2 = Realtime::redis(&c, 64).await.unwrap();
+    let t = TenantId::new();
+    let (u, watcher) = (UserId::new(), UserId::new());
+    let mut w = n2.open(t, watcher, ready(vec![u])).await.unwrap();
+    let a = n1.open(t, u, ready(vec![watcher])).await.unwrap();
+    let f = next_about(&mut w, u).await;
+    assert!(f.contains(r#""status":"online""#), "{f}");
+
+    n1.shutdown().await;
+    n1.close(a, ready(vec![watcher])).await;
+    let f = next_about(&mut w, u).await;
+    assert!(
+        f.contains(r#""status":"offline""#) && f.contains("last_seen"),
+        "{f}"
+    );
+    drop(n1);
+    n2.close(w, ready(vec![u])).await;
+    drop(n2);
+    purge(&c).await;
+}
