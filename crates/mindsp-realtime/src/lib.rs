@@ -166,7 +166,8 @@ impl Realtime {
         self.presence.leaving().await;
     }
 
-    /// The presence of `users` of `tenant`.
+    /// The presence of `users` of `tenant`; [`PresenceUnavailable`] when it cannot be
+    /// read now (Redis away in the scaled profile): unknown, not offline.
     pub async fn presence(
         &self,
         tenant: TenantId,

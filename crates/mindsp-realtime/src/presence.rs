@@ -39,7 +39,8 @@ pub trait Presence: Send + Sync + 'static {
     async fn connected(&self, tenant: TenantId, user: UserId) -> bool;
     /// A connection of `user` closed. `Some(last_seen)` when this made them offline.
     async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<DateTime<Utc>>;
-    /// The presence of each of `users`, in the same order.
+    /// The presence of each of `users`, in the same order; [`PresenceUnavailable`] when
+    /// it cannot be read now (shared presence whose store is away).
     async fn query(
         &self,
         tenant: TenantId,

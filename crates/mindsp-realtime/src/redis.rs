@@ -32,10 +32,12 @@
 //! connected to the node.
 //!
 //! Nothing waits for Redis to come back: every command gives up after
-//! [`RedisConfig::command_timeout`], and writes at once while the client is
-//! reconnecting, or after a command timed out until Redis answers a probe (a publish is
-//! awaited before the sender's acknowledgement, presence before a connection's first
-//! frame: a Redis that hangs must not cost each of them the timeout). An envelope that
+//! [`RedisConfig::command_timeout`], and publishes and presence scripts (reads
+//! included) at once while the client is reconnecting, or after a command timed out
+//! until Redis answers a probe on `<prefix>probe` (a publish is awaited before the
+//! sender's acknowledgement, presence before a connection's first frame: a Redis that
+//! hangs must not cost each of them the timeout). Presence that cannot be read is
+//! [`PresenceUnavailable`], not everyone offline. An envelope that
 //! cannot be published is delivered to this node's own connections, so that people on
 //! one node keep talking live through an outage; and once the node publishes again
 //! (its publishing connection is back, Redis answered the probe, or a publish goes
@@ -168,7 +170,6 @@ fn builder(config: &RedisConfig) -> Result<Builder, RedisError> {
 /// Fan-out through one Redis pub/sub channel; see the [module documentation](self).
 pub struct RedisBroker {
     hub: Arc<Hub>,
-    client: Client,
     subscriber: SubscriberClient,
     writes: Arc<Writes>,
     tasks: Vec<JoinHandle<()>>,
@@ -253,6 +254,10 @@ async fn resubscribe(subscriber: &SubscriberClient, channel: &str) {
     }
 }
 
+/// Unanswered probes in a row after which the publishing connection is made again (see
+/// [`Writes::probe`]).
+const PROBES_BEFORE_RECONNECT: u32 = 3;
+
 /// This node's writes to Redis: its publishing connection (shared with presence), and
 /// what went wrong with it.
 ///
@@ -263,8 +268,9 @@ async fn resubscribe(subscriber: &SubscriberClient, channel: &str) {
 ///   fred's own check for unresponsive connections does not see that under steady
 ///   traffic (each write restarts it), so every publish, and so every send's
 ///   acknowledgement, would wait the whole [`RedisConfig::command_timeout`]. After a
-///   timeout, publishes and presence writes fail at once instead (the breaker is open)
-///   and a probe, a publish on a channel nobody reads, retries until Redis answers.
+///   timeout, publishes and presence scripts (reads included) fail at once instead (the
+///   breaker is open) and a probe, a publish on `<prefix>probe` that nobody reads,
+///   retries until Redis answers.
 pub(crate) struct Writes {
     client: Client,
     channel: String,
@@ -294,7 +300,7 @@ impl Writes {
     fn refused(&self) -> Option<RedisError> {
         if !self.client.is_connected() {
             Some(not_connected())
-        } else if self.stalled.load(Ordering::Relaxed) {
+        } else if self.stalled.load(Ordering::SeqCst) {
             Some(RedisError::new(
                 fred::error::ErrorKind::IO,
                 "Redis did not answer in time; writes wait until it does",
@@ -317,23 +323,49 @@ impl Writes {
         r
     }
 
-    /// Publishes on the probe channel until Redis answers, then closes the breaker and
-    /// tells the other nodes of what did not go out meanwhile. Ends early with the
-    /// broker and the presence that hold `this`.
+    /// Publishes on the probe channel until Redis answers (any reply, an error reply
+    /// included: a Redis that refuses the probe channel still answers), then tells the
+    /// other nodes of what did not go out meanwhile and closes the breaker, in that
+    /// order, so that the notice leaves before the envelopes that follow it. Ends early
+    /// with the broker and the presence that hold `this`.
+    ///
+    /// A probe every command timeout. fred's own check would close a connection that
+    /// the network dropped without a word (no reply for three timeouts since the last
+    /// write), but each probe is a write that starts its count again: after
+    /// [`PROBES_BEFORE_RECONNECT`] unanswered probes in a row, the probe makes the
+    /// connection again itself.
     async fn probe(this: std::sync::Weak<Self>) {
+        let mut unanswered = 0;
         while let Some(w) = this.upgrade() {
-            let started = tokio::time::Instant::now();
+            let next = tokio::time::Instant::now() + w.every;
             let probe = w.client.publish::<i64, _, _>(w.probe_channel.as_str(), "");
-            if probe.await.is_ok() {
+            let answered = match probe.await {
+                Ok(_) => true,
+                Err(e) => !matches!(
+                    e.kind(),
+                    fred::error::ErrorKind::Timeout
+                        | fred::error::ErrorKind::IO
+                        | fred::error::ErrorKind::Canceled
+                ),
+            };
+            if answered {
+                w.announce(true).await;
                 w.stalled.store(false, Ordering::SeqCst);
                 tracing::info!("Redis answers again; writes resume");
-                w.announce(true).await;
                 return;
             }
-            // A timeout has waited already; a refusal (reconnecting) came at once.
-            let pause = w.every.saturating_sub(started.elapsed());
+            unanswered += 1;
+            if unanswered % PROBES_BEFORE_RECONNECT == 0 && w.client.is_connected() {
+                tracing::warn!("Redis has not answered for a while; connecting again");
+                let client = w.client.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = client.force_reconnection().await {
+                        tracing::warn!(error = %e, "cannot connect to Redis again");
+                    }
+                });
+            }
             drop(w);
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep_until(next).await;
         }
     }
 
@@ -342,7 +374,7 @@ impl Writes {
     /// reconnection.
     async fn announce(self: &Arc<Self>, wait: bool) {
         // A load first: every publish comes through here, and a swap would write.
-        if !self.unsent.load(Ordering::Relaxed) || !self.unsent.swap(false, Ordering::SeqCst) {
+        if !self.unsent.load(Ordering::SeqCst) || !self.unsent.swap(false, Ordering::SeqCst) {
             return;
         }
         let told = (wait || self.refused().is_none())
@@ -378,6 +410,13 @@ impl Writes {
                 tracing::debug!(error = %e, "cannot publish to Redis; delivered on this node only");
             } else {
                 tracing::warn!(error = %e, "cannot publish to Redis; events are delivered on this node only until it can");
+            }
+            // The probe may have closed the breaker (and found nothing to tell) since
+            // this publish was refused: then nobody else would tell the other nodes
+            // before this node's next publish.
+            if self.refused().is_none() {
+                let this = self.clone();
+                tokio::spawn(async move { this.announce(false).await });
             }
         }
         sent.map(drop)
@@ -465,16 +504,10 @@ impl RedisBroker {
         };
         Ok(Self {
             hub,
-            client,
             subscriber,
             writes,
             tasks: vec![feeder, resubscriber, announcer, pinger],
         })
-    }
-
-    /// The publishing connection (shared with [`RedisPresence`]).
-    pub fn client(&self) -> &Client {
-        &self.client
     }
 
     /// The channel envelopes go through.
@@ -486,7 +519,7 @@ impl RedisBroker {
 impl Drop for RedisBroker {
     fn drop(&mut self) {
         self.tasks.iter().for_each(JoinHandle::abort);
-        let (c, s) = (self.client.clone(), self.subscriber.clone());
+        let (c, s) = (self.writes.client.clone(), self.subscriber.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let _ = s.quit().await;
@@ -802,7 +835,12 @@ impl Shared {
             if *n == 0 {
                 continue;
             }
-            match self.connect(tenant, user).await {
+            let written = self.connect(tenant, user).await;
+            if written.is_ok() {
+                // As in `connected`: an older unwritten disconnection no longer holds.
+                self.unwritten_done(tenant, user);
+            }
+            match written {
                 Ok(true) => {
                     self.publish_presence(tenant, user, PresenceStatus::Online, None)
                         .await
@@ -838,7 +876,13 @@ impl Shared {
             let slot = self.slot(tenant, user);
             let n = slot.lock().await;
             let written = if *n > 0 {
-                self.unwritten_done(tenant, user);
+                // Connected here again: done once that connection is written (by the
+                // announcement, which runs first at a heartbeat); until then the
+                // user's next disconnection must know that an earlier one may still
+                // run.
+                if !self.reannounce.load(Ordering::SeqCst) {
+                    self.unwritten_done(tenant, user);
+                }
                 Ok(None)
             } else {
                 self.write_disconnection(tenant, user, late).await
@@ -890,6 +934,16 @@ impl Shared {
                 Err(())
             }
         }
+    }
+
+    /// Whether an unwritten disconnection of `user` may have reached Redis after all.
+    fn unwritten_late(&self, tenant: TenantId, user: UserId) -> bool {
+        self.offline_unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(tenant, user))
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Nothing is left to write of `user`'s disconnections on this node.
@@ -951,10 +1005,14 @@ impl Presence for RedisPresence {
         if *n > 1 {
             return false;
         }
-        // Back before a disconnection missed by Redis was written: it no longer holds.
-        s.unwritten_done(tenant, user);
         match s.connect(tenant, user).await {
-            Ok(online) => online,
+            Ok(online) => {
+                // Back before a disconnection missed by Redis was written: it no longer
+                // holds. Kept while the connection is not written either: an earlier
+                // try of it may still run, and the next disconnection must know.
+                s.unwritten_done(tenant, user);
+                online
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot record presence in Redis; will retry at the next heartbeat");
                 s.reannounce.store(true, Ordering::SeqCst);
@@ -979,8 +1037,11 @@ impl Presence for RedisPresence {
                 return None;
             }
             // On failure, written at the next heartbeats; meanwhile the user still
-            // shows online.
-            s.write_disconnection(tenant, user, false)
+            // shows online. Late if an earlier disconnection that timed out is still
+            // unwritten: it may have run after all, and taken away what this one would
+            // have found.
+            let late = s.unwritten_late(tenant, user);
+            s.write_disconnection(tenant, user, late)
                 .await
                 .unwrap_or_default()
         };

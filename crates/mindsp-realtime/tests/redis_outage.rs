@@ -271,6 +271,21 @@ async fn a_redis_that_hangs_costs_one_timeout_not_one_per_send() {
 /// for good because Redis was away when they left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnection_redis_missed_is_written_later() {
+    missed_disconnection(false).await;
+}
+
+/// The same when the user comes back and leaves again while writes fail at once: the
+/// first disconnection, timed out, runs once Redis takes writes again and leaves
+/// nothing for the later ones to remove, yet the tenant still hears that the user is
+/// offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visit_during_the_outage_does_not_hide_the_disconnection() {
+    missed_disconnection(true).await;
+}
+
+/// `again`: the user connects and leaves once more right after the first disconnection
+/// timed out.
+async fn missed_disconnection(again: bool) {
     let Some((_redis, mut config)) = private_node().await else {
         return;
     };
@@ -300,6 +315,13 @@ async fn a_disconnection_redis_missed_is_written_later() {
         .await
         .unwrap();
     a.close(conn, std::future::ready(vec![watcher])).await;
+    if again {
+        let conn = a
+            .open(tenant, user, std::future::ready(vec![watcher]))
+            .await
+            .unwrap();
+        a.close(conn, std::future::ready(vec![watcher])).await;
+    }
     loop {
         match next(&mut w, "offline once Redis takes writes again").await {
             Event::Presence {
@@ -310,7 +332,19 @@ async fn a_disconnection_redis_missed_is_written_later() {
             _ => {}
         }
     }
-    let now = b.presence(tenant, &[user]).await.unwrap();
+    // Node b's own writes timed out during the pause too: it reads presence again once
+    // Redis has answered its probe.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let now = loop {
+        if let Ok(now) = b.presence(tenant, &[user]).await {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence never read again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(now[0].status, PresenceStatus::Offline);
     // Told once: nothing more about the user over several heartbeats.
     let quiet_until = tokio::time::Instant::now() + Duration::from_secs(1);
