@@ -143,6 +143,62 @@ async fn a_silent_subscriber_connection_is_noticed_and_made_again() {
     let _ = admin.quit().await;
 }
 
+/// A publishing connection that stops answering (Redis paused for every command, as a
+/// connection silently dropped by the network would look) is made again. The probes
+/// that wait for Redis to answer are writes, and each keeps fred's own check for
+/// unresponsive connections quiet: after a few, the node reconnects by itself. Seen
+/// from Redis: no connection the node had before the pause is left after it (its
+/// subscriber is made again by its pings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_publishing_connection_is_made_again() {
+    let Some((_redis, config)) = private_node().await else {
+        return;
+    };
+    let node = Realtime::redis(&config, 64)
+        .await
+        .expect("connect to Redis");
+    let admin = admin(&config).await;
+    let before = node_connections(&admin).await;
+    assert_eq!(before.len(), 2, "a publishing and a subscribing connection");
+    let _: String = admin
+        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "3000", "ALL"])
+        .await
+        .unwrap();
+    // Times out: writes now fail at once and the probes start.
+    node.publish(typing(TenantId::new(), UserId::new(), TypingState::Start))
+        .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = node_connections(&admin).await;
+        if before.iter().all(|id| !now.contains(id)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still connected through {:?} of {before:?}",
+            now.intersection(&before).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = admin.quit().await;
+}
+
+/// The ids of the connections to the private server, `admin`'s own left out.
+async fn node_connections(admin: &fred::clients::Client) -> std::collections::BTreeSet<i64> {
+    let own: i64 = admin
+        .custom(fred::cmd!("CLIENT"), vec!["ID"])
+        .await
+        .unwrap();
+    let list: String = admin
+        .custom(fred::cmd!("CLIENT"), vec!["LIST"])
+        .await
+        .unwrap();
+    list.lines()
+        .filter_map(|l| l.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+        .filter(|id| *id != own)
+        .collect()
+}
+
 /// A node whose publish fails while the other node's subscription holds (Redis paused
 /// for writes: `CLIENT PAUSE ... WRITE` holds `PUBLISH` too) tells every node once it
 /// publishes again, so the other node's connections catch up as well.
