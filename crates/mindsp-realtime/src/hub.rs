@@ -554,23 +554,32 @@ mod tests {
         assert_eq!(*hub.losses().borrow(), 3);
     }
 
-    /// The kind of `event` if it goes from node to node and clients can miss it. The
-    /// match is exhaustive on purpose: a new kind of event does not compile here until
-    /// it is classified; give it a sample in `one_of_each` too, and the test below
-    /// checks that [`RELAYED_KINDS`] lists it if relayed.
-    fn relayed_kind(event: &Event) -> Option<&'static str> {
+    /// The kind of `event` if it goes from node to node and clients can miss it, after
+    /// its place among the variants. The match is exhaustive on purpose: a new kind of
+    /// event does not compile here until it is classified and numbered (and
+    /// [`VARIANTS`] counts it); the test below then fails until `one_of_each` has a
+    /// sample of it, and checks that [`RELAYED_KINDS`] lists it if relayed.
+    fn classify(event: &Event) -> (usize, Option<&'static str>) {
         match event {
-            Event::NewMessage { .. } => Some("new_message"),
-            Event::MessageRead { .. } => Some("message_read"),
-            Event::Typing { .. } => Some("typing"),
-            Event::Presence { .. } => Some("presence"),
-            Event::ConversationUpdated { .. } => Some("conversation_updated"),
-            Event::Notification { .. } => Some("notification"),
-            Event::NotificationsRead { .. } => Some("notifications_read"),
-            Event::NotificationDeleted { .. } => Some("notification_deleted"),
+            Event::NewMessage { .. } => (0, Some("new_message")),
+            Event::MessageRead { .. } => (1, Some("message_read")),
+            Event::Typing { .. } => (2, Some("typing")),
+            Event::Presence { .. } => (3, Some("presence")),
+            Event::ConversationUpdated { .. } => (4, Some("conversation_updated")),
+            Event::Notification { .. } => (5, Some("notification")),
+            Event::NotificationsRead { .. } => (6, Some("notifications_read")),
+            Event::NotificationDeleted { .. } => (7, Some("notification_deleted")),
             // The notice itself, and a close that is never a frame.
-            Event::EventsSkipped { .. } | Event::AccountDeactivated { .. } => None,
+            Event::EventsSkipped { .. } => (8, None),
+            Event::AccountDeactivated { .. } => (9, None),
         }
+    }
+
+    /// How many variants [`Event`] has (numbered by `classify`).
+    const VARIANTS: usize = 10;
+
+    fn relayed_kind(event: &Event) -> Option<&'static str> {
+        classify(event).1
     }
 
     /// One event of every kind, from the frames clients receive.
@@ -603,6 +612,13 @@ mod tests {
     #[test]
     fn relayed_kinds_are_exactly_the_relayed_frames() {
         let events = one_of_each();
+        let mut places: Vec<usize> = events.iter().map(|e| classify(e).0).collect();
+        places.sort_unstable();
+        assert_eq!(
+            places,
+            (0..VARIANTS).collect::<Vec<_>>(),
+            "one sample of every variant of Event, numbered 0..VARIANTS"
+        );
         let mut kinds: Vec<&str> = events.iter().filter_map(relayed_kind).collect();
         for (event, kind) in events
             .iter()
