@@ -993,8 +993,9 @@ impl Notifier {
 /// get one). The real-time layer implements it.
 #[async_trait::async_trait]
 pub trait OnlineUsers: Send + Sync + 'static {
-    /// Those of `users` with at least one live connection.
-    async fn online_among(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserId>;
+    /// Those of `users` with at least one live connection; `None` when that cannot be
+    /// known now (shared presence whose store is away).
+    async fn online_among(&self, tenant: TenantId, users: &[UserId]) -> Option<Vec<UserId>>;
 }
 
 /// Nobody is ever online: for a worker without real time.
@@ -1003,8 +1004,8 @@ pub struct NobodyOnline;
 
 #[async_trait::async_trait]
 impl OnlineUsers for NobodyOnline {
-    async fn online_among(&self, _tenant: TenantId, _users: &[UserId]) -> Vec<UserId> {
-        Vec::new()
+    async fn online_among(&self, _tenant: TenantId, _users: &[UserId]) -> Option<Vec<UserId>> {
+        Some(Vec::new())
     }
 }
 
@@ -1024,7 +1025,8 @@ impl Notifier {
     /// their digest mark moves to now, so the same messages are not sent twice. A user
     /// who read everything before the delay is not a candidate; one connected at the
     /// time of the sweep has their mark moved too (what they could read is not
-    /// e-mailed later). The digest lists the conversations with activity since the
+    /// e-mailed later). A tenant whose presence cannot be read now is left to the next
+    /// sweep. The digest lists the conversations with activity since the
     /// last mark, each with all its unread messages counted. Answers how many
     /// digests were enqueued. Run it every minute or so, on one node at a time (a
     /// repeating job).
@@ -1046,11 +1048,13 @@ impl Notifier {
             if candidates.is_empty() {
                 continue;
             }
-            let here: HashSet<UserId> = online
-                .online_among(tenant, &candidates)
-                .await
-                .into_iter()
-                .collect();
+            // Unknown: not now. E-mailing everyone would reach people reading live, and
+            // move their marks; the next sweep tries again.
+            let Some(here) = online.online_among(tenant, &candidates).await else {
+                tracing::warn!(tenant = %tenant, "presence unknown: this department's unread digest waits for the next sweep");
+                continue;
+            };
+            let here: HashSet<UserId> = here.into_iter().collect();
             let away: Vec<UserId> = candidates
                 .iter()
                 .copied()

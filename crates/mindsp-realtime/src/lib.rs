@@ -203,19 +203,15 @@ impl Realtime {
 
 #[async_trait::async_trait]
 impl mindsp_core::notify::OnlineUsers for Realtime {
-    /// Nobody, when presence cannot be read: they get the e-mail rather than miss it.
-    async fn online_among(&self, tenant: TenantId, users: &[UserId]) -> Vec<UserId> {
-        let presence = match self.presence.query(tenant, users).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "presence unknown: everyone counts as offline");
-                return Vec::new();
-            }
-        };
-        presence
-            .into_iter()
-            .filter(|p| p.status == PresenceStatus::Online)
-            .map(|p| p.user_id)
-            .collect()
+    /// `None` when presence cannot be read ([`PresenceUnavailable`]).
+    async fn online_among(&self, tenant: TenantId, users: &[UserId]) -> Option<Vec<UserId>> {
+        let presence = self.presence.query(tenant, users).await.ok()?;
+        Some(
+            presence
+                .into_iter()
+                .filter(|p| p.status == PresenceStatus::Online)
+                .map(|p| p.user_id)
+                .collect(),
+        )
     }
 }

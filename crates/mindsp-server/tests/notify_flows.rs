@@ -1,10 +1,14 @@
 //! Notification flows on the real SQLite store and SQL queue, below the routes:
 //! - a member connected nowhere gets one digest job for many messages, none for the same
 //!   messages again, none if they read first, none while connected, none before the
-//!   delay, and digests at least the delay apart; the digest e-mail renders;
+//!   delay, and digests at least the delay apart; the digest e-mail renders; none while
+//!   presence cannot be read (Redis away), and the due ones once it can;
 //! - a mention notifies the mentioned members, in the message's own transaction;
 //! - a notification and its e-mail exist only if their transaction commits;
 //! - training sessions at their size limits, reminders after a move, late reminders.
+
+#[path = "../../mindsp-realtime/tests/support/private_redis.rs"]
+mod private_redis;
 
 use std::sync::Arc;
 
@@ -553,4 +557,74 @@ async fn a_moved_session_reminds_again_and_a_late_reminder_is_dropped() {
     };
     assert!(!t.deliver_reminder(w.tenant, &late).await.unwrap());
     assert_eq!(reminders_of(&w, b).await.len(), 2);
+}
+
+/// While presence cannot be read (the scaled profile's Redis is down), the digest
+/// sweep sends nothing and moves no mark: e-mailing every candidate would reach the
+/// people reading live. Once Redis is back, the user who stayed away gets their digest
+/// and the connected one still none. Needs `MINDSP_TEST_REDIS_URL` (Redis installed);
+/// skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_digest_while_presence_is_unknown() {
+    if std::env::var("MINDSP_TEST_REDIS_URL").is_err() {
+        eprintln!("skipped: set MINDSP_TEST_REDIS_URL to run the digest test on Redis presence");
+        return;
+    }
+    let Some(mut redis) = private_redis::PrivateRedis::start() else {
+        return;
+    };
+    let mut config = mindsp_realtime::redis::RedisConfig::new(redis.url());
+    config.heartbeat = std::time::Duration::from_millis(200);
+    config.window = std::time::Duration::from_secs(30);
+    config.command_timeout = std::time::Duration::from_millis(300);
+    let realtime = Realtime::redis(&config, 16).await.expect("Redis presence");
+
+    let w = world(3).await;
+    let [a, b, d] = [w.people[0], w.people[1], w.people[2]];
+    let group = w
+        .messaging
+        .create_group(&a, "Garde CS Menton", &[b.user_id, d.user_id])
+        .await
+        .unwrap();
+    w.messaging
+        .send(&a, group.id, "Départ FPT — feu de broussailles", None)
+        .await
+        .unwrap();
+    let _d_online = realtime
+        .open(w.tenant, d.user_id, std::future::ready(Vec::new()))
+        .await
+        .unwrap();
+
+    redis.kill();
+    let n = w
+        .notifier
+        .digest_sweep(&realtime, TimeDelta::zero())
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "no digest while presence is unknown");
+    assert!(email_jobs(&w).await.is_empty());
+
+    redis.restart().expect("redis-server starts again");
+    // Once the node has written its users to the new (empty) Redis, D shows online.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let p = realtime.presence(w.tenant, &[d.user_id]).await;
+        if p.is_ok_and(|p| p[0].status == mindsp_core::events::PresenceStatus::Online) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence never read again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let n = w
+        .notifier
+        .digest_sweep(&realtime, TimeDelta::zero())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let jobs = email_jobs(&w).await;
+    assert_eq!(digests_for(&jobs, b.user_id).len(), 1, "B stayed away");
+    assert!(digests_for(&jobs, d.user_id).is_empty(), "D is connected");
 }
