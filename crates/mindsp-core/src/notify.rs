@@ -1039,6 +1039,7 @@ impl Notifier {
             return Ok(0);
         };
         let mut sent = 0;
+        let mut waiting = 0;
         for tenant in self.store.tenant_ids().await? {
             let at = now();
             // Everything is read first, in a read unit of work: on SQLite a write unit
@@ -1051,7 +1052,7 @@ impl Notifier {
             // Unknown: not now. E-mailing everyone would reach people reading live, and
             // move their marks; the next sweep tries again.
             let Some(here) = online.online_among(tenant, &candidates).await else {
-                tracing::warn!(tenant = %tenant, "presence unknown: this department's unread digest waits for the next sweep");
+                waiting += 1;
                 continue;
             };
             let here: HashSet<UserId> = here.into_iter().collect();
@@ -1094,6 +1095,12 @@ impl Notifier {
             if !after_commit.is_empty() {
                 queue.enqueue_batch(&after_commit).await?;
             }
+        }
+        if waiting > 0 {
+            tracing::warn!(
+                departments = waiting,
+                "presence unknown: these departments' unread digests wait for the next sweep"
+            );
         }
         Ok(sent)
     }

@@ -556,9 +556,10 @@ mod tests {
 
     /// The kind of `event` if it goes from node to node and clients can miss it, after
     /// its place among the variants. The match is exhaustive on purpose: a new kind of
-    /// event does not compile here until it is classified and numbered (and
-    /// [`VARIANTS`] counts it); the test below then fails until `one_of_each` has a
-    /// sample of it, and checks that [`RELAYED_KINDS`] lists it if relayed.
+    /// event does not compile here until it is classified and numbered. Raise
+    /// [`VARIANTS`] with it (nothing checks that you did): the test below then fails
+    /// until `one_of_each` has a sample of it, and checks that [`RELAYED_KINDS`] lists
+    /// it if relayed.
     fn classify(event: &Event) -> (usize, Option<&'static str>) {
         match event {
             Event::NewMessage { .. } => (0, Some("new_message")),

@@ -205,7 +205,13 @@ impl Realtime {
 impl mindsp_core::notify::OnlineUsers for Realtime {
     /// `None` when presence cannot be read ([`PresenceUnavailable`]).
     async fn online_among(&self, tenant: TenantId, users: &[UserId]) -> Option<Vec<UserId>> {
-        let presence = self.presence.query(tenant, users).await.ok()?;
+        let presence = match self.presence.query(tenant, users).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(tenant = %tenant, error = %e, "presence unknown");
+                return None;
+            }
+        };
         Some(
             presence
                 .into_iter()

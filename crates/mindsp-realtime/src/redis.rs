@@ -151,8 +151,10 @@ fn builder(config: &RedisConfig) -> Result<Builder, RedisError> {
             // fred closes and reconnects a connection whose latest command has gone
             // unanswered this long (a partition, a hung Redis), so that commands fail at
             // once meanwhile rather than each after the timeout. It does not see a
-            // connection that is only read from (the subscriber), nor one written to
-            // more often than that; those rely on the command timeout alone.
+            // connection that is only read from (the subscriber: it pings, see
+            // `RedisBroker::connect`), nor one written to more often than that (the
+            // publishing connection: after a timeout, `Writes` probes it and makes it
+            // again itself).
             c.unresponsive = UnresponsiveConfig {
                 max_timeout: Some(timeout * 3),
                 interval: timeout,
@@ -279,7 +281,7 @@ pub(crate) struct Writes {
     unsent: AtomicBool,
     /// The breaker: a command timed out and no probe has been answered since.
     stalled: AtomicBool,
-    /// Pause between probes that failed without waiting (the client reconnecting).
+    /// The period of the probes: the command timeout.
     every: Duration,
 }
 
@@ -348,11 +350,15 @@ impl Writes {
                         | fred::error::ErrorKind::Canceled
                 ),
             };
+            // Closed only once the other nodes are told, if they had to be: a notice
+            // that timed out means Redis is not answering after all.
             if answered {
                 w.announce(true).await;
-                w.stalled.store(false, Ordering::SeqCst);
-                tracing::info!("Redis answers again; writes resume");
-                return;
+                if !w.unsent.load(Ordering::SeqCst) {
+                    w.stalled.store(false, Ordering::SeqCst);
+                    tracing::info!("Redis answers again; writes resume");
+                    return;
+                }
             }
             unanswered += 1;
             if unanswered % PROBES_BEFORE_RECONNECT == 0 && w.client.is_connected() {
@@ -859,7 +865,8 @@ impl Shared {
     /// Writes the disconnections that could not be written when they happened (their
     /// users still show online), at most [`OFFLINE_PER_TICK`] per heartbeat, and tells
     /// the tenant of those who are offline now. A user connected here again meanwhile
-    /// is left as they are (their entry was dropped then).
+    /// is left as they are: their entry goes once that connection is written (here if
+    /// no announcement is pending, else by the announcement).
     async fn write_offline(&self) {
         let pending: Vec<((TenantId, UserId), bool)> = {
             let unwritten = self
