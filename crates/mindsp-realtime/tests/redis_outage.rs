@@ -44,6 +44,48 @@ async fn admin(config: &RedisConfig) -> fred::clients::Client {
     client
 }
 
+/// `CLIENT PAUSE millis mode` on the private server (`WRITE`: writes and scripts wait;
+/// `ALL`: every command).
+async fn pause(admin: &fred::clients::Client, millis: u32, mode: &str) {
+    let _: String = admin
+        .custom(
+            fred::cmd!("CLIENT"),
+            vec!["PAUSE".to_owned(), millis.to_string(), mode.to_owned()],
+        )
+        .await
+        .unwrap();
+}
+
+/// Two nodes, and one user of one tenant connected to each; node a queues at most
+/// `capacity_a` events per connection.
+struct TwoNodes {
+    a: Realtime,
+    b: Realtime,
+    tenant: TenantId,
+    on_a: UserId,
+    on_b: UserId,
+    conn_a: mindsp_realtime::Connection,
+    conn_b: mindsp_realtime::Connection,
+}
+
+async fn two_nodes(config: &RedisConfig, capacity_a: usize) -> TwoNodes {
+    let a = Realtime::redis(config, capacity_a).await.expect("node a");
+    let b = Realtime::redis(config, 64).await.expect("node b");
+    let tenant = TenantId::new();
+    let (on_a, on_b) = (UserId::new(), UserId::new());
+    let (conn_a, _) = a.hub().register(tenant, on_a).unwrap();
+    let (conn_b, _) = b.hub().register(tenant, on_b).unwrap();
+    TwoNodes {
+        a,
+        b,
+        tenant,
+        on_a,
+        on_b,
+        conn_a,
+        conn_b,
+    }
+}
+
 async fn next(conn: &mut mindsp_realtime::Connection, what: &str) -> Event {
     tokio::time::timeout(WAIT, conn.events.recv())
         .await
@@ -132,10 +174,7 @@ async fn a_silent_subscriber_connection_is_noticed_and_made_again() {
         .expect("connect to Redis");
     let (mut conn, _) = node.hub().register(TenantId::new(), UserId::new()).unwrap();
     let admin = admin(&config).await;
-    let _: String = admin
-        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "4000", "ALL"])
-        .await
-        .unwrap();
+    pause(&admin, 4000, "ALL").await;
     while !matches!(
         next(&mut conn, "told to catch up after the pause").await,
         Event::EventsSkipped { .. }
@@ -160,10 +199,7 @@ async fn a_silent_publishing_connection_is_made_again() {
     let admin = admin(&config).await;
     let before = node_connections(&admin).await;
     assert_eq!(before.len(), 2, "a publishing and a subscribing connection");
-    let _: String = admin
-        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "3000", "ALL"])
-        .await
-        .unwrap();
+    pause(&admin, 3000, "ALL").await;
     // Times out: writes now fail at once and the probes start.
     node.publish(typing(TenantId::new(), UserId::new(), TypingState::Start))
         .await;
@@ -207,18 +243,18 @@ async fn a_publish_that_failed_is_announced_to_every_node_once_publishing_works(
     let Some((_redis, config)) = private_node().await else {
         return;
     };
-    let a = Realtime::redis(&config, 64).await.expect("node a");
-    let b = Realtime::redis(&config, 64).await.expect("node b");
-    let tenant = TenantId::new();
-    let (on_a, on_b) = (UserId::new(), UserId::new());
-    let (mut conn_a, _) = a.hub().register(tenant, on_a).unwrap();
-    let (mut conn_b, _) = b.hub().register(tenant, on_b).unwrap();
+    let TwoNodes {
+        a,
+        b: _b,
+        tenant,
+        on_a,
+        on_b,
+        mut conn_a,
+        mut conn_b,
+    } = two_nodes(&config, 64).await;
 
     let admin = admin(&config).await;
-    let _: String = admin
-        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "1500", "WRITE"])
-        .await
-        .unwrap();
+    pause(&admin, 1500, "WRITE").await;
     tokio::time::timeout(WAIT, a.publish(typing(tenant, on_a, TypingState::Start)))
         .await
         .expect("the publish gives up");
@@ -275,18 +311,18 @@ async fn a_redis_that_hangs_costs_one_timeout_not_one_per_send() {
     };
     // One by one, each waiting for the timeout, these would take twice `WAIT`.
     const SENDS: u32 = 100;
-    let a = Realtime::redis(&config, 256).await.expect("node a");
-    let b = Realtime::redis(&config, 64).await.expect("node b");
-    let tenant = TenantId::new();
-    let (on_a, on_b) = (UserId::new(), UserId::new());
-    let (mut conn_a, _) = a.hub().register(tenant, on_a).unwrap();
-    let (mut conn_b, _) = b.hub().register(tenant, on_b).unwrap();
+    let TwoNodes {
+        a,
+        b: _b,
+        tenant,
+        on_a,
+        on_b,
+        mut conn_a,
+        mut conn_b,
+    } = two_nodes(&config, 256).await;
 
     let admin = admin(&config).await;
-    let _: String = admin
-        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "60000", "WRITE"])
-        .await
-        .unwrap();
+    pause(&admin, 60000, "WRITE").await;
     tokio::time::timeout(WAIT, async {
         for _ in 0..SENDS {
             a.publish(typing(tenant, on_a, TypingState::Start)).await;
@@ -368,10 +404,7 @@ async fn missed_disconnection(again: bool) {
     let admin = admin(&config).await;
     // Over before three probes go unanswered and the connection is made again (which
     // would drop the first disconnection held by Redis rather than run it late).
-    let _: String = admin
-        .custom(fred::cmd!("CLIENT"), vec!["PAUSE", "700", "WRITE"])
-        .await
-        .unwrap();
+    pause(&admin, 700, "WRITE").await;
     a.close(conn, std::future::ready(vec![watcher])).await;
     if again {
         let conn = a
