@@ -351,14 +351,12 @@ impl Writes {
                 ),
             };
             // Closed only once the other nodes are told, if they had to be: a notice
-            // that timed out means Redis is not answering after all.
-            if answered {
-                w.announce(true).await;
-                if !w.unsent.load(Ordering::SeqCst) {
-                    w.stalled.store(false, Ordering::SeqCst);
-                    tracing::info!("Redis answers again; writes resume");
-                    return;
-                }
+            // that timed out means Redis is not answering after all. (Publishes refused
+            // meanwhile mark more to tell: the next publish tells it.)
+            if answered && w.announce(true).await {
+                w.stalled.store(false, Ordering::SeqCst);
+                tracing::info!("Redis answers again; writes resume");
+                return;
             }
             unanswered += 1;
             if unanswered % PROBES_BEFORE_RECONNECT == 0 && w.client.is_connected() {
@@ -377,11 +375,11 @@ impl Writes {
 
     /// Tells every node, if something could not be published since they were last told.
     /// Unless `wait`, only when a write may go: a publish must not wait for a
-    /// reconnection.
-    async fn announce(self: &Arc<Self>, wait: bool) {
+    /// reconnection. False when there was something to tell and it did not go out.
+    async fn announce(self: &Arc<Self>, wait: bool) -> bool {
         // A load first: every publish comes through here, and a swap would write.
         if !self.unsent.load(Ordering::SeqCst) || !self.unsent.swap(false, Ordering::SeqCst) {
-            return;
+            return true;
         }
         let told = (wait || self.refused().is_none())
             && self
@@ -396,12 +394,13 @@ impl Writes {
         } else {
             self.unsent.store(true, Ordering::SeqCst);
         }
+        told
     }
 
     /// Publishes `payload` on the channel, or fails at once when it would wait (see
     /// [`Self::refused`]). On failure the other nodes are told later.
     async fn publish(self: &Arc<Self>, payload: String) -> Result<(), RedisError> {
-        self.announce(false).await;
+        let _ = self.announce(false).await;
         let sent = match self.refused() {
             None => self.outcome(
                 self.client
@@ -492,7 +491,7 @@ impl RedisBroker {
                 while next_event(&mut reconnected).await {
                     // fred tells of the reconnection just before it counts as connected:
                     // the announcement waits for it (at most the command timeout).
-                    writes.announce(true).await;
+                    let _ = writes.announce(true).await;
                 }
             })
         };

@@ -219,6 +219,64 @@ async fn a_silent_publishing_connection_is_made_again() {
     let _ = admin.quit().await;
 }
 
+/// Under steady publishing, the breaker still closes once Redis answers: publishes
+/// refused meanwhile keep marking events to tell the other nodes of, and that must not
+/// keep the node waiting for a quiet moment that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_node_publishes_again_once_redis_answers() {
+    let Some((_redis, config)) = private_node().await else {
+        return;
+    };
+    let TwoNodes {
+        a,
+        b: _b,
+        tenant,
+        on_b,
+        mut conn_b,
+        ..
+    } = two_nodes(&config, 64).await;
+    let a = std::sync::Arc::new(a);
+    let admin = admin(&config).await;
+    pause(&admin, 700, "WRITE").await;
+    // `Start` until the pause is over, `Stop` after: the `Start`s that Redis held
+    // through the pause arrive at b anyway, so only a `Stop` shows that publishing
+    // works again.
+    let over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy: Vec<_> = (0..4)
+        .map(|_| {
+            let (a, over) = (a.clone(), over.clone());
+            tokio::spawn(async move {
+                loop {
+                    let state = if over.load(std::sync::atomic::Ordering::SeqCst) {
+                        TypingState::Stop
+                    } else {
+                        TypingState::Start
+                    };
+                    a.publish(typing(tenant, on_b, state)).await;
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    over.store(true, std::sync::atomic::Ordering::SeqCst);
+    let crossed = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Event::Typing {
+                state: TypingState::Stop,
+                ..
+            } = conn_b.events.recv().await.envelope.event
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    busy.iter().for_each(tokio::task::JoinHandle::abort);
+    crossed.expect("publishes from the busy node cross Redis again");
+    let _ = admin.quit().await;
+}
+
 /// The ids of the connections to the private server, `admin`'s own left out.
 async fn node_connections(admin: &fred::clients::Client) -> std::collections::BTreeSet<i64> {
     let own: i64 = admin
