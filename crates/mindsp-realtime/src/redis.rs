@@ -73,6 +73,11 @@
 //!
 //! A node that finds itself missing from `nodes` at a heartbeat (it was swept after a
 //! long pause or a partition, or Redis lost its data) announces its local users again.
+//! Every [`RedisConfig::resync`] (5 minutes), and at the first heartbeat after its
+//! publishing connection was made again, a node also compares `n:<node>` with the
+//! connections it holds and writes the difference (with the presence events it
+//! implies): a command of a dropped connection that reached Redis after newer ones
+//! cannot leave anyone online, or offline, for good.
 //! A disconnection that could not be written (Redis away) is written at the next
 //! heartbeats (at most 100 per heartbeat), unless the user connected here again, and
 //! the whole tenant is told that the user is offline then, as after a sweep.
@@ -122,11 +127,16 @@ pub struct RedisConfig {
     /// the sender's acknowledgement: without a bound, a Redis that stops answering
     /// would hold every send (and every connection's opening) until it came back.
     pub command_timeout: Duration,
+    /// How often a node rewrites its own presence in Redis from the connections it
+    /// holds (and at the first heartbeat after its publishing connection was made
+    /// again): whatever drifted, such as a command of a dropped connection that
+    /// reached Redis after newer ones, is put right within this long.
+    pub resync: Duration,
 }
 
 impl RedisConfig {
-    /// Defaults for `url`: [`DEFAULT_PREFIX`], a 3 s heartbeat, a 10 s window and a 1 s
-    /// command timeout.
+    /// Defaults for `url`: [`DEFAULT_PREFIX`], a 3 s heartbeat, a 10 s window, a 1 s
+    /// command timeout and a resync every 5 minutes.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -134,6 +144,7 @@ impl RedisConfig {
             heartbeat: Duration::from_secs(3),
             window: Duration::from_secs(10),
             command_timeout: Duration::from_secs(1),
+            resync: Duration::from_secs(5 * 60),
         }
     }
 }
@@ -283,6 +294,9 @@ pub(crate) struct Writes {
     stalled: AtomicBool,
     /// The period of the probes: the command timeout.
     every: Duration,
+    /// The connection was made again since presence last resynced: commands of the
+    /// old one may still reach Redis, after newer ones.
+    reconnected: AtomicBool,
 }
 
 impl Writes {
@@ -294,6 +308,7 @@ impl Writes {
             unsent: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             every: config.command_timeout,
+            reconnected: AtomicBool::new(false),
         })
     }
 
@@ -489,6 +504,7 @@ impl RedisBroker {
             let writes = writes.clone();
             tokio::spawn(async move {
                 while next_event(&mut reconnected).await {
+                    writes.reconnected.store(true, Ordering::SeqCst);
                     // fred tells of the reconnection just before it counts as connected:
                     // the announcement waits for it (at most the command timeout).
                     let _ = writes.announce(true).await;
@@ -601,6 +617,12 @@ end
 return -1
 ";
 
+/// KEYS[1] nodes; ARGV prefix, node, cursor. One page of `n:<node>`: {next cursor,
+/// members}.
+const SCAN_NODE: &str = r"
+return redis.call('SSCAN', ARGV[1] .. 'n:' .. ARGV[2], ARGV[3], 'COUNT', 1000)
+";
+
 /// KEYS[1] nodes; ARGV node. Returns 1 when the node was missing.
 const HEARTBEAT: &str = r"
 local missing = 0
@@ -689,6 +711,10 @@ struct Shared {
     offline_unwritten: Mutex<HashMap<(TenantId, UserId), bool>>,
     /// Set by [`Presence::leaving`]: no more heartbeats.
     leaving: watch::Sender<bool>,
+    /// Heartbeats between two resyncs ([`RedisConfig::resync`]).
+    resync_every: u64,
+    /// Heartbeats so far.
+    ticks: std::sync::atomic::AtomicU64,
 }
 
 /// Presence shared by every node through Redis; see the [module documentation](self).
@@ -721,6 +747,10 @@ impl RedisPresence {
             reannounce: AtomicBool::new(false),
             offline_unwritten: Mutex::new(HashMap::new()),
             leaving: watch::Sender::new(false),
+            resync_every: (config.resync.as_millis()
+                / config.heartbeat.max(Duration::from_millis(100)).as_millis())
+            .clamp(1, u128::from(u32::MAX)) as u64,
+            ticks: std::sync::atomic::AtomicU64::new(0),
         });
         shared.heartbeat().await?;
         let every = config.heartbeat.max(Duration::from_millis(100));
@@ -824,6 +854,12 @@ impl Shared {
         if self.reannounce.swap(false, Ordering::SeqCst) {
             self.announce_all().await;
         }
+        let tick = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.writes.reconnected.swap(false, Ordering::SeqCst)
+            || tick.is_multiple_of(self.resync_every)
+        {
+            self.resync().await;
+        }
         self.write_offline().await;
         if let Err(e) = self.sweep().await {
             tracing::warn!(error = %e, "presence sweep failed");
@@ -858,6 +894,94 @@ impl Shared {
                     return;
                 }
             }
+        }
+    }
+
+    /// Puts this node's presence in Redis right from the connections it holds: users
+    /// Redis has on this node but who have no connection here are disconnected (and the
+    /// tenant told when that leaves them offline), users with a connection here whom
+    /// Redis lacks are connected (and announced when that brings them online). Usually
+    /// nothing differs. On an error, the next heartbeat tries again.
+    async fn resync(&self) {
+        let mut in_redis = std::collections::HashSet::new();
+        let mut cursor = "0".to_owned();
+        loop {
+            let page = self
+                .eval(
+                    SCAN_NODE,
+                    vec![
+                        self.prefix.as_str().into(),
+                        self.node.as_str().into(),
+                        cursor.as_str().into(),
+                    ],
+                )
+                .await
+                .and_then(|v| v.convert::<(String, Vec<String>)>());
+            let Ok((next, members)) = page else {
+                self.writes.reconnected.store(true, Ordering::SeqCst);
+                return;
+            };
+            in_redis.extend(members.iter().filter_map(|tu| {
+                let (t, u) = tu.split_once(':')?;
+                Some((TenantId(t.parse().ok()?), UserId(u.parse().ok()?)))
+            }));
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        let held: Vec<(TenantId, UserId)> = {
+            let local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            local.keys().copied().collect()
+        };
+        let suspects: std::collections::HashSet<_> =
+            in_redis.iter().chain(&held).copied().collect();
+        let mut fixed = 0;
+        for (tenant, user) in suspects {
+            let slot = self.slot(tenant, user);
+            let n = slot.lock().await;
+            let written = in_redis.contains(&(tenant, user));
+            let outcome = if *n > 0 && !written {
+                fixed += 1;
+                match self.connect(tenant, user).await {
+                    Ok(true) => {
+                        self.unwritten_done(tenant, user);
+                        self.publish_presence(tenant, user, PresenceStatus::Online, None)
+                            .await;
+                        Ok(())
+                    }
+                    Ok(false) => {
+                        self.unwritten_done(tenant, user);
+                        Ok(())
+                    }
+                    Err(_) => Err(()),
+                }
+            } else if *n == 0 && written {
+                fixed += 1;
+                let late = self.unwritten_late(tenant, user);
+                match self.write_disconnection(tenant, user, late).await {
+                    Ok(Some(seen)) => {
+                        self.publish_presence(tenant, user, PresenceStatus::Offline, Some(seen))
+                            .await;
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(()) => Err(()),
+                }
+            } else {
+                Ok(())
+            };
+            drop(n);
+            self.forget(tenant, user, slot);
+            if outcome.is_err() {
+                self.writes.reconnected.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+        if fixed > 0 {
+            // Info, not a warning: a user who connected or left between the scan and
+            // this check counts too, and is only written again.
+            tracing::info!(node = %self.node, users = fixed, "presence resync wrote users whose presence in Redis differed from this node's connections");
         }
     }
 

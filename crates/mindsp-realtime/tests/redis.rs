@@ -173,3 +173,63 @@ async fn a_leaving_node_stops_its_heartbeats_and_is_swept() {
     drop(n2);
     purge(&c).await;
 }
+
+/// Presence in Redis that drifted from what a node holds (say a command of a dropped
+/// connection that reached Redis after newer ones) is put right at the node's next
+/// resync: a user it does not hold turns offline, one it holds turns online again, and
+/// the tenant hears of both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_puts_its_drifted_presence_right_at_its_resync() {
+    let Some(mut c) = config() else { return };
+    c.resync = Duration::from_millis(600);
+    let node = Realtime::redis(&c, 64).await.unwrap();
+    let t = TenantId::new();
+    let (here, gone, watcher) = (UserId::new(), UserId::new(), UserId::new());
+    let mut w = node
+        .open(t, watcher, ready(vec![here, gone]))
+        .await
+        .unwrap();
+    let _conn = node.open(t, here, ready(vec![watcher])).await.unwrap();
+    let f = next_about(&mut w, here).await;
+    assert!(f.contains(r#""status":"online""#), "{f}");
+
+    // The drift, written straight into Redis: `gone` on this node without a
+    // connection, `here` no longer on it.
+    let admin =
+        fred::types::Builder::from_config(fred::types::config::Config::from_url(&c.url).unwrap())
+            .build()
+            .unwrap();
+    admin.init().await.unwrap();
+    let script = "local p, t, node = ARGV[1], ARGV[2], redis.call('ZRANGE', KEYS[1], 0, 0)[1] \
+                  redis.call('HSET', p .. 'u:' .. t .. ':' .. ARGV[3], node, '1') \
+                  redis.call('SADD', p .. 'n:' .. node, t .. ':' .. ARGV[3]) \
+                  redis.call('HDEL', p .. 'u:' .. t .. ':' .. ARGV[4], node) \
+                  redis.call('SREM', p .. 'n:' .. node, t .. ':' .. ARGV[4]) return 1";
+    let _: i64 = admin
+        .eval(
+            script,
+            vec![format!("{}nodes", c.prefix)],
+            vec![
+                c.prefix.clone(),
+                t.to_string(),
+                gone.to_string(),
+                here.to_string(),
+            ],
+        )
+        .await
+        .unwrap();
+
+    // Both told, in either order.
+    let (mut told_gone, mut told_here) = (false, false);
+    while !(told_gone && told_here) {
+        let f = next_frame(&mut w).await;
+        told_gone |= f.contains(&gone.to_string()) && f.contains(r#""status":"offline""#);
+        told_here |= f.contains(&here.to_string()) && f.contains(r#""status":"online""#);
+    }
+    let q = node.presence(t, &[here, gone]).await.unwrap();
+    assert_eq!(q[0].status, PresenceStatus::Online);
+    assert_eq!(q[1].status, PresenceStatus::Offline);
+    let _ = admin.quit().await;
+    drop(node);
+    purge(&c).await;
+}
