@@ -673,6 +673,9 @@ return out
 /// so that the heartbeat itself stays on time.
 const OFFLINE_PER_TICK: usize = 100;
 
+/// Most users one heartbeat's resync writes (the next heartbeats write the rest).
+const RESYNC_PER_TICK: usize = 100;
+
 /// Most dead nodes one sweep handles (the next sweep takes the rest).
 const SWEEP_LIMIT: i64 = 16;
 
@@ -713,6 +716,8 @@ struct Shared {
     leaving: watch::Sender<bool>,
     /// Heartbeats between two resyncs ([`RedisConfig::resync`]).
     resync_every: u64,
+    /// A resync is to go on, or start again, at the next heartbeat.
+    resync_due: AtomicBool,
     /// Heartbeats so far.
     ticks: std::sync::atomic::AtomicU64,
 }
@@ -751,6 +756,7 @@ impl RedisPresence {
                 / config.heartbeat.max(Duration::from_millis(100)).as_millis())
             .clamp(1, u128::from(u32::MAX)) as u64,
             ticks: std::sync::atomic::AtomicU64::new(0),
+            resync_due: AtomicBool::new(false),
         });
         shared.heartbeat().await?;
         let every = config.heartbeat.max(Duration::from_millis(100));
@@ -855,9 +861,9 @@ impl Shared {
             self.announce_all().await;
         }
         let tick = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.writes.reconnected.swap(false, Ordering::SeqCst)
-            || tick.is_multiple_of(self.resync_every)
-        {
+        let reconnected = self.writes.reconnected.swap(false, Ordering::SeqCst);
+        let due = self.resync_due.swap(false, Ordering::SeqCst);
+        if reconnected || due || tick.is_multiple_of(self.resync_every) {
             self.resync().await;
         }
         self.write_offline().await;
@@ -901,7 +907,10 @@ impl Shared {
     /// Redis has on this node but who have no connection here are disconnected (and the
     /// tenant told when that leaves them offline), users with a connection here whom
     /// Redis lacks are connected (and announced when that brings them online). Usually
-    /// nothing differs. On an error, the next heartbeat tries again.
+    /// nothing differs, and only the users that differ are looked at. At most
+    /// [`RESYNC_PER_TICK`] are written per heartbeat (the rest at the next ones), and a
+    /// user whose write fails is left to the usual retries (the next announcement, the
+    /// unwritten disconnections). Tried again at the next heartbeat if Redis was away.
     async fn resync(&self) {
         let mut in_redis = std::collections::HashSet::new();
         let mut cursor = "0".to_owned();
@@ -917,9 +926,20 @@ impl Shared {
                 )
                 .await
                 .and_then(|v| v.convert::<(String, Vec<String>)>());
-            let Ok((next, members)) = page else {
-                self.writes.reconnected.store(true, Ordering::SeqCst);
-                return;
+            let (next, members) = match page {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "presence resync cannot read this node's users in Redis");
+                    // Redis away: again at the next heartbeat; anything else waits for
+                    // the next resync rather than fail at every heartbeat.
+                    if matches!(
+                        e.kind(),
+                        fred::error::ErrorKind::IO | fred::error::ErrorKind::Timeout
+                    ) {
+                        self.resync_due.store(true, Ordering::SeqCst);
+                    }
+                    return;
+                }
             };
             in_redis.extend(members.iter().filter_map(|tu| {
                 let (t, u) = tu.split_once(':')?;
@@ -930,58 +950,49 @@ impl Shared {
             }
             cursor = next;
         }
-        let held: Vec<(TenantId, UserId)> = {
+        let differ: Vec<(TenantId, UserId)> = {
             let local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-            local.keys().copied().collect()
+            let held: std::collections::HashSet<_> = local.keys().copied().collect();
+            in_redis.symmetric_difference(&held).copied().collect()
         };
-        let suspects: std::collections::HashSet<_> =
-            in_redis.iter().chain(&held).copied().collect();
-        let mut fixed = 0;
-        for (tenant, user) in suspects {
+        let mut written = 0;
+        for (tenant, user) in differ {
+            if written == RESYNC_PER_TICK {
+                self.resync_due.store(true, Ordering::SeqCst);
+                break;
+            }
             let slot = self.slot(tenant, user);
             let n = slot.lock().await;
-            let written = in_redis.contains(&(tenant, user));
-            let outcome = if *n > 0 && !written {
-                fixed += 1;
+            // Checked again under the lock: the user may have come or gone since.
+            let in_redis = in_redis.contains(&(tenant, user));
+            if *n > 0 && !in_redis {
+                written += 1;
                 match self.connect(tenant, user).await {
-                    Ok(true) => {
+                    Ok(online) => {
                         self.unwritten_done(tenant, user);
-                        self.publish_presence(tenant, user, PresenceStatus::Online, None)
-                            .await;
-                        Ok(())
+                        if online {
+                            self.publish_presence(tenant, user, PresenceStatus::Online, None)
+                                .await;
+                        }
                     }
-                    Ok(false) => {
-                        self.unwritten_done(tenant, user);
-                        Ok(())
-                    }
-                    Err(_) => Err(()),
+                    Err(_) => self.reannounce.store(true, Ordering::SeqCst),
                 }
-            } else if *n == 0 && written {
-                fixed += 1;
+            } else if *n == 0 && in_redis {
+                written += 1;
                 let late = self.unwritten_late(tenant, user);
-                match self.write_disconnection(tenant, user, late).await {
-                    Ok(Some(seen)) => {
-                        self.publish_presence(tenant, user, PresenceStatus::Offline, Some(seen))
-                            .await;
-                        Ok(())
-                    }
-                    Ok(None) => Ok(()),
-                    Err(()) => Err(()),
+                // On failure, kept for the next heartbeats (`write_offline`).
+                if let Ok(Some(seen)) = self.write_disconnection(tenant, user, late).await {
+                    self.publish_presence(tenant, user, PresenceStatus::Offline, Some(seen))
+                        .await;
                 }
-            } else {
-                Ok(())
-            };
+            }
             drop(n);
             self.forget(tenant, user, slot);
-            if outcome.is_err() {
-                self.writes.reconnected.store(true, Ordering::SeqCst);
-                return;
-            }
         }
-        if fixed > 0 {
+        if written > 0 {
             // Info, not a warning: a user who connected or left between the scan and
             // this check counts too, and is only written again.
-            tracing::info!(node = %self.node, users = fixed, "presence resync wrote users whose presence in Redis differed from this node's connections");
+            tracing::info!(node = %self.node, users = written, "presence resync wrote users whose presence in Redis differed from this node's connections");
         }
     }
 
