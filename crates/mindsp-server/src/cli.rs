@@ -191,6 +191,13 @@ pub struct RealtimeArgs {
     #[arg(long, env = "MINDSP_PRESENCE_WINDOW_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub presence_window_secs: u64,
+
+    /// Seconds between two resyncs of a node's presence in Redis with the connections
+    /// it holds (what drifted, such as a command that reached Redis out of order after
+    /// a network fault, is put right within this long).
+    #[arg(long, env = "MINDSP_PRESENCE_RESYNC_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub presence_resync_secs: u64,
 }
 
 impl RealtimeArgs {
@@ -230,6 +237,7 @@ async fn open_redis_realtime(
     config.prefix = prefix.clone();
     config.heartbeat = Duration::from_secs(args.presence_heartbeat_secs);
     config.window = Duration::from_secs(args.presence_window_secs);
+    config.resync = Duration::from_secs(args.presence_resync_secs);
     let realtime = mindsp_realtime::Realtime::redis(&config, queue_capacity)
         .await
         .with_context(|| format!("cannot connect to Redis at {}", redact(url)))?;
