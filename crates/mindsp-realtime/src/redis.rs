@@ -882,25 +882,42 @@ impl Shared {
             if *n == 0 {
                 continue;
             }
-            let written = self.connect(tenant, user).await;
-            if written.is_ok() {
-                // As in `connected`: an older unwritten disconnection no longer holds.
-                self.unwritten_done(tenant, user);
-            }
-            match written {
-                Ok(true) => {
-                    self.publish_presence(tenant, user, PresenceStatus::Online, None)
-                        .await
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    // The next heartbeat starts over; the others would wait as long.
-                    tracing::warn!(error = %e, "cannot announce a user's presence");
-                    self.reannounce.store(true, Ordering::SeqCst);
-                    return;
-                }
+            if let Err(e) = self.rewrite_connection(tenant, user).await {
+                // The next heartbeat starts over; the others would wait as long.
+                tracing::warn!(error = %e, "cannot announce a user's presence");
+                self.reannounce.store(true, Ordering::SeqCst);
+                return;
             }
         }
+    }
+
+    /// Writes that `user`, connected here, is on this node (again: a connection that
+    /// could not be written, or that Redis lost), and tells the tenant when that brought
+    /// them online. Called under the user's slot lock, with a count above 0.
+    async fn rewrite_connection(&self, tenant: TenantId, user: UserId) -> Result<(), RedisError> {
+        let online = self.connect(tenant, user).await?;
+        // As in `connected`: an older unwritten disconnection no longer holds.
+        self.unwritten_done(tenant, user);
+        if online {
+            self.publish_presence(tenant, user, PresenceStatus::Online, None)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// [`Self::write_disconnection`], and tells the tenant when that left the user
+    /// offline. Called under the user's slot lock, with a count of 0.
+    async fn rewrite_disconnection(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        late: bool,
+    ) -> Result<(), ()> {
+        if let Some(seen) = self.write_disconnection(tenant, user, late).await? {
+            self.publish_presence(tenant, user, PresenceStatus::Offline, Some(seen))
+                .await;
+        }
+        Ok(())
     }
 
     /// Puts this node's presence in Redis right from the connections it holds: users
@@ -967,24 +984,14 @@ impl Shared {
             let in_redis = in_redis.contains(&(tenant, user));
             if *n > 0 && !in_redis {
                 written += 1;
-                match self.connect(tenant, user).await {
-                    Ok(online) => {
-                        self.unwritten_done(tenant, user);
-                        if online {
-                            self.publish_presence(tenant, user, PresenceStatus::Online, None)
-                                .await;
-                        }
-                    }
-                    Err(_) => self.reannounce.store(true, Ordering::SeqCst),
+                if self.rewrite_connection(tenant, user).await.is_err() {
+                    self.reannounce.store(true, Ordering::SeqCst);
                 }
             } else if *n == 0 && in_redis {
                 written += 1;
                 let late = self.unwritten_late(tenant, user);
                 // On failure, kept for the next heartbeats (`write_offline`).
-                if let Ok(Some(seen)) = self.write_disconnection(tenant, user, late).await {
-                    self.publish_presence(tenant, user, PresenceStatus::Offline, Some(seen))
-                        .await;
-                }
+                let _ = self.rewrite_disconnection(tenant, user, late).await;
             }
             drop(n);
             self.forget(tenant, user, slot);
@@ -1024,19 +1031,14 @@ impl Shared {
                 if !self.reannounce.load(Ordering::SeqCst) {
                     self.unwritten_done(tenant, user);
                 }
-                Ok(None)
+                Ok(())
             } else {
-                self.write_disconnection(tenant, user, late).await
+                self.rewrite_disconnection(tenant, user, late).await
             };
             drop(n);
             self.forget(tenant, user, slot);
-            match written {
-                Ok(Some(seen)) => {
-                    self.publish_presence(tenant, user, PresenceStatus::Offline, Some(seen))
-                        .await;
-                }
-                Ok(None) => {}
-                Err(()) => return,
+            if written.is_err() {
+                return;
             }
         }
     }
