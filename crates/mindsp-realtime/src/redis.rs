@@ -294,9 +294,10 @@ pub(crate) struct Writes {
     stalled: AtomicBool,
     /// The period of the probes: the command timeout.
     every: Duration,
-    /// The connection was made again since presence last resynced: commands of the
-    /// old one may still reach Redis, after newer ones.
-    reconnected: AtomicBool,
+    /// Presence resyncs at its next heartbeat ([`RedisPresence`]'s `resync`). Set here
+    /// at each reconnection (commands of the old connection may still reach Redis,
+    /// after newer ones), and by a resync that has more to do or could not read Redis.
+    resync_due: AtomicBool,
 }
 
 impl Writes {
@@ -308,7 +309,7 @@ impl Writes {
             unsent: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             every: config.command_timeout,
-            reconnected: AtomicBool::new(false),
+            resync_due: AtomicBool::new(false),
         })
     }
 
@@ -504,7 +505,7 @@ impl RedisBroker {
             let writes = writes.clone();
             tokio::spawn(async move {
                 while next_event(&mut reconnected).await {
-                    writes.reconnected.store(true, Ordering::SeqCst);
+                    writes.resync_due.store(true, Ordering::SeqCst);
                     // fred tells of the reconnection just before it counts as connected:
                     // the announcement waits for it (at most the command timeout).
                     let _ = writes.announce(true).await;
@@ -716,8 +717,6 @@ struct Shared {
     leaving: watch::Sender<bool>,
     /// Heartbeats between two resyncs ([`RedisConfig::resync`]).
     resync_every: u64,
-    /// A resync is to go on, or start again, at the next heartbeat.
-    resync_due: AtomicBool,
     /// Heartbeats so far.
     ticks: std::sync::atomic::AtomicU64,
 }
@@ -756,7 +755,6 @@ impl RedisPresence {
                 / config.heartbeat.max(Duration::from_millis(100)).as_millis())
             .clamp(1, u128::from(u32::MAX)) as u64,
             ticks: std::sync::atomic::AtomicU64::new(0),
-            resync_due: AtomicBool::new(false),
         });
         shared.heartbeat().await?;
         let every = config.heartbeat.max(Duration::from_millis(100));
@@ -861,9 +859,9 @@ impl Shared {
             self.announce_all().await;
         }
         let tick = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
-        let reconnected = self.writes.reconnected.swap(false, Ordering::SeqCst);
-        let due = self.resync_due.swap(false, Ordering::SeqCst);
-        if reconnected || due || tick.is_multiple_of(self.resync_every) {
+        if self.writes.resync_due.swap(false, Ordering::SeqCst)
+            || tick.is_multiple_of(self.resync_every)
+        {
             self.resync().await;
         }
         self.write_offline().await;
@@ -953,7 +951,7 @@ impl Shared {
                         e.kind(),
                         fred::error::ErrorKind::IO | fred::error::ErrorKind::Timeout
                     ) {
-                        self.resync_due.store(true, Ordering::SeqCst);
+                        self.writes.resync_due.store(true, Ordering::SeqCst);
                     }
                     return;
                 }
@@ -975,7 +973,7 @@ impl Shared {
         let mut written = 0;
         for (tenant, user) in differ {
             if written == RESYNC_PER_TICK {
-                self.resync_due.store(true, Ordering::SeqCst);
+                self.writes.resync_due.store(true, Ordering::SeqCst);
                 break;
             }
             let slot = self.slot(tenant, user);
