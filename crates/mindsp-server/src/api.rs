@@ -256,11 +256,23 @@ pub(crate) async fn conversation_presence(
     auth: Authenticated,
     Path(id): Path<ConversationId>,
 ) -> ApiResult<axum::Json<Value>> {
-    let (_, members) = state.messaging.conversation(&auth.actor, id).await?;
+    members_presence(&state.messaging, &state.realtime, &auth.actor, id)
+        .await
+        .map(axum::Json)
+}
+
+/// Who of a conversation's members is online, as `GET …/presence` and the socket's
+/// `presence` command answer it; 503 `presence_unavailable` when that cannot be read.
+pub(crate) async fn members_presence(
+    messaging: &mindsp_core::Messaging,
+    realtime: &mindsp_realtime::Realtime,
+    actor: &mindsp_core::Actor,
+    id: ConversationId,
+) -> ApiResult<Value> {
+    let (_, members) = messaging.conversation(actor, id).await?;
     let ids: Vec<UserId> = members.iter().map(|m| m.user_id).collect();
-    let presence = state
-        .realtime
-        .presence(auth.actor.tenant_id, &ids)
+    let presence = realtime
+        .presence(actor.tenant_id, &ids)
         .await
         .map_err(|_| {
             ApiError::http(
@@ -269,9 +281,7 @@ pub(crate) async fn conversation_presence(
                 "presence cannot be read now; ask again later",
             )
         })?;
-    Ok(axum::Json(
-        json!({ "conversation_id": id, "presence": presence }),
-    ))
+    Ok(json!({ "conversation_id": id, "presence": presence }))
 }
 
 #[derive(Deserialize)]

@@ -896,24 +896,15 @@ impl Reader<'_> {
                 }
                 Ok(Some(json!({})))
             }
-            Command::Presence { conversation_id } => {
-                let (_, members) = messaging.conversation(actor, conversation_id).await?;
-                let ids: Vec<_> = members.iter().map(|m| m.user_id).collect();
-                let presence = self
-                    .state
-                    .realtime
-                    .presence(actor.tenant_id, &ids)
-                    .await
-                    .map_err(|_| {
-                        Refusal::new(
-                            "presence_unavailable",
-                            "presence cannot be read now; ask again later",
-                        )
-                    })?;
-                Ok(Some(
-                    json!({ "conversation_id": conversation_id, "presence": presence }),
-                ))
-            }
+            Command::Presence { conversation_id } => Ok(Some(
+                crate::api::members_presence(
+                    messaging,
+                    &self.state.realtime,
+                    actor,
+                    conversation_id,
+                )
+                .await?,
+            )),
             Command::RefreshToken { token } => {
                 if token.len() > MAX_TOKEN_BYTES {
                     return Err(Refusal::new(
