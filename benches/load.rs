@@ -35,10 +35,12 @@
 //! bench does not build it. Build it from the same tree just before: the bench writes
 //! the database with the store library, and each side refuses the other's migrations
 //! if they differ. It is started with `serve` as an operator would (job
-//! worker included, messages persisted, `synchronous=NORMAL`), with two changes: the
+//! worker included, messages persisted, `synchronous=NORMAL`), with three changes: the
 //! per-connection command rate limit is lifted (`--ws-rate`/`--ws-burst` 10,000),
-//! because one generated client sends for a whole user's day in seconds, and the token
-//! secret is given (`MINDSP_JWT_SECRET`) so that the bench mints its own tokens.
+//! because one generated client sends for a whole user's day in seconds; the token
+//! secret is given (`MINDSP_JWT_SECRET`) so that the bench mints its own tokens; and
+//! the connection cap is lifted (`--ws-max-connections`; its default keeps 1,024 of the
+//! open-file limit for the rest), so the idle scenario meets the open-file limit itself.
 //!
 //! Setup shortcuts (before the server starts, through the store library on the same
 //! file): users are inserted directly, all with the *same* argon2 hash computed once
@@ -665,7 +667,8 @@ impl ServerProc {
             .arg(backend.database_url())
             .arg("--listen")
             .arg(addr.to_string())
-            .args(["--log", "warn", "--ws-rate", "10000", "--ws-burst", "10000"]);
+            .args(["--log", "warn", "--ws-rate", "10000", "--ws-burst", "10000"])
+            .args(["--ws-max-connections", "100000000"]);
         if let Backend::Postgres {
             redis_url, prefix, ..
         } = backend

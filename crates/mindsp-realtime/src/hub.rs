@@ -37,6 +37,9 @@ pub enum CloseReason {
     /// The node is shutting down: reconnect, possibly elsewhere
     /// ([`close::SERVICE_RESTART`]).
     Shutdown,
+    /// The user opened a connection beyond [`Hub::limit_per_user`]; this one was their
+    /// oldest ([`close::SUPERSEDED`]).
+    Superseded,
 }
 
 impl CloseReason {
@@ -46,6 +49,7 @@ impl CloseReason {
             CloseReason::TooSlow => close::TOO_SLOW,
             CloseReason::Deactivated => close::DEACTIVATED,
             CloseReason::Shutdown => close::SERVICE_RESTART,
+            CloseReason::Superseded => close::SUPERSEDED,
         }
     }
 
@@ -55,6 +59,7 @@ impl CloseReason {
             CloseReason::TooSlow => "too slow: send buffer full",
             CloseReason::Deactivated => "account deactivated",
             CloseReason::Shutdown => "server restarting: reconnect",
+            CloseReason::Superseded => "too many connections for this user: closed for a newer one",
         }
     }
 }
@@ -172,6 +177,11 @@ struct Slot {
 }
 
 impl Slot {
+    /// Not asked to close yet.
+    fn is_open(&self) -> bool {
+        self.close.borrow().is_none()
+    }
+
     fn close(&self, reason: CloseReason) {
         // The first reason wins: a slow client being deactivated is still "too slow".
         self.close.send_if_modified(|r| {
@@ -195,6 +205,8 @@ pub struct Hub {
     drained: Notify,
     closing: AtomicBool,
     capacity: usize,
+    /// Most connections one user keeps on this node ([`Hub::limit_per_user`]).
+    per_user: AtomicUsize,
     dropped: AtomicU64,
     skipped: AtomicU64,
     /// How many times [`Hub::events_lost`] was called.
@@ -261,14 +273,26 @@ impl Hub {
             drained: Notify::new(),
             closing: AtomicBool::new(false),
             capacity: capacity.max(1),
+            per_user: AtomicUsize::new(usize::MAX),
             dropped: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             losses: watch::Sender::new(0),
         })
     }
 
+    /// Lets each user keep at most `n` (at least 1) connections on this node: registering
+    /// one more asks their oldest to close ([`CloseReason::Superseded`]). A phone that
+    /// lost its signal leaves connections that live until they are found idle; closing
+    /// the oldest, not refusing the newest, lets its owner back in at once. No limit
+    /// until this is called.
+    pub fn limit_per_user(&self, n: usize) {
+        self.per_user.store(n.max(1), Ordering::Relaxed);
+    }
+
     /// Registers a connection of `user`. Returns it and whether it is the user's first
-    /// on this node; `None` once [`Hub::shutdown`] was called.
+    /// on this node; `None` once [`Hub::shutdown`] was called. Beyond
+    /// [`Hub::limit_per_user`], the user's oldest connection not yet closing is asked to
+    /// close; it stays registered (and counted) until it is gone.
     pub fn register(
         self: &Arc<Self>,
         tenant: TenantId,
@@ -288,6 +312,12 @@ impl Hub {
                 return None;
             }
             let slots = tenants.entry(tenant).or_default().entry(user).or_default();
+            let limit = self.per_user.load(Ordering::Relaxed);
+            if slots.iter().filter(|s| s.is_open()).count() >= limit
+                && let Some(oldest) = slots.iter().find(|s| s.is_open())
+            {
+                oldest.close(CloseReason::Superseded);
+            }
             slots.push(Slot {
                 id,
                 mailbox: mailbox.clone(),
@@ -771,5 +801,35 @@ mod tests {
         assert!(hub.register(t, u).is_none());
         drop((c, d));
         assert!(hub.drained(Duration::from_secs(1)).await);
+    }
+
+    #[test]
+    fn a_connection_beyond_the_limit_per_user_closes_the_oldest() {
+        let hub = Hub::new(4);
+        hub.limit_per_user(2);
+        let t = TenantId::new();
+        let (u, v) = (UserId::new(), UserId::new());
+        let (a, first) = hub.register(t, u).unwrap();
+        assert!(first);
+        let (b, _) = hub.register(t, u).unwrap();
+        let (other, _) = hub.register(t, v).unwrap();
+        assert_eq!(*a.closed.borrow(), None, "two are allowed");
+        let (c, first) = hub.register(t, u).unwrap();
+        assert!(!first);
+        assert_eq!(*a.closed.borrow(), Some(CloseReason::Superseded));
+        assert_eq!(CloseReason::Superseded.code(), close::SUPERSEDED);
+        assert_eq!((*b.closed.borrow(), *c.closed.borrow()), (None, None));
+        assert_eq!(*other.closed.borrow(), None, "other users are not counted");
+        // The closing one still counts until it is gone, but is not closed twice: the
+        // next one supersedes the oldest still open.
+        assert_eq!(hub.connections_of(t, u), 3);
+        let (d, _) = hub.register(t, u).unwrap();
+        assert_eq!(*b.closed.borrow(), Some(CloseReason::Superseded));
+        assert_eq!((*c.closed.borrow(), *d.closed.borrow()), (None, None));
+        drop((a, b));
+        assert_eq!(hub.connections_of(t, u), 2);
+        // Events still reach the open ones.
+        hub.deliver(read_receipt(t, vec![u]));
+        assert_eq!((c.events.len(), d.events.len()), (1, 1));
     }
 }

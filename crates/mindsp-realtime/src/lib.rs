@@ -49,6 +49,9 @@ pub mod close {
     pub const DEACTIVATED: u16 = 4003;
     /// The client did not read: its send buffer filled up.
     pub const TOO_SLOW: u16 = 4008;
+    /// The user opened more connections on this node than allowed: the oldest is closed
+    /// for the newest.
+    pub const SUPERSEDED: u16 = 4009;
 }
 
 /// The real-time stack of one node: hub, broker and presence.

@@ -312,6 +312,19 @@ pub struct WsArgs {
     #[arg(long, env = "MINDSP_WS_MAX_RESUME_MESSAGES", default_value_t = 500,
           value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub ws_max_resume_messages: i64,
+
+    /// Most WebSocket connections this node holds (503 `server_full` beyond). Default:
+    /// the open-file limit, raised to its maximum at start, less 1,024 kept for the
+    /// rest (or half of it when small).
+    #[arg(long, env = "MINDSP_WS_MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    pub ws_max_connections: Option<u32>,
+
+    /// Most WebSocket connections one user keeps on this node; one more closes their
+    /// oldest (4009).
+    #[arg(long, env = "MINDSP_WS_MAX_CONNECTIONS_PER_USER", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub ws_max_connections_per_user: u32,
 }
 
 impl WsArgs {
@@ -334,6 +347,10 @@ impl WsArgs {
             typing_ttl: ttl,
             max_resume_messages: self.ws_max_resume_messages,
             write_buffer_bytes: self.ws_write_buffer as usize,
+            max_connections: self
+                .ws_max_connections
+                .map_or_else(crate::ws::default_max_connections, |n| n as usize),
+            max_connections_per_user: self.ws_max_connections_per_user as usize,
             ..crate::ws::WsConfig::default()
         }
     }
@@ -509,6 +526,10 @@ async fn run_serve(
     args: ServeArgs,
 ) -> anyhow::Result<()> {
     let secret = jwt_secret(database_url, args.jwt_secret.as_deref())?;
+    // Before the connection cap is derived from it.
+    let open_files = crate::ws::raise_open_file_limit()
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot raise the open-file limit"))
+        .ok();
     let demo_created = args.demo && demo::seed(store.clone()).await?;
     if demo_created {
         tracing::info!(
@@ -536,6 +557,12 @@ async fn run_serve(
             ..TrainingConfig::default()
         },
     };
+    tracing::info!(
+        open_files,
+        max = config.ws.max_connections,
+        per_user = config.ws.max_connections_per_user,
+        "WebSocket connections"
+    );
     // Installed before any job runs, so an early SIGTERM still stops gracefully.
     let shutdown = shutdown_signal();
     let queue = open_queue(&args.jobs, store.as_ref()).await?;
@@ -834,5 +861,40 @@ mod tests {
         let err = ws_config(&["mindsp-server", "serve", "--ws-write-buffer", "2000000"])
             .expect_err("above 1 MiB is refused");
         assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+    }
+
+    #[test]
+    fn the_connection_caps_reach_the_websocket_config() {
+        let set = ws_config(&[
+            "mindsp-server",
+            "serve",
+            "--ws-max-connections",
+            "5000",
+            "--ws-max-connections-per-user",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(
+            (set.max_connections, set.max_connections_per_user),
+            (5000, 3)
+        );
+        if std::env::var_os("MINDSP_WS_MAX_CONNECTIONS").is_none() {
+            let default = ws_config(&["mindsp-server", "serve"]).unwrap();
+            assert_eq!(
+                default.max_connections,
+                crate::ws::default_max_connections()
+            );
+            let (soft, _) = rlimit::Resource::NOFILE.get().unwrap();
+            assert!((default.max_connections as u64) < soft, "room is kept");
+            assert!(default.max_connections as u64 >= soft / 2);
+        }
+        for bad in [
+            ["--ws-max-connections", "0"],
+            ["--ws-max-connections-per-user", "0"],
+        ] {
+            let args = ["mindsp-server", "serve", bad[0], bad[1]];
+            let err = ws_config(&args).expect_err("zero is refused");
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+        }
     }
 }

@@ -120,9 +120,10 @@ impl AppState {
     }
 
     /// Wires the service over a store, a job queue (if any) and a real-time stack of
-    /// the caller's choice (another broker, say). Called within a tokio runtime, it also
-    /// starts the task that closes the connections of deactivated users after events
-    /// were lost on their way to this node (see `Hub::events_lost`).
+    /// the caller's choice (another broker, say), whose hub it limits to
+    /// `config.ws.max_connections_per_user` connections per user. Called within a tokio
+    /// runtime, it also starts the task that closes the connections of deactivated users
+    /// after events were lost on their way to this node (see `Hub::events_lost`).
     pub fn assemble(
         store: Arc<dyn Store>,
         jobs: Option<Arc<dyn JobQueue>>,
@@ -144,6 +145,9 @@ impl AppState {
             .with_publisher(realtime.publisher())
             .with_notifier(notifier.clone());
         let tokens = Tokens::new(&config.jwt_secret, config.token_ttl);
+        realtime
+            .hub()
+            .limit_per_user(config.ws.max_connections_per_user);
         let sockets = Arc::new(ws::Shared {
             messaging: messaging.clone(),
             tokens: tokens.clone(),

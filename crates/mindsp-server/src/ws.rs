@@ -1,9 +1,10 @@
 //! `GET /ws`: the WebSocket endpoint. The protocol is documented, frame by frame, in
 //! `docs/PROTOCOL.md`.
 //!
-//! Before the upgrade: the `Origin` is checked against the allow-list (403) and the
-//! token (`?token=` or `Authorization: Bearer`) must name an active user (401); no
-//! socket is opened otherwise.
+//! Before the upgrade: the `Origin` is checked against the allow-list (403), the node
+//! must have room ([`WsConfig::max_connections`], 503) and the token (`?token=` or
+//! `Authorization: Bearer`) must name an active user (401); no socket is opened
+//! otherwise.
 //!
 //! Each connection runs two halves in one task:
 //! - the *reader* parses client frames, applies the rate limit, runs commands through
@@ -81,6 +82,39 @@ pub struct WsConfig {
     /// whatever this is. 0 writes each frame at once: one system call per frame (twice
     /// as many to busy group connections, `benches/RESULTS.md`).
     pub write_buffer_bytes: usize,
+    /// Most WebSocket connections this node holds; beyond, upgrades are refused with 503
+    /// `server_full` before any socket is opened (a load balancer tries another node).
+    /// Checked before the upgrade, so handshakes running at the same moment may pass it
+    /// by a few. The default, [`default_max_connections`], keeps room under the
+    /// process's open-file limit for everything else.
+    pub max_connections: usize,
+    /// Most connections one user keeps on this node; one more closes their oldest with
+    /// 4009 (see `Hub::limit_per_user`).
+    pub max_connections_per_user: usize,
+}
+
+/// Open files kept for everything but WebSockets when [`default_max_connections`] sizes
+/// the cap: database and Redis connections, the SQLite files, REST clients.
+const RESERVED_FILES: u64 = 1024;
+
+/// The default [`WsConfig::max_connections`]: the process's open-file limit (each
+/// connection is a socket) less [`RESERVED_FILES`], or half of it when that is small.
+/// The server raises the limit to its maximum first (`raise_open_file_limit`).
+pub fn default_max_connections() -> usize {
+    match rlimit::Resource::NOFILE.get() {
+        Ok((soft, _)) => {
+            let cap = soft.saturating_sub(RESERVED_FILES).max(soft / 2);
+            usize::try_from(cap).unwrap_or(usize::MAX)
+        }
+        Err(_) => 10_000,
+    }
+}
+
+/// Raises this process's soft open-file limit to its hard limit (many systems start
+/// programs at 1,024, far below what a node holding connections needs). Returns the
+/// limit now in force.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
 }
 
 impl Default for WsConfig {
@@ -99,6 +133,8 @@ impl Default for WsConfig {
             max_resume_messages: 500,
             close_timeout: Duration::from_secs(5),
             write_buffer_bytes: 2 * 1024,
+            max_connections: default_max_connections(),
+            max_connections_per_user: 16,
         }
     }
 }
@@ -191,6 +227,14 @@ async fn accept(
 ) -> Result<(Actor, i64), ApiError> {
     check_origin(&state.ws.allowed_origins, headers)?;
     let token = token(headers, query)?;
+    // Before the account is read: a full node should cost a refused client little.
+    if state.realtime.hub().connection_count() >= state.ws.max_connections {
+        return Err(ApiError::http(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_full",
+            "this server holds all the connections it may: connect again later or elsewhere",
+        ));
+    }
     let (actor, expires) = authenticate(state, &token).await?;
     if state.realtime.hub().is_closing() {
         return Err(ApiError::http(

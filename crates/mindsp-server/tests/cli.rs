@@ -22,7 +22,20 @@ impl Drop for Server {
 }
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_mindsp-server"));
+    configured(Command::new(env!("CARGO_BIN_EXE_mindsp-server")))
+}
+
+/// The binary started by `sh` with the soft open-file limit at `soft` (as many systems
+/// start programs at 1,024).
+fn bin_with_open_files(soft: u32) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!("ulimit -Sn {soft} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_mindsp-server"));
+    configured(c)
+}
+
+fn configured(mut c: Command) -> Command {
     c.env_remove("MINDSP_JWT_SECRET")
         .env_remove("MINDSP_DATABASE_URL")
         .env("MINDSP_LOG", "info");
@@ -37,7 +50,11 @@ fn temp_dir() -> PathBuf {
 
 /// Starts `serve` on an ephemeral port and waits for its "listening" line.
 fn start(db: &Path, extra: &[&str]) -> Server {
-    let mut child = bin()
+    start_command(bin(), db, extra)
+}
+
+fn start_command(mut command: Command, db: &Path, extra: &[&str]) -> Server {
+    let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--database-url"])
         .arg(format!("sqlite://{}", db.display()))
         .args(extra)
@@ -501,6 +518,37 @@ async fn worker_delivers_a_queued_email_into_the_mail_dir_and_stops_on_sigterm()
     assert_eq!((job.state, job.attempts), (JobState::Succeeded, 1));
     drop(store);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A node holds one socket per connection: started with a low soft open-file limit, it
+/// raises it to the hard one, and the upgrade cap follows it.
+#[tokio::test]
+async fn serve_raises_its_open_file_limit() {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let hard = open_files(&limits).1;
+    if hard <= 256 {
+        eprintln!("skipped: the hard open-file limit is {hard}, nothing to raise");
+        return;
+    }
+    let dir = temp_dir();
+    let server = start_command(bin_with_open_files(256), &dir.join("mindsp.db"), &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.child.id()))
+        .expect("the server's limits");
+    assert_eq!(open_files(&limits), (hard, hard), "{limits}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// (soft, hard) of "Max open files" in a `/proc/<pid>/limits`.
+fn open_files(limits: &str) -> (u64, u64) {
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let mut n = line["Max open files".len()..]
+        .split_whitespace()
+        .map(|v| v.parse().expect("a number"));
+    (n.next().unwrap(), n.next().unwrap())
 }
 
 /// Reminder lead times are configurable, and a bad value stops the server at start

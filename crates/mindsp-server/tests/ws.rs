@@ -1097,3 +1097,85 @@ async fn events_lost_on_the_way_close_deactivated_accounts_and_clients_catch_up(
         .await;
     assert_eq!(sent["message"]["content"], "toujours là");
 }
+
+/// One user keeps at most `max_connections_per_user` connections on a node: one more
+/// closes their oldest (4009) and they stay online for the others; the node's own cap
+/// refuses upgrades with 503 `server_full`, REST still answers, and a connection that
+/// goes makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_per_user_and_per_node() {
+    let mut cfg = config();
+    cfg.ws.max_connections_per_user = 2;
+    cfg.ws.max_connections = 4;
+    let s = Server::start(cfg).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let carol = s.user(&admin, "sdis13", "Carol").await;
+    let conv = s.group(&alice, &[&bob]).await;
+    let mut b = s.connect(&bob).await;
+    let mut tab1 = s.connect(&alice).await;
+    b.next_where("presence", |f| f["user_id"] == alice.id.as_str())
+        .await;
+    let mut tab2 = s.connect(&alice).await;
+    let mut tab3 = s.connect(&alice).await;
+    assert_eq!(
+        tab1.close_code().await,
+        Some(4009),
+        "the oldest tab is closed"
+    );
+    b.ok(
+        "send",
+        json!({"conversation_id": conv, "content": "toujours là ?"}),
+    )
+    .await;
+    for tab in [&mut tab2, &mut tab3] {
+        let m = tab.next("new_message").await;
+        assert_eq!(m["message"]["content"], "toujours là ?");
+    }
+    let told = b.drain().await;
+    assert!(
+        !told.iter().any(|f| f["type"] == "presence"),
+        "alice never went offline: {told:?}"
+    );
+
+    // Bob and two tabs of Alice, and the closed tab until it is gone: then Carol fits.
+    let url = s.ws_url(&carol.token);
+    let mut c = connect_when_room(&url).await;
+    c.ok("ping", json!({})).await;
+    // Four: the next one is refused before any socket, and REST still answers.
+    let (status, body) = Client::refused(url.as_str()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("server_full"))
+    );
+    let (status, _) = s
+        .call(
+            reqwest::Method::GET,
+            "/api/conversations",
+            &carol.token,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    drop(tab3);
+    let mut again = connect_when_room(&url).await;
+    again.ok("ping", json!({})).await;
+    tab2.ok("ping", json!({})).await;
+}
+
+/// Connects to `url` once the node has room (it answers 503 `server_full` meanwhile),
+/// within 10 s.
+async fn connect_when_room(url: &str) -> Client {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::try_connect(url).await {
+            Ok(c) => return c,
+            Err((503, body)) if tokio::time::Instant::now() < deadline => {
+                assert_eq!(body["error"]["code"], "server_full", "{body}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(answer) => panic!("no room: {answer:?}"),
+        }
+    }
+}

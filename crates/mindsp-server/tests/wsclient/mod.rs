@@ -222,28 +222,38 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Self {
-        let (ws, resp) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("websocket connects");
-        assert_eq!(resp.status(), 101);
-        Self {
-            ws,
-            pending: VecDeque::new(),
-            next_id: 1,
+        match Self::try_connect(url).await {
+            Ok(c) => c,
+            Err((status, body)) => panic!("websocket refused: {status} {body}"),
         }
     }
 
     /// The HTTP answer to an upgrade that must be refused: (status, body).
     pub async fn refused(req: impl IntoClientRequest + Unpin) -> (u16, Value) {
-        match tokio_tungstenite::connect_async(req).await {
+        match Self::try_connect(req).await {
             Ok(_) => panic!("the upgrade was accepted"),
+            Err(answer) => answer,
+        }
+    }
+
+    /// A connection, or the HTTP answer (status, body) that refused the upgrade.
+    pub async fn try_connect(req: impl IntoClientRequest + Unpin) -> Result<Self, (u16, Value)> {
+        match tokio_tungstenite::connect_async(req).await {
+            Ok((ws, resp)) => {
+                assert_eq!(resp.status(), 101);
+                Ok(Self {
+                    ws,
+                    pending: VecDeque::new(),
+                    next_id: 1,
+                })
+            }
             Err(tungstenite::Error::Http(resp)) => {
                 let body = resp
                     .body()
                     .as_ref()
                     .and_then(|b| serde_json::from_slice(b).ok())
                     .unwrap_or(Value::Null);
-                (resp.status().as_u16(), body)
+                Err((resp.status().as_u16(), body))
             }
             Err(e) => panic!("unexpected error {e}"),
         }
