@@ -236,3 +236,119 @@ async fn a_node_puts_its_drifted_presence_right_at_its_resync() {
     drop(node);
     purge(&c).await;
 }
+
+/// A large drift is put right in full, each user told once, and no heartbeat writes
+/// more than its share (100): between two heartbeats of the node, this node's set in
+/// Redis shrinks by at most that. The node's users span several pages of `SSCAN`, and
+/// those Redis has right are never written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_drift_is_put_right_over_several_heartbeats() {
+    const DRIFT: usize = 1250;
+    const HELD: usize = 1250;
+    let Some(mut c) = config() else { return };
+    c.resync = Duration::from_millis(400);
+    let node = Realtime::redis(&c, 4 * DRIFT).await.unwrap();
+    let (t, t2) = (TenantId::new(), TenantId::new());
+    let watcher = UserId::new();
+    let mut w = node.open(t, watcher, ready(vec![])).await.unwrap();
+    // Users connected here, of another tenant (the watcher hears nothing of them).
+    let held: Vec<UserId> = (0..HELD).map(|_| UserId::new()).collect();
+    let mut conns = Vec::new();
+    for u in &held {
+        conns.push(node.open(t2, *u, ready(vec![])).await.unwrap());
+    }
+    let gone: Vec<UserId> = (0..DRIFT).map(|_| UserId::new()).collect();
+    let admin =
+        fred::types::Builder::from_config(fred::types::config::Config::from_url(&c.url).unwrap())
+            .build()
+            .unwrap();
+    admin.init().await.unwrap();
+    // `mark` the users of tenant ARGV[2] with `ARGV[3]` on this node, and add them to
+    // its set: a connection written again would put back its usual '1'.
+    let mark = "local p, t, v, node = ARGV[1], ARGV[2], ARGV[3], \
+                  redis.call('ZRANGE', KEYS[1], 0, 0)[1] \
+                for i = 4, #ARGV do \
+                  redis.call('HSET', p .. 'u:' .. t .. ':' .. ARGV[i], node, v) \
+                  redis.call('SADD', p .. 'n:' .. node, t .. ':' .. ARGV[i]) \
+                end return 1";
+    let nodes = format!("{}nodes", c.prefix);
+    let marked = |tenant: TenantId, value: &str, users: &[UserId]| {
+        let mut args = vec![c.prefix.clone(), tenant.to_string(), value.to_owned()];
+        args.extend(users.iter().map(|u| u.to_string()));
+        args
+    };
+    let _: i64 = admin
+        .eval(mark, vec![nodes.clone()], marked(t2, "held", &held))
+        .await
+        .unwrap();
+    // The drift: users on this node in Redis, none of them connected here.
+    let _: i64 = admin
+        .eval(mark, vec![nodes.clone()], marked(t, "1", &gone))
+        .await
+        .unwrap();
+
+    // The node's last heartbeat and its set's size, read together.
+    let observe = "local node = redis.call('ZRANGE', KEYS[1], 0, 0)[1] \
+                   return {redis.call('ZSCORE', KEYS[1], node), \
+                           redis.call('SCARD', ARGV[1] .. 'n:' .. node)}";
+    let mut by_heartbeat: std::collections::BTreeMap<String, (i64, i64)> = Default::default();
+    let mut told = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (beat, size): (String, i64) = admin
+            .eval(observe, vec![nodes.clone()], vec![c.prefix.clone()])
+            .await
+            .unwrap();
+        let seen = by_heartbeat.entry(beat).or_insert((size, size));
+        *seen = (seen.0.max(size), seen.1.min(size));
+        while let Ok(d) = w.events.try_recv() {
+            if let Event::Presence {
+                user_id, status, ..
+            } = &d.envelope.event
+            {
+                assert_eq!(*status, PresenceStatus::Offline);
+                assert!(told.insert(*user_id), "{user_id} told twice");
+            }
+        }
+        if size == 1 + HELD as i64 && told.len() == DRIFT {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {size} on the node, {} told",
+            told.len()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // (Without the cap, one pass writes them all: observations taken while it runs
+    // share its heartbeat with one taken after.)
+    for (beat, (most, least)) in &by_heartbeat {
+        assert!(
+            most - least <= 100,
+            "{} written after heartbeat {beat}",
+            most - least
+        );
+    }
+    let q = node.presence(t, &gone).await.unwrap();
+    assert!(q.iter().all(|p| p.status == PresenceStatus::Offline));
+    assert_eq!(told.len(), DRIFT);
+    // One more resync, then: every user held here still carries the mark.
+    tokio::time::sleep(c.resync * 2).await;
+    let values = "local p, t, node = ARGV[1], ARGV[2], redis.call('ZRANGE', KEYS[1], 0, 0)[1] \
+                  local n = 0 for i = 3, #ARGV do \
+                    if redis.call('HGET', p .. 'u:' .. t .. ':' .. ARGV[i], node) == 'held' \
+                    then n = n + 1 end \
+                  end return n";
+    let mut args = vec![c.prefix.clone(), t2.to_string()];
+    args.extend(held.iter().map(|u| u.to_string()));
+    let still: i64 = admin.eval(values, vec![nodes.clone()], args).await.unwrap();
+    assert_eq!(
+        still as usize, HELD,
+        "users Redis had right were written again"
+    );
+    drop(conns);
+    let _ = admin.quit().await;
+    drop(w);
+    drop(node);
+    purge(&c).await;
+}
