@@ -1028,13 +1028,24 @@ enum Stop {
 
 impl Writer<'_> {
     async fn run(&mut self, conn: &mut Connection) {
-        let mut ping = tokio::time::interval_at(
-            Instant::now() + self.state.ws.ping_interval,
-            self.state.ws.ping_interval,
-        );
+        let period = self.state.ws.ping_interval;
+        let ping = tokio::time::sleep(period);
+        tokio::pin!(ping);
         let stop = loop {
             if let Some(reason) = *self.closed.borrow_and_update() {
                 break Stop::Hub(reason);
+            }
+            // The select below is biased: a connection that always has events waiting
+            // would never reach its ping branch, and a client that only listens answers
+            // nothing but pings: it would be closed as silent. So the time is checked
+            // on every turn, and the branch only wakes an idle writer.
+            let now = Instant::now();
+            if ping.deadline() <= now {
+                ping.as_mut().reset(now + period);
+                match self.send(Message::Ping(Default::default())).await {
+                    Ok(()) => continue,
+                    Err(stop) => break stop,
+                }
             }
             // Biased, and the close signal polled last: the check above already saw
             // any close, and a branch that is ready at once leaves the others unpolled,
@@ -1065,7 +1076,7 @@ impl Writer<'_> {
                     }
                 },
                 d = conn.events.recv() => Box::pin(self.deliver_batch(Some(d), conn)).await,
-                _ = ping.tick() => self.send(Message::Ping(Default::default())).await,
+                () = &mut ping => Ok(()),
                 r = self.closed.changed() => match r {
                     Ok(()) => continue,
                     Err(_) => Err(Stop::Broken),

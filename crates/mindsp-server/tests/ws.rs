@@ -5,7 +5,7 @@ mod wsclient;
 
 use std::time::Duration;
 
-use futures::SinkExt;
+use futures::{SinkExt, StreamExt};
 use mindsp_core::events::{Envelope, Event};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -1178,4 +1178,52 @@ async fn connect_when_room(url: &str) -> Client {
             Err(answer) => panic!("no room: {answer:?}"),
         }
     }
+}
+
+/// A client that only listens answers nothing but pings: it must be pinged even while
+/// its connection's queue is never empty (else it is closed as silent, 4002, after the
+/// idle timeout). The writer always has events waiting here, and pings still go out
+/// among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_with_a_queue_never_empty_is_still_pinged() {
+    const EVENTS: usize = 300_000;
+    let mut cfg = config();
+    cfg.ws.ping_interval = Duration::from_millis(10);
+    cfg.ws.idle_timeout = Duration::from_secs(60);
+    cfg.ws.queue_capacity = EVENTS + 1;
+    let s = Server::start(cfg).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let mut b = s.connect(&bob).await;
+    let hub = s.state.realtime.hub().clone();
+    // Bob reads nothing yet: the socket's buffers fill (a few MB, a small part of these
+    // 50 MB) and the rest waits in the queue.
+    for seq in 1..=EVENTS as i64 {
+        hub.deliver(Envelope::to_users(
+            bob.actor.tenant_id,
+            vec![bob.actor.user_id],
+            Event::MessageRead {
+                conversation_id: conv.parse().unwrap(),
+                user_id: alice.actor.user_id,
+                seq,
+                unread: None,
+            },
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // From the moment the writer could write again, its queue held events until the
+    // last: pings written past the socket's buffers came from a busy writer.
+    let (mut read, mut pings_among) = (0, 0);
+    while read < EVENTS {
+        match tokio::time::timeout(Duration::from_secs(30), b.ws.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => read += 1,
+            Ok(Some(Ok(Message::Ping(_)))) if read > EVENTS / 3 => pings_among += 1,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            other => panic!("after {read} events: {other:?}"),
+        }
+    }
+    assert!(
+        pings_among > 0,
+        "no ping among the last two thirds of the events"
+    );
+    b.ok("ping", json!({})).await;
 }
