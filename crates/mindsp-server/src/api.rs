@@ -17,6 +17,7 @@ use crate::AppState;
 use crate::auth::{self, Authenticated};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Json, Path, Query, optional_json};
+use crate::passwords;
 
 // ---- auth ---------------------------------------------------------------------------
 
@@ -40,6 +41,8 @@ pub(crate) async fn login(
     {
         return Err(Error::InvalidCredentials.into());
     }
+    let account = passwords::account(&req.tenant, &req.email);
+    state.passwords.admit(&account)?;
     let store = state.messaging.store();
     let tenant = store
         .tenant_by_slug(&req.tenant.trim().to_lowercase())
@@ -56,7 +59,7 @@ pub(crate) async fn login(
         Some((u, h)) if u.active => (Some(u), Some(h)),
         _ => (None, None),
     };
-    if !auth::verify_password_blocking(req.password, hash).await {
+    if !state.passwords.verify(&account, req.password, hash).await? {
         return Err(Error::InvalidCredentials.into());
     }
     let user = user.ok_or(Error::InvalidCredentials)?;
@@ -126,7 +129,7 @@ pub(crate) async fn create_user(
         return Err(Error::forbidden("tenant administrators only").into());
     }
     auth::check_new_password(&req.password)?;
-    let password_hash = auth::hash_password_blocking(req.password).await?;
+    let password_hash = state.passwords.hash(req.password).await?;
     let user = state
         .messaging
         .create_user(

@@ -129,20 +129,11 @@ pub async fn hash_password_blocking(password: String) -> Result<String, Error> {
         .map_err(|e| Error::Storage(format!("hashing task failed: {e}")))?
 }
 
-/// Checks credentials. When the user is unknown the password is still checked
-/// against a fixed hash, so response time does not reveal which e-mails exist.
-pub async fn verify_password_blocking(password: String, hash: Option<String>) -> bool {
+/// A hash no password matches in practice, checked when a login names no active
+/// account, so that response time does not reveal which e-mails exist.
+pub(crate) fn decoy_hash() -> &'static str {
     static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let known = hash.is_some();
-    let hash = hash.unwrap_or_else(|| {
-        DECOY
-            .get_or_init(|| hash_password("decoy-password").unwrap_or_default())
-            .clone()
-    });
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-        .await
-        .unwrap_or(false);
-    ok && known
+    DECOY.get_or_init(|| hash_password("decoy-password").unwrap_or_default())
 }
 
 /// The authenticated caller of a protected route: a valid, unexpired token for a user

@@ -556,6 +556,7 @@ async fn run_serve(
                 .context("invalid MINDSP_FMPA_REMINDERS")?,
             ..TrainingConfig::default()
         },
+        passwords: crate::passwords::PasswordLimits::default(),
     };
     tracing::info!(
         open_files,

@@ -21,6 +21,8 @@ pub enum ApiError {
         code: &'static str,
         /// Human explanation.
         message: String,
+        /// Seconds to send in `Retry-After`, if any.
+        retry_after: Option<u64>,
     },
 }
 
@@ -31,7 +33,16 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to try again in `secs` seconds.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        if let Self::Http { retry_after, .. } = &mut self {
+            *retry_after = Some(secs);
+        }
+        self
     }
 
     /// 401 with the given code.
@@ -64,12 +75,13 @@ struct Detail<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code, message) = match &self {
+        let (status, code, message, retry_after) = match &self {
             ApiError::Http {
                 status,
                 code,
                 message,
-            } => (*status, *code, message.clone()),
+                retry_after,
+            } => (*status, *code, message.clone(), *retry_after),
             ApiError::Core(e) => {
                 let status = match e {
                     Error::NotFound(_) => StatusCode::NOT_FOUND,
@@ -85,10 +97,10 @@ impl IntoResponse for ApiError {
                 } else {
                     e.to_string()
                 };
-                (status, e.code(), message)
+                (status, e.code(), message, None)
             }
         };
-        (
+        let mut response = (
             status,
             Json(Body {
                 error: Detail {
@@ -97,7 +109,13 @@ impl IntoResponse for ApiError {
                 },
             }),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod error;
 pub mod extract;
 pub mod notifications;
+pub mod passwords;
 mod upgrade;
 pub mod workers;
 pub mod ws;
@@ -61,6 +62,8 @@ pub struct HttpConfig {
     pub notify: NotifyConfig,
     /// Training-session limits and default reminder lead times.
     pub training: TrainingConfig,
+    /// Password hashing at once, and failed logins per account (`passwords`).
+    pub passwords: passwords::PasswordLimits,
 }
 
 impl HttpConfig {
@@ -74,6 +77,7 @@ impl HttpConfig {
             ws: ws::WsConfig::default(),
             notify: NotifyConfig::default(),
             training: TrainingConfig::default(),
+            passwords: passwords::PasswordLimits::default(),
         }
     }
 }
@@ -98,6 +102,7 @@ pub struct AppState {
     pub training: Training,
     /// What every WebSocket connection needs, shared (see `ws::Shared`).
     sockets: Arc<ws::Shared>,
+    passwords: Arc<passwords::Passwords>,
     max_body_bytes: usize,
 }
 
@@ -163,6 +168,7 @@ impl AppState {
             tokens,
             jobs,
             realtime,
+            passwords: Arc::new(passwords::Passwords::new(config.passwords.clone())),
             max_body_bytes: config.max_body_bytes,
         }
     }

@@ -1196,3 +1196,120 @@ async fn allowed_browser_origins_may_call_the_api() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(allowed_origin(&r), None);
 }
+
+async fn try_login(
+    app: &TestApp,
+    tenant: &str,
+    email: &str,
+    password: &str,
+) -> axum::response::Response {
+    let body = json!({"tenant": tenant, "email": email, "password": password});
+    app.response(
+        Request::post("/api/auth/login")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap(),
+    )
+    .await
+}
+
+async fn error_code(r: axum::response::Response) -> (StatusCode, Option<u64>, String) {
+    let status = r.status();
+    let retry = r
+        .headers()
+        .get(header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let code = body["error"]["code"].as_str().unwrap_or("").to_owned();
+    (status, retry, code)
+}
+
+/// An account that keeps failing is slowed down (429 with `Retry-After`, before any
+/// hashing: even the right password waits), alike whether it exists or not, and longer
+/// at each further failure; other accounts are not; once the wait is over the right
+/// password works and starts the count over.
+#[tokio::test]
+async fn repeated_failed_logins_slow_the_account_down() {
+    let app = TestApp::new().await;
+    let admin = app.tenant("sdis13").await;
+    let (_, _) = app.user(&admin, "sdis13", "Alice").await;
+    let failed = (
+        StatusCode::UNAUTHORIZED,
+        None,
+        "invalid_credentials".to_owned(),
+    );
+    for email in ["admin@sdis13.fr", "nobody@sdis13.fr"] {
+        for _ in 0..5 {
+            let r = error_code(try_login(&app, "sdis13", email, "wrong-password").await).await;
+            assert_eq!(r, failed, "{email}");
+        }
+        // Typed differently, the same account.
+        let r = error_code(try_login(&app, " SDIS13", &email.to_uppercase(), PASSWORD).await).await;
+        assert_eq!(
+            r,
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(1),
+                "too_many_attempts".into()
+            ),
+            "{email}"
+        );
+    }
+    // Another account of the tenant is not held back.
+    app.login("sdis13", "alice@sdis13.fr", PASSWORD).await;
+
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // The right password, once the wait is over: in, and the count starts over.
+    app.login("sdis13", "admin@sdis13.fr", PASSWORD).await;
+    let r = error_code(try_login(&app, "sdis13", "admin@sdis13.fr", "wrong-password").await).await;
+    assert_eq!(r, failed);
+    // A sixth failure in a row waits twice as long.
+    let r = error_code(try_login(&app, "sdis13", "nobody@sdis13.fr", "wrong-password").await).await;
+    assert_eq!(r, failed);
+    let r = error_code(try_login(&app, "sdis13", "nobody@sdis13.fr", "wrong-password").await).await;
+    assert_eq!(
+        r,
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            Some(2),
+            "too_many_attempts".into()
+        )
+    );
+}
+
+/// At most `at_once` password hashes run and `waiting` more wait: a burst of logins
+/// beyond that gets 503 `busy` with `Retry-After` at once, the others their usual
+/// answer, and logins work again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_logins_beyond_the_hashing_queue_is_refused_at_once() {
+    let mut config = mindsp_server::HttpConfig::with_secret(SECRET);
+    config.passwords.at_once = 1;
+    config.passwords.waiting = 2;
+    let app = std::sync::Arc::new(TestApp::with_config(config).await);
+    app.tenant("sdis13").await;
+    let mut burst = Vec::new();
+    for i in 0..24 {
+        let app = app.clone();
+        burst.push(tokio::spawn(async move {
+            let email = format!("guess{i}@sdis13.fr");
+            error_code(try_login(&app, "sdis13", &email, "wrong-password").await).await
+        }));
+    }
+    let mut answers = std::collections::BTreeMap::new();
+    for h in burst {
+        let (status, retry, code) = h.await.unwrap();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!((retry, code.as_str()), (Some(1), "busy"));
+        } else {
+            assert_eq!(
+                (status, code.as_str()),
+                (StatusCode::UNAUTHORIZED, "invalid_credentials")
+            );
+        }
+        *answers.entry(status.as_u16()).or_insert(0) += 1;
+    }
+    assert!(answers.get(&503).is_some_and(|n| *n > 0), "{answers:?}");
+    assert!(answers.get(&401).is_some_and(|n| *n >= 3), "{answers:?}");
+    app.login("sdis13", "admin@sdis13.fr", PASSWORD).await;
+}
