@@ -1029,22 +1029,24 @@ enum Stop {
 impl Writer<'_> {
     async fn run(&mut self, conn: &mut Connection) {
         let period = self.state.ws.ping_interval;
-        let ping = tokio::time::sleep(period);
-        tokio::pin!(ping);
+        let mut ping = tokio::time::interval_at(Instant::now() + period, period);
+        let mut next_ping = Instant::now() + period;
+        // Whether the last turn left events queued (see below).
+        let mut behind = false;
         let stop = loop {
             if let Some(reason) = *self.closed.borrow_and_update() {
                 break Stop::Hub(reason);
             }
-            // The select below is biased: a connection that always has events waiting
-            // would never reach its ping branch, and a client that only listens answers
-            // nothing but pings: it would be closed as silent. So the time is checked
-            // on every turn, and the branch only wakes an idle writer.
-            let now = Instant::now();
-            if ping.deadline() <= now {
-                ping.as_mut().reset(now + period);
-                match self.send(Message::Ping(Default::default())).await {
-                    Ok(()) => continue,
-                    Err(stop) => break stop,
+            // The select below is biased: a connection whose queue never empties would
+            // never reach its ping branch, and a client that only listens answers
+            // nothing but pings: it would be closed as silent. So while the writer is
+            // behind, it looks at the clock itself (only then: a turn that emptied the
+            // queue waits in the select, where the ping branch is polled).
+            if behind && Instant::now() >= next_ping {
+                ping.reset();
+                next_ping = Instant::now() + period;
+                if let Err(stop) = self.send(Message::Ping(Default::default())).await {
+                    break stop;
                 }
             }
             // Biased, and the close signal polled last: the check above already saw
@@ -1076,7 +1078,10 @@ impl Writer<'_> {
                     }
                 },
                 d = conn.events.recv() => Box::pin(self.deliver_batch(Some(d), conn)).await,
-                () = &mut ping => Ok(()),
+                _ = ping.tick() => {
+                    next_ping = Instant::now() + period;
+                    self.send(Message::Ping(Default::default())).await
+                }
                 r = self.closed.changed() => match r {
                     Ok(()) => continue,
                     Err(_) => Err(Stop::Broken),
@@ -1085,6 +1090,7 @@ impl Writer<'_> {
             if let Err(stop) = step {
                 break stop;
             }
+            behind = !conn.events.is_empty();
         };
         if let Stop::Hub(reason) = stop {
             Box::pin(self.close(reason.code(), reason.text())).await;
