@@ -316,35 +316,126 @@ async fn not_found() -> ApiError {
     ApiError::http(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
+/// How long a client has to send a request's headers, counted from the moment its
+/// connection is ready for one: a connection that never speaks, or stays idle this long
+/// between two requests, is closed. Phones that lose their signal leave such
+/// connections behind, and without this each would hold a socket for good. Upgraded
+/// connections (`/ws`) are not concerned: they have pings and their own idle timeout.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests
 /// finish for at most `grace` before returning. Every accepted connection gets
-/// `TCP_NODELAY` ([`no_delay`]).
+/// `TCP_NODELAY` ([`no_delay`]) and [`HEADER_TIMEOUT`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let listener = axum::serve::ListenerExt::tap_io(listener, no_delay);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = tx.send(());
-    });
+    serve_with(listener, app, shutdown, grace, HEADER_TIMEOUT).await
+}
+
+/// [`serve`] with another header timeout (see [`HEADER_TIMEOUT`]).
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+    header_timeout: Duration,
+) -> std::io::Result<()> {
+    // `true` once the shutdown began; every connection task holds a receiver, so that
+    // `closed()` on the sender tells when the last one ended.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let (began, grace_starts) = tokio::sync::oneshot::channel::<()>();
+    let served = async move {
+        accept_until(&listener, &app, &stop, shutdown, header_timeout).await;
+        let _ = stopping.send(true);
+        let _ = began.send(());
+        drop(stop);
+        stopping.closed().await;
+    };
     let deadline = async move {
-        if rx.await.is_ok() {
+        if grace_starts.await.is_ok() {
             tokio::time::sleep(grace).await;
         } else {
             std::future::pending::<()>().await;
         }
     };
     tokio::select! {
-        r = server => r,
+        () = served => Ok(()),
         () = deadline => {
             tracing::warn!(?grace, "shutdown grace period over; dropping remaining requests");
             Ok(())
         }
     }
+}
+
+/// Accepts connections and serves each on a task of its own until `shutdown` resolves;
+/// they are then asked to finish (`stop` turns true).
+async fn accept_until(
+    listener: &TcpListener,
+    app: &Router,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()> + Send,
+    header_timeout: Duration,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = shutdown.as_mut() => return,
+        };
+        let mut tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                // Out of file descriptors, say: wait instead of spinning.
+                tracing::error!(error = %e, "cannot accept a connection");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = shutdown.as_mut() => return,
+                }
+            }
+        };
+        no_delay(&mut tcp);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            let mut asked = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::trace!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = stop.wait_for(|s| *s), if !asked => {
+                        asked = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Errors of one connection, not of the listener.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// Turns off Nagle's algorithm on an accepted connection. WebSocket events are small

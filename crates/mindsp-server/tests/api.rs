@@ -1313,3 +1313,62 @@ async fn a_burst_of_logins_beyond_the_hashing_queue_is_refused_at_once() {
     assert!(answers.get(&401).is_some_and(|n| *n >= 3), "{answers:?}");
     app.login("sdis13", "admin@sdis13.fr", PASSWORD).await;
 }
+
+/// Reads from `tcp` until the server closes it; panics if it is still open after 10 s.
+async fn closed_by_server(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the connection is still open; read so far: {got:?}"),
+        }
+    }
+}
+
+/// A connection that never sends a request, and a keep-alive connection idle between
+/// requests, are closed after the header timeout (phones that vanish leave such
+/// connections, each holding a socket); a WebSocket is not, and requests still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_http_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::new().await;
+    let admin = app.tenant("sdis13").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(mindsp_server::serve_with(
+        listener,
+        app.app.clone(),
+        std::future::pending(),
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_millis(300),
+    ));
+
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(closed_by_server(&mut silent).await.is_empty());
+
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: mindsp\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = String::from_utf8(closed_by_server(&mut idle).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok"), "one answer, then closed: {answer}");
+
+    let url = format!("ws://{addr}/ws?token={admin}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    use futures::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        r#"{"v":1,"type":"ping","id":"p"}"#,
+    ))
+    .await
+    .unwrap();
+    let reply = ws.next().await.unwrap().unwrap();
+    assert!(
+        reply.to_text().unwrap().contains(r#""type":"ack""#),
+        "{reply}"
+    );
+}
