@@ -41,17 +41,15 @@ pub(crate) async fn login(
     {
         return Err(Error::InvalidCredentials.into());
     }
-    let account = passwords::account(&req.tenant, &req.email);
-    state.passwords.admit(&account)?;
+    let slug = req.tenant.trim().to_lowercase();
+    let email = req.email.trim().to_lowercase();
+    let attempt = state.passwords.admit(passwords::account(&slug, &email))?;
     let store = state.messaging.store();
-    let tenant = store
-        .tenant_by_slug(&req.tenant.trim().to_lowercase())
-        .await?;
+    let tenant = store.tenant_by_slug(&slug).await?;
     let found = match &tenant {
         Some(t) => {
             let mut tx = store.read(t.id).await?;
-            tx.user_credentials(&req.email.trim().to_lowercase())
-                .await?
+            tx.user_credentials(&email).await?
         }
         None => None,
     };
@@ -59,7 +57,7 @@ pub(crate) async fn login(
         Some((u, h)) if u.active => (Some(u), Some(h)),
         _ => (None, None),
     };
-    if !state.passwords.verify(&account, req.password, hash).await? {
+    if !state.passwords.verify(attempt, req.password, hash).await? {
         return Err(Error::InvalidCredentials.into());
     }
     let user = user.ok_or(Error::InvalidCredentials)?;

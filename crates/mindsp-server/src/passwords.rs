@@ -4,19 +4,25 @@
 //! And a login is a guess: an account that keeps failing is slowed down.
 //!
 //! - At most [`PasswordLimits::at_once`] hashes run at a time and
-//!   [`PasswordLimits::waiting`] more wait; beyond, 503 `busy` with `Retry-After`.
-//! - After [`PasswordLimits::free_failures`] failed logins in a row for one account
-//!   (tenant and e-mail as typed, known or not, so the answer reveals nothing), each
-//!   next try waits 1 s, then 2 s, 4 s... up to [`PasswordLimits::max_backoff`]: 429
-//!   `too_many_attempts` with `Retry-After`, without hashing. A success clears the count;
-//!   so does an hour without failures.
+//!   [`PasswordLimits::waiting`] more wait; beyond, 503 `busy` with `Retry-After`. A
+//!   hash holds its slot until it ends, even when its client hung up.
+//! - One login at a time per account (tenant and e-mail as typed, known or not, so the
+//!   answer reveals nothing): another one meanwhile gets 429 `too_many_attempts`, so
+//!   guesses sent in parallel count one by one.
+//! - After [`PasswordLimits::free_failures`] failed logins in a row, each next try of the
+//!   account waits 1 s, then 2 s, 4 s... up to [`PasswordLimits::max_backoff`] (one
+//!   minute): 429 `too_many_attempts` with `Retry-After`, without hashing. A success
+//!   clears the count; so does an hour without failures. The ceiling is short on
+//!   purpose: whoever fails on purpose for someone else's address delays their login by
+//!   that much, no more (while they keep at it, the rightful user's tries compete with
+//!   theirs).
 //!
 //! Per node: with several nodes behind a load balancer a guesser gets that many more
 //! tries. Not per address: behind a proxy every client would share one.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -34,7 +40,7 @@ pub struct PasswordLimits {
     pub waiting: usize,
     /// Failed logins of one account in a row before it is slowed down (default 5).
     pub free_failures: u32,
-    /// Longest wait imposed on an account (default 15 minutes).
+    /// Longest wait imposed on an account (default one minute).
     pub max_backoff: Duration,
 }
 
@@ -45,30 +51,36 @@ impl Default for PasswordLimits {
             at_once: (cores / 2).max(1),
             waiting: 64,
             free_failures: 5,
-            max_backoff: Duration::from_secs(15 * 60),
+            max_backoff: Duration::from_secs(60),
         }
     }
 }
 
 /// Failures older than this are forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
-/// Most accounts followed at once (about 100 bytes each).
+/// Most accounts followed at once (a few hundred bytes each). When full, those whose
+/// last failure is oldest are forgotten first.
 const MAX_FOLLOWED: usize = 100_000;
 
-struct Failures {
-    count: u32,
+/// What is known of one account's logins.
+struct Account {
+    /// Failures in a row.
+    failures: u32,
+    /// The last failure.
     last: Instant,
     /// No try before this.
     until: Instant,
+    /// A login of this account is being checked.
+    checking: bool,
 }
 
 /// The bounded password service of one node.
 pub struct Passwords {
     limits: PasswordLimits,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     /// Requests waiting for a hash or computing one.
     inside: AtomicUsize,
-    failures: Mutex<HashMap<String, Failures>>,
+    accounts: Mutex<HashMap<String, Account>>,
 }
 
 /// Leaves [`Passwords::inside`] however the request ends (a client that hangs up
@@ -81,20 +93,37 @@ impl Drop for Inside<'_> {
     }
 }
 
+/// A login let through by [`Passwords::admit`], checked by [`Passwords::verify`].
+/// Dropped unchecked (a failed lookup, a client that hung up), it only lets the next
+/// login of the account through.
+pub struct Attempt<'a> {
+    passwords: &'a Passwords,
+    account: String,
+    /// Whether the password matched, once checked.
+    result: Option<bool>,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.passwords.finish(&self.account, self.result);
+    }
+}
+
 impl Passwords {
     /// A service with these bounds.
     pub fn new(limits: PasswordLimits) -> Self {
         let at_once = limits.at_once.max(1);
         Self {
             limits,
-            permits: Semaphore::new(at_once),
+            permits: Arc::new(Semaphore::new(at_once)),
             inside: AtomicUsize::new(0),
-            failures: Mutex::new(HashMap::new()),
+            accounts: Mutex::new(HashMap::new()),
         }
     }
 
     /// Runs `work` on a blocking thread once a hashing slot is free, or refuses at once
-    /// (503 `busy`) when too many already wait.
+    /// (503 `busy`) when too many already wait. The slot goes with the work, so a client
+    /// that hangs up does not free it before the hash ends.
     async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
@@ -109,12 +138,15 @@ impl Passwords {
             )
             .retry_after(1));
         }
-        let _permit = self.permits.acquire().await.map_err(|_| {
+        let permit = self.permits.clone().acquire_owned().await.map_err(|_| {
             ApiError::http(StatusCode::SERVICE_UNAVAILABLE, "busy", "shutting down")
         })?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|e| mindsp_core::Error::Storage(format!("password task failed: {e}")).into())
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(|e| mindsp_core::Error::Storage(format!("password task failed: {e}")).into())
     }
 
     /// Hashes a new password (already checked against the policy).
@@ -122,76 +154,126 @@ impl Passwords {
         Ok(self.run(move || auth::hash_password(&password)).await??)
     }
 
-    /// Refuses (429 `too_many_attempts`) a login of `account` that must wait.
-    pub fn admit(&self, account: &str) -> Result<(), ApiError> {
+    /// Lets a login of `account` ([`account`]) through, or refuses it (429
+    /// `too_many_attempts`) while the account must wait or another of its logins is
+    /// being checked.
+    pub fn admit(&self, account: String) -> Result<Attempt<'_>, ApiError> {
         let now = Instant::now();
-        let failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        match failures.get(account) {
-            Some(f) if f.until > now => {
-                let wait = (f.until - now).as_secs_f64().ceil() as u64;
-                Err(ApiError::http(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too_many_attempts",
-                    "too many failed logins for this account: wait before trying again",
-                )
-                .retry_after(wait.max(1)))
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        let refuse = |wait: Duration| {
+            let secs = wait.as_secs_f64().ceil() as u64;
+            ApiError::http(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_attempts",
+                "too many logins for this account: wait before trying again",
+            )
+            .retry_after(secs.max(1))
+        };
+        match accounts.get_mut(&account) {
+            Some(a) if a.until > now => return Err(refuse(a.until - now)),
+            Some(a) if a.checking => return Err(refuse(Duration::from_secs(1))),
+            Some(a) => a.checking = true,
+            None => {
+                if accounts.len() >= MAX_FOLLOWED {
+                    forget_oldest(&mut accounts, now);
+                }
+                accounts.insert(
+                    account.clone(),
+                    Account {
+                        failures: 0,
+                        last: now,
+                        until: now,
+                        checking: true,
+                    },
+                );
             }
-            _ => Ok(()),
         }
+        Ok(Attempt {
+            passwords: self,
+            account,
+            result: None,
+        })
     }
 
-    /// Checks a login's password against `hash` (`None`: no such active account, checked
-    /// against a decoy so that the time taken says nothing), and counts the result for
-    /// `account`.
+    /// Checks the password of an admitted login against `hash` (`None`: no such active
+    /// account, checked against a decoy so that the time taken says nothing), and counts
+    /// the result for its account.
     pub async fn verify(
         &self,
-        account: &str,
+        mut attempt: Attempt<'_>,
         password: String,
         hash: Option<String>,
     ) -> Result<bool, ApiError> {
-        let known = hash.is_some();
-        let hash = hash.unwrap_or_else(|| auth::decoy_hash().to_owned());
         let ok = self
-            .run(move || auth::verify_password(&password, &hash))
-            .await?
-            && known;
-        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if ok {
-            failures.remove(account);
-            return Ok(true);
-        }
+            .run(move || {
+                let known = hash.is_some();
+                let hash = match &hash {
+                    Some(h) => h.as_str(),
+                    None => auth::decoy_hash(),
+                };
+                auth::verify_password(&password, hash) && known
+            })
+            .await?;
+        attempt.result = Some(ok);
+        Ok(ok)
+    }
+
+    /// Ends the check of a login of `account`: `Some(ok)` its result, `None` unchecked.
+    fn finish(&self, account: &str, result: Option<bool>) {
         let now = Instant::now();
-        if failures.len() >= MAX_FOLLOWED && !failures.contains_key(account) {
-            failures.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
-            if failures.len() >= MAX_FOLLOWED {
-                tracing::warn!("too many accounts with failed logins to follow one more");
-                return Ok(false);
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(a) = accounts.get_mut(account) else {
+            return;
+        };
+        a.checking = false;
+        match result {
+            Some(true) => {
+                accounts.remove(account);
+            }
+            None if a.failures == 0 => {
+                accounts.remove(account);
+            }
+            None => {}
+            Some(false) => {
+                if now.duration_since(a.last) >= FORGET_AFTER {
+                    a.failures = 0;
+                }
+                a.failures += 1;
+                a.last = now;
+                if let Some(over) = a.failures.checked_sub(self.limits.free_failures) {
+                    let backoff =
+                        Duration::from_secs(1u64 << over.min(20)).min(self.limits.max_backoff);
+                    a.until = now + backoff;
+                }
             }
         }
-        let f = failures.entry(account.to_owned()).or_insert(Failures {
-            count: 0,
-            last: now,
-            until: now,
-        });
-        if now.duration_since(f.last) >= FORGET_AFTER {
-            f.count = 0;
-        }
-        f.count += 1;
-        f.last = now;
-        if let Some(over) = f.count.checked_sub(self.limits.free_failures) {
-            let backoff = Duration::from_secs(1u64 << over.min(20)).min(self.limits.max_backoff);
-            f.until = now + backoff;
-        }
-        Ok(false)
     }
 }
 
-/// The account a login names, as followed by [`Passwords`]: tenant and e-mail as the
-/// login compares them.
-pub fn account(tenant: &str, email: &str) -> String {
-    format!(
-        "{}\n{}",
-        tenant.trim().to_lowercase(),
-        email.trim().to_lowercase()
-    )
+/// Makes room among followed accounts: those not failing for an hour go, then the tenth
+/// whose last failure is oldest (never one being checked).
+fn forget_oldest(accounts: &mut HashMap<String, Account>, now: Instant) {
+    accounts.retain(|_, a| a.checking || now.duration_since(a.last) < FORGET_AFTER);
+    if accounts.len() < MAX_FOLLOWED {
+        return;
+    }
+    let mut idle: Vec<(Instant, String)> = accounts
+        .iter()
+        .filter(|(_, a)| !a.checking)
+        .map(|(k, a)| (a.last, k.clone()))
+        .collect();
+    let n = (MAX_FOLLOWED / 10).min(idle.len());
+    if n == 0 {
+        return;
+    }
+    idle.select_nth_unstable_by_key(n - 1, |(last, _)| *last);
+    for (_, k) in idle.into_iter().take(n) {
+        accounts.remove(&k);
+    }
+}
+
+/// The account a login names, as followed by [`Passwords`]: its tenant slug and
+/// e-mail, trimmed and lowercased as the login looks them up.
+pub fn account(slug: &str, email: &str) -> String {
+    format!("{slug}\n{email}")
 }

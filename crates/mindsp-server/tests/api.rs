@@ -1372,3 +1372,38 @@ async fn silent_and_idle_http_connections_are_closed() {
         "{reply}"
     );
 }
+
+/// Guesses sent in parallel for one account are checked one at a time: the others are
+/// refused at once (429), so they cannot slip past the slowdown together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_guesses_for_one_account_are_checked_one_at_a_time() {
+    let app = std::sync::Arc::new(TestApp::new().await);
+    app.tenant("sdis13").await;
+    let mut guesses = Vec::new();
+    for i in 0..12 {
+        let app = app.clone();
+        guesses.push(tokio::spawn(async move {
+            let guess = format!("guess-{i}");
+            error_code(try_login(&app, "sdis13", "admin@sdis13.fr", &guess).await).await
+        }));
+    }
+    let (mut checked, mut refused) = (0, 0);
+    for g in guesses {
+        match g.await.unwrap() {
+            (StatusCode::UNAUTHORIZED, None, code) if code == "invalid_credentials" => checked += 1,
+            (StatusCode::TOO_MANY_REQUESTS, Some(_), code) if code == "too_many_attempts" => {
+                refused += 1
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        refused > 0 && checked < 12,
+        "{checked} checked, {refused} refused"
+    );
+    // The refused ones were not counted as failures: under five checked, the right
+    // password still works at once.
+    if checked < 5 {
+        app.login("sdis13", "admin@sdis13.fr", PASSWORD).await;
+    }
+}
