@@ -158,6 +158,12 @@ impl AppState {
             tokens: tokens.clone(),
             realtime: realtime.clone(),
             ws: config.ws.clone(),
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                config
+                    .ws
+                    .max_connections
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
         });
         ws::check_accounts_after_losses(&sockets);
         Self {

@@ -2,7 +2,7 @@
 //! `docs/PROTOCOL.md`.
 //!
 //! Before the upgrade: the `Origin` is checked against the allow-list (403), the node
-//! must have room ([`WsConfig::max_connections`], 503) and the token (`?token=` or
+//! must have a free slot ([`WsConfig::max_connections`], 503) and the token (`?token=` or
 //! `Authorization: Bearer`) must name an active user (401); no socket is opened
 //! otherwise.
 //!
@@ -82,11 +82,11 @@ pub struct WsConfig {
     /// whatever this is. 0 writes each frame at once: one system call per frame (twice
     /// as many to busy group connections, `benches/RESULTS.md`).
     pub write_buffer_bytes: usize,
-    /// Most WebSocket connections this node holds; beyond, upgrades are refused with 503
-    /// `server_full` before any socket is opened (a load balancer tries another node).
-    /// Checked before the upgrade, so handshakes running at the same moment may pass it
-    /// by a few. The default, [`default_max_connections`], keeps room under the
-    /// process's open-file limit for everything else.
+    /// Most WebSocket sockets this node holds, from their upgrade until they are closed
+    /// (closing handshake included); beyond, upgrades are refused with 503 `server_full`
+    /// before any socket is opened (a load balancer tries another node). The default,
+    /// [`default_max_connections`], keeps room under the process's open-file limit for
+    /// everything else.
     pub max_connections: usize,
     /// Most connections one user keeps on this node; one more closes their oldest with
     /// 4009 (see `Hub::limit_per_user`).
@@ -178,6 +178,9 @@ pub(crate) struct Shared {
     pub(crate) tokens: crate::auth::Tokens,
     pub(crate) realtime: mindsp_realtime::Realtime,
     pub(crate) ws: WsConfig,
+    /// One permit per socket this node may hold ([`WsConfig::max_connections`]), taken
+    /// before the upgrade and given back once the socket is closed.
+    pub(crate) slots: Arc<tokio::sync::Semaphore>,
 }
 
 // ---- before the upgrade ---------------------------------------------------------------
@@ -191,7 +194,7 @@ pub(crate) async fn handler(
 ) -> Response {
     let state = state.sockets.clone();
     match accept(&state, &headers, query.as_deref()).await {
-        Ok((actor, expires)) => {
+        Ok((actor, expires, slot)) => {
             let upgrade = match upgrade {
                 Ok(u) => u,
                 Err(_) => {
@@ -212,38 +215,41 @@ pub(crate) async fn handler(
                 .read_buffer_size(READ_BUFFER)
                 .write_buffer_size(0);
             let threshold = state.ws.write_buffer_bytes;
-            upgrade.on_upgrade(config, threshold, move |socket| {
-                run(state, actor, expires, socket)
+            upgrade.on_upgrade(config, threshold, move |socket| async move {
+                // Held until the socket is gone, closing handshake included.
+                let _slot = slot;
+                run(state, actor, expires, socket).await;
             })
         }
         Err(e) => e.into_response(),
     }
 }
 
+/// The actor, the token's expiry and the connection's slot of an upgrade that may go on.
 async fn accept(
     state: &Shared,
     headers: &HeaderMap,
     query: Option<&str>,
-) -> Result<(Actor, i64), ApiError> {
+) -> Result<(Actor, i64, tokio::sync::OwnedSemaphorePermit), ApiError> {
+    let unavailable =
+        |code, message| ApiError::http(StatusCode::SERVICE_UNAVAILABLE, code, message);
     check_origin(&state.ws.allowed_origins, headers)?;
     let token = token(headers, query)?;
     // Before the account is read: a full node should cost a refused client little.
-    if state.realtime.hub().connection_count() >= state.ws.max_connections {
-        return Err(ApiError::http(
-            StatusCode::SERVICE_UNAVAILABLE,
+    let slot = state.slots.clone().try_acquire_owned().map_err(|_| {
+        unavailable(
             "server_full",
             "this server holds all the connections it may: connect again later or elsewhere",
-        ));
-    }
+        )
+    })?;
     let (actor, expires) = authenticate(state, &token).await?;
     if state.realtime.hub().is_closing() {
-        return Err(ApiError::http(
-            StatusCode::SERVICE_UNAVAILABLE,
+        return Err(unavailable(
             "shutting_down",
             "this server is shutting down: connect again",
         ));
     }
-    Ok((actor, expires))
+    Ok((actor, expires, slot))
 }
 
 fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), ApiError> {

@@ -521,7 +521,8 @@ async fn worker_delivers_a_queued_email_into_the_mail_dir_and_stops_on_sigterm()
 }
 
 /// A node holds one socket per connection: started with a low soft open-file limit, it
-/// raises it to the hard one, and the upgrade cap follows it.
+/// raises it to the hard one (the upgrade cap derived from it is checked in `cli.rs`'s
+/// unit tests).
 #[tokio::test]
 async fn serve_raises_its_open_file_limit() {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
