@@ -27,6 +27,9 @@ pub(crate) struct LoginRequest {
     tenant: String,
     email: String,
     password: String,
+    /// From an earlier login on this device (see `Tokens::issue_device`).
+    #[serde(default)]
+    device_token: Option<String>,
 }
 
 /// `POST /api/auth/login`
@@ -43,7 +46,18 @@ pub(crate) async fn login(
     }
     let slug = req.tenant.trim().to_lowercase();
     let email = req.email.trim().to_lowercase();
-    let attempt = state.passwords.admit(passwords::account(&slug, &email))?;
+    let account = passwords::account(&slug, &email);
+    // A device that logged in to this account before is followed on its own: failures
+    // from elsewhere (someone failing on purpose with this address) do not hold it back.
+    let device = req
+        .device_token
+        .as_deref()
+        .and_then(|t| state.tokens.device(t, &account));
+    let followed = match device {
+        Some(d) => format!("{account}\n{d}"),
+        None => account.clone(),
+    };
+    let attempt = state.passwords.admit(followed)?;
     let store = state.messaging.store();
     let tenant = store.tenant_by_slug(&slug).await?;
     let found = match &tenant {
@@ -62,10 +76,12 @@ pub(crate) async fn login(
     }
     let user = user.ok_or(Error::InvalidCredentials)?;
     let token = state.tokens.issue(&user)?;
+    let device_token = state.tokens.issue_device(&account, device)?;
     Ok(axum::Json(json!({
         "access_token": token,
         "token_type": "Bearer",
         "expires_in": state.tokens.ttl().as_secs(),
+        "device_token": device_token,
         "user": user,
         "tenant": tenant,
     })))

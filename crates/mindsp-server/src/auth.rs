@@ -46,6 +46,25 @@ pub struct Claims {
     pub exp: i64,
 }
 
+/// What a device token says: this device logged in to `acct` (see
+/// [`Tokens::issue_device`]). No `sub`: it can never pass for an access token.
+#[derive(Debug, Serialize, Deserialize)]
+struct DeviceClaims {
+    /// Always `device`.
+    typ: String,
+    /// The account, as `passwords::account` names it.
+    acct: String,
+    /// The device, chosen at its first login.
+    dev: uuid::Uuid,
+    iat: i64,
+    exp: i64,
+}
+
+/// How long a device token lasts (each login gives a new one).
+const DEVICE_TTL_SECS: i64 = 90 * 24 * 3600;
+/// Longest device token looked at.
+const MAX_DEVICE_TOKEN_BYTES: usize = 1024;
+
 impl Tokens {
     /// Keys from a shared secret (at least 32 bytes) and a lifetime.
     pub fn new(secret: &[u8], ttl: Duration) -> Self {
@@ -73,6 +92,40 @@ impl Tokens {
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| Error::Storage(format!("cannot sign token: {e}")).into())
+    }
+
+    /// A device token: proof, at the next logins, that this device logged in to
+    /// `account` before, so that failures from elsewhere do not slow it down
+    /// (`passwords`). `device` keeps the id of a device that had one.
+    pub fn issue_device(
+        &self,
+        account: &str,
+        device: Option<uuid::Uuid>,
+    ) -> Result<String, ApiError> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = DeviceClaims {
+            typ: "device".to_owned(),
+            acct: account.to_owned(),
+            dev: device.unwrap_or_else(uuid::Uuid::new_v4),
+            iat: now,
+            exp: now + DEVICE_TTL_SECS,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| Error::Storage(format!("cannot sign token: {e}")).into())
+    }
+
+    /// The device of a valid, unexpired device token issued for `account`.
+    pub fn device(&self, token: &str, account: &str) -> Option<uuid::Uuid> {
+        if token.len() > MAX_DEVICE_TOKEN_BYTES {
+            return None;
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp"]);
+        let claims = jsonwebtoken::decode::<DeviceClaims>(token, &self.decoding, &validation)
+            .ok()?
+            .claims;
+        (claims.typ == "device" && claims.acct == account).then_some(claims.dev)
     }
 
     /// Checks signature and expiry.

@@ -12,10 +12,12 @@
 //! - After [`PasswordLimits::free_failures`] failed logins in a row, each next try of the
 //!   account waits 1 s, then 2 s, 4 s... up to [`PasswordLimits::max_backoff`] (one
 //!   minute): 429 `too_many_attempts` with `Retry-After`, without hashing. A success
-//!   clears the count; so does an hour without failures. The ceiling is short on
-//!   purpose: whoever fails on purpose for someone else's address delays their login by
-//!   that much, no more (while they keep at it, the rightful user's tries compete with
-//!   theirs).
+//!   clears the count; so does an hour without failures.
+//! - A device that logged in to the account before (its login carries the device token
+//!   it was given, `Tokens::issue_device`) is followed on its own, under the account and
+//!   its device id: whoever fails on purpose with someone's address slows down only the
+//!   devices that never logged in, not that person's phone. The ceiling is short for
+//!   those too (a new device of theirs waits a minute at most).
 //!
 //! Per node: with several nodes behind a load balancer a guesser gets that many more
 //! tries. Not per address: behind a proxy every client would share one.

@@ -1407,3 +1407,52 @@ async fn parallel_guesses_for_one_account_are_checked_one_at_a_time() {
         app.login("sdis13", "admin@sdis13.fr", PASSWORD).await;
     }
 }
+
+/// A device that logged in before (it sends the `device_token` it was given) is not held
+/// back by failures from elsewhere with the same address; another account's device
+/// token does not help; and a device token is not an access token.
+#[tokio::test]
+async fn a_known_device_is_not_held_back_by_failures_from_elsewhere() {
+    let app = TestApp::new().await;
+    let admin = app.tenant("sdis13").await;
+    let (_, _) = app.user(&admin, "sdis13", "Alice").await;
+    let login = |email: &str, password: &str, device: Option<&str>| {
+        let mut body = json!({"tenant": "sdis13", "email": email, "password": password});
+        if let Some(d) = device {
+            body["device_token"] = json!(d);
+        }
+        app.call(Method::POST, "/api/auth/login", None, Some(body))
+    };
+    let first = login("admin@sdis13.fr", PASSWORD, None).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let device = first.body["device_token"].as_str().unwrap().to_owned();
+    let alice = login("alice@sdis13.fr", PASSWORD, None).await;
+    let alices = alice.body["device_token"].as_str().unwrap().to_owned();
+
+    // Someone else fails five times with the address.
+    for _ in 0..5 {
+        let r = login("admin@sdis13.fr", "wrong-password", None).await;
+        assert_eq!(r.code(), "invalid_credentials");
+    }
+    let r = login("admin@sdis13.fr", PASSWORD, None).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")
+    );
+    let r = login("admin@sdis13.fr", PASSWORD, Some(&alices)).await;
+    assert_eq!(
+        r.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "Alice's device is not the admin's"
+    );
+    // The admin's own device gets in, and a new device token for the same device.
+    let r = login("admin@sdis13.fr", PASSWORD, Some(&device)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert!(r.body["device_token"].is_string());
+    // A device token opens nothing.
+    let r = app.get("/api/me", &device).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "invalid_token")
+    );
+}
