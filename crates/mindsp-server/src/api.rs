@@ -41,6 +41,11 @@ pub(crate) async fn login(
     if req.password.len() > auth::MAX_PASSWORD_BYTES
         || req.email.len() > 254
         || req.tenant.len() > 64
+        || req
+            .email
+            .chars()
+            .chain(req.tenant.chars())
+            .any(char::is_control)
     {
         return Err(Error::InvalidCredentials.into());
     }
@@ -53,11 +58,11 @@ pub(crate) async fn login(
         .device_token
         .as_deref()
         .and_then(|t| state.tokens.device(t, &account));
-    let followed = match device {
-        Some(d) => format!("{account}\n{d}"),
+    let followed = match &device {
+        Some((d, _)) => format!("{account}\n{d}"),
         None => account.clone(),
     };
-    let attempt = state.passwords.admit(followed)?;
+    let mut attempt = state.passwords.admit(followed)?;
     let store = state.messaging.store();
     let tenant = store.tenant_by_slug(&slug).await?;
     let found = match &tenant {
@@ -71,12 +76,27 @@ pub(crate) async fn login(
         Some((u, h)) if u.active => (Some(u), Some(h)),
         _ => (None, None),
     };
+    let credential = hash.as_deref().map(auth::credential_tag);
+    // A device token issued for another password (changed since, or an earlier holder of
+    // the address) proves nothing: the login counts for the account as a whole.
+    let device = match device {
+        Some((d, cred)) if credential.as_ref() == Some(&cred) => Some(d),
+        Some(_) => {
+            drop(attempt);
+            attempt = state.passwords.admit(account.clone())?;
+            None
+        }
+        None => None,
+    };
     if !state.passwords.verify(attempt, req.password, hash).await? {
         return Err(Error::InvalidCredentials.into());
     }
     let user = user.ok_or(Error::InvalidCredentials)?;
     let token = state.tokens.issue(&user)?;
-    let device_token = state.tokens.issue_device(&account, device)?;
+    let device_token =
+        state
+            .tokens
+            .issue_device(&account, credential.unwrap_or_default(), device)?;
     Ok(axum::Json(json!({
         "access_token": token,
         "token_type": "Bearer",

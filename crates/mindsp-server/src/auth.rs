@@ -56,8 +56,21 @@ struct DeviceClaims {
     acct: String,
     /// The device, chosen at its first login.
     dev: uuid::Uuid,
+    /// The password it logged in with ([`credential_tag`]): a token from before the
+    /// password changed, or of an earlier holder of the address, proves nothing.
+    cred: String,
     iat: i64,
     exp: i64,
+}
+
+/// What names one password of one account in a device token: the salt of its stored
+/// hash, drawn anew whenever a password is set. Not secret (salts are not), and it says
+/// nothing of the password.
+pub fn credential_tag(hash: &str) -> String {
+    PasswordHash::new(hash)
+        .ok()
+        .and_then(|h| h.salt.map(|s| s.as_str().to_owned()))
+        .unwrap_or_default()
 }
 
 /// How long a device token lasts (each login gives a new one).
@@ -100,6 +113,7 @@ impl Tokens {
     pub fn issue_device(
         &self,
         account: &str,
+        credential: String,
         device: Option<uuid::Uuid>,
     ) -> Result<String, ApiError> {
         let now = chrono::Utc::now().timestamp();
@@ -107,6 +121,7 @@ impl Tokens {
             typ: "device".to_owned(),
             acct: account.to_owned(),
             dev: device.unwrap_or_else(uuid::Uuid::new_v4),
+            cred: credential,
             iat: now,
             exp: now + DEVICE_TTL_SECS,
         };
@@ -114,8 +129,9 @@ impl Tokens {
             .map_err(|e| Error::Storage(format!("cannot sign token: {e}")).into())
     }
 
-    /// The device of a valid, unexpired device token issued for `account`.
-    pub fn device(&self, token: &str, account: &str) -> Option<uuid::Uuid> {
+    /// The device of a valid, unexpired device token issued for `account`, and the
+    /// [`credential_tag`] it was issued for (to compare once the account is read).
+    pub fn device(&self, token: &str, account: &str) -> Option<(uuid::Uuid, String)> {
         if token.len() > MAX_DEVICE_TOKEN_BYTES {
             return None;
         }
@@ -125,7 +141,7 @@ impl Tokens {
         let claims = jsonwebtoken::decode::<DeviceClaims>(token, &self.decoding, &validation)
             .ok()?
             .claims;
-        (claims.typ == "device" && claims.acct == account).then_some(claims.dev)
+        (claims.typ == "device" && claims.acct == account).then_some((claims.dev, claims.cred))
     }
 
     /// Checks signature and expiry.

@@ -355,6 +355,9 @@ pub async fn serve_with(
     let (began, grace_starts) = tokio::sync::oneshot::channel::<()>();
     let served = async move {
         accept_until(&listener, &app, &stop, shutdown, header_timeout).await;
+        // Refuse new connections at once (a load balancer tries another node) rather
+        // than leave them queued, unanswered, while the others finish.
+        drop(listener);
         let _ = stopping.send(true);
         let _ = began.send(());
         drop(stop);
@@ -370,7 +373,7 @@ pub async fn serve_with(
     tokio::select! {
         () = served => Ok(()),
         () = deadline => {
-            tracing::warn!(?grace, "shutdown grace period over; dropping remaining requests");
+            tracing::warn!(?grace, "shutdown grace period over; requests still running end with the process");
             Ok(())
         }
     }

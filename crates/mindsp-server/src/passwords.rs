@@ -6,8 +6,8 @@
 //! - At most [`PasswordLimits::at_once`] hashes run at a time and
 //!   [`PasswordLimits::waiting`] more wait; beyond, 503 `busy` with `Retry-After`. A
 //!   hash holds its slot until it ends, even when its client hung up.
-//! - One login at a time per account (tenant and e-mail as typed, known or not, so the
-//!   answer reveals nothing): another one meanwhile gets 429 `too_many_attempts`, so
+//! - One login at a time per account (tenant and e-mail, trimmed and lowercased, known
+//!   or not, so the answer reveals nothing): another one meanwhile gets 429 `too_many_attempts`, so
 //!   guesses sent in parallel count one by one.
 //! - After [`PasswordLimits::free_failures`] failed logins in a row, each next try of the
 //!   account waits 1 s, then 2 s, 4 s... up to [`PasswordLimits::max_backoff`] (one
@@ -252,26 +252,26 @@ impl Passwords {
     }
 }
 
-/// Makes room among followed accounts: those not failing for an hour go, then the tenth
-/// whose last failure is oldest (never one being checked).
+/// Makes room among followed accounts: those not failing for an hour go, then those
+/// whose last failure is oldest, down to nine tenths of [`MAX_FOLLOWED`] (never one being
+/// checked), so that the next tenth of new accounts finds room without another pass.
 fn forget_oldest(accounts: &mut HashMap<String, Account>, now: Instant) {
     accounts.retain(|_, a| a.checking || now.duration_since(a.last) < FORGET_AFTER);
-    if accounts.len() < MAX_FOLLOWED {
+    let keep = MAX_FOLLOWED / 10 * 9;
+    if accounts.len() <= keep {
         return;
     }
-    let mut idle: Vec<(Instant, String)> = accounts
-        .iter()
-        .filter(|(_, a)| !a.checking)
-        .map(|(k, a)| (a.last, k.clone()))
+    let mut lasts: Vec<Instant> = accounts
+        .values()
+        .filter(|a| !a.checking)
+        .map(|a| a.last)
         .collect();
-    let n = (MAX_FOLLOWED / 10).min(idle.len());
+    let n = (accounts.len() - keep).min(lasts.len());
     if n == 0 {
         return;
     }
-    idle.select_nth_unstable_by_key(n - 1, |(last, _)| *last);
-    for (_, k) in idle.into_iter().take(n) {
-        accounts.remove(&k);
-    }
+    let cut = *lasts.select_nth_unstable(n - 1).1;
+    accounts.retain(|_, a| a.checking || a.last > cut);
 }
 
 /// The account a login names, as followed by [`Passwords`]: its tenant slug and

@@ -1455,4 +1455,26 @@ async fn a_known_device_is_not_held_back_by_failures_from_elsewhere() {
         (r.status, r.code()),
         (StatusCode::UNAUTHORIZED, "invalid_token")
     );
+
+    // A device token of a password that no longer holds (here: the account was
+    // deactivated) is no proof: the login counts for the account, which must wait.
+    let alice_id = alice.body["user"]["id"].as_str().unwrap().to_owned();
+    for _ in 0..5 {
+        let r = login("alice@sdis13.fr", "wrong-password", None).await;
+        assert_eq!(r.code(), "invalid_credentials");
+    }
+    let r = app
+        .call(
+            Method::PATCH,
+            &format!("/api/admin/users/{alice_id}"),
+            Some(&admin),
+            Some(json!({"active": false})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = login("alice@sdis13.fr", PASSWORD, Some(&alices)).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")
+    );
 }
