@@ -1478,3 +1478,57 @@ async fn a_known_device_is_not_held_back_by_failures_from_elsewhere() {
         (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts")
     );
 }
+
+/// Once the shutdown begins, new connections are refused at once (a load balancer then
+/// tries another node) while the requests under way finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_are_refused_once_the_shutdown_begins() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(mindsp_server::serve_with(
+        listener,
+        app.app.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+        std::time::Duration::from_secs(20),
+        std::time::Duration::from_secs(5),
+    ));
+    // A request under way (its headers half sent) keeps the server draining.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    stop.send(()).unwrap();
+    let mut refused = false;
+    for _ in 0..40 {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                refused = true;
+                break;
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+    assert!(
+        refused,
+        "new connections were still taken in while draining"
+    );
+    assert!(
+        !served.is_finished(),
+        "the request under way is still being waited for"
+    );
+    // It finishes, and the server with it.
+    slow.write_all(b"st: mindsp\r\n\r\n").await.unwrap();
+    let answer = String::from_utf8(closed_by_server(&mut slow).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    tokio::time::timeout(std::time::Duration::from_secs(10), served)
+        .await
+        .expect("the server ends once its last request is answered")
+        .unwrap()
+        .unwrap();
+}
