@@ -426,6 +426,7 @@ async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: Socket) {
         cursors: HashMap::new(),
         floors: HashMap::new(),
         held: Vec::new(),
+        stuck: false,
     };
     tokio::select! {
         () = writer.run(&mut conn) => {}
@@ -433,8 +434,10 @@ async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: Socket) {
     }
     // One socket again. tungstenite writes its answer to a client's close into
     // `Buffered` and, the handshake being over, never flushes the stream: flush both now
-    // (briefly: a client that does not read gets no longer).
-    let mut socket = reader.stream.reunite(writer.sink).ok();
+    // (briefly: a client that does not read gets no longer). A client that did not even
+    // take our close frame gets nothing more: its socket goes now, and its slot with it.
+    let stuck = writer.stuck;
+    let mut socket = reader.stream.reunite(writer.sink).ok().filter(|_| !stuck);
     let linger = state.ws.close_timeout.min(LAST_WRITE);
     if let Some(s) = socket.as_mut() {
         let _ = tokio::time::timeout(linger, async {
@@ -1022,6 +1025,9 @@ struct Writer<'a> {
     /// Messages that arrived ahead of the next one expected in their conversation,
     /// held until the end of the batch (at most [`HELD`]).
     held: Vec<Held>,
+    /// Our close frame could not be written within the close timeout: the client does
+    /// not read, so it will not answer it either.
+    stuck: bool,
 }
 
 /// Why writing stopped.
@@ -1198,11 +1204,12 @@ impl Writer<'_> {
 
     async fn close(&mut self, code: u16, reason: &'static str) {
         let t = self.state.ws.close_timeout;
-        let _ = tokio::time::timeout(t, async {
+        let sent = tokio::time::timeout(t, async {
             self.sink.send(close_message(code, reason)).await?;
             self.sink.close().await
         })
         .await;
+        self.stuck = sent.is_err();
     }
 
     /// Sends an event from the hub, keeping each conversation's messages in order,

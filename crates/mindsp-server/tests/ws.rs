@@ -1227,3 +1227,54 @@ async fn a_listener_with_a_queue_never_empty_is_still_pinged() {
     );
     b.ok("ping", json!({})).await;
 }
+
+/// A client that does not read, cut off (4008) while its socket is full, can neither take
+/// our close frame nor answer it: its socket, and its slot on the node, go once that
+/// frame's timeout is over, without waiting a second time for an answer that cannot
+/// come (that took about 2 × the close timeout + 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cannot_take_the_close_frame_is_let_go_after_one_timeout() {
+    let mut cfg = config();
+    cfg.ws.queue_capacity = 8;
+    cfg.ws.close_timeout = Duration::from_secs(3);
+    cfg.ws.max_connections = 1;
+    let s = Server::start(cfg).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let _deaf = s.connect(&bob).await;
+    let hub = s.state.realtime.hub().clone();
+    // Long messages, a few at a time, so that the writer keeps up until the socket is
+    // full (Bob reads nothing): only then does its queue fill.
+    let text = "feu de broussailles, renfort demandé ".repeat(80);
+    let mut seq = 0;
+    while hub.slow_disconnects() == 0 {
+        assert!(seq < 200_000, "the client was never cut off");
+        for _ in 0..4 {
+            seq += 1;
+            hub.deliver(Envelope::to_users(
+                bob.actor.tenant_id,
+                vec![bob.actor.user_id],
+                Event::NewMessage {
+                    conversation_id: conv.parse().unwrap(),
+                    message: mindsp_core::model::Message {
+                        id: mindsp_core::MessageId::new(),
+                        conversation_id: conv.parse().unwrap(),
+                        sender_id: alice.actor.user_id,
+                        seq,
+                        content: text.clone(),
+                        idempotency_key: None,
+                        created_at: mindsp_core::model::now(),
+                    },
+                },
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let cut = tokio::time::Instant::now();
+    let mut next = connect_when_room(&s.ws_url(&alice.token)).await;
+    let waited = cut.elapsed();
+    assert!(
+        waited < Duration::from_millis(5500),
+        "the node's only slot was free again after {waited:?}"
+    );
+    next.ok("ping", json!({})).await;
+}
