@@ -54,6 +54,10 @@ pub struct HttpConfig {
     pub token_ttl: Duration,
     /// Largest request body in bytes; larger bodies get 413 `payload_too_large`.
     pub max_body_bytes: usize,
+    /// Longest time one request may take, its body included; beyond, 408
+    /// `request_timeout` (a body that trickles in would otherwise hold its connection
+    /// for as long as the client likes).
+    pub request_timeout: Duration,
     /// Content, page and name bounds enforced by the core.
     pub limits: Limits,
     /// WebSocket limits and timings.
@@ -73,6 +77,7 @@ impl HttpConfig {
             jwt_secret: secret.to_vec(),
             token_ttl: Duration::from_secs(12 * 3600),
             max_body_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(60),
             limits: Limits::default(),
             ws: ws::WsConfig::default(),
             notify: NotifyConfig::default(),
@@ -104,6 +109,7 @@ pub struct AppState {
     sockets: Arc<ws::Shared>,
     passwords: Arc<passwords::Passwords>,
     max_body_bytes: usize,
+    request_timeout: Duration,
 }
 
 impl AppState {
@@ -176,6 +182,7 @@ impl AppState {
             realtime,
             passwords: Arc::new(passwords::Passwords::new(config.passwords.clone())),
             max_body_bytes: config.max_body_bytes,
+            request_timeout: config.request_timeout,
         }
     }
 
@@ -257,6 +264,10 @@ pub fn router(state: AppState) -> Router {
         .nest("/api", api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            state.request_timeout,
+            request_deadline,
+        ))
         .layer(
             // One INFO line per request (method, path, status, latency); bodies and
             // headers are never logged, so tokens and passwords stay out of the logs.
@@ -316,6 +327,24 @@ fn cors(allowed: &[String]) -> Option<tower_http::cors::CorsLayer> {
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// Answers 408 `request_timeout` to a request not answered within `limit` (see
+/// [`HttpConfig::request_timeout`]). The request's work stops there; a body not read to
+/// its end then closes the connection.
+async fn request_deadline(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => axum::response::IntoResponse::into_response(ApiError::http(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request took too long (a body sent too slowly?)",
+        )),
+    }
 }
 
 async fn not_found() -> ApiError {

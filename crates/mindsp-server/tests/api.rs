@@ -1532,3 +1532,32 @@ async fn new_connections_are_refused_once_the_shutdown_begins() {
         .unwrap()
         .unwrap();
 }
+
+/// A request whose body trickles in (or stops) is answered 408 `request_timeout` once
+/// the request timeout is over, and its connection closed, instead of holding it as long
+/// as the client likes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_coming_gets_a_request_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let mut config = mindsp_server::HttpConfig::with_secret(SECRET);
+    config.request_timeout = std::time::Duration::from_millis(300);
+    let app = TestApp::with_config(config).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(mindsp_server::serve(
+        listener,
+        app.app.clone(),
+        std::future::pending(),
+        std::time::Duration::from_secs(1),
+    ));
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(
+        b"POST /api/auth/login HTTP/1.1\r\nHost: mindsp\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"tenant\": ",
+    )
+    .await
+    .unwrap();
+    let answer = String::from_utf8(closed_by_server(&mut slow).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
+}
