@@ -103,6 +103,9 @@ pub trait TenantTx: Send {
     /// Sets the active flag; `None` when the user does not exist.
     async fn set_user_active(&mut self, id: UserId, active: bool) -> Result<Option<User>>;
 
+    /// Replaces a user's password hash; false when the user does not exist.
+    async fn set_password_hash(&mut self, id: UserId, hash: &str) -> Result<bool>;
+
     /// Of `ids`, those that exist and are active in this tenant.
     async fn active_users_among(&mut self, ids: &[UserId]) -> Result<Vec<UserId>>;
 

@@ -267,6 +267,20 @@ impl Messaging {
         Ok(user)
     }
 
+    /// Replaces a user's password hash (hashed, and checked against the policy, by the
+    /// caller): the user's own (the caller checked their current password), or any
+    /// user's of the tenant by a tenant admin.
+    pub async fn set_password(&self, actor: &Actor, id: UserId, hash: String) -> Result<()> {
+        if id != actor.user_id {
+            require_admin(actor)?;
+        }
+        let mut tx = self.store.begin(actor.tenant_id).await?;
+        if !tx.set_password_hash(id, &hash).await? {
+            return Err(Error::NotFound("user"));
+        }
+        tx.commit().await
+    }
+
     // ---- conversations -----------------------------------------------------------
 
     /// Opens the direct conversation between the actor and `other`, creating it if

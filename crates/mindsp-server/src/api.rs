@@ -182,7 +182,9 @@ pub(crate) async fn create_user(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateUser {
-    active: bool,
+    active: Option<bool>,
+    /// A new password, set by the admin (a user who forgot theirs).
+    password: Option<String>,
 }
 
 /// `PATCH /api/admin/users/{id}`
@@ -192,11 +194,75 @@ pub(crate) async fn update_user(
     Path(id): Path<UserId>,
     Json(req): Json<UpdateUser>,
 ) -> ApiResult<axum::Json<Value>> {
-    let user = state
-        .messaging
-        .set_user_active(&auth.actor, id, req.active)
-        .await?;
+    if auth.actor.role != Role::Admin {
+        return Err(Error::forbidden("tenant administrators only").into());
+    }
+    if req.active.is_none() && req.password.is_none() {
+        return Err(ApiError::http(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            "nothing to change: give `active`, `password` or both",
+        ));
+    }
+    if let Some(password) = req.password {
+        auth::check_new_password(&password)?;
+        let hash = state.passwords.hash(password).await?;
+        state.messaging.set_password(&auth.actor, id, hash).await?;
+    }
+    let user = match req.active {
+        Some(active) => {
+            state
+                .messaging
+                .set_user_active(&auth.actor, id, active)
+                .await?
+        }
+        None => {
+            let mut tx = state.messaging.store().read(auth.actor.tenant_id).await?;
+            tx.user(id).await?.ok_or(Error::NotFound("user"))?
+        }
+    };
     Ok(axum::Json(json!({ "user": user })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ChangePassword {
+    current_password: String,
+    new_password: String,
+}
+
+/// `POST /api/me/password`: the current password, then the new one. Wrong current
+/// passwords count like failed logins (`passwords`), for this user.
+pub(crate) async fn change_password(
+    State(state): State<AppState>,
+    auth: Authenticated,
+    Json(req): Json<ChangePassword>,
+) -> ApiResult<StatusCode> {
+    let wrong = || Error::invalid("wrong_password", "the current password is not right");
+    if req.current_password.len() > auth::MAX_PASSWORD_BYTES {
+        return Err(wrong().into());
+    }
+    auth::check_new_password(&req.new_password)?;
+    let attempt = state
+        .passwords
+        .admit(format!("user\n{}", auth.actor.user_id))?;
+    let stored = {
+        let mut tx = state.messaging.store().read(auth.actor.tenant_id).await?;
+        tx.user_credentials(&auth.user.email).await?.map(|(_, h)| h)
+    };
+    if !state
+        .passwords
+        .verify(attempt, req.current_password, stored)
+        .await?
+    {
+        return Err(wrong().into());
+    }
+    let hash = state.passwords.hash(req.new_password).await?;
+    state
+        .messaging
+        .set_password(&auth.actor, auth.actor.user_id, hash)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- conversations ------------------------------------------------------------------

@@ -201,6 +201,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/auth/login", post(login))
         .route("/me", get(me))
+        .route("/me/password", post(change_password))
         .route("/users", get(list_users))
         .route("/admin/users", post(create_user))
         .route("/admin/users/{id}", axum::routing::patch(update_user))

@@ -1561,3 +1561,63 @@ async fn a_body_that_stops_coming_gets_a_request_timeout() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
 }
+
+/// A user changes their own password (the current one first, checked like a login); an
+/// admin sets a new one for a user who forgot theirs; the old password no longer opens.
+#[tokio::test]
+async fn passwords_are_changed_by_their_user_or_reset_by_an_admin() {
+    let app = TestApp::new().await;
+    let admin = app.tenant("sdis13").await;
+    let (alice_id, alice) = app.user(&admin, "sdis13", "Alice").await;
+    let change = |current: &str, new: &str| {
+        app.call(
+            Method::POST,
+            "/api/me/password",
+            Some(&alice),
+            Some(json!({"current_password": current, "new_password": new})),
+        )
+    };
+    let r = change("not-my-password", "Caserne-Nord-2026").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "wrong_password")
+    );
+    let r = change(PASSWORD, "court").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "weak_password")
+    );
+    let r = change(PASSWORD, "Caserne-Nord-2026").await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    let old = error_code(try_login(&app, "sdis13", "alice@sdis13.fr", PASSWORD).await).await;
+    assert_eq!(old.2, "invalid_credentials");
+    app.login("sdis13", "alice@sdis13.fr", "Caserne-Nord-2026")
+        .await;
+
+    // Reset by the admin; a member may not.
+    let uri = format!("/api/admin/users/{alice_id}");
+    let reset = |token: String, body: Value| {
+        let uri = uri.clone();
+        let app = &app;
+        async move {
+            app.call(Method::PATCH, &uri, Some(&token), Some(body))
+                .await
+        }
+    };
+    let r = reset(alice.clone(), json!({"password": "Je-prends-la-main-1"})).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
+    let r = reset(admin.clone(), json!({})).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body")
+    );
+    let r = reset(admin.clone(), json!({"password": "Garde-du-jour-7"})).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["user"]["active"], true);
+    assert!(r.body["user"].get("password_hash").is_none());
+    let old =
+        error_code(try_login(&app, "sdis13", "alice@sdis13.fr", "Caserne-Nord-2026").await).await;
+    assert_eq!(old.2, "invalid_credentials");
+    app.login("sdis13", "alice@sdis13.fr", "Garde-du-jour-7")
+        .await;
+}

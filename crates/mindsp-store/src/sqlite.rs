@@ -1222,6 +1222,17 @@ impl TenantTx for SqliteTx {
         .transpose()
     }
 
+    async fn set_password_hash(&mut self, id: UserId, hash: &str) -> Result<bool> {
+        let done = sqlx::query("UPDATE users SET password_hash = ? WHERE tenant_id = ? AND id = ?")
+            .bind(hash)
+            .bind(self.tenant.0)
+            .bind(id.0)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() > 0)
+    }
+
     async fn active_users_among(&mut self, ids: &[UserId]) -> Result<Vec<UserId>> {
         if ids.is_empty() {
             return Ok(Vec::new());

@@ -221,7 +221,16 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
             .unwrap()
             .is_none()
     );
+    assert!(tx.set_password_hash(u.id, "another-hash").await.unwrap());
+    assert!(!tx.set_password_hash(UserId::new(), "x").await.unwrap());
     tx.commit().await.unwrap();
+    let mut tx = store.read(t.id).await.unwrap();
+    let (_, hash) = tx
+        .user_credentials("julien.martin@sdis13.fr")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(hash, "another-hash");
 }
 
 async fn users_are_scoped_to_their_tenant(store: Arc<dyn Store>) {
