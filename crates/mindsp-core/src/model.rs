@@ -79,6 +79,10 @@ pub struct User {
     pub active: bool,
     /// Creation time.
     pub created_at: DateTime<Utc>,
+    /// When the password last changed, if ever: access tokens issued before it stop
+    /// working. Not shown to clients.
+    #[serde(skip)]
+    pub password_changed_at: Option<DateTime<Utc>>,
 }
 
 /// A user to create; the password is already hashed by the caller.

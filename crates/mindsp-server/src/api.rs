@@ -232,12 +232,14 @@ pub(crate) struct ChangePassword {
 }
 
 /// `POST /api/me/password`: the current password, then the new one. Wrong current
-/// passwords count like failed logins (`passwords`), for this user.
+/// passwords count like failed logins (`passwords`), for this user. Every access token
+/// issued before stops working (`auth::user_of`), this one too: the answer carries a new
+/// one for the session that made the change.
 pub(crate) async fn change_password(
     State(state): State<AppState>,
     auth: Authenticated,
     Json(req): Json<ChangePassword>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<axum::Json<Value>> {
     let wrong = || Error::invalid("wrong_password", "the current password is not right");
     if req.current_password.len() > auth::MAX_PASSWORD_BYTES {
         return Err(wrong().into());
@@ -262,7 +264,12 @@ pub(crate) async fn change_password(
         .messaging
         .set_password(&auth.actor, auth.actor.user_id, hash)
         .await?;
-    Ok(StatusCode::NO_CONTENT)
+    let token = state.tokens.issue(&auth.user)?;
+    Ok(axum::Json(json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": state.tokens.ttl().as_secs(),
+    })))
 }
 
 // ---- conversations ------------------------------------------------------------------

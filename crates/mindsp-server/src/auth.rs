@@ -205,6 +205,36 @@ pub(crate) fn decoy_hash() -> &'static str {
     DECOY.get_or_init(|| hash_password("decoy-password").unwrap_or_default())
 }
 
+/// The claims of a valid access token and its user, re-read: the user must exist and be
+/// active, and the token must not predate their last password change (401
+/// `token_revoked`: changing a password shuts out whoever logged in with the old one).
+/// Every REST route and every WebSocket (at its upgrade and each `refresh_token`) goes
+/// through it.
+pub(crate) async fn user_of(
+    tokens: &Tokens,
+    messaging: &mindsp_core::Messaging,
+    token: &str,
+) -> Result<(Claims, User), ApiError> {
+    let claims = tokens.verify(token)?;
+    let mut tx = messaging.store().read(claims.tid).await?;
+    let user = tx
+        .user(claims.sub)
+        .await?
+        .filter(|u| u.active)
+        .ok_or_else(|| {
+            ApiError::unauthorized("invalid_token", "the account is unknown or deactivated")
+        })?;
+    if let Some(changed) = user.password_changed_at
+        && claims.iat < changed.timestamp()
+    {
+        return Err(ApiError::unauthorized(
+            "token_revoked",
+            "the password changed after this token was issued: log in again",
+        ));
+    }
+    Ok((claims, user))
+}
+
 /// The authenticated caller of a protected route: a valid, unexpired token for a user
 /// who still exists and is active.
 pub struct Authenticated {
@@ -229,15 +259,7 @@ impl FromRequestParts<AppState> for Authenticated {
             .ok_or_else(|| {
                 ApiError::unauthorized("unauthorized", "expected Authorization: Bearer <token>")
             })?;
-        let claims = state.tokens.verify(token.trim())?;
-        let mut tx = state.messaging.store().read(claims.tid).await?;
-        let user = tx
-            .user(claims.sub)
-            .await?
-            .filter(|u| u.active)
-            .ok_or_else(|| {
-                ApiError::unauthorized("invalid_token", "the account is unknown or deactivated")
-            })?;
+        let (_, user) = user_of(&state.tokens, &state.messaging, token.trim()).await?;
         Ok(Self {
             actor: Actor {
                 tenant_id: user.tenant_id,

@@ -330,15 +330,7 @@ fn token(headers: &HeaderMap, query: Option<&str>) -> Result<String, ApiError> {
 /// The actor of a valid token for an active user, and the token's expiry (seconds
 /// since the epoch).
 async fn authenticate(state: &Shared, token: &str) -> Result<(Actor, i64), ApiError> {
-    let claims = state.tokens.verify(token)?;
-    let mut tx = state.messaging.store().read(claims.tid).await?;
-    let user = tx
-        .user(claims.sub)
-        .await?
-        .filter(|u| u.active)
-        .ok_or_else(|| {
-            ApiError::unauthorized("invalid_token", "the account is unknown or deactivated")
-        })?;
+    let (claims, user) = crate::auth::user_of(&state.tokens, &state.messaging, token).await?;
     Ok((
         Actor {
             tenant_id: user.tenant_id,

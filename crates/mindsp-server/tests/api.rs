@@ -1577,6 +1577,8 @@ async fn passwords_are_changed_by_their_user_or_reset_by_an_admin() {
             Some(json!({"current_password": current, "new_password": new})),
         )
     };
+    // Tokens carry their issue time in seconds: the change comes a second later.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let r = change("not-my-password", "Caserne-Nord-2026").await;
     assert_eq!(
         (r.status, r.code()),
@@ -1587,8 +1589,25 @@ async fn passwords_are_changed_by_their_user_or_reset_by_an_admin() {
         (r.status, r.code()),
         (StatusCode::UNPROCESSABLE_ENTITY, "weak_password")
     );
-    let r = change(PASSWORD, "Caserne-Nord-2026").await;
-    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    let changed = change(PASSWORD, "Caserne-Nord-2026").await;
+    assert_eq!(changed.status, StatusCode::OK, "{:?}", changed.body);
+    // Whoever logged in with the old password is out; this session goes on with the
+    // token of the answer.
+    let stale = app.get("/api/me", &alice).await;
+    assert_eq!(
+        (stale.status, stale.code()),
+        (StatusCode::UNAUTHORIZED, "token_revoked")
+    );
+    // The socket too (checked before the upgrade).
+    let r = app
+        .call(Method::GET, &format!("/ws?token={alice}"), None, None)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, "token_revoked")
+    );
+    let alice = changed.body["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(app.get("/api/me", &alice).await.status, StatusCode::OK);
     let old = error_code(try_login(&app, "sdis13", "alice@sdis13.fr", PASSWORD).await).await;
     assert_eq!(old.2, "invalid_credentials");
     app.login("sdis13", "alice@sdis13.fr", "Caserne-Nord-2026")

@@ -759,7 +759,8 @@ impl PgTx {
     }
 }
 
-const USER_COLS: &str = "id, tenant_id, email, display_name, role, active, created_at";
+const USER_COLS: &str =
+    "id, tenant_id, email, display_name, role, active, created_at, password_changed_at";
 const MESSAGE_COLS: &str =
     "id, conversation_id, sender_id, seq, content, idempotency_key, created_at";
 const CONV_COLS: &str =
@@ -774,6 +775,7 @@ fn user_from_row(r: &PgRow) -> Result<User> {
         role: Role::parse(r.try_get("role").map_err(db_err)?)?,
         active: r.try_get("active").map_err(db_err)?,
         created_at: r.try_get("created_at").map_err(db_err)?,
+        password_changed_at: r.try_get("password_changed_at").map_err(db_err)?,
     })
 }
 
@@ -911,6 +913,7 @@ impl TenantTx for PgTx {
             role: u.role,
             active: true,
             created_at: now(),
+            password_changed_at: None,
         };
         sqlx::query(
             "INSERT INTO users (id, tenant_id, email, display_name, role, active, password_hash, created_at)
@@ -1001,14 +1004,17 @@ impl TenantTx for PgTx {
     }
 
     async fn set_password_hash(&mut self, id: UserId, hash: &str) -> Result<bool> {
-        let done =
-            sqlx::query("UPDATE users SET password_hash = $1 WHERE tenant_id = $2 AND id = $3")
-                .bind(hash)
-                .bind(self.tenant.0)
-                .bind(id.0)
-                .execute(&mut *self.tx)
-                .await
-                .map_err(db_err)?;
+        let done = sqlx::query(
+            "UPDATE users SET password_hash = $1, password_changed_at = $2 \
+             WHERE tenant_id = $3 AND id = $4",
+        )
+        .bind(hash)
+        .bind(now())
+        .bind(self.tenant.0)
+        .bind(id.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
         Ok(done.rows_affected() > 0)
     }
 

@@ -970,7 +970,8 @@ impl SqliteTx {
     }
 }
 
-const USER_COLS: &str = "id, tenant_id, email, display_name, role, active, created_at";
+const USER_COLS: &str =
+    "id, tenant_id, email, display_name, role, active, created_at, password_changed_at";
 const MESSAGE_COLS: &str =
     "id, conversation_id, sender_id, seq, content, idempotency_key, created_at";
 /// A conversation's columns, from [`CONV_FROM`].
@@ -993,6 +994,10 @@ fn user_from_row(r: &SqliteRow) -> Result<User> {
         role: Role::parse(r.try_get("role").map_err(db_err)?)?,
         active: r.try_get("active").map_err(db_err)?,
         created_at: from_millis(r.try_get("created_at").map_err(db_err)?),
+        password_changed_at: r
+            .try_get::<Option<i64>, _>("password_changed_at")
+            .map_err(db_err)?
+            .map(from_millis),
     })
 }
 
@@ -1133,6 +1138,7 @@ impl TenantTx for SqliteTx {
             role: u.role,
             active: true,
             created_at: now(),
+            password_changed_at: None,
         };
         sqlx::query(
             "INSERT INTO users (id, tenant_id, email, display_name, role, active, password_hash, created_at)
@@ -1223,13 +1229,17 @@ impl TenantTx for SqliteTx {
     }
 
     async fn set_password_hash(&mut self, id: UserId, hash: &str) -> Result<bool> {
-        let done = sqlx::query("UPDATE users SET password_hash = ? WHERE tenant_id = ? AND id = ?")
-            .bind(hash)
-            .bind(self.tenant.0)
-            .bind(id.0)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db_err)?;
+        let done = sqlx::query(
+            "UPDATE users SET password_hash = ?, password_changed_at = ? \
+             WHERE tenant_id = ? AND id = ?",
+        )
+        .bind(hash)
+        .bind(now().timestamp_millis())
+        .bind(self.tenant.0)
+        .bind(id.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
         Ok(done.rows_affected() > 0)
     }
 

@@ -231,6 +231,12 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
         .unwrap()
         .unwrap();
     assert_eq!(hash, "another-hash");
+    assert_eq!(found.password_changed_at, None, "never changed before");
+    let changed = tx.user(u.id).await.unwrap().unwrap().password_changed_at;
+    assert!(
+        changed.is_some_and(|t| t >= found.created_at),
+        "{changed:?}"
+    );
 }
 
 async fn users_are_scoped_to_their_tenant(store: Arc<dyn Store>) {
