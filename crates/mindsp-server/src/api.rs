@@ -59,7 +59,7 @@ pub(crate) async fn login(
         .as_deref()
         .and_then(|t| state.tokens.device(t, &account));
     let followed = match &device {
-        Some((d, _)) => format!("{account}\n{d}"),
+        Some((d, _)) => passwords::on_device(&account, *d),
         None => account.clone(),
     };
     let mut attempt = state.passwords.admit(followed)?;
@@ -92,19 +92,24 @@ pub(crate) async fn login(
         return Err(Error::InvalidCredentials.into());
     }
     let user = user.ok_or(Error::InvalidCredentials)?;
-    let token = state.tokens.issue(&user)?;
-    let device_token =
-        state
-            .tokens
-            .issue_device(&account, credential.unwrap_or_default(), device)?;
-    Ok(axum::Json(json!({
-        "access_token": token,
+    let mut body = access(&state, &user)?;
+    body["device_token"] = json!(state.tokens.issue_device(
+        &account,
+        credential.unwrap_or_default(),
+        device
+    )?);
+    body["user"] = json!(user);
+    body["tenant"] = json!(tenant);
+    Ok(axum::Json(body))
+}
+
+/// A new access token for `user`, as the login answers it.
+fn access(state: &AppState, user: &mindsp_core::model::User) -> Result<Value, ApiError> {
+    Ok(json!({
+        "access_token": state.tokens.issue(user)?,
         "token_type": "Bearer",
         "expires_in": state.tokens.ttl().as_secs(),
-        "device_token": device_token,
-        "user": user,
-        "tenant": tenant,
-    })))
+    }))
 }
 
 /// `GET /api/me`
@@ -194,6 +199,8 @@ pub(crate) async fn update_user(
     Path(id): Path<UserId>,
     Json(req): Json<UpdateUser>,
 ) -> ApiResult<axum::Json<Value>> {
+    // Checked here too (the service checks again): a member is refused before any
+    // password is hashed.
     if auth.actor.role != Role::Admin {
         return Err(Error::forbidden("tenant administrators only").into());
     }
@@ -216,10 +223,7 @@ pub(crate) async fn update_user(
                 .set_user_active(&auth.actor, id, active)
                 .await?
         }
-        None => {
-            let mut tx = state.messaging.store().read(auth.actor.tenant_id).await?;
-            tx.user(id).await?.ok_or(Error::NotFound("user"))?
-        }
+        None => state.messaging.user(&auth.actor, id).await?,
     };
     Ok(axum::Json(json!({ "user": user })))
 }
@@ -247,7 +251,7 @@ pub(crate) async fn change_password(
     auth::check_new_password(&req.new_password)?;
     let attempt = state
         .passwords
-        .admit(format!("user\n{}", auth.actor.user_id))?;
+        .admit(passwords::own_account(auth.actor.user_id))?;
     let stored = {
         let mut tx = state.messaging.store().read(auth.actor.tenant_id).await?;
         tx.user_credentials(&auth.user.email).await?.map(|(_, h)| h)
@@ -264,12 +268,7 @@ pub(crate) async fn change_password(
         .messaging
         .set_password(&auth.actor, auth.actor.user_id, hash)
         .await?;
-    let token = state.tokens.issue(&auth.user)?;
-    Ok(axum::Json(json!({
-        "access_token": token,
-        "token_type": "Bearer",
-        "expires_in": state.tokens.ttl().as_secs(),
-    })))
+    Ok(axum::Json(access(&state, &auth.user)?))
 }
 
 // ---- conversations ------------------------------------------------------------------

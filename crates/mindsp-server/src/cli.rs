@@ -543,7 +543,7 @@ async fn run_serve(
         jwt_secret: secret,
         token_ttl: Duration::from_secs(args.token_ttl_secs),
         max_body_bytes: args.max_body_bytes,
-        request_timeout: Duration::from_secs(60),
+        request_timeout: crate::REQUEST_TIMEOUT,
         limits: Limits {
             max_message_chars: args.max_message_chars,
             max_page_size: args.max_page_size,

@@ -77,7 +77,7 @@ impl HttpConfig {
             jwt_secret: secret.to_vec(),
             token_ttl: Duration::from_secs(12 * 3600),
             max_body_bytes: 64 * 1024,
-            request_timeout: Duration::from_secs(60),
+            request_timeout: REQUEST_TIMEOUT,
             limits: Limits::default(),
             ws: ws::WsConfig::default(),
             notify: NotifyConfig::default(),
@@ -351,6 +351,9 @@ async fn request_deadline(
 async fn not_found() -> ApiError {
     ApiError::http(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
+
+/// The default [`HttpConfig::request_timeout`].
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a client has to send a request's headers, counted from the moment its
 /// connection is ready for one: a connection that never speaks, or stays idle this long

@@ -279,3 +279,14 @@ fn forget_oldest(accounts: &mut HashMap<String, Account>, now: Instant) {
 pub fn account(slug: &str, email: &str) -> String {
     format!("{slug}\n{email}")
 }
+
+/// `account` as followed for one device that logged in to it before (its device token).
+pub fn on_device(account: &str, device: uuid::Uuid) -> String {
+    format!("{account}\n{device}")
+}
+
+/// A signed-in user's own account, as followed when they give their current password
+/// (a password change).
+pub fn own_account(user: mindsp_core::UserId) -> String {
+    format!("user\n{user}")
+}
