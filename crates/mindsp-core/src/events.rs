@@ -109,6 +109,12 @@ pub enum Event {
         /// The user.
         user_id: UserId,
     },
+    /// A user's password changed: their live connections must close, since each
+    /// was opened with a token from before the change. Never sent to clients as a frame.
+    PasswordChanged {
+        /// The user.
+        user_id: UserId,
+    },
 }
 
 /// Typing state.

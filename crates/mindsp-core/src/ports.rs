@@ -109,6 +109,13 @@ pub trait TenantTx: Send {
     /// Of `ids`, those that exist and are active in this tenant.
     async fn active_users_among(&mut self, ids: &[UserId]) -> Result<Vec<UserId>>;
 
+    /// Of `ids`, those whose password changed at or after `since`.
+    async fn password_changed_among(
+        &mut self,
+        ids: &[UserId],
+        since: DateTime<Utc>,
+    ) -> Result<Vec<UserId>>;
+
     // ---- conversations -----------------------------------------------------------
 
     /// Stores a conversation and its members. For a direct conversation,

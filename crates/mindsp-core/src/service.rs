@@ -269,7 +269,8 @@ impl Messaging {
 
     /// Replaces a user's password hash (hashed, and checked against the policy, by the
     /// caller): the user's own (the caller checked their current password), or any
-    /// user's of the tenant by a tenant admin.
+    /// user's of the tenant by a tenant admin. The user's live connections are closed
+    /// ([`Event::PasswordChanged`]).
     pub async fn set_password(&self, actor: &Actor, id: UserId, hash: String) -> Result<()> {
         if id != actor.user_id {
             require_admin(actor)?;
@@ -278,7 +279,14 @@ impl Messaging {
         if !tx.set_password_hash(id, &hash).await? {
             return Err(Error::NotFound("user"));
         }
-        tx.commit().await
+        tx.commit().await?;
+        self.publish(Envelope::to_users(
+            actor.tenant_id,
+            vec![id],
+            Event::PasswordChanged { user_id: id },
+        ))
+        .await;
+        Ok(())
     }
 
     // ---- conversations -----------------------------------------------------------

@@ -40,6 +40,8 @@ pub enum CloseReason {
     /// The user opened a connection beyond [`Hub::limit_per_user`]; this one was their
     /// oldest ([`close::SUPERSEDED`]).
     Superseded,
+    /// The user's password changed ([`close::PASSWORD_CHANGED`]).
+    PasswordChanged,
 }
 
 impl CloseReason {
@@ -50,6 +52,7 @@ impl CloseReason {
             CloseReason::Deactivated => close::DEACTIVATED,
             CloseReason::Shutdown => close::SERVICE_RESTART,
             CloseReason::Superseded => close::SUPERSEDED,
+            CloseReason::PasswordChanged => close::PASSWORD_CHANGED,
         }
     }
 
@@ -60,6 +63,7 @@ impl CloseReason {
             CloseReason::Deactivated => "account deactivated",
             CloseReason::Shutdown => "server restarting: reconnect",
             CloseReason::Superseded => "too many connections for this user: closed for a newer one",
+            CloseReason::PasswordChanged => "password changed: log in again",
         }
     }
 }
@@ -391,12 +395,18 @@ impl Hub {
     }
 
     /// Queues an envelope for every local connection of its audience; never waits.
-    /// [`Event::AccountDeactivated`] is not queued: it closes the user's connections.
-    /// Typing and presence are skipped for a connection whose queue is half full.
+    /// [`Event::AccountDeactivated`] and [`Event::PasswordChanged`] are not queued: they
+    /// close the user's connections. Typing and presence are skipped for a connection
+    /// whose queue is half full.
     pub fn deliver(&self, envelope: Envelope) {
-        if let Event::AccountDeactivated { user_id } = envelope.event {
-            self.close_user(envelope.tenant, user_id, CloseReason::Deactivated);
-            return;
+        match envelope.event {
+            Event::AccountDeactivated { user_id } => {
+                return self.close_user(envelope.tenant, user_id, CloseReason::Deactivated);
+            }
+            Event::PasswordChanged { user_id } => {
+                return self.close_user(envelope.tenant, user_id, CloseReason::PasswordChanged);
+            }
+            _ => {}
         }
         let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
         let Some(users) = tenants.get(&envelope.tenant) else {
@@ -600,14 +610,15 @@ mod tests {
             Event::Notification { .. } => (5, Some("notification")),
             Event::NotificationsRead { .. } => (6, Some("notifications_read")),
             Event::NotificationDeleted { .. } => (7, Some("notification_deleted")),
-            // The notice itself, and a close that is never a frame.
+            // The notice itself, and closes that are never frames.
             Event::EventsSkipped { .. } => (8, None),
             Event::AccountDeactivated { .. } => (9, None),
+            Event::PasswordChanged { .. } => (10, None),
         }
     }
 
     /// How many variants [`Event`] has (numbered by `classify`).
-    const VARIANTS: usize = 10;
+    const VARIANTS: usize = 11;
 
     fn relayed_kind(event: &Event) -> Option<&'static str> {
         classify(event).1
@@ -632,6 +643,7 @@ mod tests {
             json!({"type": "notification_deleted", "id": id, "unread": 0}),
             json!({"type": "events_skipped", "events": []}),
             json!({"type": "account_deactivated", "user_id": id}),
+            json!({"type": "password_changed", "user_id": id}),
         ]
         .into_iter()
         .map(|v| serde_json::from_value(v).expect("an event"))
@@ -783,12 +795,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn deactivation_and_shutdown_close_connections() {
+    async fn deactivation_password_change_and_shutdown_close_connections() {
         let hub = Hub::new(4);
         let t = TenantId::new();
-        let (u, v) = (UserId::new(), UserId::new());
+        let (u, v, w) = (UserId::new(), UserId::new(), UserId::new());
         let (c, _) = hub.register(t, u).unwrap();
         let (d, _) = hub.register(t, v).unwrap();
+        let (e1, _) = hub.register(t, w).unwrap();
+        let (e2, _) = hub.register(t, w).unwrap();
         hub.deliver(Envelope::to_users(
             t,
             vec![u],
@@ -796,10 +810,20 @@ mod tests {
         ));
         assert_eq!(*c.closed.borrow(), Some(CloseReason::Deactivated));
         assert_eq!(*d.closed.borrow(), None);
+        hub.deliver(Envelope::to_users(
+            t,
+            vec![w],
+            Event::PasswordChanged { user_id: w },
+        ));
+        for e in [&e1, &e2] {
+            assert_eq!(*e.closed.borrow(), Some(CloseReason::PasswordChanged));
+            assert!(e.events.is_empty(), "a close, not an event");
+        }
+        assert_eq!(*d.closed.borrow(), None);
         hub.shutdown();
         assert_eq!(*d.closed.borrow(), Some(CloseReason::Shutdown));
         assert!(hub.register(t, u).is_none());
-        drop((c, d));
+        drop((c, d, e1, e2));
         assert!(hub.drained(Duration::from_secs(1)).await);
     }
 

@@ -52,6 +52,9 @@ pub mod close {
     /// The user opened more connections on this node than allowed: the oldest is closed
     /// for the newest.
     pub const SUPERSEDED: u16 = 4009;
+    /// The user's password changed: the token this connection was opened with no longer
+    /// works. Reconnect with a token issued since, or log in again.
+    pub const PASSWORD_CHANGED: u16 = 4010;
 }
 
 /// The real-time stack of one node: hub, broker and presence.

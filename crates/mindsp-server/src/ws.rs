@@ -469,10 +469,11 @@ async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: Socket) {
 const ACCOUNT_CHECK_CHUNK: usize = 500;
 
 /// After each loss of events on their way to this node (`Hub::events_lost`: its link to
-/// the other nodes broke), closes with 4003 the connections of users who are no longer
-/// active, since a deactivation may have been among the lost events. One read per
-/// tenant with connections here (per [`ACCOUNT_CHECK_CHUNK`] users), not one per
-/// connection. Needs a tokio runtime (none: nothing is started); ends with the state.
+/// the other nodes broke), closes the connections of users who are no longer active
+/// (4003) or whose password changed since the check before (4010), since a deactivation
+/// or a password change may have been among the lost events. One read per tenant with
+/// connections here (per [`ACCOUNT_CHECK_CHUNK`] users), not one per connection. Needs
+/// a tokio runtime (none: nothing is started); ends with the state.
 pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
@@ -480,19 +481,25 @@ pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
     let mut losses = shared.realtime.hub().losses();
     let shared = Arc::downgrade(shared);
     runtime.spawn(async move {
+        // A password change before this was either delivered or seen by the check
+        // before (which read the store after it committed). Changes are stamped by the
+        // clock of the node that made them: allow for a difference.
+        let mut since = chrono::Utc::now() - CLOCK_MARGIN;
         while losses.changed().await.is_ok() {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
+            let from = std::mem::replace(&mut since, chrono::Utc::now() - CLOCK_MARGIN);
             let hub = shared.realtime.hub();
             for (tenant, users) in hub.local_users() {
                 for users in users.chunks(ACCOUNT_CHECK_CHUNK) {
-                    let Some(active) = active_among(&shared, tenant, users).await else {
+                    let Some(to_close) = accounts_to_close(&shared, tenant, users, from).await
+                    else {
                         continue;
                     };
-                    for user in users.iter().filter(|u| !active.contains(u)) {
-                        tracing::info!(user = %user, "account no longer active: its connections close");
-                        hub.close_user(tenant, *user, CloseReason::Deactivated);
+                    for (user, reason) in to_close {
+                        tracing::info!(user = %user, reason = reason.text(), "account changed while events were lost: its connections close");
+                        hub.close_user(tenant, user, reason);
                     }
                 }
             }
@@ -500,20 +507,34 @@ pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
     });
 }
 
-/// Of `users`, those still active, trying the store a few times (a second apart);
-/// `None` when it cannot say (logged: the connections are kept).
-async fn active_among(
+/// How far apart the clocks of two nodes may be, for [`check_accounts_after_losses`].
+/// Too much only closes a few more connections (their clients reconnect).
+const CLOCK_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Of `users`, those no longer active and those whose password changed at or after
+/// `since`, with the reason to close their connections; the store is tried a few times
+/// (a second apart). `None` when it cannot say (logged: the connections are kept).
+async fn accounts_to_close(
     shared: &Shared,
     tenant: TenantId,
     users: &[UserId],
-) -> Option<HashSet<UserId>> {
+    since: chrono::DateTime<chrono::Utc>,
+) -> Option<Vec<(UserId, CloseReason)>> {
     for attempt in 1..=ACCOUNT_CHECK_ATTEMPTS {
-        let active = match shared.messaging.store().read(tenant).await {
-            Ok(mut tx) => tx.active_users_among(users).await,
-            Err(e) => Err(e),
+        let read = async {
+            let mut tx = shared.messaging.store().read(tenant).await?;
+            let active: HashSet<UserId> = tx.active_users_among(users).await?.into_iter().collect();
+            let changed = tx.password_changed_among(users, since).await?;
+            Ok::<_, Error>((active, changed))
         };
-        match active {
-            Ok(active) => return Some(active.into_iter().collect()),
+        match read.await {
+            Ok((active, changed)) => {
+                let gone = users.iter().filter(|u| !active.contains(u));
+                let gone = gone.map(|u| (*u, CloseReason::Deactivated));
+                let changed = changed.into_iter().filter(|u| active.contains(u));
+                let changed = changed.map(|u| (u, CloseReason::PasswordChanged));
+                return Some(gone.chain(changed).collect());
+            }
             Err(e) if attempt < ACCOUNT_CHECK_ATTEMPTS => {
                 tracing::warn!(error = %e, tenant = %tenant, "cannot check accounts after lost events; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -526,7 +547,7 @@ async fn active_among(
     None
 }
 
-/// Reads of the store [`active_among`] tries before giving up.
+/// Reads of the store [`accounts_to_close`] tries before giving up.
 const ACCOUNT_CHECK_ATTEMPTS: u32 = 3;
 
 /// Who is told when `actor` comes online or goes offline: the people who share a
@@ -1276,7 +1297,7 @@ impl Writer<'_> {
                 self.fill_held(None).await?;
                 self.feed_text(d.frame()).await
             }
-            Event::AccountDeactivated { .. } => Ok(()),
+            Event::AccountDeactivated { .. } | Event::PasswordChanged { .. } => Ok(()),
             _ => self.feed_text(d.frame()).await,
         }
     }

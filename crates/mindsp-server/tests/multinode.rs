@@ -410,6 +410,16 @@ async fn messages_typing_receipts_and_presence_cross_nodes() {
     assert!(off["last_seen"].is_string(), "{off}");
     let q = a.ok("presence", json!({"conversation_id": conv})).await;
     assert_eq!(status_of(&q, &bob.id), "offline");
+
+    // Dave changes his password on node 2: his socket on node 1 closes (4010).
+    n2.post(
+        "/api/me/password",
+        &dave.token,
+        json!({"current_password": PASSWORD, "new_password": "Caserne-Nord-2026"}),
+    )
+    .await;
+    assert_eq!(d.close_code().await, Some(4010));
+    a.ok("ping", json!({})).await;
     drop((n1, n2));
 }
 

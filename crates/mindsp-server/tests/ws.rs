@@ -10,7 +10,7 @@ use mindsp_core::events::{Envelope, Event};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use wsclient::{Client, Person, Server, config};
+use wsclient::{Client, PASSWORD, Person, Server, config};
 
 fn seq(frame: &Value) -> i64 {
     frame["message"]["seq"].as_i64().unwrap()
@@ -599,6 +599,66 @@ async fn deactivation_closes_sockets_and_removal_stops_deliveries() {
     a.ok("ping", json!({})).await;
 }
 
+/// A password change closes every socket its user has open, with 4010, whether they
+/// changed it themselves or an admin reset it: each was opened with a token from before.
+/// The token the change answers opens a socket again; the old one does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_change_closes_the_users_sockets() {
+    let s = Server::start(config()).await;
+    let admin = s.tenant("sdis13").await;
+    let alice = s.user(&admin, "sdis13", "Alice").await;
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let conv = s.group(&alice, &[&bob]).await;
+    let mut phone = s.connect(&alice).await;
+    let mut tablet = s.connect(&alice).await;
+    let mut b = s.connect(&bob).await;
+    // Tokens carry their issue time in whole seconds: the change comes a second later.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let changed = s
+        .post(
+            "/api/me/password",
+            &alice.token,
+            json!({"current_password": PASSWORD, "new_password": "Caserne-Nord-2026"}),
+        )
+        .await;
+    for tab in [&mut phone, &mut tablet] {
+        assert_eq!(tab.close_code().await, Some(4010));
+    }
+    let (st, body) = Client::refused(s.ws_url(&alice.token)).await;
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
+        (401, Some("token_revoked"))
+    );
+    let new_token = changed["access_token"].as_str().unwrap().to_owned();
+    let alice = Person {
+        token: new_token,
+        ..alice
+    };
+    let mut again = s.connect(&alice).await;
+    // Bob was not touched; Alice's new socket is served.
+    b.ok(
+        "send",
+        json!({"conversation_id": conv, "content": "tu me reçois ?"}),
+    )
+    .await;
+    let m = again.next("new_message").await;
+    assert_eq!(m["message"]["content"], "tu me reçois ?");
+
+    // An admin's reset closes the new socket too; Bob's stays.
+    let (st, _) = s
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/api/admin/users/{}", alice.id),
+            &admin.token,
+            Some(json!({"password": "Garde-du-jour-7"})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(again.close_code().await, Some(4010));
+    b.ok("ping", json!({})).await;
+}
+
 #[tokio::test]
 async fn sigterm_closes_sockets_with_1012_and_exits() {
     use std::io::{BufRead, BufReader};
@@ -1064,19 +1124,28 @@ async fn a_read_marker_waits_for_the_messages_held_before_it() {
 /// When events may have been lost on their way to a node (it lost its link to the other
 /// nodes, `Hub::events_lost`), its connections get `events_skipped` naming every kind,
 /// and the node checks the accounts connected to it: a deactivation lost on its way
-/// closes that user's sockets then, with 4003.
+/// closes that user's sockets then, with 4003, and a password change with 4010.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_lost_on_the_way_close_deactivated_accounts_and_clients_catch_up() {
     let s = Server::start(config()).await;
     let (alice, bob, conv) = alice_and_bob(&s).await;
+    let admin = s.tenant("sdis83").await;
+    let carol = s.user(&admin, "sdis83", "Carol").await;
     let mut a = s.connect(&alice).await;
     let mut b = s.connect(&bob).await;
-    // Bob is deactivated in the store, and the event that would close his socket is lost
-    // (nothing is published).
+    let mut c = s.connect(&carol).await;
+    // Bob is deactivated in the store and Carol's password changes, and the events that
+    // would close their sockets are lost (nothing is published).
     let mut tx = s.store.begin(bob.actor.tenant_id).await.unwrap();
     tx.set_user_active(bob.actor.user_id, false).await.unwrap();
     tx.commit().await.unwrap();
+    let mut tx = s.store.begin(carol.actor.tenant_id).await.unwrap();
+    tx.set_password_hash(carol.actor.user_id, "a-new-hash")
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
     b.ok("ping", json!({})).await;
+    c.ok("ping", json!({})).await;
 
     s.state.realtime.hub().events_lost();
     let told = a.next("events_skipped").await;
@@ -1088,6 +1157,7 @@ async fn events_lost_on_the_way_close_deactivated_accounts_and_clients_catch_up(
         .collect();
     assert_eq!(kinds, mindsp_realtime::hub::RELAYED_KINDS);
     assert_eq!(b.close_code().await, Some(4003));
+    assert_eq!(c.close_code().await, Some(4010));
     // Alice's connection carries on.
     let sent = a
         .ok(

@@ -1034,6 +1034,28 @@ impl TenantTx for PgTx {
         .map(|ids| ids.into_iter().map(UserId).collect())
     }
 
+    async fn password_changed_among(
+        &mut self,
+        ids: &[UserId],
+        since: DateTime<Utc>,
+    ) -> Result<Vec<UserId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = ids.iter().map(|u| u.0).collect();
+        sqlx::query_scalar::<_, Uuid>(
+            "SELECT id FROM users WHERE tenant_id = $1 AND password_changed_at >= $2 \
+             AND id = ANY($3)",
+        )
+        .bind(self.tenant.0)
+        .bind(since)
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)
+        .map(|ids| ids.into_iter().map(UserId).collect())
+    }
+
     async fn insert_conversation(&mut self, c: &NewConversation) -> Result<Conversation> {
         let at = now();
         let conv = Conversation {

@@ -1258,6 +1258,27 @@ impl TenantTx for SqliteTx {
             .collect()
     }
 
+    async fn password_changed_among(
+        &mut self,
+        ids: &[UserId],
+        since: DateTime<Utc>,
+    ) -> Result<Vec<UserId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM users WHERE tenant_id = ");
+        q.push_bind(self.tenant.0)
+            .push(" AND password_changed_at >= ")
+            .push_bind(since.timestamp_millis())
+            .push(" AND id IN (");
+        push_ids(&mut q, ids.iter().map(|id| id.0));
+        q.push(")");
+        let rows = q.build().fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| r.try_get::<Uuid, _>("id").map(UserId).map_err(db_err))
+            .collect()
+    }
+
     async fn insert_conversation(&mut self, c: &NewConversation) -> Result<Conversation> {
         let at = now();
         let conv = Conversation {

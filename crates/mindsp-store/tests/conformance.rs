@@ -223,6 +223,10 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
     );
     assert!(tx.set_password_hash(u.id, "another-hash").await.unwrap());
     assert!(!tx.set_password_hash(UserId::new(), "x").await.unwrap());
+    let never = tx
+        .insert_user(&new_user("jamais@sdis13.fr", "Jamais", Role::Member))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     let mut tx = store.read(t.id).await.unwrap();
     let (_, hash) = tx
@@ -236,6 +240,26 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
     assert!(
         changed.is_some_and(|t| t >= found.created_at),
         "{changed:?}"
+    );
+    // Who changed their password since a time: at it counts, after it does not, a user
+    // who never changed it never counts.
+    let changed = changed.unwrap();
+    let among = [u.id, never.id, UserId::new()];
+    let day = chrono::Duration::days(1);
+    let ms = chrono::Duration::milliseconds(1);
+    for (since, expected) in [
+        (changed, vec![u.id]),
+        (found.created_at - day, vec![u.id]),
+        (changed + ms, vec![]),
+    ] {
+        let got = tx.password_changed_among(&among, since).await.unwrap();
+        assert_eq!(got, expected, "since {since}");
+    }
+    assert!(
+        tx.password_changed_among(&[], changed)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 
