@@ -270,8 +270,9 @@ impl Messaging {
     /// Replaces a user's password hash (hashed, and checked against the policy, by the
     /// caller): the user's own (the caller checked their current password), or any
     /// user's of the tenant by a tenant admin. The user's live connections are closed
-    /// ([`Event::PasswordChanged`]).
-    pub async fn set_password(&self, actor: &Actor, id: UserId, hash: String) -> Result<()> {
+    /// ([`Event::PasswordChanged`]). Returns the user as stored, their new
+    /// `password_changed_at` included.
+    pub async fn set_password(&self, actor: &Actor, id: UserId, hash: String) -> Result<User> {
         if id != actor.user_id {
             require_admin(actor)?;
         }
@@ -279,6 +280,7 @@ impl Messaging {
         if !tx.set_password_hash(id, &hash).await? {
             return Err(Error::NotFound("user"));
         }
+        let user = tx.user(id).await?.ok_or(Error::NotFound("user"))?;
         tx.commit().await?;
         self.publish(Envelope::to_users(
             actor.tenant_id,
@@ -286,7 +288,7 @@ impl Messaging {
             Event::PasswordChanged { user_id: id },
         ))
         .await;
-        Ok(())
+        Ok(user)
     }
 
     // ---- conversations -----------------------------------------------------------

@@ -264,11 +264,11 @@ pub(crate) async fn change_password(
         return Err(wrong().into());
     }
     let hash = state.passwords.hash(req.new_password).await?;
-    state
+    let user = state
         .messaging
         .set_password(&auth.actor, auth.actor.user_id, hash)
         .await?;
-    Ok(axum::Json(access(&state, &auth.user)?))
+    Ok(axum::Json(access(&state, &user)?))
 }
 
 // ---- conversations ------------------------------------------------------------------

@@ -44,6 +44,18 @@ pub struct Claims {
     pub iat: i64,
     /// Expiry, seconds since the epoch.
     pub exp: i64,
+    /// When the user's password last changed as the token was issued ([`password_mark`]):
+    /// the token holds while it still matches. `None` in tokens from before this claim
+    /// (their issue time is compared instead).
+    #[serde(default)]
+    pub pwd: Option<i64>,
+}
+
+/// What names the current password of `user` in an access token: when it last changed,
+/// in milliseconds since the epoch (what both stores keep exactly), 0 if never. Compared
+/// for equality, so no clock of any node decides whether a token predates a change.
+fn password_mark(user: &User) -> i64 {
+    user.password_changed_at.map_or(0, |t| t.timestamp_millis())
 }
 
 /// What a device token says: this device logged in to `acct` (see
@@ -102,6 +114,7 @@ impl Tokens {
             role: user.role,
             iat: now,
             exp: now + self.ttl.as_secs() as i64,
+            pwd: Some(password_mark(user)),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| Error::Storage(format!("cannot sign token: {e}")).into())
@@ -206,7 +219,7 @@ pub(crate) fn decoy_hash() -> &'static str {
 }
 
 /// The claims of a valid access token and its user, re-read: the user must exist and be
-/// active, and the token must not predate their last password change (401
+/// active, and the token must have been issued for their current password (401
 /// `token_revoked`: changing a password shuts out whoever logged in with the old one).
 /// Every REST route and every WebSocket (at its upgrade and each `refresh_token`) goes
 /// through it.
@@ -224,15 +237,23 @@ pub(crate) async fn user_of(
         .ok_or_else(|| {
             ApiError::unauthorized("invalid_token", "the account is unknown or deactivated")
         })?;
-    if let Some(changed) = user.password_changed_at
-        && claims.iat < changed.timestamp()
-    {
+    if revoked(&claims, &user) {
         return Err(ApiError::unauthorized(
             "token_revoked",
             "the password changed after this token was issued: log in again",
         ));
     }
     Ok((claims, user))
+}
+
+/// Whether `claims` were issued for a password `user` no longer has.
+fn revoked(claims: &Claims, user: &User) -> bool {
+    match claims.pwd {
+        Some(mark) => mark != password_mark(user),
+        None => user
+            .password_changed_at
+            .is_some_and(|changed| claims.iat < changed.timestamp()),
+    }
 }
 
 /// The authenticated caller of a protected route: a valid, unexpired token for a user
@@ -268,5 +289,61 @@ impl FromRequestParts<AppState> for Authenticated {
             },
             user,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    fn user(changed_ms: Option<i64>) -> User {
+        User {
+            id: UserId::new(),
+            tenant_id: TenantId::new(),
+            email: "a@sdis13.fr".into(),
+            display_name: "A".into(),
+            role: Role::Member,
+            active: true,
+            created_at: Utc::now(),
+            password_changed_at: changed_ms.map(|ms| Utc.timestamp_millis_opt(ms).unwrap()),
+        }
+    }
+
+    /// A token holds for the password it was issued for, to the millisecond: one from the
+    /// same second as a later change is revoked, and no clock decides it.
+    #[test]
+    fn tokens_hold_for_the_password_they_were_issued_for() {
+        let tokens = Tokens::new(&[7; 32], Duration::from_secs(600));
+        let changed = 1_796_000_000_123;
+        for before in [None, Some(changed)] {
+            let mut u = user(before);
+            let claims = tokens.verify(&tokens.issue(&u).unwrap()).unwrap();
+            assert!(!revoked(&claims, &u), "issued for the current password");
+            u.password_changed_at = Some(Utc.timestamp_millis_opt(changed + 1).unwrap());
+            assert!(
+                revoked(&claims, &u),
+                "a change a millisecond later revokes it"
+            );
+        }
+        // A token from before the `pwd` claim compares its issue time, in seconds.
+        let u = user(Some(changed));
+        let legacy = |iat| Claims {
+            sub: u.id,
+            tid: u.tenant_id,
+            role: u.role,
+            iat,
+            exp: iat + 600,
+            pwd: None,
+        };
+        assert!(revoked(&legacy(changed / 1000 - 1), &u));
+        assert!(!revoked(&legacy(changed / 1000), &u));
+        assert!(!revoked(&legacy(changed / 1000 - 1), &user(None)));
+        let now = Utc::now().timestamp();
+        let body = serde_json::json!({"sub": u.id, "tid": u.tenant_id, "role": "member",
+            "iat": now, "exp": now + 600});
+        let key = EncodingKey::from_secret(&[7; 32]);
+        let old = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &body, &key).unwrap();
+        assert_eq!(tokens.verify(&old).unwrap().pwd, None, "still accepted");
     }
 }
