@@ -22,6 +22,7 @@ pub mod error;
 pub mod extract;
 pub mod notifications;
 pub mod passwords;
+mod stall;
 mod upgrade;
 pub mod workers;
 pub mod ws;
@@ -362,32 +363,63 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// connections (`/ws`) are not concerned: they have pings and their own idle timeout.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a write to a client may find no room before its connection is dropped: the
+/// client reads nothing (see the `stall` module). WebSockets included: a phone whose app
+/// froze while its system still answers would otherwise hold its connection, and its
+/// slot on the node, for good.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Timeouts of every connection [`serve_with`] accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionTimeouts {
+    /// See [`HEADER_TIMEOUT`].
+    pub header: Duration,
+    /// See [`WRITE_TIMEOUT`].
+    pub write: Duration,
+}
+
+impl Default for ConnectionTimeouts {
+    fn default() -> Self {
+        Self {
+            header: HEADER_TIMEOUT,
+            write: WRITE_TIMEOUT,
+        }
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests
 /// finish for at most `grace` before returning. Every accepted connection gets
-/// `TCP_NODELAY` ([`no_delay`]) and [`HEADER_TIMEOUT`].
+/// `TCP_NODELAY` ([`no_delay`]), [`HEADER_TIMEOUT`] and [`WRITE_TIMEOUT`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    serve_with(listener, app, shutdown, grace, HEADER_TIMEOUT).await
+    serve_with(
+        listener,
+        app,
+        shutdown,
+        grace,
+        ConnectionTimeouts::default(),
+    )
+    .await
 }
 
-/// [`serve`] with another header timeout (see [`HEADER_TIMEOUT`]).
+/// [`serve`] with other connection timeouts.
 pub async fn serve_with(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
-    header_timeout: Duration,
+    timeouts: ConnectionTimeouts,
 ) -> std::io::Result<()> {
     // `true` once the shutdown began; every connection task holds a receiver, so that
     // `closed()` on the sender tells when the last one ended.
     let (stopping, stop) = tokio::sync::watch::channel(false);
     let (began, grace_starts) = tokio::sync::oneshot::channel::<()>();
     let served = async move {
-        accept_until(&listener, &app, &stop, shutdown, header_timeout).await;
+        accept_until(&listener, &app, &stop, shutdown, timeouts).await;
         // Refuse new connections at once (a load balancer tries another node) rather
         // than leave them queued, unanswered, while the others finish.
         drop(listener);
@@ -419,7 +451,7 @@ async fn accept_until(
     app: &Router,
     stop: &tokio::sync::watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send,
-    header_timeout: Duration,
+    timeouts: ConnectionTimeouts,
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -446,9 +478,10 @@ async fn accept_until(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(timeouts.header);
+            let io = stall::WriteDeadline::new(tcp, timeouts.write);
             let conn = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             let mut asked = false;

@@ -1343,7 +1343,10 @@ async fn silent_and_idle_http_connections_are_closed() {
         app.app.clone(),
         std::future::pending(),
         std::time::Duration::from_secs(1),
-        std::time::Duration::from_millis(300),
+        mindsp_server::ConnectionTimeouts {
+            header: std::time::Duration::from_millis(300),
+            ..Default::default()
+        },
     ));
 
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -1371,6 +1374,46 @@ async fn silent_and_idle_http_connections_are_closed() {
         reply.to_text().unwrap().contains(r#""type":"ack""#),
         "{reply}"
     );
+}
+
+/// A client that sends requests and reads none of the answers holds its connection only
+/// until a write to it has found no room for the write timeout. (hyper reads the next
+/// request, and so starts its header timeout, only once an answer is written out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_no_answer_is_dropped_after_the_write_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::new().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ms = std::time::Duration::from_millis;
+    tokio::spawn(mindsp_server::serve_with(
+        listener,
+        app.app.clone(),
+        std::future::pending(),
+        std::time::Duration::from_secs(1),
+        mindsp_server::ConnectionTimeouts {
+            header: ms(300),
+            write: ms(300),
+        },
+    ));
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(addr).await.unwrap();
+    let (_unread, mut requests) = stream.into_split();
+    // Requests, pipelined, until the server drops the connection; never an answer read.
+    let chunk = b"GET /healthz HTTP/1.1\r\nHost: mindsp\r\n\r\n".repeat(1000);
+    let sent = tokio::spawn(async move {
+        let mut chunks = 0u64;
+        while requests.write_all(&chunk).await.is_ok() {
+            chunks += 1;
+        }
+        chunks
+    });
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), sent).await;
+    let chunks = ended
+        .expect("the server never dropped the connection")
+        .unwrap();
+    assert!(chunks > 0);
 }
 
 /// Guesses sent in parallel for one account are checked one at a time: the others are
@@ -1495,7 +1538,10 @@ async fn new_connections_are_refused_once_the_shutdown_begins() {
             let _ = stopped.await;
         },
         std::time::Duration::from_secs(20),
-        std::time::Duration::from_secs(5),
+        mindsp_server::ConnectionTimeouts {
+            header: std::time::Duration::from_secs(5),
+            ..Default::default()
+        },
     ));
     // A request under way (its headers half sent) keeps the server draining.
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -1248,6 +1248,50 @@ async fn connect_when_room(url: &str) -> Client {
     }
 }
 
+/// A client that stops reading while its system still answers (a frozen app): once a
+/// write to it has found no room for the write timeout, its connection goes, and its
+/// slot on the node with it. Its queue is large enough never to overflow (no 4008), and
+/// its writer, blocked in a write, could not act on the idle timeout that passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
+    const EVENTS: i64 = 8_000;
+    let mut cfg = config();
+    cfg.ws.queue_capacity = 2 * EVENTS as usize;
+    cfg.ws.idle_timeout = Duration::from_secs(1);
+    cfg.ws.max_connections = 1;
+    let timeouts = mindsp_server::ConnectionTimeouts {
+        write: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let s = Server::start_with(cfg, timeouts).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let _frozen = s.connect(&bob).await;
+    let hub = s.state.realtime.hub().clone();
+    // About 24 MB, more than the two sockets' buffers hold.
+    let text = "feu de broussailles, renfort demandé ".repeat(80);
+    for seq in 1..=EVENTS {
+        hub.deliver(Envelope::to_users(
+            bob.actor.tenant_id,
+            vec![bob.actor.user_id],
+            Event::NewMessage {
+                conversation_id: conv.parse().unwrap(),
+                message: mindsp_core::model::Message {
+                    id: mindsp_core::MessageId::new(),
+                    conversation_id: conv.parse().unwrap(),
+                    sender_id: alice.actor.user_id,
+                    seq,
+                    content: text.clone(),
+                    idempotency_key: None,
+                    created_at: mindsp_core::model::now(),
+                },
+            },
+        ));
+    }
+    let mut next = connect_when_room(&s.ws_url(&alice.token)).await;
+    next.ok("ping", json!({})).await;
+    assert_eq!(hub.slow_disconnects(), 0, "not cut as too slow");
+}
+
 /// A client that only listens answers nothing but pings: it must be pinged even while
 /// its connection's queue is never empty (else it is closed as silent, 4002, after the
 /// idle timeout). The writer always has events waiting here, and pings still go out

@@ -10,7 +10,7 @@ use futures::{SinkExt, StreamExt};
 use mindsp_core::model::{NewUser, Role};
 use mindsp_core::ports::Store;
 use mindsp_core::{Actor, TenantId, UserId};
-use mindsp_server::{AppState, HttpConfig, router, serve};
+use mindsp_server::{AppState, HttpConfig, router};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tokio::net::TcpStream;
@@ -57,6 +57,13 @@ pub struct Person {
 
 impl Server {
     pub async fn start(config: HttpConfig) -> Self {
+        Self::start_with(config, mindsp_server::ConnectionTimeouts::default()).await
+    }
+
+    pub async fn start_with(
+        config: HttpConfig,
+        timeouts: mindsp_server::ConnectionTimeouts,
+    ) -> Self {
         let dir = std::env::temp_dir().join(format!("mindsp-ws-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("sqlite://{}", dir.join("test.db").display());
@@ -72,7 +79,8 @@ impl Server {
                 let _ = rx.await;
                 hub.shutdown();
             };
-            let _ = serve(listener, app, shutdown, Duration::from_secs(1)).await;
+            let grace = Duration::from_secs(1);
+            let _ = mindsp_server::serve_with(listener, app, shutdown, grace, timeouts).await;
         });
         Self {
             addr,
