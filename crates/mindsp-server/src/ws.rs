@@ -592,6 +592,44 @@ fn fragments(text: &str, max: usize) -> Vec<Frame> {
     frames
 }
 
+/// Where live delivery of a conversation started on a connection that had no cursor
+/// for it: messages below arrive afterwards only when published out of order (each
+/// message is published once, though a publish that timed out may also come back
+/// through Redis), and go out as they come; a later `resume` replays only what is
+/// still missing below.
+struct Floor {
+    /// The first message seen live, lowered while the ones just before it arrive.
+    seq: i64,
+    /// Messages further below already sent (at most [`HELD`]; beyond, a `resume` could
+    /// send one again).
+    early: Vec<i64>,
+}
+
+impl Floor {
+    fn at(seq: i64) -> Self {
+        Self {
+            seq,
+            early: Vec::new(),
+        }
+    }
+
+    /// Records `seq` (below the floor) as sent; false if it was already.
+    fn take(&mut self, seq: i64) -> bool {
+        if self.early.contains(&seq) {
+            return false;
+        }
+        if seq == self.seq - 1 {
+            self.seq = seq;
+            while let Some(i) = self.early.iter().position(|s| *s == self.seq - 1) {
+                self.seq = self.early.swap_remove(i);
+            }
+        } else if self.early.len() < HELD {
+            self.early.push(seq);
+        }
+        true
+    }
+}
+
 /// A `new_message` held until its predecessors are sent (see [`Writer::deliver`]).
 struct Held {
     conv: ConversationId,
@@ -1032,9 +1070,9 @@ struct Writer<'a> {
     closed: watch::Receiver<Option<CloseReason>>,
     /// Per conversation, the last `seq` delivered on this connection.
     cursors: HashMap<ConversationId, i64>,
-    /// Per conversation without a resume cursor, the first `seq` seen live: messages
-    /// below it that arrive later (published out of order) were never delivered here.
-    floors: HashMap<ConversationId, i64>,
+    /// Per conversation without a resume cursor, where live delivery started (see
+    /// [`Floor`]).
+    floors: HashMap<ConversationId, Floor>,
     /// Messages that arrived ahead of the next one expected in their conversation,
     /// held until the end of the batch (at most [`HELD`]).
     held: Vec<Held>,
@@ -1237,11 +1275,16 @@ impl Writer<'_> {
                 match self.cursors.get(&conv).copied() {
                     // First message seen live in this conversation: start there.
                     None => {
-                        self.floors.insert(conv, message.seq);
+                        self.floors.insert(conv, Floor::at(message.seq));
                     }
-                    // Older than where this connection started: each message is
-                    // published once, so it was not delivered here yet.
-                    Some(_) if self.floors.get(&conv).is_some_and(|f| message.seq < *f) => {
+                    // Older than where this connection started (published out of
+                    // order): sent once, and remembered so that neither a second copy
+                    // nor a `resume` sends it again.
+                    Some(_) if self.floors.get(&conv).is_some_and(|f| message.seq < f.seq) => {
+                        let floor = self.floors.get_mut(&conv).expect("just seen");
+                        if !floor.take(message.seq) {
+                            return Ok(());
+                        }
                         return self.feed_text(d.frame()).await;
                     }
                     Some(c) if message.seq <= c => return Ok(()),
@@ -1338,7 +1381,7 @@ impl Writer<'_> {
             let first = first.min().expect("one held message of conv");
             if let Some(at) = self.cursors.get(&conv).copied()
                 && first > at + 1
-                && self.replay(conv, at, Some(first - 1)).await?
+                && self.replay(conv, at, Some(first - 1), &[]).await?
             {
                 // The live message goes out even if the store lacked some before it
                 // (the replay keeps the cursor when it can see the conversation).
@@ -1351,13 +1394,15 @@ impl Writer<'_> {
     }
 
     /// Sends the stored messages after `from` (up to `to` when given) that this
-    /// connection has not delivered, moving the cursor. False when the user cannot see
-    /// the conversation (any more).
+    /// connection has not delivered, moving the cursor; those in `sent` were delivered
+    /// already, out of order. False when the user cannot see the conversation (any
+    /// more).
     async fn replay(
         &mut self,
         conv: ConversationId,
         from: i64,
         to: Option<i64>,
+        sent: &[i64],
     ) -> Result<bool, Stop> {
         let page = self.state.messaging.limits().max_page_size;
         let mut after = from;
@@ -1385,6 +1430,11 @@ impl Writer<'_> {
                     return Ok(true);
                 }
                 after = m.seq;
+                if sent.contains(&m.seq) {
+                    let at = self.cursors.entry(conv).or_insert(m.seq);
+                    *at = (*at).max(m.seq);
+                    continue;
+                }
                 self.send_stored(conv, m).await?;
             }
             if !full || to.is_some_and(|t| after >= t) {
@@ -1451,18 +1501,28 @@ impl Writer<'_> {
             // Replay what the client lacks: everything after its cursor, or, when some
             // were already sent live, only those before them (the rest follow live, as
             // they would have); never one it already has.
-            let found = match live {
+            let found = match &live {
                 Some((floor, _)) => {
-                    floor <= seq + 1 || self.replay(conv, seq, Some(floor - 1)).await?
+                    floor.seq <= seq + 1
+                        || self
+                            .replay(conv, seq, Some(floor.seq - 1), &floor.early)
+                            .await?
                 }
-                None => self.replay(conv, seq, None).await?,
+                None => self.replay(conv, seq, None, &[]).await?,
             };
             if !found {
                 not_found.push(conv);
                 continue;
             }
-            replayed += (self.cursors.get(&conv).copied().unwrap_or(seq) - seq) as usize;
-            if let Some((_, at)) = live {
+            let reached = self.cursors.get(&conv).copied().unwrap_or(seq);
+            replayed += (reached - seq) as usize;
+            if let Some((floor, at)) = live {
+                // Those sent live below the floor were not replayed.
+                replayed -= floor
+                    .early
+                    .iter()
+                    .filter(|&&e| e > seq && e <= reached)
+                    .count();
                 self.cursors.insert(conv, at);
             }
         }
@@ -1475,6 +1535,26 @@ impl Writer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Messages below the floor are sent once: the one just below lowers it (and takes
+    /// the ones already sent below that with it), others are remembered.
+    #[test]
+    fn a_floor_remembers_what_went_out_below_it() {
+        let mut f = Floor::at(20);
+        assert!(f.take(17));
+        assert!(f.take(15));
+        assert!(!f.take(17), "a second copy");
+        assert_eq!((f.seq, f.early.as_slice()), (20, &[17, 15][..]));
+        assert!(f.take(19));
+        assert!(f.take(18));
+        assert_eq!((f.seq, f.early.as_slice()), (17, &[15][..]));
+        assert!(f.take(16));
+        assert_eq!((f.seq, f.early.is_empty()), (15, true));
+        for seq in (0..14).rev().step_by(2) {
+            assert!(f.take(seq));
+        }
+        assert!(f.early.len() <= HELD);
+    }
 
     #[test]
     fn long_texts_go_out_in_fragments_split_between_characters() {
