@@ -630,6 +630,29 @@ impl Floor {
     }
 }
 
+/// How a replay from the store ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// Everything asked for went out (what the store has of it).
+    Done,
+    /// The user cannot see the conversation (any more); its cursor is gone.
+    NotMember,
+    /// The store could not be read; the cursor is at the last message sent.
+    Failed,
+}
+
+/// Tells the client to read `from_seq`..`last_seq` of `conv` over HTTP.
+fn resync_frame(conv: ConversationId, from_seq: i64, last_seq: i64) -> String {
+    json!({
+        "v": 1,
+        "type": "resync",
+        "conversation_id": conv,
+        "from_seq": from_seq,
+        "last_seq": last_seq,
+    })
+    .to_string()
+}
+
 /// A `new_message` held until its predecessors are sent (see [`Writer::deliver`]).
 struct Held {
     conv: ConversationId,
@@ -1381,12 +1404,23 @@ impl Writer<'_> {
             let first = first.min().expect("one held message of conv");
             if let Some(at) = self.cursors.get(&conv).copied()
                 && first > at + 1
-                && self.replay(conv, at, Some(first - 1), &[]).await?
             {
-                // The live message goes out even if the store lacked some before it
-                // (the replay keeps the cursor when it can see the conversation).
-                let at = self.cursors.entry(conv).or_insert(first - 1);
-                *at = (*at).max(first - 1);
+                match self.replay(conv, at, Some(first - 1), &[]).await? {
+                    Replay::NotMember => {}
+                    outcome => {
+                        // The store could not be read: the client reads the gap over
+                        // HTTP rather than never get it.
+                        if outcome == Replay::Failed {
+                            let reached = self.cursors.get(&conv).copied().unwrap_or(at);
+                            self.feed_text(&resync_frame(conv, reached, first - 1))
+                                .await?;
+                        }
+                        // The live message goes out even if the store lacked some
+                        // before it.
+                        let at = self.cursors.entry(conv).or_insert(first - 1);
+                        *at = (*at).max(first - 1);
+                    }
+                }
             }
             self.release_held(conv).await?;
         }
@@ -1395,15 +1429,14 @@ impl Writer<'_> {
 
     /// Sends the stored messages after `from` (up to `to` when given) that this
     /// connection has not delivered, moving the cursor; those in `sent` were delivered
-    /// already, out of order. False when the user cannot see the conversation (any
-    /// more).
+    /// already, out of order.
     async fn replay(
         &mut self,
         conv: ConversationId,
         from: i64,
         to: Option<i64>,
         sent: &[i64],
-    ) -> Result<bool, Stop> {
+    ) -> Result<Replay, Stop> {
         let page = self.state.messaging.limits().max_page_size;
         let mut after = from;
         loop {
@@ -1416,18 +1449,17 @@ impl Writer<'_> {
                 Ok(m) => m,
                 Err(Error::NotFound(_)) => {
                     self.cursors.remove(&conv);
-                    return Ok(false);
+                    return Ok(Replay::NotMember);
                 }
                 Err(e) => {
-                    // The live message still goes out; the client can resume later.
-                    tracing::warn!(error = %e, "cannot read history to fill a gap");
-                    return Ok(true);
+                    tracing::warn!(error = %e, "cannot read history to replay; the client is told to resync");
+                    return Ok(Replay::Failed);
                 }
             };
             let full = messages.len() as u32 == page;
             for m in messages {
                 if to.is_some_and(|t| m.seq > t) {
-                    return Ok(true);
+                    return Ok(Replay::Done);
                 }
                 after = m.seq;
                 if sent.contains(&m.seq) {
@@ -1438,7 +1470,7 @@ impl Writer<'_> {
                 self.send_stored(conv, m).await?;
             }
             if !full || to.is_some_and(|t| after >= t) {
-                return Ok(true);
+                return Ok(Replay::Done);
             }
         }
     }
@@ -1461,6 +1493,7 @@ impl Writer<'_> {
     async fn resume(&mut self, id: Value, cursors: Vec<(ConversationId, i64)>) -> Result<(), Stop> {
         let mut not_found = Vec::new();
         let mut resync = Vec::new();
+        let mut failed = Vec::new();
         let mut replayed = 0usize;
         for (conv, seq) in cursors {
             let last = match self.state.messaging.conversation(&self.actor, conv).await {
@@ -1469,9 +1502,11 @@ impl Writer<'_> {
                     not_found.push(conv);
                     continue;
                 }
+                // Nothing changed for it: the client resumes it again later.
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read a conversation to resume");
-                    seq
+                    failed.push(conv);
+                    continue;
                 }
             };
             // Messages of this conversation already delivered live on this connection,
@@ -1484,16 +1519,11 @@ impl Writer<'_> {
                 .filter(|&(_, at)| at > seq);
             if last - seq > self.state.ws.max_resume_messages {
                 // Too far behind to replay here: live events go on from the newest
-                // message, and the client reads what is between over HTTP.
-                self.cursors.insert(conv, last);
-                let frame = json!({
-                    "v": 1,
-                    "type": "resync",
-                    "conversation_id": conv,
-                    "from_seq": seq,
-                    "last_seq": last,
-                });
-                self.feed_text(&frame.to_string()).await?;
+                // message (or the newest already sent live), and the client reads what
+                // is between over HTTP.
+                let at = live.map_or(last, |(_, at)| at.max(last));
+                self.cursors.insert(conv, at);
+                self.feed_text(&resync_frame(conv, seq, last)).await?;
                 resync.push(conv);
                 continue;
             }
@@ -1501,18 +1531,31 @@ impl Writer<'_> {
             // Replay what the client lacks: everything after its cursor, or, when some
             // were already sent live, only those before them (the rest follow live, as
             // they would have); never one it already has.
-            let found = match &live {
+            let outcome = match &live {
+                Some((floor, _)) if floor.seq <= seq + 1 => Replay::Done,
                 Some((floor, _)) => {
-                    floor.seq <= seq + 1
-                        || self
-                            .replay(conv, seq, Some(floor.seq - 1), &floor.early)
-                            .await?
+                    self.replay(conv, seq, Some(floor.seq - 1), &floor.early)
+                        .await?
                 }
                 None => self.replay(conv, seq, None, &[]).await?,
             };
-            if !found {
-                not_found.push(conv);
-                continue;
+            match outcome {
+                Replay::Done => {}
+                Replay::NotMember => {
+                    not_found.push(conv);
+                    continue;
+                }
+                // The store failed midway: the rest is read over HTTP, as for a
+                // conversation too far behind, and live events go on.
+                Replay::Failed => {
+                    let reached = self.cursors.get(&conv).copied().unwrap_or(seq);
+                    let to = live.as_ref().map_or(last, |(floor, _)| floor.seq - 1);
+                    self.feed_text(&resync_frame(conv, reached, to)).await?;
+                    resync.push(conv);
+                    let at = live.as_ref().map_or(last, |&(_, at)| at);
+                    self.cursors.insert(conv, at.max(reached));
+                    continue;
+                }
             }
             let reached = self.cursors.get(&conv).copied().unwrap_or(seq);
             replayed += (reached - seq) as usize;
@@ -1526,7 +1569,12 @@ impl Writer<'_> {
                 self.cursors.insert(conv, at);
             }
         }
-        let body = json!({ "replayed": replayed, "not_found": not_found, "resync": resync });
+        let body = json!({
+            "replayed": replayed,
+            "not_found": not_found,
+            "resync": resync,
+            "failed": failed,
+        });
         self.feed_text(&ack(&id, body)).await?;
         self.flush().await
     }

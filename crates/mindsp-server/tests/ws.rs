@@ -838,6 +838,90 @@ async fn messages_below_the_first_live_one_go_out_once() {
     assert_eq!(got["message"]["seq"], m.message().seq);
 }
 
+/// When the store cannot be read to replay (a storage fault: here its tables are renamed
+/// away for a while), the client is told to read the gap over HTTP (`resync`) rather
+/// than miss it, both in a `resume` and when a live message arrives ahead of the one
+/// expected; a conversation that cannot be read at all is listed in the ack's `failed`,
+/// with nothing changed for it, and resumes once the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_the_store_cannot_serve_asks_for_a_resync() {
+    use sqlx::Connection;
+    let s = Server::start(config()).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let id: mindsp_core::ConversationId = conv.parse().unwrap();
+    for i in 1..=8 {
+        s.state
+            .messaging
+            .send(&alice.actor, id, &format!("m{i}"), None)
+            .await
+            .unwrap();
+    }
+    let mut b = s.connect(&bob).await;
+    let url = format!("sqlite://{}", s.database().display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+    sqlx::query(&rename("messages", "messages_away"))
+        .execute(&mut db)
+        .await
+        .unwrap();
+
+    let ack = b.ok("resume", json!({"cursors": {conv.clone(): 2}})).await;
+    assert_eq!(ack["resync"], json!([conv]), "{ack}");
+    let told = b.next("resync").await;
+    assert_eq!(
+        (told["from_seq"].as_i64(), told["last_seq"].as_i64()),
+        (Some(2), Some(8))
+    );
+
+    // A live message ahead of the next one expected: the gap cannot be read either.
+    let ahead = mindsp_core::model::Message {
+        id: mindsp_core::MessageId::new(),
+        conversation_id: id,
+        sender_id: alice.actor.user_id,
+        seq: 11,
+        content: "m11".into(),
+        idempotency_key: None,
+        created_at: mindsp_core::model::now(),
+    };
+    s.state.realtime.hub().deliver(Envelope::to_users(
+        bob.actor.tenant_id,
+        vec![bob.actor.user_id],
+        Event::NewMessage {
+            conversation_id: id,
+            message: ahead,
+        },
+    ));
+    let first = b.next_any().await;
+    assert_eq!(first["type"], "resync", "told before the message: {first}");
+    assert_eq!(
+        (first["from_seq"].as_i64(), first["last_seq"].as_i64()),
+        (Some(8), Some(10))
+    );
+    assert_eq!(b.next("new_message").await["message"]["seq"], 11);
+
+    // A conversation that cannot be read at all.
+    sqlx::query(&rename("conversations", "conversations_away"))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let ack = b.ok("resume", json!({"cursors": {conv.clone(): 11}})).await;
+    assert_eq!(ack["failed"], json!([conv]), "{ack}");
+    for (away, table) in [
+        ("conversations_away", "conversations"),
+        ("messages_away", "messages"),
+    ] {
+        sqlx::query(&rename(away, table))
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    let ack = b.ok("resume", json!({"cursors": {conv.clone(): 6}})).await;
+    assert_eq!(
+        (ack["failed"].clone(), ack["replayed"].clone()),
+        (json!([]), json!(2))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_pinged_and_reaped() {
     let mut cfg = config();

@@ -92,6 +92,11 @@ impl Server {
         }
     }
 
+    /// The SQLite file the server runs on.
+    pub fn database(&self) -> std::path::PathBuf {
+        self.dir.join("test.db")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
