@@ -16,8 +16,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use mindsp_core::events::{Audience, Envelope, Event};
 use mindsp_core::{TenantId, UserId};
@@ -215,7 +215,15 @@ pub struct Hub {
     skipped: AtomicU64,
     /// How many times [`Hub::events_lost`] was called.
     losses: watch::Sender<u64>,
+    /// When each account's connections were last closed for good reason (deactivated,
+    /// password changed), for [`Hub::register_checked`]; kept [`REVOKED_KEPT`].
+    revoked: Mutex<HashMap<(TenantId, UserId), (Instant, CloseReason)>>,
 }
+
+/// How long [`Hub::register_checked`] remembers an account's connections were closed:
+/// longer than any connection takes from its account check to its registration (the
+/// upgrade, bounded by the server's write timeout).
+const REVOKED_KEPT: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -281,6 +289,7 @@ impl Hub {
             dropped: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             losses: watch::Sender::new(0),
+            revoked: Mutex::new(HashMap::new()),
         })
     }
 
@@ -302,6 +311,19 @@ impl Hub {
         tenant: TenantId,
         user: UserId,
     ) -> Option<(Connection, bool)> {
+        self.register_checked(tenant, user, None)
+    }
+
+    /// [`Hub::register`] for a connection whose account was found active, with this
+    /// password, at `checked`: if its connections were closed since ([`Hub::close_user`]
+    /// for a deactivation or a password change, which could not see this one yet), it
+    /// is registered already asked to close, for the same reason.
+    pub fn register_checked(
+        self: &Arc<Self>,
+        tenant: TenantId,
+        user: UserId,
+        checked: Option<Instant>,
+    ) -> Option<(Connection, bool)> {
         let mailbox = Arc::new(Mailbox {
             queue: Queue::new(KEPT_SLOTS),
             skipped: AtomicBool::new(false),
@@ -322,11 +344,20 @@ impl Hub {
             {
                 oldest.close(CloseReason::Superseded);
             }
-            slots.push(Slot {
+            let slot = Slot {
                 id,
                 mailbox: mailbox.clone(),
                 close: close_tx,
-            });
+            };
+            if let Some(checked) = checked {
+                let revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(&(at, reason)) = revoked.get(&(tenant, user))
+                    && at >= checked
+                {
+                    slot.close(reason);
+                }
+            }
+            slots.push(slot);
             self.live.fetch_add(1, Ordering::SeqCst);
             slots.len() == 1
         };
@@ -504,8 +535,19 @@ impl Hub {
             .collect()
     }
 
-    /// Asks every local connection of `user` to close.
+    /// Asks every local connection of `user` to close. For a deactivation or a password
+    /// change, connections of theirs checked before now and registered later are closed
+    /// too ([`Hub::register_checked`]).
     pub fn close_user(&self, tenant: TenantId, user: UserId, reason: CloseReason) {
+        if matches!(
+            reason,
+            CloseReason::Deactivated | CloseReason::PasswordChanged
+        ) {
+            let now = Instant::now();
+            let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            revoked.retain(|_, (at, _)| now.duration_since(*at) < REVOKED_KEPT);
+            revoked.insert((tenant, user), (now, reason));
+        }
         let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
         if let Some(slots) = tenants.get(&tenant).and_then(|u| u.get(&user)) {
             slots.iter().for_each(|s| s.close(reason));
@@ -825,6 +867,33 @@ mod tests {
         assert!(hub.register(t, u).is_none());
         drop((c, d, e1, e2));
         assert!(hub.drained(Duration::from_secs(1)).await);
+    }
+
+    /// A connection whose account was checked before its connections were closed (a
+    /// deactivation, a password change) but registered after is closed at once; one
+    /// checked after, and other users' and other tenants', are not.
+    #[test]
+    fn a_connection_checked_before_its_account_was_closed_is_closed_when_registered() {
+        let hub = Hub::new(4);
+        let (t, other_tenant) = (TenantId::new(), TenantId::new());
+        let (u, v) = (UserId::new(), UserId::new());
+        let before = Instant::now();
+        hub.close_user(t, u, CloseReason::PasswordChanged);
+        hub.close_user(t, v, CloseReason::TooSlow);
+        let after = Instant::now();
+        let (late, _) = hub.register_checked(t, u, Some(before)).unwrap();
+        assert_eq!(*late.closed.borrow(), Some(CloseReason::PasswordChanged));
+        for (tenant, user, checked) in [
+            (t, u, after),
+            (t, v, before),
+            (other_tenant, u, before),
+        ] {
+            let (c, _) = hub.register_checked(tenant, user, Some(checked)).unwrap();
+            assert_eq!(*c.closed.borrow(), None);
+        }
+        hub.close_user(t, v, CloseReason::Deactivated);
+        let (late, _) = hub.register_checked(t, v, Some(after)).unwrap();
+        assert_eq!(*late.closed.borrow(), Some(CloseReason::Deactivated));
     }
 
     #[test]

@@ -122,14 +122,16 @@ impl Realtime {
     /// Registers a connection of `user` and, when it brings them online, tells
     /// `watchers` (awaited only then): the people who share a conversation with them,
     /// not the whole tenant, whose every member would otherwise get an event for every
-    /// colleague who connects. `None` while shutting down.
+    /// colleague who connects. `None` while shutting down. `checked` is when the account
+    /// was found active (see [`Hub::register_checked`]).
     pub async fn open(
         &self,
         tenant: TenantId,
         user: UserId,
+        checked: std::time::Instant,
         watchers: impl Future<Output = Vec<UserId>> + Send,
     ) -> Option<Connection> {
-        let (conn, _) = self.hub.register(tenant, user)?;
+        let (conn, _) = self.hub.register_checked(tenant, user, Some(checked))?;
         if self.presence.connected(tenant, user).await {
             self.presence_changed(tenant, user, watchers.await, PresenceStatus::Online, None)
                 .await;

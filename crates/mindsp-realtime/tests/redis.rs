@@ -3,7 +3,7 @@
 //! stacks in one process stand for two nodes.
 
 use std::future::ready;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fred::interfaces::{ClientLike, LuaInterface};
 use mindsp_core::events::{Envelope, Event, PresenceStatus, TypingState};
@@ -104,17 +104,26 @@ async fn presence_is_shared_and_a_dead_node_is_swept_once() {
     let n2 = Realtime::redis(&c, 64).await.unwrap();
     let t = TenantId::new();
     let (u, watcher) = (UserId::new(), UserId::new());
-    let mut w = n2.open(t, watcher, ready(vec![u])).await.unwrap();
+    let mut w = n2
+        .open(t, watcher, Instant::now(), ready(vec![u]))
+        .await
+        .unwrap();
 
     // Online on node 1: node 2 is told and its query agrees.
-    let a = n1.open(t, u, ready(vec![watcher])).await.unwrap();
+    let a = n1
+        .open(t, u, Instant::now(), ready(vec![watcher]))
+        .await
+        .unwrap();
     let f = next_about(&mut w, u).await;
     assert!(f.contains(r#""status":"online""#), "{f}");
     let q = n2.presence(t, &[u, UserId::new()]).await.unwrap();
     assert_eq!(q[0].status, PresenceStatus::Online);
     assert_eq!(q[1].status, PresenceStatus::Offline);
     // A second connection on node 2, closed again: no event, still online.
-    let b = n2.open(t, u, ready(vec![watcher])).await.unwrap();
+    let b = n2
+        .open(t, u, Instant::now(), ready(vec![watcher]))
+        .await
+        .unwrap();
     n2.close(b, ready(vec![watcher])).await;
     assert_eq!(
         n1.presence(t, &[u]).await.unwrap()[0].status,
@@ -156,8 +165,14 @@ async fn a_leaving_node_stops_its_heartbeats_and_is_swept() {
     let n2 = Realtime::redis(&c, 64).await.unwrap();
     let t = TenantId::new();
     let (u, watcher) = (UserId::new(), UserId::new());
-    let mut w = n2.open(t, watcher, ready(vec![u])).await.unwrap();
-    let a = n1.open(t, u, ready(vec![watcher])).await.unwrap();
+    let mut w = n2
+        .open(t, watcher, Instant::now(), ready(vec![u]))
+        .await
+        .unwrap();
+    let a = n1
+        .open(t, u, Instant::now(), ready(vec![watcher]))
+        .await
+        .unwrap();
     let f = next_about(&mut w, u).await;
     assert!(f.contains(r#""status":"online""#), "{f}");
 
@@ -186,10 +201,13 @@ async fn a_node_puts_its_drifted_presence_right_at_its_resync() {
     let t = TenantId::new();
     let (here, gone, watcher) = (UserId::new(), UserId::new(), UserId::new());
     let mut w = node
-        .open(t, watcher, ready(vec![here, gone]))
+        .open(t, watcher, Instant::now(), ready(vec![here, gone]))
         .await
         .unwrap();
-    let _conn = node.open(t, here, ready(vec![watcher])).await.unwrap();
+    let _conn = node
+        .open(t, here, Instant::now(), ready(vec![watcher]))
+        .await
+        .unwrap();
     let f = next_about(&mut w, here).await;
     assert!(f.contains(r#""status":"online""#), "{f}");
 
@@ -250,12 +268,19 @@ async fn a_large_drift_is_put_right_over_several_heartbeats() {
     let node = Realtime::redis(&c, 4 * DRIFT).await.unwrap();
     let (t, t2) = (TenantId::new(), TenantId::new());
     let watcher = UserId::new();
-    let mut w = node.open(t, watcher, ready(vec![])).await.unwrap();
+    let mut w = node
+        .open(t, watcher, Instant::now(), ready(vec![]))
+        .await
+        .unwrap();
     // Users connected here, of another tenant (the watcher hears nothing of them).
     let held: Vec<UserId> = (0..HELD).map(|_| UserId::new()).collect();
     let mut conns = Vec::new();
     for u in &held {
-        conns.push(node.open(t2, *u, ready(vec![])).await.unwrap());
+        conns.push(
+            node.open(t2, *u, Instant::now(), ready(vec![]))
+                .await
+                .unwrap(),
+        );
     }
     let gone: Vec<UserId> = (0..DRIFT).map(|_| UserId::new()).collect();
     let admin =

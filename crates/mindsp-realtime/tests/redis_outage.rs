@@ -388,7 +388,12 @@ async fn a_redis_that_hangs_costs_one_timeout_not_one_per_send() {
         // Presence writes too: each opening writes the user's presence.
         for _ in 0..SENDS {
             let opened = a
-                .open(tenant, UserId::new(), std::future::ready(Vec::new()))
+                .open(
+                    tenant,
+                    UserId::new(),
+                    std::time::Instant::now(),
+                    std::future::ready(Vec::new()),
+                )
                 .await;
             drop(opened);
         }
@@ -447,7 +452,12 @@ async fn missed_disconnection(again: bool) {
     let (tenant, user, watcher) = (TenantId::new(), UserId::new(), UserId::new());
     let (mut w, _) = b.hub().register(tenant, watcher).unwrap();
     let conn = a
-        .open(tenant, user, std::future::ready(vec![watcher]))
+        .open(
+            tenant,
+            user,
+            std::time::Instant::now(),
+            std::future::ready(vec![watcher]),
+        )
         .await
         .unwrap();
     let online = next(&mut w, "online").await;
@@ -466,7 +476,12 @@ async fn missed_disconnection(again: bool) {
     a.close(conn, std::future::ready(vec![watcher])).await;
     if again {
         let conn = a
-            .open(tenant, user, std::future::ready(vec![watcher]))
+            .open(
+                tenant,
+                user,
+                std::time::Instant::now(),
+                std::future::ready(vec![watcher]),
+            )
             .await
             .unwrap();
         a.close(conn, std::future::ready(vec![watcher])).await;
@@ -539,6 +554,7 @@ async fn a_redis_outage_blocks_nobody_and_ends_with_a_notice() {
         node.open(
             TenantId::new(),
             UserId::new(),
+            std::time::Instant::now(),
             std::future::ready(Vec::new()),
         ),
     )

@@ -194,7 +194,7 @@ pub(crate) async fn handler(
 ) -> Response {
     let state = state.sockets.clone();
     match accept(&state, &headers, query.as_deref()).await {
-        Ok((actor, expires, slot)) => {
+        Ok((actor, expires, checked, slot)) => {
             let upgrade = match upgrade {
                 Ok(u) => u,
                 Err(_) => {
@@ -218,19 +218,28 @@ pub(crate) async fn handler(
             upgrade.on_upgrade(config, threshold, move |socket| async move {
                 // Held until the socket is gone, closing handshake included.
                 let _slot = slot;
-                run(state, actor, expires, socket).await;
+                run(state, actor, expires, checked, socket).await;
             })
         }
         Err(e) => e.into_response(),
     }
 }
 
-/// The actor, the token's expiry and the connection's slot of an upgrade that may go on.
+/// The actor, the token's expiry, when the account was checked, and the connection's
+/// slot of an upgrade that may go on.
 async fn accept(
     state: &Shared,
     headers: &HeaderMap,
     query: Option<&str>,
-) -> Result<(Actor, i64, tokio::sync::OwnedSemaphorePermit), ApiError> {
+) -> Result<
+    (
+        Actor,
+        i64,
+        std::time::Instant,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+    ApiError,
+> {
     let unavailable =
         |code, message| ApiError::http(StatusCode::SERVICE_UNAVAILABLE, code, message);
     check_origin(&state.ws.allowed_origins, headers)?;
@@ -242,6 +251,9 @@ async fn accept(
             "this server holds all the connections it may: connect again later or elsewhere",
         )
     })?;
+    // Before the read: a deactivation or password change that the read might not see
+    // closes the connection once registered (`Hub::register_checked`).
+    let checked = std::time::Instant::now();
     let (actor, expires) = authenticate(state, &token).await?;
     if state.realtime.hub().is_closing() {
         return Err(unavailable(
@@ -249,7 +261,7 @@ async fn accept(
             "this server is shutting down: connect again",
         ));
     }
-    Ok((actor, expires, slot))
+    Ok((actor, expires, checked, slot))
 }
 
 fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
@@ -382,9 +394,20 @@ impl Handoff {
     }
 }
 
-async fn run(state: Arc<Shared>, actor: Actor, expires: i64, socket: Socket) {
+async fn run(
+    state: Arc<Shared>,
+    actor: Actor,
+    expires: i64,
+    checked: std::time::Instant,
+    socket: Socket,
+) {
     let realtime = state.realtime.clone();
-    let opened = realtime.open(actor.tenant_id, actor.user_id, watchers(&state, actor));
+    let opened = realtime.open(
+        actor.tenant_id,
+        actor.user_id,
+        checked,
+        watchers(&state, actor),
+    );
     let Some(mut conn) = Box::pin(opened).await else {
         let (mut sink, _) = socket.split();
         let _ = sink

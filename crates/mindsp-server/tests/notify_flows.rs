@@ -138,7 +138,12 @@ async fn an_offline_member_gets_one_digest_and_a_reader_none() {
     w.messaging.mark_read(&c, group.id, None).await.unwrap();
     let realtime = Realtime::in_process(16);
     let _d_online = realtime
-        .open(w.tenant, d.user_id, std::future::ready(Vec::new()))
+        .open(
+            w.tenant,
+            d.user_id,
+            std::time::Instant::now(),
+            std::future::ready(Vec::new()),
+        )
         .await
         .unwrap();
 
@@ -591,7 +596,12 @@ async fn no_digest_while_presence_is_unknown() {
         .await
         .unwrap();
     let _d_online = realtime
-        .open(w.tenant, d.user_id, std::future::ready(Vec::new()))
+        .open(
+            w.tenant,
+            d.user_id,
+            std::time::Instant::now(),
+            std::future::ready(Vec::new()),
+        )
         .await
         .unwrap();
 
