@@ -883,11 +883,7 @@ mod tests {
         let after = Instant::now();
         let (late, _) = hub.register_checked(t, u, Some(before)).unwrap();
         assert_eq!(*late.closed.borrow(), Some(CloseReason::PasswordChanged));
-        for (tenant, user, checked) in [
-            (t, u, after),
-            (t, v, before),
-            (other_tenant, u, before),
-        ] {
+        for (tenant, user, checked) in [(t, u, after), (t, v, before), (other_tenant, u, before)] {
             let (c, _) = hub.register_checked(tenant, user, Some(checked)).unwrap();
             assert_eq!(*c.closed.borrow(), None);
         }

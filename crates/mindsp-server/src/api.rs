@@ -211,6 +211,15 @@ pub(crate) async fn update_user(
             "nothing to change: give `active`, `password` or both",
         ));
     }
+    // Their own goes through `POST /api/me/password`, which asks for the current one: a
+    // session left open must not be enough to take the account over.
+    if req.password.is_some() && id == auth.actor.user_id {
+        return Err(Error::conflict(
+            "own_password",
+            "change your own password with POST /api/me/password",
+        )
+        .into());
+    }
     if let Some(password) = req.password {
         auth::check_new_password(&password)?;
         let hash = state.passwords.hash(password).await?;

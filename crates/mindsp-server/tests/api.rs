@@ -1674,6 +1674,21 @@ async fn passwords_are_changed_by_their_user_or_reset_by_an_admin() {
         (r.status, r.code()),
         (StatusCode::UNPROCESSABLE_ENTITY, "invalid_body")
     );
+    // Not their own: that needs the current password, and nothing changes.
+    let me = app.get("/api/me", &admin).await.body["user"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = app
+        .call(
+            Method::PATCH,
+            &format!("/api/admin/users/{me}"),
+            Some(&admin),
+            Some(json!({"password": "Je-prends-la-main-1", "active": false})),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, "own_password"));
+    assert_eq!(app.get("/api/me", &admin).await.status, StatusCode::OK);
     let r = reset(admin.clone(), json!({"password": "Garde-du-jour-7"})).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["user"]["active"], true);
