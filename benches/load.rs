@@ -39,8 +39,9 @@
 //! per-connection command rate limit is lifted (`--ws-rate`/`--ws-burst` 10,000),
 //! because one generated client sends for a whole user's day in seconds; the token
 //! secret is given (`MINDSP_JWT_SECRET`) so that the bench mints its own tokens; and
-//! the connection cap is lifted (`--ws-max-connections`; its default keeps 1,024 of the
-//! open-file limit for the rest), so the idle scenario meets the open-file limit itself.
+//! the connection caps are lifted (`--ws-max-connections` and `--max-connections`; their
+//! defaults keep 1,024 and 256 of the open-file limit for the rest), so the idle scenario
+//! meets the open-file limit itself.
 //!
 //! Setup shortcuts (before the server starts, through the store library on the same
 //! file): users are inserted directly, all with the *same* argon2 hash computed once
@@ -668,7 +669,8 @@ impl ServerProc {
             .arg("--listen")
             .arg(addr.to_string())
             .args(["--log", "warn", "--ws-rate", "10000", "--ws-burst", "10000"])
-            .args(["--ws-max-connections", "100000000"]);
+            .args(["--ws-max-connections", "100000000"])
+            .args(["--max-connections", "100000000"]);
         if let Backend::Postgres {
             redis_url, prefix, ..
         } = backend

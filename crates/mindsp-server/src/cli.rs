@@ -18,7 +18,10 @@ use mindsp_queue::worker::{WorkerConfig, WorkerHandle};
 use crate::workers::{
     MailSettings, MailTransport, NotifyServices, WorkerSettings, parse_mailbox, start_worker,
 };
-use crate::{AppState, HttpConfig, auth, demo, router, serve, shutdown_signal};
+use crate::{
+    AppState, ConnectionLimits, HttpConfig, auth, default_max_connections, demo, router,
+    serve_with, shutdown_signal,
+};
 use mindsp_core::notify::{Notifier, NotifyConfig};
 use mindsp_core::reminders::check_offsets;
 use mindsp_core::training::{Training, TrainingConfig};
@@ -124,6 +127,13 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, env = "MINDSP_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Connections served at once, HTTP and WebSocket; beyond, new ones wait until one
+    /// closes. Default: the open-file limit, raised to its maximum at start, less 256
+    /// kept for the database and the rest (or three quarters of it when small).
+    #[arg(long, env = "MINDSP_MAX_CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    pub max_connections: Option<u32>,
 
     /// Longest message in characters.
     #[arg(long, env = "MINDSP_MAX_MESSAGE_CHARS", default_value_t = 4000)]
@@ -325,6 +335,17 @@ pub struct WsArgs {
     #[arg(long, env = "MINDSP_WS_MAX_CONNECTIONS_PER_USER", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub ws_max_connections_per_user: u32,
+}
+
+impl ServeArgs {
+    fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self
+                .max_connections
+                .map_or_else(default_max_connections, |n| n as usize),
+            ..ConnectionLimits::default()
+        }
+    }
 }
 
 impl WsArgs {
@@ -604,7 +625,7 @@ async fn run_serve(
         shutdown.await;
         realtime.shutdown().await;
     };
-    let served = serve(listener, app, shutdown, grace).await;
+    let served = serve_with(listener, app, shutdown, grace, args.connection_limits()).await;
     if !state.close_websockets(grace).await {
         tracing::warn!("some WebSockets did not close within the grace period");
     }
@@ -866,7 +887,7 @@ mod tests {
     }
 
     #[test]
-    fn the_connection_caps_reach_the_websocket_config() {
+    fn the_connection_caps_reach_the_configs() {
         let set = ws_config(&[
             "mindsp-server",
             "serve",
@@ -890,9 +911,25 @@ mod tests {
             assert!((default.max_connections as u64) < soft, "room is kept");
             assert!(default.max_connections as u64 >= soft / 2);
         }
+        let limits = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Some(Command::Serve(serve)) => serve.connection_limits(),
+            _ => panic!("not serve"),
+        };
+        let set = limits(&["mindsp-server", "serve", "--max-connections", "7"]);
+        assert_eq!(set.max_connections, 7);
+        if std::env::var_os("MINDSP_MAX_CONNECTIONS").is_none() {
+            let default = limits(&["mindsp-server", "serve"]).max_connections;
+            let (soft, _) = rlimit::Resource::NOFILE.get().unwrap();
+            assert!((default as u64) < soft, "room is kept");
+            assert!(
+                default > crate::ws::default_max_connections(),
+                "and left to REST"
+            );
+        }
         for bad in [
             ["--ws-max-connections", "0"],
             ["--ws-max-connections-per-user", "0"],
+            ["--max-connections", "0"],
         ] {
             let args = ["mindsp-server", "serve", bad[0], bad[1]];
             let err = ws_config(&args).expect_err("zero is refused");

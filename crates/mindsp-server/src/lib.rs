@@ -369,57 +369,73 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// slot on the node, for good.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Timeouts of every connection [`serve_with`] accepts.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionTimeouts {
-    /// See [`HEADER_TIMEOUT`].
-    pub header: Duration,
-    /// See [`WRITE_TIMEOUT`].
-    pub write: Duration,
+/// Open files a node keeps for itself (database, its files, Redis, logs) out of its
+/// open-file limit: connections from clients may not take them.
+const FILES_KEPT: u64 = 256;
+
+/// The default [`ConnectionLimits::max_connections`]: the open-file limit less
+/// [`FILES_KEPT`], or three quarters of it when small. The WebSocket cap
+/// (`WsConfig::max_connections`) keeps more back, so REST still has room when every
+/// WebSocket slot is taken.
+pub fn default_max_connections() -> usize {
+    match rlimit::Resource::NOFILE.get() {
+        Ok((soft, _)) => {
+            let cap = soft.saturating_sub(FILES_KEPT).max(soft / 4 * 3);
+            usize::try_from(cap).unwrap_or(usize::MAX)
+        }
+        Err(_) => 10_000,
+    }
 }
 
-impl Default for ConnectionTimeouts {
+/// Limits of the connections [`serve_with`] accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// See [`HEADER_TIMEOUT`].
+    pub header_timeout: Duration,
+    /// See [`WRITE_TIMEOUT`].
+    pub write_timeout: Duration,
+    /// Connections open at once, upgraded WebSockets included. Beyond, new ones wait in
+    /// the listener's backlog until one closes: running out of open files would also
+    /// stop the node from reaching its database.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
-            header: HEADER_TIMEOUT,
-            write: WRITE_TIMEOUT,
+            header_timeout: HEADER_TIMEOUT,
+            write_timeout: WRITE_TIMEOUT,
+            max_connections: default_max_connections(),
         }
     }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight requests
 /// finish for at most `grace` before returning. Every accepted connection gets
-/// `TCP_NODELAY` ([`no_delay`]), [`HEADER_TIMEOUT`] and [`WRITE_TIMEOUT`].
+/// `TCP_NODELAY` ([`no_delay`]) and the default [`ConnectionLimits`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    serve_with(
-        listener,
-        app,
-        shutdown,
-        grace,
-        ConnectionTimeouts::default(),
-    )
-    .await
+    serve_with(listener, app, shutdown, grace, ConnectionLimits::default()).await
 }
 
-/// [`serve`] with other connection timeouts.
+/// [`serve`] with other connection limits.
 pub async fn serve_with(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
-    timeouts: ConnectionTimeouts,
+    limits: ConnectionLimits,
 ) -> std::io::Result<()> {
     // `true` once the shutdown began; every connection task holds a receiver, so that
     // `closed()` on the sender tells when the last one ended.
     let (stopping, stop) = tokio::sync::watch::channel(false);
     let (began, grace_starts) = tokio::sync::oneshot::channel::<()>();
     let served = async move {
-        accept_until(&listener, &app, &stop, shutdown, timeouts).await;
+        accept_until(&listener, &app, &stop, shutdown, limits).await;
         // Refuse new connections at once (a load balancer tries another node) rather
         // than leave them queued, unanswered, while the others finish.
         drop(listener);
@@ -451,10 +467,32 @@ async fn accept_until(
     app: &Router,
     stop: &tokio::sync::watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send,
-    timeouts: ConnectionTimeouts,
+    limits: ConnectionLimits,
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
+    let places = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut full_since: Option<std::time::Instant> = None;
     loop {
+        // A place first: beyond the cap, new connections wait in the backlog.
+        let place = match places.clone().try_acquire_owned() {
+            Ok(place) => place,
+            Err(_) => {
+                if full_since.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    full_since = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        max = limits.max_connections,
+                        "connection cap reached: new connections wait until one closes"
+                    );
+                }
+                tokio::select! {
+                    p = places.clone().acquire_owned() => match p {
+                        Ok(place) => place,
+                        Err(_) => return,
+                    },
+                    () = shutdown.as_mut() => return,
+                }
+            }
+        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             () = shutdown.as_mut() => return,
@@ -478,8 +516,8 @@ async fn accept_until(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(timeouts.header);
-            let io = stall::WriteDeadline::new(tcp, timeouts.write);
+                .header_read_timeout(limits.header_timeout);
+            let io = stall::WriteDeadline::new(tcp, limits.write_timeout).holding(place);
             let conn = builder
                 .serve_connection(hyper_util::rt::TokioIo::new(io), service)
                 .with_upgrades();

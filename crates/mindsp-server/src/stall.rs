@@ -1,4 +1,5 @@
-//! A connection whose writes may not stall for ever: [`WriteDeadline`].
+//! A connection whose writes may not stall for ever, and which holds its place among the
+//! node's connections while it lives: [`WriteDeadline`].
 //!
 //! A client that stops reading while its kernel still answers (a frozen app, or someone
 //! doing it on purpose) leaves the server's writes waiting for room that never comes.
@@ -15,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Sleep;
 
 /// Fails a write, flush or shutdown (`TimedOut`) once the socket has taken nothing for
@@ -27,6 +29,10 @@ pub(crate) struct WriteDeadline<T> {
     /// Armed by a write that found no room; boxed, so that a connection pays one pointer
     /// while its writes go through, which is nearly always.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// The connection's place among those the node serves at once
+    /// (`ConnectionLimits::max_connections`), given back when the socket is dropped:
+    /// after its WebSocket ends, for an upgraded one.
+    _place: Option<OwnedSemaphorePermit>,
 }
 
 impl<T> WriteDeadline<T> {
@@ -35,7 +41,14 @@ impl<T> WriteDeadline<T> {
             inner,
             limit,
             stalled: None,
+            _place: None,
         }
+    }
+
+    /// Holds `place` for as long as the socket lives.
+    pub(crate) fn holding(mut self, place: OwnedSemaphorePermit) -> Self {
+        self._place = Some(place);
+        self
     }
 
     /// Passes on what the socket answered; when it had no room, fails once that has

@@ -1343,8 +1343,8 @@ async fn silent_and_idle_http_connections_are_closed() {
         app.app.clone(),
         std::future::pending(),
         std::time::Duration::from_secs(1),
-        mindsp_server::ConnectionTimeouts {
-            header: std::time::Duration::from_millis(300),
+        mindsp_server::ConnectionLimits {
+            header_timeout: std::time::Duration::from_millis(300),
             ..Default::default()
         },
     ));
@@ -1391,9 +1391,10 @@ async fn a_client_that_reads_no_answer_is_dropped_after_the_write_timeout() {
         app.app.clone(),
         std::future::pending(),
         std::time::Duration::from_secs(1),
-        mindsp_server::ConnectionTimeouts {
-            header: ms(300),
-            write: ms(300),
+        mindsp_server::ConnectionLimits {
+            header_timeout: ms(300),
+            write_timeout: ms(300),
+            ..Default::default()
         },
     ));
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -1414,6 +1415,49 @@ async fn a_client_that_reads_no_answer_is_dropped_after_the_write_timeout() {
         .expect("the server never dropped the connection")
         .unwrap();
     assert!(chunks > 0);
+}
+
+/// Beyond `max_connections`, a new connection waits in the backlog, unanswered, until
+/// one closes; an upgraded WebSocket keeps its place until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::new().await;
+    let admin = app.tenant("sdis13").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(mindsp_server::serve_with(
+        listener,
+        app.app.clone(),
+        std::future::pending(),
+        std::time::Duration::from_secs(1),
+        mindsp_server::ConnectionLimits {
+            max_connections: 2,
+            ..Default::default()
+        },
+    ));
+    // A WebSocket and a connection that says nothing take both places.
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={admin}"))
+        .await
+        .unwrap();
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: mindsp\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = [0u8; 256];
+    let wait = std::time::Duration::from_millis(500);
+    let early = tokio::time::timeout(wait, third.read(&mut answer)).await;
+    assert!(early.is_err(), "answered beyond the cap: {early:?}");
+    // The WebSocket ends: its place goes to the third.
+    drop(ws);
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), third.read(&mut answer))
+        .await
+        .expect("answered once a place is free")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }
 
 /// Guesses sent in parallel for one account are checked one at a time: the others are
@@ -1538,8 +1582,8 @@ async fn new_connections_are_refused_once_the_shutdown_begins() {
             let _ = stopped.await;
         },
         std::time::Duration::from_secs(20),
-        mindsp_server::ConnectionTimeouts {
-            header: std::time::Duration::from_secs(5),
+        mindsp_server::ConnectionLimits {
+            header_timeout: std::time::Duration::from_secs(5),
             ..Default::default()
         },
     ));

@@ -1413,11 +1413,11 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     cfg.ws.queue_capacity = 2 * EVENTS as usize;
     cfg.ws.idle_timeout = Duration::from_secs(1);
     cfg.ws.max_connections = 1;
-    let timeouts = mindsp_server::ConnectionTimeouts {
-        write: Duration::from_millis(300),
+    let limits = mindsp_server::ConnectionLimits {
+        write_timeout: Duration::from_millis(300),
         ..Default::default()
     };
-    let s = Server::start_with(cfg, timeouts).await;
+    let s = Server::start_with(cfg, limits).await;
     let (alice, bob, conv) = alice_and_bob(&s).await;
     let _frozen = s.connect(&bob).await;
     let hub = s.state.realtime.hub().clone();

@@ -57,13 +57,10 @@ pub struct Person {
 
 impl Server {
     pub async fn start(config: HttpConfig) -> Self {
-        Self::start_with(config, mindsp_server::ConnectionTimeouts::default()).await
+        Self::start_with(config, mindsp_server::ConnectionLimits::default()).await
     }
 
-    pub async fn start_with(
-        config: HttpConfig,
-        timeouts: mindsp_server::ConnectionTimeouts,
-    ) -> Self {
+    pub async fn start_with(config: HttpConfig, limits: mindsp_server::ConnectionLimits) -> Self {
         let dir = std::env::temp_dir().join(format!("mindsp-ws-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("sqlite://{}", dir.join("test.db").display());
@@ -80,7 +77,7 @@ impl Server {
                 hub.shutdown();
             };
             let grace = Duration::from_secs(1);
-            let _ = mindsp_server::serve_with(listener, app, shutdown, grace, timeouts).await;
+            let _ = mindsp_server::serve_with(listener, app, shutdown, grace, limits).await;
         });
         Self {
             addr,
