@@ -39,7 +39,7 @@
 //! per-connection command rate limit is lifted (`--ws-rate`/`--ws-burst` 10,000),
 //! because one generated client sends for a whole user's day in seconds; the token
 //! secret is given (`MINDSP_JWT_SECRET`) so that the bench mints its own tokens; and
-//! the connection caps are lifted (`--ws-max-connections` and `--max-connections`; their
+//! the connection caps are lifted (`--ws-max-connections`, `MINDSP_MAX_CONNECTIONS`; their
 //! defaults keep 1,024 and 256 of the open-file limit for the rest), so the idle scenario
 //! meets the open-file limit itself.
 //!
@@ -670,7 +670,8 @@ impl ServerProc {
             .arg(addr.to_string())
             .args(["--log", "warn", "--ws-rate", "10000", "--ws-burst", "10000"])
             .args(["--ws-max-connections", "100000000"])
-            .args(["--max-connections", "100000000"]);
+            // By its variable: a server from before the setting ignores it.
+            .env("MINDSP_MAX_CONNECTIONS", "100000000");
         if let Backend::Postgres {
             redis_url, prefix, ..
         } = backend
