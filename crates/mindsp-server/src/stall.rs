@@ -25,7 +25,8 @@ use tokio::time::Sleep;
 /// nothing for minutes, rightly).
 pub(crate) struct WriteDeadline<T> {
     inner: T,
-    limit: Duration,
+    /// The limit in milliseconds (every WebSocket holds one of these: kept small).
+    limit_ms: u32,
     /// Armed by a write that found no room; boxed, so that a connection pays one pointer
     /// while its writes go through, which is nearly always.
     stalled: Option<Pin<Box<Sleep>>>,
@@ -39,7 +40,7 @@ impl<T> WriteDeadline<T> {
     pub(crate) fn new(inner: T, limit: Duration) -> Self {
         Self {
             inner,
-            limit,
+            limit_ms: u32::try_from(limit.as_millis()).unwrap_or(u32::MAX),
             stalled: None,
             _place: None,
         }
@@ -64,7 +65,7 @@ impl<T> WriteDeadline<T> {
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                let limit = self.limit;
+                let limit = Duration::from_millis(self.limit_ms.into());
                 let timer = self
                     .stalled
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
