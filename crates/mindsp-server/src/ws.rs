@@ -774,6 +774,22 @@ const COMMANDS: &[&str] = &[
     "ping",
 ];
 
+/// The `id` of a frame, and nothing else of it.
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<Value>,
+}
+
+/// Whether `id` may identify a command: a string of 1 to [`MAX_ID_BYTES`] bytes or an
+/// integer.
+fn valid_id(id: &Value) -> bool {
+    match id {
+        Value::String(s) => !s.is_empty() && s.len() <= MAX_ID_BYTES,
+        Value::Number(n) => n.is_u64() || n.is_i64(),
+        _ => false,
+    }
+}
+
 /// An error answered in an `error` frame.
 struct Refusal {
     code: &'static str,
@@ -859,8 +875,13 @@ impl Reader<'_> {
                             }
                         }
                         Some(Ok(Message::Binary(_))) => {
-                            let r = Refusal::new("unsupported_frame", "frames are JSON text; binary frames are not accepted");
-                            self.out.send(Out::Frame(error_frame(&Value::Null, &r))).await;
+                            let reply = if self.bucket.take(Instant::now()) {
+                                let r = Refusal::new("unsupported_frame", "frames are JSON text; binary frames are not accepted");
+                                error_frame(&Value::Null, &r)
+                            } else {
+                                self.rate_limited(&Value::Null)
+                            };
+                            self.out.send(Out::Frame(reply)).await;
                         }
                         Some(Ok(Message::Close(_))) => return Out::Gone,
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
@@ -884,9 +905,28 @@ impl Reader<'_> {
         }
     }
 
+    /// The answer to a frame beyond the rate limit.
+    fn rate_limited(&self, id: &Value) -> String {
+        let wait = self.bucket.wait().as_millis();
+        let r = Refusal::new(
+            "rate_limited",
+            format!("too many commands: slow down (retry in {wait} ms)"),
+        );
+        error_frame(id, &r)
+    }
+
     /// Handles one text frame; the reply to send, if any.
     async fn frame(&mut self, text: &str) -> Option<String> {
-        let allowed = self.bucket.take(Instant::now());
+        if !self.bucket.take(Instant::now()) {
+            // Refused without building the frame (it may be 64 KiB): only its `id` is
+            // looked for, to be answered with.
+            let id = serde_json::from_str::<IdOnly>(text)
+                .ok()
+                .and_then(|f| f.id)
+                .filter(valid_id)
+                .unwrap_or(Value::Null);
+            return Some(self.rate_limited(&id));
+        }
         let value: Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => {
@@ -899,19 +939,7 @@ impl Reader<'_> {
             return Some(error_frame(&Value::Null, &r));
         };
         let id = map.remove("id").unwrap_or(Value::Null);
-        let id_ok = match &id {
-            Value::String(s) => !s.is_empty() && s.len() <= MAX_ID_BYTES,
-            Value::Number(n) => n.is_u64() || n.is_i64(),
-            _ => false,
-        };
-        if !allowed {
-            let wait = self.bucket.wait().as_millis();
-            let r = Refusal::new(
-                "rate_limited",
-                format!("too many commands: slow down (retry in {wait} ms)"),
-            );
-            return Some(error_frame(if id_ok { &id } else { &Value::Null }, &r));
-        }
+        let id_ok = valid_id(&id);
         if id.is_null() {
             let r = Refusal::new("missing_id", "a command needs an `id` (string or integer)");
             return Some(error_frame(&Value::Null, &r));

@@ -413,6 +413,15 @@ async fn bad_frames_get_their_answers_and_the_server_keeps_serving() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Binary frames count too.
+    for _ in 0..50 {
+        a.ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    }
+    let mut codes = Vec::new();
+    while codes.len() < 50 {
+        codes.push(a.next("error").await["code"].as_str().unwrap().to_owned());
+    }
+    assert!(codes.iter().any(|c| c == "rate_limited"), "{codes:?}");
 
     // Oversize: closed with 1009.
     let mut big = s.connect(&alice).await;
