@@ -1460,6 +1460,29 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }
 
+/// A login whose account cannot be read (a storage fault: the users table is renamed
+/// away for a moment) gives the account back: the next login is checked, not refused
+/// as one still under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_the_store_fails_leaves_the_account_free() {
+    use sqlx::Connection;
+    let app = TestApp::new().await;
+    app.tenant("sdis13").await;
+    let url = format!("sqlite://{}", app.database().display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("ALTER TABLE users RENAME TO users_away")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let failed = try_login(&app, "sdis13", "admin@sdis13.fr", PASSWORD).await;
+    assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    sqlx::query("ALTER TABLE users_away RENAME TO users")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    app.login("sdis13", "admin@sdis13.fr", PASSWORD).await;
+}
+
 /// Guesses sent in parallel for one account are checked one at a time: the others are
 /// refused at once (429), so they cannot slip past the slowdown together.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1455,6 +1455,36 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     assert_eq!(hub.slow_disconnects(), 0, "not cut as too slow");
 }
 
+/// A client that asks for an upgrade and goes at once (before reading the 101, or
+/// right after it) gives its slot back: the node has only one here, and a real
+/// connection gets it afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_abandoned_by_their_client_give_their_slot_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for read_first in [false, true] {
+        let mut cfg = config();
+        cfg.ws.max_connections = 1;
+        let s = Server::start(cfg).await;
+        let (alice, _, _) = alice_and_bob(&s).await;
+        let request = format!(
+            "GET /ws?token={} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n",
+            alice.token, s.addr
+        );
+        let mut tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        if read_first {
+            let mut answer = [0u8; 12];
+            tcp.read_exact(&mut answer).await.unwrap();
+            assert_eq!(&answer, b"HTTP/1.1 101");
+        }
+        drop(tcp);
+        let mut c = connect_when_room(&s.ws_url(&alice.token)).await;
+        c.ok("ping", json!({})).await;
+    }
+}
+
 /// A client that only listens answers nothing but pings: it must be pinged even while
 /// its connection's queue is never empty (else it is closed as silent, 4002, after the
 /// idle timeout). The writer always has events waiting here, and pings still go out

@@ -70,6 +70,11 @@ impl TestApp {
         }
     }
 
+    /// The SQLite file the app runs on.
+    pub fn database(&self) -> std::path::PathBuf {
+        self.dir.join("test.db")
+    }
+
     /// The tenant of the user holding `token`.
     /// Every job of `tenant` (all queues, all states), newest change first.
     pub async fn jobs(&self, tenant: mindsp_core::TenantId) -> Vec<mindsp_core::jobs::Job> {
