@@ -266,6 +266,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/api", api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(axum::middleware::from_fn(to_completion))
         .layer(axum::middleware::from_fn_with_state(
             state.request_timeout,
             request_deadline,
@@ -346,6 +347,25 @@ async fn request_deadline(
             "request_timeout",
             "the request took too long (a body sent too slowly?)",
         )),
+    }
+}
+
+/// Runs each request on a task of its own, to its end even when its client goes or its
+/// deadline passes ([`request_deadline`] answers meanwhile): the service publishes what
+/// it commits after the commit, and a request dropped in between would leave a message
+/// stored but told to nobody live, or its mention e-mails never queued.
+async fn to_completion(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match tokio::spawn(next.run(req)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "a request's task failed");
+            axum::response::IntoResponse::into_response(ApiError::Core(
+                mindsp_core::Error::Storage("a request's task failed".to_owned()),
+            ))
+        }
     }
 }
 

@@ -774,6 +774,18 @@ const COMMANDS: &[&str] = &[
     "ping",
 ];
 
+/// Runs `work` (a command that commits, then publishes) on a task of its own, so that it
+/// runs to its end even if this connection closes meanwhile: dropped between its commit
+/// and its publication, a message would be stored but told to nobody live, and its
+/// mention e-mails never queued.
+async fn to_completion<T: Send + 'static>(
+    work: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::spawn(work)
+        .await
+        .unwrap_or_else(|e| Err(Error::Storage(format!("a command's task failed: {e}"))))
+}
+
 /// The `id` of a frame, and nothing else of it.
 #[derive(Deserialize)]
 struct IdOnly {
@@ -1004,15 +1016,19 @@ impl Reader<'_> {
                 idempotency_key,
                 mentions,
             } => {
-                let appended = messaging
-                    .send_with_mentions(
-                        actor,
-                        conversation_id,
-                        &content,
-                        idempotency_key,
-                        &mentions,
-                    )
-                    .await?;
+                let (messaging, actor) = (messaging.clone(), *actor);
+                let appended = to_completion(async move {
+                    messaging
+                        .send_with_mentions(
+                            &actor,
+                            conversation_id,
+                            &content,
+                            idempotency_key,
+                            &mentions,
+                        )
+                        .await
+                })
+                .await?;
                 Ok(Some(json!({
                     "message": appended.message(),
                     "created": appended.created(),
@@ -1022,7 +1038,11 @@ impl Reader<'_> {
                 conversation_id,
                 seq,
             } => {
-                let marker = messaging.mark_read(actor, conversation_id, seq).await?;
+                let (messaging, actor) = (messaging.clone(), *actor);
+                let marker = to_completion(async move {
+                    messaging.mark_read(&actor, conversation_id, seq).await
+                })
+                .await?;
                 Ok(Some(json!({ "last_read_seq": marker })))
             }
             Command::Typing {

@@ -1485,6 +1485,65 @@ async fn upgrades_abandoned_by_their_client_give_their_slot_back() {
     }
 }
 
+/// A message whose sender is cut off while it commits still reaches the other members
+/// once committed: over the socket when the node closes the connection meanwhile, over
+/// REST when the request's deadline passes meanwhile. (The database is locked for a
+/// moment by another connection, so the commit waits.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_cut_off_while_it_commits_is_still_published() {
+    use sqlx::Connection;
+    let mut cfg = config();
+    cfg.request_timeout = Duration::from_millis(300);
+    let s = Server::start(cfg).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let mut a = s.connect(&alice).await;
+    let mut b = s.connect(&bob).await;
+    let url = format!("sqlite://{}", s.database().display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    a.command(
+        "send",
+        json!({"conversation_id": conv, "content": "par le socket"}),
+    )
+    .await;
+    // The send is waiting for the database; the node closes the socket.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hub = s.state.realtime.hub();
+    hub.close_user(
+        alice.actor.tenant_id,
+        alice.actor.user_id,
+        mindsp_realtime::CloseReason::Superseded,
+    );
+    assert_eq!(a.close_code().await, Some(4009));
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    let m = b.next("new_message").await;
+    assert_eq!(m["message"]["content"], "par le socket");
+
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let (status, body) = s
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/conversations/{conv}/messages"),
+            &alice.token,
+            Some(json!({"content": "par REST"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (408, Some("request_timeout"))
+    );
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    let m = b.next("new_message").await;
+    assert_eq!(m["message"]["content"], "par REST");
+}
+
 /// A client that only listens answers nothing but pings: it must be pinged even while
 /// its connection's queue is never empty (else it is closed as silent, 4002, after the
 /// idle timeout). The writer always has events waiting here, and pings still go out
