@@ -621,12 +621,21 @@ async fn run_serve(
     // WebSockets are told to reconnect elsewhere (1012) as soon as the signal comes,
     // and presence is left to the other nodes from then on.
     let realtime = state.realtime.clone();
-    let shutdown = async move {
-        shutdown.await;
-        realtime.shutdown().await;
+    let signalled = Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let signalled = signalled.clone();
+        async move {
+            shutdown.await;
+            let _ = signalled.set(std::time::Instant::now());
+            realtime.shutdown().await;
+        }
     };
     let served = serve_with(listener, app, shutdown, grace, args.connection_limits()).await;
-    if !state.close_websockets(grace).await {
+    // The WebSockets were told at the signal: they share the requests' grace period.
+    let left = signalled
+        .get()
+        .map_or(grace, |at| grace.saturating_sub(at.elapsed()));
+    if !state.close_websockets(left).await {
         tracing::warn!("some WebSockets did not close within the grace period");
     }
     // HTTP first: in-flight requests finish (and may still enqueue jobs). Then the

@@ -512,12 +512,16 @@ pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            let from = std::mem::replace(&mut since, chrono::Utc::now() - CLOCK_MARGIN);
+            let started = chrono::Utc::now() - CLOCK_MARGIN;
+            // Moved on only once every account was read: a check the store failed
+            // leaves its changes to the next one.
+            let mut all_read = true;
             let hub = shared.realtime.hub();
             for (tenant, users) in hub.local_users() {
                 for users in users.chunks(ACCOUNT_CHECK_CHUNK) {
-                    let Some(to_close) = accounts_to_close(&shared, tenant, users, from).await
+                    let Some(to_close) = accounts_to_close(&shared, tenant, users, since).await
                     else {
+                        all_read = false;
                         continue;
                     };
                     for (user, reason) in to_close {
@@ -525,6 +529,9 @@ pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
                         hub.close_user(tenant, user, reason);
                     }
                 }
+            }
+            if all_read {
+                since = started;
             }
         }
     });
