@@ -66,7 +66,12 @@
 //! nodes' clocks need not agree; every node of a deployment must use the same `window`.
 //! A node that stops cleanly ([`Presence::leaving`], at SIGTERM) stops its heartbeats
 //! and writes no disconnection: it is swept like a dead one, and whoever reconnected to
-//! another node meanwhile stays online without an event. With a single server node,
+//! another node meanwhile stays online without an event. It also marks itself in
+//! `left` when it has nothing unpublished; sweeping a node without that mark (it died,
+//! and may have held events it could not publish) makes the sweeper publish
+//! `events_lost`, so that every node's clients catch up. Heartbeats run on a task of
+//! their own, so that a long turn of the other periodic work (announcing thousands of
+//! users again) cannot get a live node swept; a node never sweeps itself. With a single server node,
 //! its users are swept by the next process of the deployment that runs presence on
 //! the same Redis: the node when it starts again (under a new node id), or a `worker`
 //! given the Redis URL.
@@ -632,30 +637,42 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 return missing
 ";
 
-/// KEYS[1] nodes; ARGV prefix, window ms, most nodes per sweep. Returns a flat list
-/// tenant, user, last_seen of the users the dead nodes left offline.
+/// KEYS[1] nodes; ARGV prefix, window ms, most nodes per sweep, the sweeping node
+/// (never swept by itself). Returns how many of the dead nodes had not left cleanly
+/// (`left`), then a flat list tenant, user, last_seen of the users the dead nodes left
+/// offline.
 const SWEEP: &str = r"
-local p, window, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local p, window, limit, me = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window, 'LIMIT', 0, limit)
-local out = {}
+local out, unclean = {'0'}, 0
 for _, node in ipairs(dead) do
-  local last = redis.call('ZSCORE', KEYS[1], node)
-  redis.call('ZREM', KEYS[1], node)
-  local nkey = p .. 'n:' .. node
-  for _, tu in ipairs(redis.call('SMEMBERS', nkey)) do
-    local ukey = p .. 'u:' .. tu
-    if redis.call('HDEL', ukey, node) == 1 and redis.call('HLEN', ukey) == 0 then
-      local sep = string.find(tu, ':', 1, true)
-      local tenant, user = string.sub(tu, 1, sep - 1), string.sub(tu, sep + 1)
-      redis.call('HSET', p .. 'seen:' .. tenant, user, last)
-      table.insert(out, tenant)
-      table.insert(out, user)
-      table.insert(out, last)
+  if node ~= me then
+    if redis.call('SREM', p .. 'left', node) == 0 then unclean = unclean + 1 end
+    local last = redis.call('ZSCORE', KEYS[1], node)
+    redis.call('ZREM', KEYS[1], node)
+    local nkey = p .. 'n:' .. node
+    for _, tu in ipairs(redis.call('SMEMBERS', nkey)) do
+      local ukey = p .. 'u:' .. tu
+      if redis.call('HDEL', ukey, node) == 1 and redis.call('HLEN', ukey) == 0 then
+        local sep = string.find(tu, ':', 1, true)
+        local tenant, user = string.sub(tu, 1, sep - 1), string.sub(tu, sep + 1)
+        redis.call('HSET', p .. 'seen:' .. tenant, user, last)
+        table.insert(out, tenant)
+        table.insert(out, user)
+        table.insert(out, last)
+      end
     end
+    redis.call('DEL', nkey)
   end
-  redis.call('DEL', nkey)
 end
+out[1] = tostring(unclean)
 return out
+";
+
+/// ARGV the `left` key, this node: it stops cleanly, with nothing left unpublished.
+const LEFT: &str = r"
+redis.call('SADD', ARGV[1], ARGV[2])
+return 1
 ";
 
 /// KEYS[1] nodes; ARGV prefix, tenant, users... Returns per user {online, last_seen or ''}.
@@ -724,7 +741,8 @@ struct Shared {
 /// Presence shared by every node through Redis; see the [module documentation](self).
 pub struct RedisPresence {
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
+    /// The heartbeats, and the rest of the periodic work.
+    tasks: [JoinHandle<()>; 2],
 }
 
 impl std::fmt::Debug for RedisPresence {
@@ -758,7 +776,8 @@ impl RedisPresence {
         });
         shared.heartbeat().await?;
         let every = config.heartbeat.max(Duration::from_millis(100));
-        let task = {
+        type Work = fn(Arc<Shared>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+        let periodic = |work: Work| {
             let shared = shared.clone();
             let mut leaving = shared.leaving.subscribe();
             tokio::spawn(async move {
@@ -769,14 +788,18 @@ impl RedisPresence {
                     // Stopped only between ticks: a sweep in progress publishes the
                     // offline events of what it removed.
                     tokio::select! {
-                        _ = tick.tick() => shared.tick().await,
+                        _ = tick.tick() => work(shared.clone()).await,
                         _ = leaving.changed() => return,
                     }
                 }
             })
         };
+        let tasks = [
+            periodic(|s| Box::pin(async move { s.beat().await })),
+            periodic(|s| Box::pin(async move { s.tick().await })),
+        ];
         tracing::info!(node = %shared.node, "presence node registered in Redis");
-        Ok(Self { shared, task })
+        Ok(Self { shared, tasks })
     }
 
     /// This node's id in Redis.
@@ -787,7 +810,7 @@ impl RedisPresence {
 
 impl Drop for RedisPresence {
     fn drop(&mut self) {
-        self.task.abort();
+        self.tasks.iter().for_each(JoinHandle::abort);
     }
 }
 
@@ -843,18 +866,21 @@ impl Shared {
             .await;
     }
 
-    async fn tick(&self) {
+    /// One heartbeat, on a task of its own: however long the work of [`Self::tick`]
+    /// takes (announcing thousands of users again after Redis lost its data), the node
+    /// stays alive in Redis.
+    async fn beat(&self) {
         match self.heartbeat().await {
             Ok(true) => {
                 tracing::warn!(node = %self.node, "this node was missing from Redis presence; announcing its users again");
                 self.reannounce.store(true, Ordering::SeqCst);
             }
             Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "presence heartbeat failed");
-                return;
-            }
+            Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
         }
+    }
+
+    async fn tick(&self) {
         if self.reannounce.swap(false, Ordering::SeqCst) {
             self.announce_all().await;
         }
@@ -1104,10 +1130,24 @@ impl Shared {
                     self.prefix.as_str().into(),
                     window.into(),
                     SWEEP_LIMIT.into(),
+                    self.node.as_str().into(),
                 ],
             )
             .await?;
         let out: Vec<String> = out.convert()?;
+        let Some((unclean, out)) = out.split_first() else {
+            return Ok(());
+        };
+        if unclean != "0" {
+            // A node that died may have held events it could not publish (its link to
+            // Redis broke first): every node's clients are told to catch up.
+            tracing::info!(
+                nodes = %unclean,
+                "swept nodes that did not stop cleanly: clients are told to catch up"
+            );
+            self.writes.unsent.store(true, Ordering::SeqCst);
+            let _ = self.writes.announce(false).await;
+        }
         for chunk in out.chunks_exact(3) {
             let (Ok(tenant), Ok(user)) = (chunk[0].parse::<TenantId>(), chunk[1].parse::<UserId>())
             else {
@@ -1193,12 +1233,20 @@ impl Presence for RedisPresence {
     /// Stops the heartbeats: the other nodes sweep this one after the window, and the
     /// users it held turn offline then unless they reconnected to another node.
     async fn leaving(&self) {
-        if self
-            .shared
-            .leaving
-            .send_if_modified(|l| !std::mem::replace(l, true))
-        {
-            tracing::info!(node = %self.shared.node, "presence left to the other nodes' sweep");
+        let s = &self.shared;
+        if s.leaving.send_if_modified(|l| !std::mem::replace(l, true)) {
+            tracing::info!(node = %s.node, "presence left to the other nodes' sweep");
+            // Left cleanly, unless something could not be published: then the sweep
+            // tells every node's clients to catch up, as for a node that died.
+            if !s.writes.unsent.load(Ordering::SeqCst) {
+                let left = format!("{}left", s.prefix);
+                if let Err(e) = s
+                    .eval(LEFT, vec![left.into(), s.node.as_str().into()])
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot mark this node as stopped cleanly");
+                }
+            }
         }
     }
 

@@ -97,6 +97,22 @@ async fn each_node_delivers_each_envelope_once_its_own_included() {
     purge(&c).await;
 }
 
+/// [`next_about`], and whether an `events_skipped` came before.
+async fn next_about_noting_skips(
+    conn: &mut mindsp_realtime::Connection,
+    user: UserId,
+) -> (String, bool) {
+    let mut skipped = false;
+    loop {
+        let f = next_frame(conn).await;
+        if f.contains(r#""type":"events_skipped""#) {
+            skipped = true;
+        } else if f.contains(&user.to_string()) {
+            return (f, skipped);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_is_shared_and_a_dead_node_is_swept_once() {
     let Some(c) = config() else { return };
@@ -136,14 +152,17 @@ async fn presence_is_shared_and_a_dead_node_is_swept_once() {
     );
 
     // Node 1 stops heartbeating with the connection still open (as if killed): node 2
-    // sweeps it and announces the user offline, with last_seen.
+    // sweeps it and announces the user offline, with last_seen; and since node 1 did not
+    // stop cleanly (it may have held events it could not publish), clients are told to
+    // catch up.
     std::mem::forget(a);
     drop(n1);
-    let f = next_about(&mut w, u).await;
+    let (f, skipped) = next_about_noting_skips(&mut w, u).await;
     assert!(
         f.contains(r#""status":"offline""#) && f.contains("last_seen"),
         "{f}"
     );
+    assert!(skipped, "clients are told to catch up after a node died");
     let q = n2.presence(t, &[u]).await.unwrap();
     assert_eq!(q[0].status, PresenceStatus::Offline);
     assert!(q[0].last_seen.is_some());
@@ -178,11 +197,14 @@ async fn a_leaving_node_stops_its_heartbeats_and_is_swept() {
 
     n1.shutdown().await;
     n1.close(a, ready(vec![watcher])).await;
-    let f = next_about(&mut w, u).await;
+    let (f, skipped) = next_about_noting_skips(&mut w, u).await;
     assert!(
         f.contains(r#""status":"offline""#) && f.contains("last_seen"),
         "{f}"
     );
+    // It stopped cleanly: nobody needs to catch up.
+    tokio::time::sleep(c.window * 2).await;
+    assert!(!skipped && w.events.try_recv().is_err());
     drop(n1);
     n2.close(w, ready(vec![u])).await;
     drop(n2);
