@@ -694,6 +694,10 @@ const OFFLINE_PER_TICK: usize = 100;
 /// Most users one heartbeat's resync writes (the next heartbeats write the rest).
 const RESYNC_PER_TICK: usize = 100;
 
+/// Users of dead nodes whose presence a sweep reads again at once before telling their
+/// tenant they are offline.
+const SWEEP_RECHECK: usize = 100;
+
 /// Most dead nodes one sweep handles (the next sweep takes the rest).
 const SWEEP_LIMIT: i64 = 16;
 
@@ -1121,6 +1125,43 @@ impl Shared {
             .remove(&(tenant, user));
     }
 
+    /// The presence of `users` of `tenant`, as Redis has it now.
+    async fn read_presence(
+        &self,
+        tenant: TenantId,
+        users: &[UserId],
+    ) -> Result<Vec<UserPresence>, RedisError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut args: Vec<Value> = vec![self.prefix.as_str().into(), tenant.to_string().into()];
+        args.extend(users.iter().map(|u| Value::from(u.to_string())));
+        let out = self.eval(QUERY, args).await?.convert::<Vec<Value>>()?;
+        Ok(users
+            .iter()
+            .zip(out.chunks_exact(2))
+            .map(|(u, pair)| {
+                let online = pair[0].as_i64() == Some(1);
+                UserPresence {
+                    user_id: *u,
+                    status: if online {
+                        PresenceStatus::Online
+                    } else {
+                        PresenceStatus::Offline
+                    },
+                    last_seen: if online {
+                        None
+                    } else {
+                        pair[1]
+                            .as_str()
+                            .and_then(|s| s.parse::<i64>().ok())
+                            .and_then(millis)
+                    },
+                }
+            })
+            .collect())
+    }
+
     async fn sweep(&self) -> Result<(), RedisError> {
         let window = i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX);
         let out = self
@@ -1148,15 +1189,37 @@ impl Shared {
             self.writes.unsent.store(true, Ordering::SeqCst);
             let _ = self.writes.announce(false).await;
         }
+        // Per tenant, the users left offline and when they were last seen.
+        type Gone = Vec<(UserId, Option<DateTime<Utc>>)>;
+        let mut gone: HashMap<TenantId, Gone> = HashMap::new();
         for chunk in out.chunks_exact(3) {
             let (Ok(tenant), Ok(user)) = (chunk[0].parse::<TenantId>(), chunk[1].parse::<UserId>())
             else {
                 continue;
             };
             let seen = chunk[2].parse::<i64>().ok().and_then(millis);
-            tracing::debug!(%user, "user of a dead node is offline");
-            self.publish_presence(tenant, user, PresenceStatus::Offline, seen)
-                .await;
+            gone.entry(tenant).or_default().push((user, seen));
+        }
+        // The events go out one by one, and a user may reconnect to another node
+        // meanwhile (which tells the tenant they are online): each batch is read again
+        // just before, so that a late `offline` does not follow their `online`.
+        for (tenant, users) in gone {
+            for batch in users.chunks(SWEEP_RECHECK) {
+                let ids: Vec<UserId> = batch.iter().map(|(u, _)| *u).collect();
+                let now = self.read_presence(tenant, &ids).await.ok();
+                for (i, (user, seen)) in batch.iter().enumerate() {
+                    let back = now
+                        .as_ref()
+                        .and_then(|p| p.get(i))
+                        .is_some_and(|p| p.status == PresenceStatus::Online);
+                    if back {
+                        continue;
+                    }
+                    tracing::debug!(%user, "user of a dead node is offline");
+                    self.publish_presence(tenant, *user, PresenceStatus::Offline, *seen)
+                        .await;
+                }
+            }
         }
         Ok(())
     }
@@ -1255,46 +1318,10 @@ impl Presence for RedisPresence {
         tenant: TenantId,
         users: &[UserId],
     ) -> Result<Vec<UserPresence>, PresenceUnavailable> {
-        let s = &self.shared;
-        if users.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut args: Vec<Value> = vec![s.prefix.as_str().into(), tenant.to_string().into()];
-        args.extend(users.iter().map(|u| Value::from(u.to_string())));
-        let out = match s
-            .eval(QUERY, args)
-            .await
-            .and_then(|v| v.convert::<Vec<Value>>())
-        {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read presence from Redis");
-                return Err(PresenceUnavailable(e.to_string()));
-            }
-        };
-        Ok(users
-            .iter()
-            .zip(out.chunks_exact(2))
-            .map(|(u, pair)| {
-                let online = pair[0].as_i64() == Some(1);
-                UserPresence {
-                    user_id: *u,
-                    status: if online {
-                        PresenceStatus::Online
-                    } else {
-                        PresenceStatus::Offline
-                    },
-                    last_seen: if online {
-                        None
-                    } else {
-                        pair[1]
-                            .as_str()
-                            .and_then(|s| s.parse::<i64>().ok())
-                            .and_then(millis)
-                    },
-                }
-            })
-            .collect())
+        self.shared.read_presence(tenant, users).await.map_err(|e| {
+            tracing::warn!(error = %e, "cannot read presence from Redis");
+            PresenceUnavailable(e.to_string())
+        })
     }
 }
 
