@@ -266,7 +266,10 @@ pub fn router(state: AppState) -> Router {
         .nest("/api", api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
-        .layer(axum::middleware::from_fn(to_completion))
+        .layer(axum::middleware::from_fn_with_state(
+            state.max_body_bytes,
+            to_completion,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.request_timeout,
             request_deadline,
@@ -353,11 +356,32 @@ async fn request_deadline(
 /// Runs each request on a task of its own, to its end even when its client goes or its
 /// deadline passes ([`request_deadline`] answers meanwhile): the service publishes what
 /// it commits after the commit, and a request dropped in between would leave a message
-/// stored but told to nobody live, or its mention e-mails never queued.
+/// stored but told to nobody live, or its mention e-mails never queued. The body is read
+/// first, here, under the deadline: what runs to its end never waits for the client (a
+/// body that stops coming is dropped with its connection at the deadline).
 async fn to_completion(
+    axum::extract::State(limit): axum::extract::State<usize>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(e) if over_limit(&e) => {
+            return ApiError::http(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body exceeds the configured limit",
+            )
+            .into_response();
+        }
+        Err(_) => {
+            return ApiError::bad_request("bad_request", "the request body could not be read")
+                .into_response();
+        }
+    };
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
     match tokio::spawn(next.run(req)).await {
         Ok(response) => response,
         Err(e) => {
@@ -367,6 +391,18 @@ async fn to_completion(
             ))
         }
     }
+}
+
+/// Whether reading a body failed because it exceeded its limit.
+fn over_limit(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 async fn not_found() -> ApiError {
