@@ -1328,6 +1328,23 @@ async fn closed_by_server(tcp: &mut tokio::net::TcpStream) -> Vec<u8> {
     }
 }
 
+/// Serves `app` on a loopback port with these connection limits until the test ends.
+async fn serve_on_loopback(
+    app: &TestApp,
+    limits: mindsp_server::ConnectionLimits,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(mindsp_server::serve_with(
+        listener,
+        app.app.clone(),
+        std::future::pending(),
+        std::time::Duration::from_secs(1),
+        limits,
+    ));
+    addr
+}
+
 /// A connection that never sends a request, and a keep-alive connection idle between
 /// requests, are closed after the header timeout (phones that vanish leave such
 /// connections, each holding a socket); a WebSocket is not, and requests still work.
@@ -1336,18 +1353,11 @@ async fn silent_and_idle_http_connections_are_closed() {
     use tokio::io::AsyncWriteExt;
     let app = TestApp::new().await;
     let admin = app.tenant("sdis13").await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(mindsp_server::serve_with(
-        listener,
-        app.app.clone(),
-        std::future::pending(),
-        std::time::Duration::from_secs(1),
-        mindsp_server::ConnectionLimits {
-            header_timeout: std::time::Duration::from_millis(300),
-            ..Default::default()
-        },
-    ));
+    let limits = mindsp_server::ConnectionLimits {
+        header_timeout: std::time::Duration::from_millis(300),
+        ..Default::default()
+    };
+    let addr = serve_on_loopback(&app, limits).await;
 
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     assert!(closed_by_server(&mut silent).await.is_empty());
@@ -1383,20 +1393,13 @@ async fn silent_and_idle_http_connections_are_closed() {
 async fn a_client_that_reads_no_answer_is_dropped_after_the_write_timeout() {
     use tokio::io::AsyncWriteExt;
     let app = TestApp::new().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let ms = std::time::Duration::from_millis;
-    tokio::spawn(mindsp_server::serve_with(
-        listener,
-        app.app.clone(),
-        std::future::pending(),
-        std::time::Duration::from_secs(1),
-        mindsp_server::ConnectionLimits {
-            header_timeout: ms(300),
-            write_timeout: ms(300),
-            ..Default::default()
-        },
-    ));
+    let limits = mindsp_server::ConnectionLimits {
+        header_timeout: ms(300),
+        write_timeout: ms(300),
+        ..Default::default()
+    };
+    let addr = serve_on_loopback(&app, limits).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(addr).await.unwrap();
@@ -1424,18 +1427,11 @@ async fn connections_beyond_the_cap_wait_until_one_closes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = TestApp::new().await;
     let admin = app.tenant("sdis13").await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(mindsp_server::serve_with(
-        listener,
-        app.app.clone(),
-        std::future::pending(),
-        std::time::Duration::from_secs(1),
-        mindsp_server::ConnectionLimits {
-            max_connections: 2,
-            ..Default::default()
-        },
-    ));
+    let limits = mindsp_server::ConnectionLimits {
+        max_connections: 2,
+        ..Default::default()
+    };
+    let addr = serve_on_loopback(&app, limits).await;
     // A WebSocket and a connection that says nothing take both places.
     let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={admin}"))
         .await
@@ -1655,14 +1651,7 @@ async fn a_body_that_stops_coming_gets_a_request_timeout() {
     let mut config = mindsp_server::HttpConfig::with_secret(SECRET);
     config.request_timeout = std::time::Duration::from_millis(300);
     let app = TestApp::with_config(config).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(mindsp_server::serve(
-        listener,
-        app.app.clone(),
-        std::future::pending(),
-        std::time::Duration::from_secs(1),
-    ));
+    let addr = serve_on_loopback(&app, Default::default()).await;
     let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
     slow.write_all(
         b"POST /api/auth/login HTTP/1.1\r\nHost: mindsp\r\nContent-Type: application/json\r\n\

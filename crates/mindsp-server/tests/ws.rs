@@ -17,6 +17,27 @@ fn seq(frame: &Value) -> i64 {
 }
 
 /// Alice and Bob of `sdis13`, and a group of the two (its id).
+/// A `new_message` for `to` alone, of a message that need not be stored.
+fn message_to(to: &Person, sender: &Person, conv: &str, seq: i64, content: &str) -> Envelope {
+    let conversation_id = conv.parse().unwrap();
+    Envelope::to_users(
+        to.actor.tenant_id,
+        vec![to.actor.user_id],
+        Event::NewMessage {
+            conversation_id,
+            message: mindsp_core::model::Message {
+                id: mindsp_core::MessageId::new(),
+                conversation_id,
+                sender_id: sender.actor.user_id,
+                seq,
+                content: content.to_owned(),
+                idempotency_key: None,
+                created_at: mindsp_core::model::now(),
+            },
+        },
+    )
+}
+
 async fn alice_and_bob(s: &Server) -> (Person, Person, String) {
     let admin = s.tenant("sdis13").await;
     let alice = s.user(&admin, "sdis13", "Alice").await;
@@ -883,23 +904,10 @@ async fn a_replay_the_store_cannot_serve_asks_for_a_resync() {
     );
 
     // A live message ahead of the next one expected: the gap cannot be read either.
-    let ahead = mindsp_core::model::Message {
-        id: mindsp_core::MessageId::new(),
-        conversation_id: id,
-        sender_id: alice.actor.user_id,
-        seq: 11,
-        content: "m11".into(),
-        idempotency_key: None,
-        created_at: mindsp_core::model::now(),
-    };
-    s.state.realtime.hub().deliver(Envelope::to_users(
-        bob.actor.tenant_id,
-        vec![bob.actor.user_id],
-        Event::NewMessage {
-            conversation_id: id,
-            message: ahead,
-        },
-    ));
+    s.state
+        .realtime
+        .hub()
+        .deliver(message_to(&bob, &alice, &conv, 11, "m11"));
     let first = b.next_any().await;
     assert_eq!(first["type"], "resync", "told before the message: {first}");
     assert_eq!(
@@ -1433,22 +1441,7 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     // About 24 MB, more than the two sockets' buffers hold.
     let text = "feu de broussailles, renfort demandé ".repeat(80);
     for seq in 1..=EVENTS {
-        hub.deliver(Envelope::to_users(
-            bob.actor.tenant_id,
-            vec![bob.actor.user_id],
-            Event::NewMessage {
-                conversation_id: conv.parse().unwrap(),
-                message: mindsp_core::model::Message {
-                    id: mindsp_core::MessageId::new(),
-                    conversation_id: conv.parse().unwrap(),
-                    sender_id: alice.actor.user_id,
-                    seq,
-                    content: text.clone(),
-                    idempotency_key: None,
-                    created_at: mindsp_core::model::now(),
-                },
-            },
-        ));
+        hub.deliver(message_to(&bob, &alice, &conv, seq, &text));
     }
     let mut next = connect_when_room(&s.ws_url(&alice.token)).await;
     next.ok("ping", json!({})).await;
@@ -1614,22 +1607,7 @@ async fn a_client_that_cannot_take_the_close_frame_is_let_go_after_one_timeout()
         assert!(seq < 200_000, "the client was never cut off");
         for _ in 0..4 {
             seq += 1;
-            hub.deliver(Envelope::to_users(
-                bob.actor.tenant_id,
-                vec![bob.actor.user_id],
-                Event::NewMessage {
-                    conversation_id: conv.parse().unwrap(),
-                    message: mindsp_core::model::Message {
-                        id: mindsp_core::MessageId::new(),
-                        conversation_id: conv.parse().unwrap(),
-                        sender_id: alice.actor.user_id,
-                        seq,
-                        content: text.clone(),
-                        idempotency_key: None,
-                        created_at: mindsp_core::model::now(),
-                    },
-                },
-            ));
+            hub.deliver(message_to(&bob, &alice, &conv, seq, &text));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

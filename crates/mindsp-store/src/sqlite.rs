@@ -964,6 +964,28 @@ pub struct SqliteTx {
 }
 
 impl SqliteTx {
+    /// Of `ids`, this tenant's users that `filter` (conditions pushed after the tenant's)
+    /// keeps.
+    async fn users_among(
+        &mut self,
+        ids: &[UserId],
+        filter: impl FnOnce(&mut QueryBuilder<'_, Sqlite>),
+    ) -> Result<Vec<UserId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM users WHERE tenant_id = ");
+        q.push_bind(self.tenant.0);
+        filter(&mut q);
+        q.push(" AND id IN (");
+        push_ids(&mut q, ids.iter().map(|id| id.0));
+        q.push(")");
+        let rows = q.build().fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| r.try_get::<Uuid, _>("id").map(UserId).map_err(db_err))
+            .collect()
+    }
+
     /// The underlying sqlx transaction, for adapters that write in the same unit.
     pub fn transaction(&mut self) -> &mut Transaction<'static, Sqlite> {
         &mut self.tx
@@ -1244,18 +1266,10 @@ impl TenantTx for SqliteTx {
     }
 
     async fn active_users_among(&mut self, ids: &[UserId]) -> Result<Vec<UserId>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM users WHERE tenant_id = ");
-        q.push_bind(self.tenant.0)
-            .push(" AND active = 1 AND id IN (");
-        push_ids(&mut q, ids.iter().map(|id| id.0));
-        q.push(")");
-        let rows = q.build().fetch_all(&mut *self.tx).await.map_err(db_err)?;
-        rows.iter()
-            .map(|r| r.try_get::<Uuid, _>("id").map(UserId).map_err(db_err))
-            .collect()
+        self.users_among(ids, |q| {
+            q.push(" AND active = 1");
+        })
+        .await
     }
 
     async fn password_changed_among(
@@ -1263,20 +1277,11 @@ impl TenantTx for SqliteTx {
         ids: &[UserId],
         since: DateTime<Utc>,
     ) -> Result<Vec<UserId>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut q = QueryBuilder::<Sqlite>::new("SELECT id FROM users WHERE tenant_id = ");
-        q.push_bind(self.tenant.0)
-            .push(" AND password_changed_at >= ")
-            .push_bind(since.timestamp_millis())
-            .push(" AND id IN (");
-        push_ids(&mut q, ids.iter().map(|id| id.0));
-        q.push(")");
-        let rows = q.build().fetch_all(&mut *self.tx).await.map_err(db_err)?;
-        rows.iter()
-            .map(|r| r.try_get::<Uuid, _>("id").map(UserId).map_err(db_err))
-            .collect()
+        self.users_among(ids, |q| {
+            q.push(" AND password_changed_at >= ")
+                .push_bind(since.timestamp_millis());
+        })
+        .await
     }
 
     async fn insert_conversation(&mut self, c: &NewConversation) -> Result<Conversation> {
