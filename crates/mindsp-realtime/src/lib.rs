@@ -174,6 +174,14 @@ impl Realtime {
         self.presence.leaving().await;
     }
 
+    /// Says that this node stopped cleanly, once it will publish nothing more: call it
+    /// last, after [`Realtime::shutdown`] and the grace period. With Redis, a node that
+    /// did not (it died) makes every node's clients catch up when it is swept, since it
+    /// may have held events it could not publish.
+    pub async fn stopped(&self) {
+        self.presence.stopped().await;
+    }
+
     /// The presence of `users` of `tenant`; [`PresenceUnavailable`] when it cannot be
     /// read now (Redis away in the scaled profile): unknown, not offline.
     pub async fn presence(

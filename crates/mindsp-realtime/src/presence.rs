@@ -51,6 +51,9 @@ pub trait Presence: Send + Sync + 'static {
     /// stay (those who reconnect to one of them meanwhile stay online without a word).
     /// Does nothing by default: with one node, every client leaves with it.
     async fn leaving(&self) {}
+    /// This node stopped cleanly: it will publish nothing more (called last, after its
+    /// grace period). Does nothing by default.
+    async fn stopped(&self) {}
 }
 
 #[derive(Default)]

@@ -66,8 +66,9 @@
 //! nodes' clocks need not agree; every node of a deployment must use the same `window`.
 //! A node that stops cleanly ([`Presence::leaving`], at SIGTERM) stops its heartbeats
 //! and writes no disconnection: it is swept like a dead one, and whoever reconnected to
-//! another node meanwhile stays online without an event. It also marks itself in
-//! `left` when it has nothing unpublished; sweeping a node without that mark (it died,
+//! another node meanwhile stays online without an event. Once it will publish nothing
+//! more ([`Presence::stopped`]) it marks itself in `left`, unless something could not
+//! be published; sweeping a node without that mark (it died,
 //! and may have held events it could not publish) makes the sweeper publish
 //! `events_lost`, so that every node's clients catch up. Heartbeats run on a task of
 //! their own, so that a long turn of the other periodic work (announcing thousands of
@@ -1296,20 +1297,28 @@ impl Presence for RedisPresence {
     /// Stops the heartbeats: the other nodes sweep this one after the window, and the
     /// users it held turn offline then unless they reconnected to another node.
     async fn leaving(&self) {
+        if self
+            .shared
+            .leaving
+            .send_if_modified(|l| !std::mem::replace(l, true))
+        {
+            tracing::info!(node = %self.shared.node, "presence left to the other nodes' sweep");
+        }
+    }
+
+    /// Marks this node in `left`, unless something could not be published: then the
+    /// sweep tells every node's clients to catch up, as for a node that died.
+    async fn stopped(&self) {
         let s = &self.shared;
-        if s.leaving.send_if_modified(|l| !std::mem::replace(l, true)) {
-            tracing::info!(node = %s.node, "presence left to the other nodes' sweep");
-            // Left cleanly, unless something could not be published: then the sweep
-            // tells every node's clients to catch up, as for a node that died.
-            if !s.writes.unsent.load(Ordering::SeqCst) {
-                let left = format!("{}left", s.prefix);
-                if let Err(e) = s
-                    .eval(LEFT, vec![left.into(), s.node.as_str().into()])
-                    .await
-                {
-                    tracing::warn!(error = %e, "cannot mark this node as stopped cleanly");
-                }
-            }
+        if s.writes.unsent.load(Ordering::SeqCst) {
+            return;
+        }
+        let left = format!("{}left", s.prefix);
+        if let Err(e) = s
+            .eval(LEFT, vec![left.into(), s.node.as_str().into()])
+            .await
+        {
+            tracing::warn!(error = %e, "cannot mark this node as stopped cleanly");
         }
     }
 

@@ -197,6 +197,7 @@ async fn a_leaving_node_stops_its_heartbeats_and_is_swept() {
 
     n1.shutdown().await;
     n1.close(a, ready(vec![watcher])).await;
+    n1.stopped().await;
     let (f, skipped) = next_about_noting_skips(&mut w, u).await;
     assert!(
         f.contains(r#""status":"offline""#) && f.contains("last_seen"),

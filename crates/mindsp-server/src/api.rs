@@ -220,18 +220,26 @@ pub(crate) async fn update_user(
         )
         .into());
     }
-    if let Some(password) = req.password {
-        auth::check_new_password(&password)?;
-        let hash = state.passwords.hash(password).await?;
-        state.messaging.set_password(&auth.actor, id, hash).await?;
+    if let Some(password) = &req.password {
+        auth::check_new_password(password)?;
     }
-    let user = match req.active {
-        Some(active) => {
+    // The active flag first: a deactivation closes the user's sockets as such (4003),
+    // which a new password set with it must not turn into 4010 (the first reason wins).
+    let mut user = match req.active {
+        Some(active) => Some(
             state
                 .messaging
                 .set_user_active(&auth.actor, id, active)
-                .await?
-        }
+                .await?,
+        ),
+        None => None,
+    };
+    if let Some(password) = req.password {
+        let hash = state.passwords.hash(password).await?;
+        user = Some(state.messaging.set_password(&auth.actor, id, hash).await?);
+    }
+    let user = match user {
+        Some(user) => user,
         None => state.messaging.user(&auth.actor, id).await?,
     };
     Ok(axum::Json(json!({ "user": user })))

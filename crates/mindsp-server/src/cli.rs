@@ -643,6 +643,8 @@ async fn run_serve(
     if let Some(worker) = worker {
         worker.shutdown(grace).await;
     }
+    // Nothing more will be published: a clean stop, not a death, to the other nodes.
+    state.realtime.stopped().await;
     served?;
     tracing::info!("stopped");
     Ok(())
@@ -661,6 +663,7 @@ async fn run_worker(
     let queue = open_queue(&args.jobs, store.as_ref()).await?;
     // Reminders it runs are pushed through the same broker as the HTTP nodes'.
     let realtime = args.realtime.open(1).await?;
+    let node = realtime.clone();
     let notifier = Notifier::new(store.clone(), NotifyConfig::default())
         .with_publisher(realtime.publisher())
         .with_queue(queue.clone());
@@ -693,6 +696,9 @@ async fn run_worker(
     worker
         .shutdown(Duration::from_secs(args.shutdown_grace_secs))
         .await;
+    // A presence node too (with Redis): it stops cleanly, and says so.
+    node.shutdown().await;
+    node.stopped().await;
     tracing::info!("stopped");
     Ok(())
 }

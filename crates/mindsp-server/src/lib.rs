@@ -353,18 +353,24 @@ async fn request_deadline(
     }
 }
 
-/// Runs each request on a task of its own, to its end even when its client goes or its
-/// deadline passes ([`request_deadline`] answers meanwhile): the service publishes what
-/// it commits after the commit, and a request dropped in between would leave a message
-/// stored but told to nobody live, or its mention e-mails never queued. The body is read
-/// first, here, under the deadline: what runs to its end never waits for the client (a
-/// body that stops coming is dropped with its connection at the deadline).
+/// Runs each request that may change something (not `GET`, `HEAD`, `OPTIONS`) on a task
+/// of its own, to its end even when its client goes or its deadline passes
+/// ([`request_deadline`] answers meanwhile): the service publishes what it commits after
+/// the commit, and a request dropped in between would leave a message stored but told
+/// to nobody live, or its mention e-mails never queued. Reads stay cancellable: a client
+/// that gives up on a search stops its work. The body is read first, here, under the
+/// deadline: what runs to its end never waits for the client (a body that stops coming
+/// is dropped with its connection at the deadline).
 async fn to_completion(
     axum::extract::State(limit): axum::extract::State<usize>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    use axum::http::Method;
     use axum::response::IntoResponse;
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => bytes,
@@ -434,9 +440,15 @@ const FILES_KEPT: u64 = 256;
 /// (`WsConfig::max_connections`) keeps more back, so REST still has room when every
 /// WebSocket slot is taken.
 pub fn default_max_connections() -> usize {
+    open_files_less(FILES_KEPT, |soft| soft / 4 * 3)
+}
+
+/// The process's open-file limit less `kept`, or `small(limit)` when that is more;
+/// 10,000 when the limit cannot be read.
+pub(crate) fn open_files_less(kept: u64, small: impl FnOnce(u64) -> u64) -> usize {
     match rlimit::Resource::NOFILE.get() {
         Ok((soft, _)) => {
-            let cap = soft.saturating_sub(FILES_KEPT).max(soft / 4 * 3);
+            let cap = soft.saturating_sub(kept).max(small(soft));
             usize::try_from(cap).unwrap_or(usize::MAX)
         }
         Err(_) => 10_000,

@@ -101,13 +101,7 @@ const RESERVED_FILES: u64 = 1024;
 /// connection is a socket) less [`RESERVED_FILES`], or half of it when that is small.
 /// The server raises the limit to its maximum first (`raise_open_file_limit`).
 pub fn default_max_connections() -> usize {
-    match rlimit::Resource::NOFILE.get() {
-        Ok((soft, _)) => {
-            let cap = soft.saturating_sub(RESERVED_FILES).max(soft / 2);
-            usize::try_from(cap).unwrap_or(usize::MAX)
-        }
-        Err(_) => 10_000,
-    }
+    crate::open_files_less(RESERVED_FILES, |soft| soft / 2)
 }
 
 /// Raises this process's soft open-file limit to its hard limit (many systems start

@@ -685,6 +685,17 @@ async fn a_password_change_closes_the_users_sockets() {
     assert_eq!(st, 200);
     assert_eq!(again.close_code().await, Some(4010));
     b.ok("ping", json!({})).await;
+    // A new password with a deactivation: closed as deactivated, told not to come back.
+    let (st, _) = s
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/api/admin/users/{}", bob.id),
+            &admin.token,
+            Some(json!({"password": "Garde-du-jour-8", "active": false})),
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(b.close_code().await, Some(4003));
 }
 
 #[tokio::test]
