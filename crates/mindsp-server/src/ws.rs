@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
@@ -369,12 +370,27 @@ const _: () = assert!(
 
 /// Replies the reader hands the writer, at most [`REPLY_QUEUE`] at a time. Both halves
 /// run in the connection's one task; a [`Queue`] holds memory only while it holds
-/// replies (a tokio channel here cost every idle connection about 1.5 KiB).
-struct Handoff(Queue<Out>);
+/// replies (a tokio channel here cost every idle connection about 1.5 KiB). Also whether
+/// the reader is handling a frame, whose answer the writer waits for before a close.
+struct Handoff(Queue<Out>, AtomicBool);
 
 impl Handoff {
     fn new() -> Self {
-        Self(Queue::new(0))
+        Self(Queue::new(0), AtomicBool::new(false))
+    }
+
+    /// The reader starts (true) or ends (false) handling a frame.
+    fn busy(&self, busy: bool) {
+        self.1.store(busy, Ordering::Relaxed);
+    }
+
+    fn is_busy(&self) -> bool {
+        self.1.load(Ordering::Relaxed)
+    }
+
+    /// A reply if one is queued.
+    fn try_recv(&self) -> Option<Out> {
+        self.0.try_pop()
     }
 
     /// Queues `out` once there is room for it.
@@ -882,10 +898,12 @@ impl Reader<'_> {
                         None => return Out::Gone,
                         Some(Err(e)) => return read_error(e),
                         Some(Ok(Message::Text(text))) => {
+                            self.out.busy(true);
                             let reply = Box::pin(self.frame(text.as_str())).await;
                             if let Some(reply) = reply {
                                 self.out.send(Out::Frame(reply)).await;
                             }
+                            self.out.busy(false);
                         }
                         Some(Ok(Message::Binary(_))) => {
                             let reply = if self.bucket.take(Instant::now()) {
@@ -1251,8 +1269,44 @@ impl Writer<'_> {
             behind = !conn.events.is_empty();
         };
         if let Stop::Hub(reason) = stop {
+            if reason != CloseReason::TooSlow {
+                Box::pin(self.last_answers()).await;
+            }
             Box::pin(self.close(reason.code(), reason.text())).await;
         }
+    }
+
+    /// Before a close of the node's (not for a client too slow to take more): the
+    /// answers the reader queued, and that of the command it is handling (a `send`
+    /// committing), within the close timeout. A client told its message is stored need
+    /// not send it again. The reader goes on meanwhile: both run in this task's select.
+    async fn last_answers(&mut self) {
+        let limit = self.state.ws.close_timeout;
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                match self.replies.try_recv() {
+                    Some(Out::Frame(text)) => {
+                        let frames = if text.len() <= MAX_FRAME {
+                            vec![Message::text(text)]
+                        } else {
+                            let frames = fragments(&text, MAX_FRAME);
+                            frames.into_iter().map(Message::Frame).collect()
+                        };
+                        for frame in frames {
+                            if self.sink.feed(frame).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                    None if self.replies.is_busy() => {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    None => return,
+                }
+            }
+        })
+        .await;
     }
 
     /// Sends a frame and flushes, unless the hub asks to close first.

@@ -1498,6 +1498,8 @@ async fn a_send_cut_off_while_it_commits_is_still_published() {
     use sqlx::Connection;
     let mut cfg = config();
     cfg.request_timeout = Duration::from_millis(300);
+    // The close waits this long for the send under way (see the next test).
+    cfg.ws.close_timeout = Duration::from_millis(500);
     let s = Server::start(cfg).await;
     let (alice, bob, conv) = alice_and_bob(&s).await;
     let mut a = s.connect(&alice).await;
@@ -1546,6 +1548,42 @@ async fn a_send_cut_off_while_it_commits_is_still_published() {
     sqlx::query("COMMIT").execute(&mut db).await.unwrap();
     let m = b.next("new_message").await;
     assert_eq!(m["message"]["content"], "par REST");
+}
+
+/// When the node closes a connection (4009 here; 1012 at SIGTERM) while a `send` on it
+/// is committing, the command finishes and its ack goes out before the close frame: a
+/// client told its message is stored need not send it again. (The database is locked by
+/// another connection for a moment, so the commit waits.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_of_a_send_under_way_goes_out_before_a_close() {
+    use sqlx::Connection;
+    let s = Server::start(config()).await;
+    let (alice, _bob, conv) = alice_and_bob(&s).await;
+    let mut a = s.connect(&alice).await;
+    let url = format!("sqlite://{}", s.database().display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let id = a
+        .command(
+            "send",
+            json!({"conversation_id": conv, "content": "juste avant"}),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.state.realtime.hub().close_user(
+        alice.actor.tenant_id,
+        alice.actor.user_id,
+        mindsp_realtime::CloseReason::Superseded,
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    let ack = a.reply_to(&id).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["message"]["content"], "juste avant");
+    assert_eq!(a.close_code().await, Some(4009));
 }
 
 /// A client that only listens answers nothing but pings: it must be pinged even while
