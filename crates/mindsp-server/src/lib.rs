@@ -449,7 +449,10 @@ pub(crate) fn open_files_less(kept: u64, small: impl FnOnce(u64) -> u64) -> usiz
     match rlimit::Resource::NOFILE.get() {
         Ok((soft, _)) => {
             let cap = soft.saturating_sub(kept).max(small(soft));
-            usize::try_from(cap).unwrap_or(usize::MAX)
+            // An unlimited limit would be more than a semaphore holds.
+            usize::try_from(cap)
+                .unwrap_or(usize::MAX)
+                .min(tokio::sync::Semaphore::MAX_PERMITS)
         }
         Err(_) => 10_000,
     }
@@ -538,7 +541,10 @@ async fn accept_until(
     limits: ConnectionLimits,
 ) {
     let mut shutdown = std::pin::pin!(shutdown);
-    let places = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let most = limits
+        .max_connections
+        .min(tokio::sync::Semaphore::MAX_PERMITS);
+    let places = Arc::new(tokio::sync::Semaphore::new(most));
     let mut full_since: Option<std::time::Instant> = None;
     loop {
         // A place first: beyond the cap, new connections wait in the backlog.
