@@ -38,6 +38,18 @@ fn message_to(to: &Person, sender: &Person, conv: &str, seq: i64, content: &str)
     )
 }
 
+/// Messages `m1`..`m{n}` sent by `who` through the service (published before anyone
+/// here is connected).
+async fn stored_messages(s: &Server, who: &Person, conv: mindsp_core::ConversationId, n: i64) {
+    for i in 1..=n {
+        s.state
+            .messaging
+            .send(&who.actor, conv, &format!("m{i}"), None)
+            .await
+            .unwrap();
+    }
+}
+
 async fn alice_and_bob(s: &Server) -> (Person, Person, String) {
     let admin = s.tenant("sdis13").await;
     let alice = s.user(&admin, "sdis13", "Alice").await;
@@ -817,13 +829,7 @@ async fn messages_below_the_first_live_one_go_out_once() {
     let s = Server::start(config()).await;
     let (alice, bob, conv) = alice_and_bob(&s).await;
     let id: mindsp_core::ConversationId = conv.parse().unwrap();
-    for i in 1..=12 {
-        s.state
-            .messaging
-            .send(&alice.actor, id, &format!("m{i}"), None)
-            .await
-            .unwrap();
-    }
+    stored_messages(&s, &alice, id, 12).await;
     let stored = s
         .store
         .read(alice.actor.tenant_id)
@@ -886,20 +892,12 @@ async fn messages_below_the_first_live_one_go_out_once() {
 /// with nothing changed for it, and resumes once the store is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_the_store_cannot_serve_asks_for_a_resync() {
-    use sqlx::Connection;
     let s = Server::start(config()).await;
     let (alice, bob, conv) = alice_and_bob(&s).await;
     let id: mindsp_core::ConversationId = conv.parse().unwrap();
-    for i in 1..=8 {
-        s.state
-            .messaging
-            .send(&alice.actor, id, &format!("m{i}"), None)
-            .await
-            .unwrap();
-    }
+    stored_messages(&s, &alice, id, 8).await;
     let mut b = s.connect(&bob).await;
-    let url = format!("sqlite://{}", s.database().display());
-    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let mut db = s.database_connection().await;
     let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
     sqlx::query(&rename("messages", "messages_away"))
         .execute(&mut db)
@@ -1495,7 +1493,6 @@ async fn upgrades_abandoned_by_their_client_give_their_slot_back() {
 /// moment by another connection, so the commit waits.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_cut_off_while_it_commits_is_still_published() {
-    use sqlx::Connection;
     let mut cfg = config();
     cfg.request_timeout = Duration::from_millis(300);
     // The close waits this long for the send under way (see the next test).
@@ -1504,8 +1501,7 @@ async fn a_send_cut_off_while_it_commits_is_still_published() {
     let (alice, bob, conv) = alice_and_bob(&s).await;
     let mut a = s.connect(&alice).await;
     let mut b = s.connect(&bob).await;
-    let url = format!("sqlite://{}", s.database().display());
-    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let mut db = s.database_connection().await;
 
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut db)
@@ -1556,12 +1552,10 @@ async fn a_send_cut_off_while_it_commits_is_still_published() {
 /// another connection for a moment, so the commit waits.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ack_of_a_send_under_way_goes_out_before_a_close() {
-    use sqlx::Connection;
     let s = Server::start(config()).await;
     let (alice, _bob, conv) = alice_and_bob(&s).await;
     let mut a = s.connect(&alice).await;
-    let url = format!("sqlite://{}", s.database().display());
-    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let mut db = s.database_connection().await;
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut db)
         .await

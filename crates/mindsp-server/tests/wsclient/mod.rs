@@ -89,9 +89,12 @@ impl Server {
         }
     }
 
-    /// The SQLite file the server runs on.
-    pub fn database(&self) -> std::path::PathBuf {
-        self.dir.join("test.db")
+    /// A connection of its own to the SQLite file the server runs on (to lock it, or
+    /// break it, for a moment).
+    pub async fn database_connection(&self) -> sqlx::SqliteConnection {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}", self.dir.join("test.db").display());
+        sqlx::SqliteConnection::connect(&url).await.unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {
