@@ -97,6 +97,44 @@ async fn each_node_delivers_each_envelope_once_its_own_included() {
     purge(&c).await;
 }
 
+/// Two nodes; `watcher` connected to node 2 (`w`), then `u` to node 1 (`a`), and node 2
+/// has told the watcher that `u` is online.
+struct Pair {
+    n1: Realtime,
+    n2: Realtime,
+    t: TenantId,
+    u: UserId,
+    watcher: UserId,
+    w: mindsp_realtime::Connection,
+    a: mindsp_realtime::Connection,
+}
+
+async fn online_on_node_1(c: &RedisConfig) -> Pair {
+    let n1 = Realtime::redis(c, 64).await.unwrap();
+    let n2 = Realtime::redis(c, 64).await.unwrap();
+    let t = TenantId::new();
+    let (u, watcher) = (UserId::new(), UserId::new());
+    let mut w = n2
+        .open(t, watcher, Instant::now(), ready(vec![u]))
+        .await
+        .unwrap();
+    let a = n1
+        .open(t, u, Instant::now(), ready(vec![watcher]))
+        .await
+        .unwrap();
+    let f = next_about(&mut w, u).await;
+    assert!(f.contains(r#""status":"online""#), "{f}");
+    Pair {
+        n1,
+        n2,
+        t,
+        u,
+        watcher,
+        w,
+        a,
+    }
+}
+
 /// [`next_about`], and whether an `events_skipped` came before.
 async fn next_about_noting_skips(
     conn: &mut mindsp_realtime::Connection,
@@ -116,22 +154,16 @@ async fn next_about_noting_skips(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_is_shared_and_a_dead_node_is_swept_once() {
     let Some(c) = config() else { return };
-    let n1 = Realtime::redis(&c, 64).await.unwrap();
-    let n2 = Realtime::redis(&c, 64).await.unwrap();
-    let t = TenantId::new();
-    let (u, watcher) = (UserId::new(), UserId::new());
-    let mut w = n2
-        .open(t, watcher, Instant::now(), ready(vec![u]))
-        .await
-        .unwrap();
-
     // Online on node 1: node 2 is told and its query agrees.
-    let a = n1
-        .open(t, u, Instant::now(), ready(vec![watcher]))
-        .await
-        .unwrap();
-    let f = next_about(&mut w, u).await;
-    assert!(f.contains(r#""status":"online""#), "{f}");
+    let Pair {
+        n1,
+        n2,
+        t,
+        u,
+        watcher,
+        mut w,
+        a,
+    } = online_on_node_1(&c).await;
     let q = n2.presence(t, &[u, UserId::new()]).await.unwrap();
     assert_eq!(q[0].status, PresenceStatus::Online);
     assert_eq!(q[1].status, PresenceStatus::Offline);
@@ -180,20 +212,15 @@ async fn presence_is_shared_and_a_dead_node_is_swept_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leaving_node_stops_its_heartbeats_and_is_swept() {
     let Some(c) = config() else { return };
-    let n1 = Realtime::redis(&c, 64).await.unwrap();
-    let n2 = Realtime::redis(&c, 64).await.unwrap();
-    let t = TenantId::new();
-    let (u, watcher) = (UserId::new(), UserId::new());
-    let mut w = n2
-        .open(t, watcher, Instant::now(), ready(vec![u]))
-        .await
-        .unwrap();
-    let a = n1
-        .open(t, u, Instant::now(), ready(vec![watcher]))
-        .await
-        .unwrap();
-    let f = next_about(&mut w, u).await;
-    assert!(f.contains(r#""status":"online""#), "{f}");
+    let Pair {
+        n1,
+        n2,
+        u,
+        watcher,
+        mut w,
+        a,
+        ..
+    } = online_on_node_1(&c).await;
 
     n1.shutdown().await;
     n1.close(a, ready(vec![watcher])).await;

@@ -51,11 +51,17 @@ async fn stored_messages(s: &Server, who: &Person, conv: mindsp_core::Conversati
 }
 
 async fn alice_and_bob(s: &Server) -> (Person, Person, String) {
+    let (_, alice, bob, conv) = admin_alice_and_bob(s).await;
+    (alice, bob, conv)
+}
+
+/// [`alice_and_bob`], and the admin of their tenant.
+async fn admin_alice_and_bob(s: &Server) -> (Person, Person, Person, String) {
     let admin = s.tenant("sdis13").await;
     let alice = s.user(&admin, "sdis13", "Alice").await;
     let bob = s.user(&admin, "sdis13", "Bob").await;
     let conv = s.group(&alice, &[&bob]).await;
-    (alice, bob, conv)
+    (admin, alice, bob, conv)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -647,10 +653,7 @@ async fn deactivation_closes_sockets_and_removal_stops_deliveries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_change_closes_the_users_sockets() {
     let s = Server::start(config()).await;
-    let admin = s.tenant("sdis13").await;
-    let alice = s.user(&admin, "sdis13", "Alice").await;
-    let bob = s.user(&admin, "sdis13", "Bob").await;
-    let conv = s.group(&alice, &[&bob]).await;
+    let (admin, alice, bob, conv) = admin_alice_and_bob(&s).await;
     let mut phone = s.connect(&alice).await;
     let mut tablet = s.connect(&alice).await;
     let mut b = s.connect(&bob).await;
