@@ -57,6 +57,13 @@ pub enum Event {
         /// When they were last connected; set when they go offline.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         last_seen: Option<DateTime<Utc>>,
+        /// Orders this user's presence changes: greater for a later change (see
+        /// [`next_presence_version`]). Events can arrive out of order (two nodes
+        /// publish them, or two tasks of one node); one whose version is not above the
+        /// last one applied for that user is stale. 0: unknown order (a node from
+        /// before versions).
+        #[serde(default)]
+        version: u64,
     },
     /// A conversation was created, renamed, or its members or their roles changed.
     ConversationUpdated {
@@ -125,6 +132,15 @@ pub enum TypingState {
     Start,
     /// Stopped, sent, or timed out.
     Stop,
+}
+
+/// The version of a user's next presence change, after one of version `last`: the
+/// current time in milliseconds since the Unix epoch, or `last + 1` when that is not
+/// above `last`. Versions from the clock stay ordered across restarts (and, with Redis,
+/// after Redis lost its data), and two changes in one millisecond still get two.
+pub fn next_presence_version(last: u64) -> u64 {
+    let now = u64::try_from(crate::model::now().timestamp_millis()).unwrap_or(0);
+    now.max(last.saturating_add(1))
 }
 
 /// Presence status.
@@ -233,6 +249,7 @@ mod tests {
                 user_id: UserId::new(),
                 status: PresenceStatus::Offline,
                 last_seen: Some(crate::model::now()),
+                version: next_presence_version(0),
             },
         };
         let s = serde_json::to_string(&env).unwrap();

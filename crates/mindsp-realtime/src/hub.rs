@@ -13,6 +13,13 @@
 //! more they are skipped for it, never the cause of a close, and the connection is
 //! marked ([`Connection::take_skipped`]) so that its client can be told to ask again.
 //! Messages, read receipts, conversation changes and notifications are never skipped.
+//!
+//! Presence events can reach a node out of order: two nodes publish them (a user who
+//! leaves one node as they reach another), and on one node the tasks of two connections
+//! (a phone that drops and reconnects at once). Each carries its user's version
+//! ([`mindsp_core::events::next_presence_version`]); the hub remembers the last version
+//! it delivered per user and drops an older one, so that a late `offline` never
+//! follows the `online` that came after it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -218,7 +225,14 @@ pub struct Hub {
     /// When each account's connections were last closed for good reason (deactivated,
     /// password changed), for [`Hub::register_checked`]; kept [`REVOKED_KEPT`].
     revoked: Mutex<HashMap<(TenantId, UserId), (Instant, CloseReason)>>,
+    /// The version of the last presence event delivered per user (at most
+    /// [`PRESENCE_KEPT`]).
+    presence: Mutex<HashMap<(TenantId, UserId), u64>>,
 }
+
+/// Most users whose last presence version a hub remembers (about 64 MB); when full it
+/// starts over, and an event that arrives late just then may be delivered once.
+const PRESENCE_KEPT: usize = 1_000_000;
 
 /// How long [`Hub::register_checked`] remembers an account's connections were closed:
 /// longer than any connection takes from its account check to its registration (the
@@ -290,6 +304,7 @@ impl Hub {
             skipped: AtomicU64::new(0),
             losses: watch::Sender::new(0),
             revoked: Mutex::new(HashMap::new()),
+            presence: Mutex::new(HashMap::new()),
         })
     }
 
@@ -437,6 +452,9 @@ impl Hub {
             Event::PasswordChanged { user_id } => {
                 return self.close_user(envelope.tenant, user_id, CloseReason::PasswordChanged);
             }
+            Event::Presence {
+                user_id, version, ..
+            } if !self.presence_is_newer(envelope.tenant, user_id, version) => return,
             _ => {}
         }
         let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
@@ -533,6 +551,30 @@ impl Hub {
             .iter()
             .map(|(t, users)| (*t, users.keys().copied().collect()))
             .collect()
+    }
+
+    /// Whether a presence event of `user` with `version` is newer than the last one
+    /// delivered (and then remembers it). Version 0 (from a node that gives none) is
+    /// always delivered.
+    fn presence_is_newer(&self, tenant: TenantId, user: UserId, version: u64) -> bool {
+        if version == 0 {
+            return true;
+        }
+        let mut seen = self.presence.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.get_mut(&(tenant, user)) {
+            Some(last) if *last >= version => false,
+            Some(last) => {
+                *last = version;
+                true
+            }
+            None => {
+                if seen.len() >= PRESENCE_KEPT {
+                    seen.clear();
+                }
+                seen.insert((tenant, user), version);
+                true
+            }
+        }
     }
 
     /// Asks every local connection of `user` to close. For a deactivation or a password
@@ -754,6 +796,7 @@ mod tests {
                 user_id: a,
                 status: PresenceStatus::Online,
                 last_seen: None,
+                version: 1,
             },
         });
         let d = b1.events.try_recv().unwrap();
@@ -789,8 +832,65 @@ mod tests {
                 user_id: UserId::new(),
                 status: PresenceStatus::Online,
                 last_seen: None,
+                version: 1,
             },
         }
+    }
+
+    /// A user's presence events that arrive out of order: the stale one is dropped,
+    /// per user and tenant; version 0 (no order known) always goes through.
+    #[tokio::test]
+    async fn a_stale_presence_event_is_dropped() {
+        let hub = Hub::new(16);
+        let (t, other_tenant) = (TenantId::new(), TenantId::new());
+        let (watcher, user, colleague) = (UserId::new(), UserId::new(), UserId::new());
+        let (mut w, _) = hub.register(t, watcher).unwrap();
+        let (mut o, _) = hub.register(other_tenant, watcher).unwrap();
+        let event = |tenant, user_id, status, version| Envelope {
+            tenant,
+            audience: Audience::Tenant,
+            event: Event::Presence {
+                user_id,
+                status,
+                last_seen: None,
+                version,
+            },
+        };
+        let got = |c: &mut Connection| {
+            let mut out = Vec::new();
+            while let Ok(d) = c.events.try_recv() {
+                if let Event::Presence {
+                    user_id,
+                    status,
+                    version,
+                    ..
+                } = d.envelope.event
+                {
+                    out.push((user_id, status, version));
+                }
+            }
+            out
+        };
+        use PresenceStatus::{Offline, Online};
+        hub.deliver(event(t, user, Online, 10));
+        // Its offline (9) was published before, but arrives after.
+        hub.deliver(event(t, user, Offline, 9));
+        hub.deliver(event(t, user, Online, 10));
+        // Another user's, and the same user id in another tenant, are their own.
+        hub.deliver(event(t, colleague, Offline, 5));
+        hub.deliver(event(other_tenant, user, Offline, 9));
+        hub.deliver(event(t, user, Offline, 11));
+        hub.deliver(event(t, user, Online, 0));
+        assert_eq!(
+            got(&mut w),
+            vec![
+                (user, Online, 10),
+                (colleague, Offline, 5),
+                (user, Offline, 11),
+                (user, Online, 0)
+            ]
+        );
+        assert_eq!(got(&mut o), vec![(user, Offline, 9)]);
     }
 
     #[tokio::test]

@@ -132,9 +132,17 @@ impl Realtime {
         watchers: impl Future<Output = Vec<UserId>> + Send,
     ) -> Option<Connection> {
         let (conn, _) = self.hub.register_checked(tenant, user, Some(checked))?;
-        if self.presence.connected(tenant, user).await {
-            self.presence_changed(tenant, user, watchers.await, PresenceStatus::Online, None)
-                .await;
+        if let Some(version) = self.presence.connected(tenant, user).await {
+            let watchers = watchers.await;
+            self.presence_changed(
+                tenant,
+                user,
+                watchers,
+                PresenceStatus::Online,
+                None,
+                version,
+            )
+            .await;
         }
         Some(conn)
     }
@@ -152,13 +160,14 @@ impl Realtime {
         if self.hub.is_closing() {
             return;
         }
-        if let Some(seen) = self.presence.disconnected(tenant, user).await {
+        if let Some((seen, version)) = self.presence.disconnected(tenant, user).await {
             self.presence_changed(
                 tenant,
                 user,
                 watchers.await,
                 PresenceStatus::Offline,
                 Some(seen),
+                version,
             )
             .await;
         }
@@ -199,6 +208,7 @@ impl Realtime {
         watchers: Vec<UserId>,
         status: PresenceStatus,
         last_seen: Option<chrono::DateTime<chrono::Utc>>,
+        version: u64,
     ) {
         if watchers.is_empty() {
             return;
@@ -211,6 +221,7 @@ impl Realtime {
                     user_id: user,
                     status,
                     last_seen,
+                    version,
                 },
             })
             .await;
@@ -235,5 +246,55 @@ impl mindsp_core::notify::OnlineUsers for Realtime {
                 .map(|p| p.user_id)
                 .collect(),
         )
+    }
+}
+
+#[cfg(all(test, feature = "in-process"))]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A phone drops and reconnects at once: the offline of its old connection, held
+    /// up while its watchers are read, is published after the online of the new one.
+    /// The colleague must still see the user online at the end.
+    #[tokio::test]
+    async fn a_late_offline_does_not_follow_the_online_after_it() {
+        let rt = Realtime::in_process(64);
+        let (t, user, watcher) = (TenantId::new(), UserId::new(), UserId::new());
+        let (mut w, _) = rt.hub().register(t, watcher).unwrap();
+        let watchers = || std::future::ready(vec![watcher]);
+        let old = rt.open(t, user, Instant::now(), watchers()).await.unwrap();
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let closing = {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                let slow_watchers = async move {
+                    let _ = held.await;
+                    vec![watcher]
+                };
+                rt.close(old, slow_watchers).await;
+            })
+        };
+        // The disconnection is counted; its event waits for its watchers.
+        while rt.presence(t, &[user]).await.unwrap()[0].status == PresenceStatus::Online {
+            tokio::task::yield_now().await;
+        }
+        let _new = rt.open(t, user, Instant::now(), watchers()).await.unwrap();
+        release.send(()).unwrap();
+        closing.await.unwrap();
+
+        let mut told = Vec::new();
+        while let Ok(d) = w.events.try_recv() {
+            if let Event::Presence {
+                user_id, status, ..
+            } = d.envelope.event
+                && user_id == user
+            {
+                told.push(status);
+            }
+        }
+        assert_eq!(told.last(), Some(&PresenceStatus::Online), "{told:?}");
+        let now = rt.presence(t, &[user]).await.unwrap();
+        assert_eq!(now[0].status, PresenceStatus::Online);
     }
 }

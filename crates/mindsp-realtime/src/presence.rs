@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use mindsp_core::events::PresenceStatus;
+use mindsp_core::events::{PresenceStatus, next_presence_version};
 use mindsp_core::{TenantId, UserId};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,10 @@ pub struct UserPresence {
     /// When their last connection closed; `None` while online or when never seen
     /// since this node started.
     pub last_seen: Option<DateTime<Utc>>,
+    /// The version of the change this state comes from, as in `presence` events (0:
+    /// never seen): a client applies an answer or an event only when its version is
+    /// above the one it holds for that user.
+    pub version: u64,
 }
 
 /// Presence could not be read (Redis away): a client shows it as unknown rather than
@@ -35,10 +39,12 @@ pub struct PresenceUnavailable(pub String);
 /// Tracks who is online, per tenant.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
-    /// `user` opened a connection. True when this made them online.
-    async fn connected(&self, tenant: TenantId, user: UserId) -> bool;
-    /// A connection of `user` closed. `Some(last_seen)` when this made them offline.
-    async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<DateTime<Utc>>;
+    /// `user` opened a connection. When this made them online, the version of that
+    /// change (see [`next_presence_version`]).
+    async fn connected(&self, tenant: TenantId, user: UserId) -> Option<u64>;
+    /// A connection of `user` closed. When this made them offline, their `last_seen`
+    /// and the version of that change.
+    async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<(DateTime<Utc>, u64)>;
     /// The presence of each of `users`, in the same order; [`PresenceUnavailable`] when
     /// it cannot be read now (shared presence whose store is away).
     async fn query(
@@ -60,6 +66,7 @@ pub trait Presence: Send + Sync + 'static {
 struct Entry {
     connections: u32,
     last_seen: Option<DateTime<Utc>>,
+    version: u64,
 }
 
 /// Presence from the connections of this process: the embedded, one-node profile.
@@ -77,14 +84,18 @@ impl LocalPresence {
 
 #[async_trait]
 impl Presence for LocalPresence {
-    async fn connected(&self, tenant: TenantId, user: UserId) -> bool {
+    async fn connected(&self, tenant: TenantId, user: UserId) -> Option<u64> {
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         let e = users.entry((tenant, user)).or_default();
         e.connections += 1;
-        e.connections == 1
+        if e.connections > 1 {
+            return None;
+        }
+        e.version = next_presence_version(e.version);
+        Some(e.version)
     }
 
-    async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<DateTime<Utc>> {
+    async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<(DateTime<Utc>, u64)> {
         let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
         let e = users.get_mut(&(tenant, user))?;
         if e.connections == 0 {
@@ -96,7 +107,8 @@ impl Presence for LocalPresence {
         }
         let now = mindsp_core::model::now();
         e.last_seen = Some(now);
-        Some(now)
+        e.version = next_presence_version(e.version);
+        Some((now, e.version))
     }
 
     async fn query(
@@ -112,11 +124,13 @@ impl Presence for LocalPresence {
                     user_id: *u,
                     status: PresenceStatus::Online,
                     last_seen: None,
+                    version: e.version,
                 },
                 e => UserPresence {
                     user_id: *u,
                     status: PresenceStatus::Offline,
                     last_seen: e.and_then(|e| e.last_seen),
+                    version: e.map_or(0, |e| e.version),
                 },
             })
             .collect())
@@ -131,22 +145,29 @@ mod tests {
     async fn online_until_the_last_connection_closes() {
         let p = LocalPresence::new();
         let (t, u) = (TenantId::new(), UserId::new());
-        assert!(p.connected(t, u).await);
-        assert!(!p.connected(t, u).await);
+        let online = p.connected(t, u).await.expect("online now");
+        assert!(p.connected(t, u).await.is_none());
         assert!(p.disconnected(t, u).await.is_none());
-        assert_eq!(
-            p.query(t, &[u]).await.unwrap()[0].status,
-            PresenceStatus::Online
-        );
-        let seen = p.disconnected(t, u).await.expect("offline now");
+        let q = p.query(t, &[u]).await.unwrap();
+        assert_eq!(q[0].status, PresenceStatus::Online);
+        assert_eq!(q[0].version, online);
+        let (seen, offline) = p.disconnected(t, u).await.expect("offline now");
         let q = p.query(t, &[u]).await.unwrap();
         assert_eq!(q[0].status, PresenceStatus::Offline);
         assert_eq!(q[0].last_seen, Some(seen));
+        assert_eq!(q[0].version, offline);
+        // Each change gets a greater version, even within one millisecond.
+        let again = p.connected(t, u).await.expect("online again");
+        assert!(
+            online < offline && offline < again,
+            "{online} {offline} {again}"
+        );
         // Another tenant's user of the same id is someone else.
         assert_eq!(
             p.query(TenantId::new(), &[u]).await.unwrap()[0].last_seen,
             None
         );
+        assert!(p.disconnected(t, u).await.is_some());
         assert!(p.disconnected(t, u).await.is_none());
     }
 }

@@ -54,7 +54,10 @@
 //! - `nodes`: sorted set, node id → time of its last heartbeat (Redis server time, ms);
 //! - `n:<node>`: set of `<tenant>:<user>` with a connection on that node;
 //! - `u:<tenant>:<user>`: hash, node id → 1 for each node where the user is connected;
-//! - `seen:<tenant>`: hash, user → `last_seen` (ms).
+//! - `seen:<tenant>`: hash, user → `last_seen` (ms);
+//! - `v:<tenant>`: hash, user → the version of their last presence change, carried by
+//!   its event (see [`mindsp_core::events::next_presence_version`]; the scripts give it,
+//!   on Redis's clock, so versions stay ordered whichever node publishes).
 //!
 //! A user is online while `u:<tenant>:<user>` names a node. Every node heartbeats every
 //! `heartbeat` and, at the same pace, sweeps: a Lua script takes the nodes whose last
@@ -579,14 +582,24 @@ impl Broker for RedisBroker {
 
 // ---- presence -------------------------------------------------------------------------
 
-/// Redis server time in ms, in every script.
+/// Redis server time in ms, in every script; and `bump`, which gives a user's presence
+/// change its version (`next_presence_version`'s rule on Redis's clock, kept in
+/// `v:<tenant>`), and `version`, which reads the last one.
 const NOW: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function version(p, tenant, user)
+  return tonumber(redis.call('HGET', p .. 'v:' .. tenant, user) or '0')
+end
+local function bump(p, tenant, user)
+  local v = math.max(now, version(p, tenant, user) + 1)
+  redis.call('HSET', p .. 'v:' .. tenant, user, string.format('%.0f', v))
+  return v
+end
 ";
 
 /// KEYS[1] nodes; ARGV prefix, node, tenant, user. Returns {became online, node was
-/// missing from `nodes`}.
+/// missing from `nodes`, the version of the change (0 when not online now)}.
 const CONNECT: &str = r"
 local p, node, tu = ARGV[1], ARGV[2], ARGV[3] .. ':' .. ARGV[4]
 local missing = 0
@@ -597,31 +610,36 @@ end
 local ukey = p .. 'u:' .. tu
 local added = redis.call('HSET', ukey, node, '1')
 redis.call('SADD', p .. 'n:' .. node, tu)
-local online = 0
-if added == 1 and redis.call('HLEN', ukey) == 1 then online = 1 end
-return {online, missing}
+local online, v = 0, 0
+if added == 1 and redis.call('HLEN', ukey) == 1 then
+  online = 1
+  v = bump(p, ARGV[3], ARGV[4])
+end
+return {online, missing, v}
 ";
 
-/// KEYS[1] nodes; ARGV prefix, node, tenant, user, late. Returns last_seen (ms) when
-/// this call left the user offline everywhere, else -1. With `late` = 1 (a
-/// disconnection written after a failed try, which may have run after all: a command
-/// that timed out can still reach Redis), returns their `last_seen` whenever they have
-/// no node left.
+/// KEYS[1] nodes; ARGV prefix, node, tenant, user, late. Returns {last_seen (ms),
+/// version} when this call left the user offline everywhere, else {-1, 0}. With `late`
+/// = 1 (a disconnection written after a failed try, which may have run after all: a
+/// command that timed out can still reach Redis), returns their `last_seen` and the
+/// version of their last change whenever they have no node left.
 const DISCONNECT: &str = r"
 local p, node, tenant, user, late = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local tu = tenant .. ':' .. user
 local ukey = p .. 'u:' .. tu
 local removed = redis.call('HDEL', ukey, node)
 redis.call('SREM', p .. 'n:' .. node, tu)
-if redis.call('HLEN', ukey) > 0 then return -1 end
+if redis.call('HLEN', ukey) > 0 then return {-1, 0} end
 if removed == 1 then
   redis.call('HSET', p .. 'seen:' .. tenant, user, now)
-  return now
+  return {now, bump(p, tenant, user)}
 end
 if late == '1' then
-  return tonumber(redis.call('HGET', p .. 'seen:' .. tenant, user) or now)
+  local v = version(p, tenant, user)
+  if v == 0 then v = bump(p, tenant, user) end
+  return {tonumber(redis.call('HGET', p .. 'seen:' .. tenant, user) or now), v}
 end
-return -1
+return {-1, 0}
 ";
 
 /// KEYS[1] nodes; ARGV prefix, node, cursor. One page of `n:<node>`: {next cursor,
@@ -640,8 +658,8 @@ return missing
 
 /// KEYS[1] nodes; ARGV prefix, window ms, most nodes per sweep, the sweeping node
 /// (never swept by itself). Returns how many of the dead nodes had not left cleanly
-/// (`left`), then a flat list tenant, user, last_seen of the users the dead nodes left
-/// offline.
+/// (`left`), then a flat list tenant, user, last_seen, version of the users the dead
+/// nodes left offline.
 const SWEEP: &str = r"
 local p, window, limit, me = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window, 'LIMIT', 0, limit)
@@ -661,6 +679,7 @@ for _, node in ipairs(dead) do
         table.insert(out, tenant)
         table.insert(out, user)
         table.insert(out, last)
+        table.insert(out, string.format('%.0f', bump(p, tenant, user)))
       end
     end
     redis.call('DEL', nkey)
@@ -676,7 +695,8 @@ redis.call('SADD', ARGV[1], ARGV[2])
 return 1
 ";
 
-/// KEYS[1] nodes; ARGV prefix, tenant, users... Returns per user {online, last_seen or ''}.
+/// KEYS[1] nodes; ARGV prefix, tenant, users... Returns per user {online, last_seen or
+/// '', version}.
 const QUERY: &str = r"
 local p, tenant = ARGV[1], ARGV[2]
 local out = {}
@@ -684,6 +704,7 @@ for i = 3, #ARGV do
   local online = redis.call('HLEN', p .. 'u:' .. tenant .. ':' .. ARGV[i])
   table.insert(out, online > 0 and 1 or 0)
   table.insert(out, redis.call('HGET', p .. 'seen:' .. tenant, ARGV[i]) or '')
+  table.insert(out, version(p, tenant, ARGV[i]))
 end
 return out
 ";
@@ -713,6 +734,11 @@ fn script(body: &str) -> String {
 
 fn millis(ms: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_millis(ms)
+}
+
+/// A presence version a script returned (0, "order unknown", when missing).
+fn version(v: Option<i64>) -> u64 {
+    v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0)
 }
 
 type Slot = Arc<tokio::sync::Mutex<u32>>;
@@ -833,14 +859,15 @@ impl Shared {
         ]
     }
 
-    /// Writes a 0 → 1 transition; true when the user came online everywhere.
-    async fn connect(&self, tenant: TenantId, user: UserId) -> Result<bool, RedisError> {
+    /// Writes a 0 → 1 transition; the version of the change when the user came online
+    /// everywhere.
+    async fn connect(&self, tenant: TenantId, user: UserId) -> Result<Option<u64>, RedisError> {
         let v = self.eval(CONNECT, self.ids(tenant, user)).await?;
         let v: Vec<i64> = v.convert()?;
         if v.get(1) == Some(&1) {
             self.reannounce.store(true, Ordering::SeqCst);
         }
-        Ok(v.first() == Some(&1))
+        Ok((v.first() == Some(&1)).then(|| version(v.get(2).copied())))
     }
 
     async fn heartbeat(&self) -> Result<bool, RedisError> {
@@ -857,6 +884,7 @@ impl Shared {
         user: UserId,
         status: PresenceStatus,
         last_seen: Option<DateTime<Utc>>,
+        version: u64,
     ) {
         self.broker
             .publish(Envelope {
@@ -866,6 +894,7 @@ impl Shared {
                     user_id: user,
                     status,
                     last_seen,
+                    version,
                 },
             })
             .await;
@@ -927,8 +956,8 @@ impl Shared {
         let online = self.connect(tenant, user).await?;
         // As in `connected`: an older unwritten disconnection no longer holds.
         self.unwritten_done(tenant, user);
-        if online {
-            self.publish_presence(tenant, user, PresenceStatus::Online, None)
+        if let Some(version) = online {
+            self.publish_presence(tenant, user, PresenceStatus::Online, None, version)
                 .await;
         }
         Ok(())
@@ -942,8 +971,8 @@ impl Shared {
         user: UserId,
         late: bool,
     ) -> Result<(), ()> {
-        if let Some(seen) = self.write_disconnection(tenant, user, late).await? {
-            self.publish_presence(tenant, user, PresenceStatus::Offline, Some(seen))
+        if let Some((seen, version)) = self.write_disconnection(tenant, user, late).await? {
+            self.publish_presence(tenant, user, PresenceStatus::Offline, Some(seen), version)
                 .await;
         }
         Ok(())
@@ -1073,7 +1102,8 @@ impl Shared {
     }
 
     /// Writes the 1 → 0 transition of `user` on this node (`late`: see [`DISCONNECT`]);
-    /// `last_seen` when they are offline everywhere now. Either way the user's
+    /// `last_seen` and the change's version when they are offline everywhere now.
+    /// Either way the user's
     /// disconnection is written or kept for the next heartbeats ([`Self::write_offline`]).
     /// Called under the user's slot lock.
     async fn write_disconnection(
@@ -1081,17 +1111,18 @@ impl Shared {
         tenant: TenantId,
         user: UserId,
         late: bool,
-    ) -> Result<Option<DateTime<Utc>>, ()> {
+    ) -> Result<Option<(DateTime<Utc>, u64)>, ()> {
         let mut args = self.ids(tenant, user);
         args.push(if late { "1" } else { "0" }.into());
         match self.eval(DISCONNECT, args).await {
             Ok(v) => {
                 // Any older unwritten disconnection is written by this one.
                 self.unwritten_done(tenant, user);
-                Ok(v.convert::<i64>()
-                    .ok()
-                    .filter(|ms| *ms >= 0)
-                    .and_then(millis))
+                let v = v.convert::<Vec<i64>>().unwrap_or_default();
+                Ok(v.first()
+                    .filter(|ms| **ms >= 0)
+                    .and_then(|ms| millis(*ms))
+                    .map(|seen| (seen, version(v.get(1).copied()))))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot record a disconnection in Redis; will retry");
@@ -1140,7 +1171,7 @@ impl Shared {
         let out = self.eval(QUERY, args).await?.convert::<Vec<Value>>()?;
         Ok(users
             .iter()
-            .zip(out.chunks_exact(2))
+            .zip(out.chunks_exact(3))
             .map(|(u, pair)| {
                 let online = pair[0].as_i64() == Some(1);
                 UserPresence {
@@ -1158,6 +1189,7 @@ impl Shared {
                             .and_then(|s| s.parse::<i64>().ok())
                             .and_then(millis)
                     },
+                    version: version(pair[2].as_i64()),
                 }
             })
             .collect())
@@ -1190,25 +1222,27 @@ impl Shared {
             self.writes.unsent.store(true, Ordering::SeqCst);
             let _ = self.writes.announce(false).await;
         }
-        // Per tenant, the users left offline and when they were last seen.
-        type Gone = Vec<(UserId, Option<DateTime<Utc>>)>;
+        // Per tenant, the users left offline, when they were last seen, and the version
+        // of that change.
+        type Gone = Vec<(UserId, Option<DateTime<Utc>>, u64)>;
         let mut gone: HashMap<TenantId, Gone> = HashMap::new();
-        for chunk in out.chunks_exact(3) {
+        for chunk in out.chunks_exact(4) {
             let (Ok(tenant), Ok(user)) = (chunk[0].parse::<TenantId>(), chunk[1].parse::<UserId>())
             else {
                 continue;
             };
             let seen = chunk[2].parse::<i64>().ok().and_then(millis);
-            gone.entry(tenant).or_default().push((user, seen));
+            let v = version(chunk[3].parse::<i64>().ok());
+            gone.entry(tenant).or_default().push((user, seen, v));
         }
         // The events go out one by one, and a user may reconnect to another node
         // meanwhile (which tells the tenant they are online): each batch is read again
         // just before, so that a late `offline` does not follow their `online`.
         for (tenant, users) in gone {
             for batch in users.chunks(SWEEP_RECHECK) {
-                let ids: Vec<UserId> = batch.iter().map(|(u, _)| *u).collect();
+                let ids: Vec<UserId> = batch.iter().map(|(u, _, _)| *u).collect();
                 let now = self.read_presence(tenant, &ids).await.ok();
-                for (i, (user, seen)) in batch.iter().enumerate() {
+                for (i, (user, seen, version)) in batch.iter().enumerate() {
                     let back = now
                         .as_ref()
                         .and_then(|p| p.get(i))
@@ -1217,7 +1251,7 @@ impl Shared {
                         continue;
                     }
                     tracing::debug!(%user, "user of a dead node is offline");
-                    self.publish_presence(tenant, *user, PresenceStatus::Offline, *seen)
+                    self.publish_presence(tenant, *user, PresenceStatus::Offline, *seen, *version)
                         .await;
                 }
             }
@@ -1242,13 +1276,13 @@ impl Shared {
 
 #[async_trait]
 impl Presence for RedisPresence {
-    async fn connected(&self, tenant: TenantId, user: UserId) -> bool {
+    async fn connected(&self, tenant: TenantId, user: UserId) -> Option<u64> {
         let s = &self.shared;
         let slot = s.slot(tenant, user);
         let mut n = slot.lock().await;
         *n += 1;
         if *n > 1 {
-            return false;
+            return None;
         }
         match s.connect(tenant, user).await {
             Ok(online) => {
@@ -1261,12 +1295,12 @@ impl Presence for RedisPresence {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot record presence in Redis; will retry at the next heartbeat");
                 s.reannounce.store(true, Ordering::SeqCst);
-                false
+                None
             }
         }
     }
 
-    async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<DateTime<Utc>> {
+    async fn disconnected(&self, tenant: TenantId, user: UserId) -> Option<(DateTime<Utc>, u64)> {
         let s = &self.shared;
         let slot = {
             let local = s.local.lock().unwrap_or_else(|e| e.into_inner());

@@ -206,6 +206,91 @@ async fn presence_is_shared_and_a_dead_node_is_swept_once() {
     purge(&c).await;
 }
 
+/// A user leaves node 1 as they reach node 2 (a phone that changes network): node 1's
+/// `offline`, held up while its watchers are read, is published after node 2's
+/// `online`. The versions Redis gave the two changes put them in order: the late one is
+/// dropped, and the watcher keeps seeing the user online.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_offline_from_another_node_does_not_follow_the_online() {
+    let Some(c) = config() else { return };
+    let Pair {
+        n1,
+        n2,
+        t,
+        u,
+        watcher,
+        mut w,
+        a,
+    } = online_on_node_1(&c).await;
+    let version = |n: &Realtime| {
+        let n = n.clone();
+        async move { n.presence(t, &[u]).await.unwrap().remove(0) }
+    };
+    let online = version(&n2).await;
+    assert!(online.version > 0, "{online:?}");
+
+    let (release, held) = tokio::sync::oneshot::channel::<()>();
+    let closing = {
+        let n1 = n1.clone();
+        tokio::spawn(async move {
+            let slow_watchers = async move {
+                let _ = held.await;
+                vec![watcher]
+            };
+            n1.close(a, slow_watchers).await;
+        })
+    };
+    let deadline = Instant::now() + WAIT;
+    let offline = loop {
+        let now = version(&n1).await;
+        if now.status == PresenceStatus::Offline {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the disconnection is never written"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(offline.version > online.version, "{online:?} {offline:?}");
+    let _b = n2
+        .open(t, u, Instant::now(), ready(vec![watcher]))
+        .await
+        .unwrap();
+    let back = version(&n1).await;
+    assert_eq!(back.status, PresenceStatus::Online);
+    assert!(back.version > offline.version, "{offline:?} {back:?}");
+    let f = next_about(&mut w, u).await;
+    assert!(
+        f.contains(r#""status":"online""#) && f.contains(&format!(r#""version":{}"#, back.version)),
+        "{f}"
+    );
+
+    release.send(()).unwrap();
+    closing.await.unwrap();
+    // Node 1 publishes in order on one connection: once this typing event arrives, its
+    // late offline has arrived before it, and was dropped.
+    let marker = ConversationId::new();
+    n1.publish(Envelope::to_users(
+        t,
+        vec![watcher],
+        Event::Typing {
+            conversation_id: marker,
+            user_id: u,
+            state: TypingState::Start,
+        },
+    ))
+    .await;
+    loop {
+        let f = next_about(&mut w, u).await;
+        assert!(!f.contains(r#""type":"presence""#), "a stale presence: {f}");
+        if f.contains(&marker.to_string()) {
+            break;
+        }
+    }
+    purge(&c).await;
+}
+
 /// A node that shuts down (`Realtime::shutdown`, at SIGTERM) stops its heartbeats while
 /// its process still runs and its sockets close: the other node sweeps it after the
 /// window and tells the tenant that its user is offline.

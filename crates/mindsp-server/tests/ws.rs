@@ -208,6 +208,9 @@ async fn presence_follows_the_last_tab() {
     };
     assert_eq!(find(&q, &alice.id)["status"], "online");
     assert_eq!(find(&q, &bob.id)["status"], "online");
+    // The answer carries the version of the change it comes from, as the event does.
+    assert!(online["version"].as_u64().unwrap() > 0, "{online}");
+    assert_eq!(find(&q, &alice.id)["version"], online["version"]);
     // The REST route answers the same, for a page that has no socket yet; an outsider
     // learns nothing (404).
     let rest = s
@@ -243,6 +246,9 @@ async fn presence_follows_the_last_tab() {
     let q = b.ok("presence", json!({"conversation_id": conv})).await;
     assert_eq!(find(&q, &alice.id)["status"], "offline");
     assert_eq!(find(&q, &alice.id)["last_seen"], offline["last_seen"]);
+    assert!(offline["version"].as_u64() > online["version"].as_u64());
+    assert_eq!(find(&q, &alice.id)["version"], offline["version"]);
+    assert_eq!(find(&rest, &alice.id)["version"], online["version"]);
     let heard = c.drain().await;
     assert!(heard.is_empty(), "carol was told {heard:?}");
 }
@@ -1070,6 +1076,7 @@ async fn a_client_behind_misses_presence_and_is_told_once_caught_up() {
                 user_id: mindsp_core::UserId::new(),
                 status: PresenceStatus::Online,
                 last_seen: None,
+                version: 0,
             },
         });
     }
