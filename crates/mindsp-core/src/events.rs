@@ -121,6 +121,12 @@ pub enum Event {
     PasswordChanged {
         /// The user.
         user_id: UserId,
+        /// The new password: when it was set, in milliseconds since the epoch
+        /// ([`crate::model::User::password_mark`]). Connections opened with a token for
+        /// an older one close; one already opened with a token for this one stays. 0
+        /// (from a node before this field): every connection of the user closes.
+        #[serde(default)]
+        password: i64,
     },
 }
 

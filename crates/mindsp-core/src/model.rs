@@ -85,6 +85,16 @@ pub struct User {
     pub password_changed_at: Option<DateTime<Utc>>,
 }
 
+impl User {
+    /// What names the user's current password: when it last changed, in milliseconds
+    /// since the epoch (what both stores keep exactly), 0 if never. Access tokens and
+    /// live connections carry it; compared for equality or order, so no node's clock
+    /// decides whether they predate a change.
+    pub fn password_mark(&self) -> i64 {
+        self.password_changed_at.map_or(0, |t| t.timestamp_millis())
+    }
+}
+
 /// A user to create; the password is already hashed by the caller.
 #[derive(Debug, Clone)]
 pub struct NewUser {

@@ -285,7 +285,10 @@ impl Messaging {
         self.publish(Envelope::to_users(
             actor.tenant_id,
             vec![id],
-            Event::PasswordChanged { user_id: id },
+            Event::PasswordChanged {
+                user_id: id,
+                password: user.password_mark(),
+            },
         ))
         .await;
         Ok(user)

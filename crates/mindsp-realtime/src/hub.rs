@@ -22,7 +22,7 @@
 //! follows the `online` that came after it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -134,6 +134,57 @@ struct Mailbox {
     /// Set while an [`Event::EventsSkipped`] from [`Hub::events_lost`] waits in the
     /// queue: one is enough, however often events are lost before it is taken.
     lost: AtomicBool,
+    /// The password the connection was opened (or last refreshed) for
+    /// ([`Checked::password`]).
+    password: AtomicI64,
+}
+
+/// What the server checked before registering a connection (see
+/// [`Hub::register_checked`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Checked {
+    /// When the account was found active.
+    pub at: Instant,
+    /// Which password its token was issued for: when that password was set, in
+    /// milliseconds since the epoch (0 if never changed). A password change closes the
+    /// connections opened for an older one, not those already opened with a token of
+    /// the new one.
+    pub password: i64,
+}
+
+impl Checked {
+    /// Checked just now, for a token of `password`.
+    pub fn now(password: i64) -> Self {
+        Self {
+            at: Instant::now(),
+            password,
+        }
+    }
+}
+
+/// What the hub remembers of an account whose connections it closed for good reason,
+/// for connections checked before and registered after ([`Hub::register_checked`]).
+#[derive(Debug, Clone, Copy)]
+struct Revoked {
+    /// When the entry was last written (kept [`REVOKED_KEPT`]).
+    at: Instant,
+    /// When the account was deactivated, if it was.
+    deactivated: Option<Instant>,
+    /// The newest password set ([`Checked::password`]): connections for an older one
+    /// close.
+    password: Option<i64>,
+}
+
+/// A handle on a connection's password mark, for a token refreshed over the socket
+/// ([`Connection::password`]).
+#[derive(Clone)]
+pub struct PasswordMark(Arc<Mailbox>);
+
+impl PasswordMark {
+    /// The connection now holds a token for this password.
+    pub fn set(&self, password: i64) {
+        self.0.password.store(password, Ordering::Relaxed);
+    }
 }
 
 /// Slots a drained queue keeps rather than freeing (a busy connection would otherwise
@@ -224,7 +275,7 @@ pub struct Hub {
     losses: watch::Sender<u64>,
     /// When each account's connections were last closed for good reason (deactivated,
     /// password changed), for [`Hub::register_checked`]; kept [`REVOKED_KEPT`].
-    revoked: Mutex<HashMap<(TenantId, UserId), (Instant, CloseReason)>>,
+    revoked: Mutex<HashMap<(TenantId, UserId), Revoked>>,
     /// The version of the last presence event delivered per user (at most
     /// [`PRESENCE_KEPT`]).
     presence: Mutex<HashMap<(TenantId, UserId), u64>>,
@@ -271,6 +322,13 @@ impl Connection {
     /// states it may have missed the end of.
     pub fn take_skipped(&self) -> bool {
         self.events.mailbox.skipped.swap(false, Ordering::Relaxed)
+    }
+
+    /// A handle to say that this connection now holds a token for another password (a
+    /// token refreshed over the socket after a password change): a late
+    /// [`Hub::password_changed`] for that password no longer closes it.
+    pub fn password(&self) -> PasswordMark {
+        PasswordMark(self.events.mailbox.clone())
     }
 }
 
@@ -329,20 +387,21 @@ impl Hub {
         self.register_checked(tenant, user, None)
     }
 
-    /// [`Hub::register`] for a connection whose account was found active, with this
-    /// password, at `checked`: if its connections were closed since ([`Hub::close_user`]
-    /// for a deactivation or a password change, which could not see this one yet), it
-    /// is registered already asked to close, for the same reason.
+    /// [`Hub::register`] for a connection whose account was found active, with a token
+    /// for a given password, as `checked` says: if the account was deactivated since,
+    /// or its password changed (neither of which could see this connection yet), it is
+    /// registered already asked to close, for that reason.
     pub fn register_checked(
         self: &Arc<Self>,
         tenant: TenantId,
         user: UserId,
-        checked: Option<Instant>,
+        checked: Option<Checked>,
     ) -> Option<(Connection, bool)> {
         let mailbox = Arc::new(Mailbox {
             queue: Queue::new(KEPT_SLOTS),
             skipped: AtomicBool::new(false),
             lost: AtomicBool::new(false),
+            password: AtomicI64::new(checked.map_or(0, |c| c.password)),
         });
         let (close_tx, close_rx) = watch::channel(None);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -366,10 +425,12 @@ impl Hub {
             };
             if let Some(checked) = checked {
                 let revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(&(at, reason)) = revoked.get(&(tenant, user))
-                    && at >= checked
-                {
-                    slot.close(reason);
+                if let Some(r) = revoked.get(&(tenant, user)) {
+                    if r.deactivated.is_some_and(|at| at >= checked.at) {
+                        slot.close(CloseReason::Deactivated);
+                    } else if r.password.is_some_and(|p| p > checked.password) {
+                        slot.close(CloseReason::PasswordChanged);
+                    }
                 }
             }
             slots.push(slot);
@@ -449,8 +510,8 @@ impl Hub {
             Event::AccountDeactivated { user_id } => {
                 return self.close_user(envelope.tenant, user_id, CloseReason::Deactivated);
             }
-            Event::PasswordChanged { user_id } => {
-                return self.close_user(envelope.tenant, user_id, CloseReason::PasswordChanged);
+            Event::PasswordChanged { user_id, password } => {
+                return self.password_changed(envelope.tenant, user_id, password);
             }
             Event::Presence {
                 user_id, version, ..
@@ -577,22 +638,64 @@ impl Hub {
         }
     }
 
-    /// Asks every local connection of `user` to close. For a deactivation or a password
-    /// change, connections of theirs checked before now and registered later are closed
-    /// too ([`Hub::register_checked`]).
+    /// Asks every local connection of `user` to close. For a deactivation, connections
+    /// of theirs checked before now and registered later are closed too
+    /// ([`Hub::register_checked`]). A password change closes only the connections
+    /// opened for an older password: see [`Hub::password_changed`].
     pub fn close_user(&self, tenant: TenantId, user: UserId, reason: CloseReason) {
-        if matches!(
-            reason,
-            CloseReason::Deactivated | CloseReason::PasswordChanged
-        ) {
-            let now = Instant::now();
-            let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
-            revoked.retain(|_, (at, _)| now.duration_since(*at) < REVOKED_KEPT);
-            revoked.insert((tenant, user), (now, reason));
+        match reason {
+            CloseReason::Deactivated => {
+                let now = Instant::now();
+                self.revoke(tenant, user, |r| r.deactivated = Some(now));
+            }
+            CloseReason::PasswordChanged => return self.password_changed(tenant, user, 0),
+            _ => {}
         }
+        self.close_where(tenant, user, reason, |_| true);
+    }
+
+    /// `user`'s password is now the one set at `password` ([`Checked::password`]):
+    /// their local connections opened (or last refreshed) for an older one close with
+    /// [`CloseReason::PasswordChanged`], now or when they register
+    /// ([`Hub::register_checked`]). A client that already reconnected with a token of
+    /// the new password keeps that connection, however late this comes. 0 (a node
+    /// from before password marks) closes them all.
+    pub fn password_changed(&self, tenant: TenantId, user: UserId, password: i64) {
+        let password = if password == 0 { i64::MAX } else { password };
+        self.revoke(tenant, user, |r| {
+            r.password = Some(r.password.map_or(password, |p| p.max(password)));
+        });
+        self.close_where(tenant, user, CloseReason::PasswordChanged, |m| {
+            m.password.load(Ordering::Relaxed) < password
+        });
+    }
+
+    fn revoke(&self, tenant: TenantId, user: UserId, change: impl FnOnce(&mut Revoked)) {
+        let now = Instant::now();
+        let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        revoked.retain(|_, r| now.duration_since(r.at) < REVOKED_KEPT);
+        let r = revoked.entry((tenant, user)).or_insert(Revoked {
+            at: now,
+            deactivated: None,
+            password: None,
+        });
+        r.at = now;
+        change(r);
+    }
+
+    fn close_where(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        reason: CloseReason,
+        which: impl Fn(&Mailbox) -> bool,
+    ) {
         let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
         if let Some(slots) = tenants.get(&tenant).and_then(|u| u.get(&user)) {
-            slots.iter().for_each(|s| s.close(reason));
+            slots
+                .iter()
+                .filter(|s| which(&s.mailbox))
+                .for_each(|s| s.close(reason));
         }
     }
 
@@ -955,7 +1058,10 @@ mod tests {
         hub.deliver(Envelope::to_users(
             t,
             vec![w],
-            Event::PasswordChanged { user_id: w },
+            Event::PasswordChanged {
+                user_id: w,
+                password: 0,
+            },
         ));
         for e in [&e1, &e2] {
             assert_eq!(*e.closed.borrow(), Some(CloseReason::PasswordChanged));
@@ -969,27 +1075,66 @@ mod tests {
         assert!(hub.drained(Duration::from_secs(1)).await);
     }
 
-    /// A connection whose account was checked before its connections were closed (a
-    /// deactivation, a password change) but registered after is closed at once; one
-    /// checked after, and other users' and other tenants', are not.
+    /// A connection whose account was checked before a deactivation but registered
+    /// after is closed at once; one checked after, and other users' and other
+    /// tenants', are not.
     #[test]
-    fn a_connection_checked_before_its_account_was_closed_is_closed_when_registered() {
+    fn a_connection_checked_before_a_deactivation_is_closed_when_registered() {
         let hub = Hub::new(4);
         let (t, other_tenant) = (TenantId::new(), TenantId::new());
         let (u, v) = (UserId::new(), UserId::new());
-        let before = Instant::now();
-        hub.close_user(t, u, CloseReason::PasswordChanged);
+        let before = Checked::now(0);
+        hub.close_user(t, u, CloseReason::Deactivated);
         hub.close_user(t, v, CloseReason::TooSlow);
-        let after = Instant::now();
+        let after = Checked::now(0);
         let (late, _) = hub.register_checked(t, u, Some(before)).unwrap();
-        assert_eq!(*late.closed.borrow(), Some(CloseReason::PasswordChanged));
+        assert_eq!(*late.closed.borrow(), Some(CloseReason::Deactivated));
         for (tenant, user, checked) in [(t, u, after), (t, v, before), (other_tenant, u, before)] {
             let (c, _) = hub.register_checked(tenant, user, Some(checked)).unwrap();
             assert_eq!(*c.closed.borrow(), None);
         }
-        hub.close_user(t, v, CloseReason::Deactivated);
-        let (late, _) = hub.register_checked(t, v, Some(after)).unwrap();
-        assert_eq!(*late.closed.borrow(), Some(CloseReason::Deactivated));
+    }
+
+    /// A password change closes the connections opened for an older password, live or
+    /// registered later, whenever they were checked; not those opened (or refreshed)
+    /// with a token of the new one, however late the change arrives.
+    #[test]
+    fn a_password_change_closes_the_connections_of_older_passwords_only() {
+        let hub = Hub::new(4);
+        let (t, other_tenant) = (TenantId::new(), TenantId::new());
+        let (u, v) = (UserId::new(), UserId::new());
+        let (old, new) = (1_000, 2_000);
+        let (stale, _) = hub.register_checked(t, u, Some(Checked::now(old))).unwrap();
+        let (refreshed, _) = hub.register_checked(t, u, Some(Checked::now(old))).unwrap();
+        refreshed.password().set(new);
+        let (current, _) = hub.register_checked(t, u, Some(Checked::now(new))).unwrap();
+        let (other, _) = hub.register_checked(t, v, Some(Checked::now(old))).unwrap();
+        let (elsewhere, _) = hub
+            .register_checked(other_tenant, u, Some(Checked::now(old)))
+            .unwrap();
+        let checked_before = Checked::now(old);
+        hub.deliver(Envelope::to_users(
+            t,
+            vec![u],
+            Event::PasswordChanged {
+                user_id: u,
+                password: new,
+            },
+        ));
+        assert_eq!(*stale.closed.borrow(), Some(CloseReason::PasswordChanged));
+        for c in [&refreshed, &current, &other, &elsewhere] {
+            assert_eq!(*c.closed.borrow(), None);
+        }
+        // Registered after the change: by the password its token is for.
+        let (late, _) = hub.register_checked(t, u, Some(checked_before)).unwrap();
+        assert_eq!(*late.closed.borrow(), Some(CloseReason::PasswordChanged));
+        let (fresh, _) = hub.register_checked(t, u, Some(Checked::now(new))).unwrap();
+        assert_eq!(*fresh.closed.borrow(), None);
+        // An older change arriving late closes nothing more.
+        hub.password_changed(t, u, old);
+        assert_eq!(*fresh.closed.borrow(), None);
+        let (fresh2, _) = hub.register_checked(t, u, Some(Checked::now(new))).unwrap();
+        assert_eq!(*fresh2.closed.borrow(), None);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use mindsp_core::events::{Audience, Envelope, Event, PresenceStatus, Publisher};
 use mindsp_core::{TenantId, UserId};
 
 pub use broker::{Broker, BrokerPublisher};
-pub use hub::{CloseReason, Connection, Delivery, Hub};
+pub use hub::{Checked, CloseReason, Connection, Delivery, Hub, PasswordMark};
 pub use presence::{LocalPresence, Presence, PresenceUnavailable, UserPresence};
 
 /// WebSocket close codes, documented in `docs/PROTOCOL.md`.
@@ -122,13 +122,13 @@ impl Realtime {
     /// Registers a connection of `user` and, when it brings them online, tells
     /// `watchers` (awaited only then): the people who share a conversation with them,
     /// not the whole tenant, whose every member would otherwise get an event for every
-    /// colleague who connects. `None` while shutting down. `checked` is when the account
-    /// was found active (see [`Hub::register_checked`]).
+    /// colleague who connects. `None` while shutting down. `checked` is what the server
+    /// checked of the account and the token (see [`Hub::register_checked`]).
     pub async fn open(
         &self,
         tenant: TenantId,
         user: UserId,
-        checked: std::time::Instant,
+        checked: Checked,
         watchers: impl Future<Output = Vec<UserId>> + Send,
     ) -> Option<Connection> {
         let (conn, _) = self.hub.register_checked(tenant, user, Some(checked))?;
@@ -252,7 +252,6 @@ impl mindsp_core::notify::OnlineUsers for Realtime {
 #[cfg(all(test, feature = "in-process"))]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     /// A phone drops and reconnects at once: the offline of its old connection, held
     /// up while its watchers are read, is published after the online of the new one.
@@ -263,7 +262,8 @@ mod tests {
         let (t, user, watcher) = (TenantId::new(), UserId::new(), UserId::new());
         let (mut w, _) = rt.hub().register(t, watcher).unwrap();
         let watchers = || std::future::ready(vec![watcher]);
-        let old = rt.open(t, user, Instant::now(), watchers()).await.unwrap();
+        let checked = || Checked::now(0);
+        let old = rt.open(t, user, checked(), watchers()).await.unwrap();
         let (release, held) = tokio::sync::oneshot::channel::<()>();
         let closing = {
             let rt = rt.clone();
@@ -279,7 +279,7 @@ mod tests {
         while rt.presence(t, &[user]).await.unwrap()[0].status == PresenceStatus::Online {
             tokio::task::yield_now().await;
         }
-        let _new = rt.open(t, user, Instant::now(), watchers()).await.unwrap();
+        let _new = rt.open(t, user, checked(), watchers()).await.unwrap();
         release.send(()).unwrap();
         closing.await.unwrap();
 

@@ -115,11 +115,11 @@ async fn online_on_node_1(c: &RedisConfig) -> Pair {
     let t = TenantId::new();
     let (u, watcher) = (UserId::new(), UserId::new());
     let mut w = n2
-        .open(t, watcher, Instant::now(), ready(vec![u]))
+        .open(t, watcher, mindsp_realtime::Checked::now(0), ready(vec![u]))
         .await
         .unwrap();
     let a = n1
-        .open(t, u, Instant::now(), ready(vec![watcher]))
+        .open(t, u, mindsp_realtime::Checked::now(0), ready(vec![watcher]))
         .await
         .unwrap();
     let f = next_about(&mut w, u).await;
@@ -169,7 +169,7 @@ async fn presence_is_shared_and_a_dead_node_is_swept_once() {
     assert_eq!(q[1].status, PresenceStatus::Offline);
     // A second connection on node 2, closed again: no event, still online.
     let b = n2
-        .open(t, u, Instant::now(), ready(vec![watcher]))
+        .open(t, u, mindsp_realtime::Checked::now(0), ready(vec![watcher]))
         .await
         .unwrap();
     n2.close(b, ready(vec![watcher])).await;
@@ -254,7 +254,7 @@ async fn a_late_offline_from_another_node_does_not_follow_the_online() {
     };
     assert!(offline.version > online.version, "{online:?} {offline:?}");
     let _b = n2
-        .open(t, u, Instant::now(), ready(vec![watcher]))
+        .open(t, u, mindsp_realtime::Checked::now(0), ready(vec![watcher]))
         .await
         .unwrap();
     let back = version(&n1).await;
@@ -336,11 +336,21 @@ async fn a_node_puts_its_drifted_presence_right_at_its_resync() {
     let t = TenantId::new();
     let (here, gone, watcher) = (UserId::new(), UserId::new(), UserId::new());
     let mut w = node
-        .open(t, watcher, Instant::now(), ready(vec![here, gone]))
+        .open(
+            t,
+            watcher,
+            mindsp_realtime::Checked::now(0),
+            ready(vec![here, gone]),
+        )
         .await
         .unwrap();
     let _conn = node
-        .open(t, here, Instant::now(), ready(vec![watcher]))
+        .open(
+            t,
+            here,
+            mindsp_realtime::Checked::now(0),
+            ready(vec![watcher]),
+        )
         .await
         .unwrap();
     let f = next_about(&mut w, here).await;
@@ -404,7 +414,7 @@ async fn a_large_drift_is_put_right_over_several_heartbeats() {
     let (t, t2) = (TenantId::new(), TenantId::new());
     let watcher = UserId::new();
     let mut w = node
-        .open(t, watcher, Instant::now(), ready(vec![]))
+        .open(t, watcher, mindsp_realtime::Checked::now(0), ready(vec![]))
         .await
         .unwrap();
     // Users connected here, of another tenant (the watcher hears nothing of them).
@@ -412,7 +422,7 @@ async fn a_large_drift_is_put_right_over_several_heartbeats() {
     let mut conns = Vec::new();
     for u in &held {
         conns.push(
-            node.open(t2, *u, Instant::now(), ready(vec![]))
+            node.open(t2, *u, mindsp_realtime::Checked::now(0), ready(vec![]))
                 .await
                 .unwrap(),
         );

@@ -391,7 +391,7 @@ async fn a_redis_that_hangs_costs_one_timeout_not_one_per_send() {
                 .open(
                     tenant,
                     UserId::new(),
-                    std::time::Instant::now(),
+                    mindsp_realtime::Checked::now(0),
                     std::future::ready(Vec::new()),
                 )
                 .await;
@@ -455,7 +455,7 @@ async fn missed_disconnection(again: bool) {
         .open(
             tenant,
             user,
-            std::time::Instant::now(),
+            mindsp_realtime::Checked::now(0),
             std::future::ready(vec![watcher]),
         )
         .await
@@ -479,7 +479,7 @@ async fn missed_disconnection(again: bool) {
             .open(
                 tenant,
                 user,
-                std::time::Instant::now(),
+                mindsp_realtime::Checked::now(0),
                 std::future::ready(vec![watcher]),
             )
             .await
@@ -554,7 +554,7 @@ async fn a_redis_outage_blocks_nobody_and_ends_with_a_notice() {
         node.open(
             TenantId::new(),
             UserId::new(),
-            std::time::Instant::now(),
+            mindsp_realtime::Checked::now(0),
             std::future::ready(Vec::new()),
         ),
     )

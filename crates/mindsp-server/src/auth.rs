@@ -44,18 +44,11 @@ pub struct Claims {
     pub iat: i64,
     /// Expiry, seconds since the epoch.
     pub exp: i64,
-    /// When the user's password last changed as the token was issued ([`password_mark`]):
+    /// When the user's password last changed as the token was issued ([`User::password_mark`]):
     /// the token holds while it still matches. `None` in tokens from before this claim
     /// (their issue time is compared instead).
     #[serde(default)]
     pub pwd: Option<i64>,
-}
-
-/// What names the current password of `user` in an access token: when it last changed,
-/// in milliseconds since the epoch (what both stores keep exactly), 0 if never. Compared
-/// for equality, so no clock of any node decides whether a token predates a change.
-fn password_mark(user: &User) -> i64 {
-    user.password_changed_at.map_or(0, |t| t.timestamp_millis())
 }
 
 /// What a device token says: this device logged in to `acct` (see
@@ -114,7 +107,7 @@ impl Tokens {
             role: user.role,
             iat: now,
             exp: now + self.ttl.as_secs() as i64,
-            pwd: Some(password_mark(user)),
+            pwd: Some(user.password_mark()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| Error::Storage(format!("cannot sign token: {e}")).into())
@@ -249,7 +242,7 @@ pub(crate) async fn user_of(
 /// Whether `claims` were issued for a password `user` no longer has.
 fn revoked(claims: &Claims, user: &User) -> bool {
     match claims.pwd {
-        Some(mark) => mark != password_mark(user),
+        Some(mark) => mark != user.password_mark(),
         None => user
             .password_changed_at
             .is_some_and(|changed| claims.iat < changed.timestamp()),

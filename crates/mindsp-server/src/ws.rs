@@ -230,7 +230,7 @@ async fn accept(
     (
         Actor,
         i64,
-        std::time::Instant,
+        mindsp_realtime::Checked,
         tokio::sync::OwnedSemaphorePermit,
     ),
     ApiError,
@@ -248,8 +248,9 @@ async fn accept(
     })?;
     // Before the read: a deactivation or password change that the read might not see
     // closes the connection once registered (`Hub::register_checked`).
-    let checked = std::time::Instant::now();
-    let (actor, expires) = authenticate(state, &token).await?;
+    let at = std::time::Instant::now();
+    let (actor, expires, password) = authenticate(state, &token).await?;
+    let checked = mindsp_realtime::Checked { at, password };
     if state.realtime.hub().is_closing() {
         return Err(unavailable(
             "shutting_down",
@@ -334,9 +335,9 @@ fn token(headers: &HeaderMap, query: Option<&str>) -> Result<String, ApiError> {
     Ok(token)
 }
 
-/// The actor of a valid token for an active user, and the token's expiry (seconds
-/// since the epoch).
-async fn authenticate(state: &Shared, token: &str) -> Result<(Actor, i64), ApiError> {
+/// The actor of a valid token for an active user, the token's expiry (seconds since
+/// the epoch), and the password it is for (`User::password_mark`).
+async fn authenticate(state: &Shared, token: &str) -> Result<(Actor, i64, i64), ApiError> {
     let (claims, user) = crate::auth::user_of(&state.tokens, &state.messaging, token).await?;
     Ok((
         Actor {
@@ -345,6 +346,7 @@ async fn authenticate(state: &Shared, token: &str) -> Result<(Actor, i64), ApiEr
             role: user.role,
         },
         claims.exp,
+        user.password_mark(),
     ))
 }
 
@@ -408,7 +410,7 @@ async fn run(
     state: Arc<Shared>,
     actor: Actor,
     expires: i64,
-    checked: std::time::Instant,
+    checked: mindsp_realtime::Checked,
     socket: Socket,
 ) {
     let realtime = state.realtime.clone();
@@ -441,6 +443,7 @@ async fn run(
         typing: Typing::new(config.typing_throttle, config.typing_ttl, MAX_TYPING),
         bucket: TokenBucket::new(config.rate_per_sec, config.rate_burst),
         last_heard: Instant::now(),
+        password: conn.password(),
     };
     let mut writer = Writer {
         state: &state,
@@ -534,9 +537,16 @@ pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
                         all_read = false;
                         continue;
                     };
-                    for (user, reason) in to_close {
-                        tracing::info!(user = %user, reason = reason.text(), "account changed while events were lost: its connections close");
-                        hub.close_user(tenant, user, reason);
+                    for (user, change) in to_close {
+                        tracing::info!(user = %user, ?change, "account changed while events were lost: its connections close");
+                        match change {
+                            AccountChange::Deactivated => {
+                                hub.close_user(tenant, user, CloseReason::Deactivated);
+                            }
+                            AccountChange::Password(mark) => {
+                                hub.password_changed(tenant, user, mark);
+                            }
+                        }
                     }
                 }
             }
@@ -551,30 +561,45 @@ pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
 /// Too much only closes a few more connections (their clients reconnect).
 const CLOCK_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
+/// Why [`check_accounts_after_losses`] closes a user's connections.
+#[derive(Debug, Clone, Copy)]
+enum AccountChange {
+    /// No longer active: all of them.
+    Deactivated,
+    /// The password changed, to the one of this mark (`User::password_mark`): those
+    /// opened for an older one.
+    Password(i64),
+}
+
 /// Of `users`, those no longer active and those whose password changed at or after
-/// `since`, with the reason to close their connections; the store is tried a few times
-/// (a second apart). `None` when it cannot say (logged: the connections are kept).
+/// `since`, with what changed; the store is tried a few times (a second apart). `None`
+/// when it cannot say (logged: the connections are kept).
 async fn accounts_to_close(
     shared: &Shared,
     tenant: TenantId,
     users: &[UserId],
     since: chrono::DateTime<chrono::Utc>,
-) -> Option<Vec<(UserId, CloseReason)>> {
+) -> Option<Vec<(UserId, AccountChange)>> {
     for attempt in 1..=ACCOUNT_CHECK_ATTEMPTS {
         let read = async {
             let mut tx = shared.messaging.store().read(tenant).await?;
             let active: HashSet<UserId> = tx.active_users_among(users).await?.into_iter().collect();
-            let changed = tx.password_changed_among(users, since).await?;
-            Ok::<_, Error>((active, changed))
+            let mut out: Vec<_> = users
+                .iter()
+                .filter(|u| !active.contains(u))
+                .map(|u| (*u, AccountChange::Deactivated))
+                .collect();
+            // Few (those who changed it since the last loss): read one by one for the
+            // password each now has.
+            for id in tx.password_changed_among(users, since).await? {
+                if let Some(user) = tx.user(id).await?.filter(|u| u.active) {
+                    out.push((id, AccountChange::Password(user.password_mark())));
+                }
+            }
+            Ok::<_, Error>(out)
         };
         match read.await {
-            Ok((active, changed)) => {
-                let gone = users.iter().filter(|u| !active.contains(u));
-                let gone = gone.map(|u| (*u, CloseReason::Deactivated));
-                let changed = changed.into_iter().filter(|u| active.contains(u));
-                let changed = changed.map(|u| (u, CloseReason::PasswordChanged));
-                return Some(gone.chain(changed).collect());
-            }
+            Ok(out) => return Some(out),
             Err(e) if attempt < ACCOUNT_CHECK_ATTEMPTS => {
                 tracing::warn!(error = %e, tenant = %tenant, "cannot check accounts after lost events; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -748,6 +773,8 @@ struct Reader<'a> {
     typing: Typing,
     bucket: TokenBucket,
     last_heard: Instant,
+    /// The password this socket's token is for, in the hub (a refresh may move it).
+    password: mindsp_realtime::PasswordMark,
 }
 
 /// A client command. Unknown fields are refused.
@@ -1129,7 +1156,7 @@ impl Reader<'_> {
                         "the access token is not valid",
                     ));
                 }
-                let (who, expires) = authenticate(self.state, &token).await?;
+                let (who, expires, password) = authenticate(self.state, &token).await?;
                 if who.user_id != actor.user_id || who.tenant_id != actor.tenant_id {
                     return Err(Refusal::new(
                         "token_mismatch",
@@ -1137,6 +1164,9 @@ impl Reader<'_> {
                     ));
                 }
                 self.expires = expiry_instant(expires);
+                // A token for a password set since this socket opened: a late close
+                // for that change spares it now.
+                self.password.set(password);
                 let at = chrono::DateTime::from_timestamp(expires, 0);
                 Ok(Some(json!({ "expires_at": at })))
             }

@@ -141,7 +141,7 @@ async fn an_offline_member_gets_one_digest_and_a_reader_none() {
         .open(
             w.tenant,
             d.user_id,
-            std::time::Instant::now(),
+            mindsp_realtime::Checked::now(0),
             std::future::ready(Vec::new()),
         )
         .await
@@ -599,7 +599,7 @@ async fn no_digest_while_presence_is_unknown() {
         .open(
             w.tenant,
             d.user_id,
-            std::time::Instant::now(),
+            mindsp_realtime::Checked::now(0),
             std::future::ready(Vec::new()),
         )
         .await

@@ -685,6 +685,23 @@ async fn a_password_change_closes_the_users_sockets() {
         ..alice
     };
     let mut again = s.connect(&alice).await;
+    // The change reaches this node again, late (as it would from another node, after
+    // Alice reconnected with the token the change answered): her new socket stays.
+    let (tenant, id) = (alice.actor.tenant_id, alice.actor.user_id);
+    let mut tx = s.store.read(tenant).await.unwrap();
+    let password = tx.user(id).await.unwrap().unwrap().password_mark();
+    drop(tx);
+    s.state
+        .realtime
+        .publish(Envelope::to_users(
+            tenant,
+            vec![id],
+            Event::PasswordChanged {
+                user_id: id,
+                password,
+            },
+        ))
+        .await;
     // Bob was not touched; Alice's new socket is served.
     b.ok(
         "send",
