@@ -143,7 +143,8 @@ pub enum TypingState {
 /// The version of a user's next presence change, after one of version `last`: the
 /// current time in milliseconds since the Unix epoch, or `last + 1` when that is not
 /// above `last`. Versions from the clock stay ordered across restarts (and, with Redis,
-/// after Redis lost its data), and two changes in one millisecond still get two.
+/// after Redis lost its data) as long as the clock that gives them does not go back,
+/// and two changes in one millisecond still get two.
 pub fn next_presence_version(last: u64) -> u64 {
     let now = u64::try_from(crate::model::now().timestamp_millis()).unwrap_or(0);
     now.max(last.saturating_add(1))

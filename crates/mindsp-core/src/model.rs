@@ -87,9 +87,11 @@ pub struct User {
 
 impl User {
     /// What names the user's current password: when it last changed, in milliseconds
-    /// since the epoch (what both stores keep exactly), 0 if never. Access tokens and
-    /// live connections carry it; compared for equality or order, so no node's clock
-    /// decides whether they predate a change.
+    /// since the epoch (what both stores keep exactly), 0 if never. Each change of a
+    /// user's password gets a greater one than the change before, whatever the nodes'
+    /// clocks (`TenantTx::set_password_hash`), so access tokens and live connections
+    /// that carry it can be compared: for equality (is this token for the current
+    /// password?) or order (was this connection opened for an older one?).
     pub fn password_mark(&self) -> i64 {
         self.password_changed_at.map_or(0, |t| t.timestamp_millis())
     }

@@ -103,7 +103,10 @@ pub trait TenantTx: Send {
     /// Sets the active flag; `None` when the user does not exist.
     async fn set_user_active(&mut self, id: UserId, active: bool) -> Result<Option<User>>;
 
-    /// Replaces a user's password hash; false when the user does not exist.
+    /// Replaces a user's password hash and sets when it changed: now, or a millisecond
+    /// after the change before if that is later (another node's clock ahead), so that
+    /// each change of a user's password is later than the one before. False when the
+    /// user does not exist.
     async fn set_password_hash(&mut self, id: UserId, hash: &str) -> Result<bool>;
 
     /// Of `ids`, those that exist and are active in this tenant.

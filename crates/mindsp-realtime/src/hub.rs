@@ -173,6 +173,9 @@ struct Revoked {
     /// The newest password set ([`Checked::password`]): connections for an older one
     /// close.
     password: Option<i64>,
+    /// When a password change of unknown mark (0: from a node before marks) closed
+    /// every connection: those checked before close too.
+    password_unknown: Option<Instant>,
 }
 
 /// A handle on a connection's password mark, for a token refreshed over the socket
@@ -276,13 +279,15 @@ pub struct Hub {
     /// When each account's connections were last closed for good reason (deactivated,
     /// password changed), for [`Hub::register_checked`]; kept [`REVOKED_KEPT`].
     revoked: Mutex<HashMap<(TenantId, UserId), Revoked>>,
-    /// The version of the last presence event delivered per user (at most
-    /// [`PRESENCE_KEPT`]).
-    presence: Mutex<HashMap<(TenantId, UserId), u64>>,
+    /// The version of the last presence event delivered per user of the tenants with
+    /// connections here (at most [`PRESENCE_KEPT`]).
+    presence: Mutex<PresenceVersions>,
 }
 
-/// Most users whose last presence version a hub remembers (about 64 MB); when full it
-/// starts over, and an event that arrives late just then may be delivered once.
+type PresenceVersions = HashMap<(TenantId, UserId), u64>;
+
+/// Most users whose last presence version a hub remembers (about 90 MB then); when
+/// full it starts over, and an event that arrives late just then may be delivered once.
 const PRESENCE_KEPT: usize = 1_000_000;
 
 /// How long [`Hub::register_checked`] remembers an account's connections were closed:
@@ -425,10 +430,15 @@ impl Hub {
             };
             if let Some(checked) = checked {
                 let revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(r) = revoked.get(&(tenant, user)) {
+                if let Some(r) = revoked
+                    .get(&(tenant, user))
+                    .filter(|r| r.at.elapsed() < REVOKED_KEPT)
+                {
                     if r.deactivated.is_some_and(|at| at >= checked.at) {
                         slot.close(CloseReason::Deactivated);
-                    } else if r.password.is_some_and(|p| p > checked.password) {
+                    } else if r.password.is_some_and(|p| p > checked.password)
+                        || r.password_unknown.is_some_and(|at| at >= checked.at)
+                    {
                         slot.close(CloseReason::PasswordChanged);
                     }
                 }
@@ -513,14 +523,23 @@ impl Hub {
             Event::PasswordChanged { user_id, password } => {
                 return self.password_changed(envelope.tenant, user_id, password);
             }
-            Event::Presence {
-                user_id, version, ..
-            } if !self.presence_is_newer(envelope.tenant, user_id, version) => return,
             _ => {}
         }
         let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
         let Some(users) = tenants.get(&envelope.tenant) else {
             return;
+        };
+        // Held until the event is queued: two presence events of one user, delivered
+        // at once by two tasks, cannot pass the check in one order and be queued in the
+        // other.
+        let _presence_order = match envelope.event {
+            Event::Presence {
+                user_id, version, ..
+            } => match self.presence_is_newer(envelope.tenant, user_id, version) {
+                Some(order) => Some(order),
+                None => return,
+            },
+            _ => None,
         };
         let ephemeral = matches!(
             envelope.event,
@@ -615,27 +634,31 @@ impl Hub {
     }
 
     /// Whether a presence event of `user` with `version` is newer than the last one
-    /// delivered (and then remembers it). Version 0 (from a node that gives none) is
-    /// always delivered.
-    fn presence_is_newer(&self, tenant: TenantId, user: UserId, version: u64) -> bool {
-        if version == 0 {
-            return true;
-        }
+    /// delivered (and then remembers it): the lock on the versions, to hold until the
+    /// event is queued, or `None` when it is stale. Version 0 (from a node that gives
+    /// none) is always delivered.
+    fn presence_is_newer(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        version: u64,
+    ) -> Option<std::sync::MutexGuard<'_, PresenceVersions>> {
         let mut seen = self.presence.lock().unwrap_or_else(|e| e.into_inner());
+        if version == 0 {
+            return Some(seen);
+        }
         match seen.get_mut(&(tenant, user)) {
-            Some(last) if *last >= version => false,
-            Some(last) => {
-                *last = version;
-                true
-            }
+            Some(last) if *last >= version => return None,
+            Some(last) => *last = version,
             None => {
                 if seen.len() >= PRESENCE_KEPT {
-                    seen.clear();
+                    // Its memory too.
+                    *seen = HashMap::new();
                 }
                 seen.insert((tenant, user), version);
-                true
             }
         }
+        Some(seen)
     }
 
     /// Asks every local connection of `user` to close. For a deactivation, connections
@@ -659,9 +682,14 @@ impl Hub {
     /// [`CloseReason::PasswordChanged`], now or when they register
     /// ([`Hub::register_checked`]). A client that already reconnected with a token of
     /// the new password keeps that connection, however late this comes. 0 (a node
-    /// from before password marks) closes them all.
+    /// from before password marks) closes them all, and those checked before now that
+    /// register later.
     pub fn password_changed(&self, tenant: TenantId, user: UserId, password: i64) {
-        let password = if password == 0 { i64::MAX } else { password };
+        if password == 0 {
+            let now = Instant::now();
+            self.revoke(tenant, user, |r| r.password_unknown = Some(now));
+            return self.close_where(tenant, user, CloseReason::PasswordChanged, |_| true);
+        }
         self.revoke(tenant, user, |r| {
             r.password = Some(r.password.map_or(password, |p| p.max(password)));
         });
@@ -678,6 +706,7 @@ impl Hub {
             at: now,
             deactivated: None,
             password: None,
+            password_unknown: None,
         });
         r.at = now;
         change(r);
@@ -1135,6 +1164,15 @@ mod tests {
         assert_eq!(*fresh.closed.borrow(), None);
         let (fresh2, _) = hub.register_checked(t, u, Some(Checked::now(new))).unwrap();
         assert_eq!(*fresh2.closed.borrow(), None);
+        // A change of unknown password (from a node before marks) closes every live
+        // connection and those checked before it, not those checked after.
+        let checked_before = Checked::now(new);
+        hub.password_changed(t, u, 0);
+        assert_eq!(*fresh.closed.borrow(), Some(CloseReason::PasswordChanged));
+        let (late, _) = hub.register_checked(t, u, Some(checked_before)).unwrap();
+        assert_eq!(*late.closed.borrow(), Some(CloseReason::PasswordChanged));
+        let (after, _) = hub.register_checked(t, u, Some(Checked::now(new))).unwrap();
+        assert_eq!(*after.closed.borrow(), None);
     }
 
     #[test]

@@ -339,6 +339,11 @@ fn token(headers: &HeaderMap, query: Option<&str>) -> Result<String, ApiError> {
 /// the epoch), and the password it is for (`User::password_mark`).
 async fn authenticate(state: &Shared, token: &str) -> Result<(Actor, i64, i64), ApiError> {
     let (claims, user) = crate::auth::user_of(&state.tokens, &state.messaging, token).await?;
+    let mark = user.password_mark();
+    // A token from before the `pwd` claim, issued in the second of the last change, may
+    // predate it (its issue time is in whole seconds): taken as for the password
+    // before, so that the change's close reaches it.
+    let ambiguous = claims.pwd.is_none() && mark > 0 && claims.iat == mark.div_euclid(1000);
     Ok((
         Actor {
             tenant_id: user.tenant_id,
@@ -346,7 +351,7 @@ async fn authenticate(state: &Shared, token: &str) -> Result<(Actor, i64, i64), 
             role: user.role,
         },
         claims.exp,
-        user.password_mark(),
+        if ambiguous { mark - 1 } else { mark },
     ))
 }
 
@@ -506,9 +511,10 @@ const ACCOUNT_CHECK_CHUNK: usize = 500;
 
 /// After each loss of events on their way to this node (`Hub::events_lost`: its link to
 /// the other nodes broke), closes the connections of users who are no longer active
-/// (4003) or whose password changed since the check before (4010), since a deactivation
-/// or a password change may have been among the lost events. One read per tenant with
-/// connections here (per [`ACCOUNT_CHECK_CHUNK`] users), not one per connection. Needs
+/// (4003) or whose connections were opened for a password changed since the check
+/// before (4010), since a deactivation or a password change may have been among the
+/// lost events. One read per tenant with connections here (per [`ACCOUNT_CHECK_CHUNK`]
+/// users), not one per connection, plus one per user whose password changed. Needs
 /// a tokio runtime (none: nothing is started); ends with the state.
 pub(crate) fn check_accounts_after_losses(shared: &Arc<Shared>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -590,11 +596,15 @@ async fn accounts_to_close(
                 .map(|u| (*u, AccountChange::Deactivated))
                 .collect();
             // Few (those who changed it since the last loss): read one by one for the
-            // password each now has.
+            // password each now has (one deactivated since the read above: as such).
             for id in tx.password_changed_among(users, since).await? {
-                if let Some(user) = tx.user(id).await?.filter(|u| u.active) {
-                    out.push((id, AccountChange::Password(user.password_mark())));
+                if !active.contains(&id) {
+                    continue;
                 }
+                out.push(match tx.user(id).await?.filter(|u| u.active) {
+                    Some(user) => (id, AccountChange::Password(user.password_mark())),
+                    None => (id, AccountChange::Deactivated),
+                });
             }
             Ok::<_, Error>(out)
         };

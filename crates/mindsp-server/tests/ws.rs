@@ -736,6 +736,88 @@ async fn a_password_change_closes_the_users_sockets() {
     assert_eq!(b.close_code().await, Some(4003));
 }
 
+/// A socket that refreshed its token with one for a password set since (the change
+/// made elsewhere, its event not here yet) is spared when that change's event arrives;
+/// a socket still on the old token is closed by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_refreshed_with_the_new_password_survives_its_late_close() {
+    let s = Server::start(config()).await;
+    let (_admin, alice, bob, conv) = admin_alice_and_bob(&s).await;
+    let mut refreshed = s.connect(&alice).await;
+    let mut stale = s.connect(&alice).await;
+    // The password changes in the store, as on another node whose event is late.
+    let (tenant, id) = (alice.actor.tenant_id, alice.actor.user_id);
+    let hash = mindsp_server::auth::hash_password(PASSWORD).unwrap();
+    let mut tx = s.store.begin(tenant).await.unwrap();
+    assert!(tx.set_password_hash(id, &hash).await.unwrap());
+    let password = tx.user(id).await.unwrap().unwrap().password_mark();
+    tx.commit().await.unwrap();
+    let token = s.login("sdis13", "alice@sdis13.fr").await;
+    refreshed
+        .ok("refresh_token", json!({ "token": token }))
+        .await;
+    s.state
+        .realtime
+        .publish(Envelope::to_users(
+            tenant,
+            vec![id],
+            Event::PasswordChanged {
+                user_id: id,
+                password,
+            },
+        ))
+        .await;
+    assert_eq!(stale.close_code().await, Some(4010));
+    let mut b = s.connect(&bob).await;
+    b.ok(
+        "send",
+        json!({"conversation_id": conv, "content": "toujours là ?"}),
+    )
+    .await;
+    let m = refreshed.next("new_message").await;
+    assert_eq!(m["message"]["content"], "toujours là ?");
+}
+
+/// A password changed by a node whose clock runs an hour ahead (its change time is in
+/// the future here): a change made here after it still gets a later mark, so its close
+/// reaches the sockets opened for the password before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_after_one_stamped_by_a_clock_ahead_still_closes_the_sockets() {
+    let s = Server::start(config()).await;
+    let (_admin, alice, _bob, _conv) = admin_alice_and_bob(&s).await;
+    let ahead = chrono::Utc::now().timestamp_millis() + 3_600_000;
+    let mut db = s.database_connection().await;
+    sqlx::query("UPDATE users SET password_changed_at = ? WHERE id = ?")
+        .bind(ahead)
+        .bind(alice.actor.user_id.0)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    drop(db);
+    let alice = Person {
+        token: s.login("sdis13", "alice@sdis13.fr").await,
+        ..alice
+    };
+    let mut socket = s.connect(&alice).await;
+    let changed = s
+        .post(
+            "/api/me/password",
+            &alice.token,
+            json!({"current_password": PASSWORD, "new_password": "Caserne-Nord-2026"}),
+        )
+        .await;
+    assert!(changed["access_token"].is_string(), "{changed}");
+    assert_eq!(socket.close_code().await, Some(4010));
+    let mut tx = s.store.read(alice.actor.tenant_id).await.unwrap();
+    let mark = tx
+        .user(alice.actor.user_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .password_mark();
+    assert!(mark > ahead, "{mark} after {ahead}");
+}
+
 #[tokio::test]
 async fn sigterm_closes_sockets_with_1012_and_exits() {
     use std::io::{BufRead, BufReader};

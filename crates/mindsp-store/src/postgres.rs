@@ -1005,7 +1005,10 @@ impl TenantTx for PgTx {
 
     async fn set_password_hash(&mut self, id: UserId, hash: &str) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE users SET password_hash = $1, password_changed_at = $2 \
+            // Always later than the change before, whatever the clocks of the nodes
+            // that made them: the change's time names the password (`password_mark`).
+            "UPDATE users SET password_hash = $1, password_changed_at = \
+             GREATEST($2, password_changed_at + interval '1 millisecond') \
              WHERE tenant_id = $3 AND id = $4",
         )
         .bind(hash)

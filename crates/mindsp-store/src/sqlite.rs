@@ -1252,7 +1252,10 @@ impl TenantTx for SqliteTx {
 
     async fn set_password_hash(&mut self, id: UserId, hash: &str) -> Result<bool> {
         let done = sqlx::query(
-            "UPDATE users SET password_hash = ?, password_changed_at = ? \
+            // Always later than the change before, whatever the clocks of the nodes
+            // that made them: the change's time names the password (`password_mark`).
+            "UPDATE users SET password_hash = ?, \
+             password_changed_at = MAX(?, COALESCE(password_changed_at, 0) + 1) \
              WHERE tenant_id = ? AND id = ?",
         )
         .bind(hash)

@@ -221,7 +221,13 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
             .unwrap()
             .is_none()
     );
+    // Each change names a later password than the one before, even within one
+    // millisecond (`User::password_mark`).
+    assert!(tx.set_password_hash(u.id, "first-hash").await.unwrap());
+    let first = tx.user(u.id).await.unwrap().unwrap().password_mark();
     assert!(tx.set_password_hash(u.id, "another-hash").await.unwrap());
+    let second = tx.user(u.id).await.unwrap().unwrap().password_mark();
+    assert!(first > 0 && second > first, "{first} then {second}");
     assert!(!tx.set_password_hash(UserId::new(), "x").await.unwrap());
     let never = tx
         .insert_user(&new_user("jamais@sdis13.fr", "Jamais", Role::Member))
