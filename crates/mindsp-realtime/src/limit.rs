@@ -42,6 +42,13 @@ impl TokenBucket {
     pub fn wait(&self) -> Duration {
         Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))
     }
+
+    /// Whether the bucket has refilled whole by `now`: it holds nothing a new one would
+    /// not, and may be forgotten.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
 }
 
 #[cfg(test)]
@@ -56,5 +63,7 @@ mod tests {
         assert!(!b.take(t0));
         assert!(b.take(t0 + Duration::from_millis(100)));
         assert!(!b.take(t0 + Duration::from_millis(100)));
+        assert!(!b.is_full(t0 + Duration::from_millis(399)));
+        assert!(b.is_full(t0 + Duration::from_millis(400)));
     }
 }

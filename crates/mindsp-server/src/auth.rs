@@ -274,6 +274,13 @@ impl FromRequestParts<AppState> for Authenticated {
                 ApiError::unauthorized("unauthorized", "expected Authorization: Bearer <token>")
             })?;
         let (_, user) = user_of(&state.tokens, &state.messaging, token.trim()).await?;
+        // Writes are counted per user (`rates`); reads are not.
+        if !matches!(
+            parts.method,
+            axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+        ) {
+            state.writes.take(user.tenant_id, user.id)?;
+        }
         Ok(Self {
             actor: Actor {
                 tenant_id: user.tenant_id,

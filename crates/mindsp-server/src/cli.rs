@@ -128,6 +128,17 @@ pub struct ServeArgs {
     #[arg(long, env = "MINDSP_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
 
+    /// REST requests that may change something, per second per user and node, on
+    /// average (429 `rate_limited` beyond).
+    #[arg(long, env = "MINDSP_REST_RATE", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rest_rate: u32,
+
+    /// Such requests per user in a burst.
+    #[arg(long, env = "MINDSP_REST_BURST", default_value_t = 40,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rest_burst: u32,
+
     /// Connections served at once, HTTP and WebSocket; beyond, new ones wait until one
     /// closes. Default: the open-file limit, raised to its maximum at start, less 256
     /// kept for the database and the rest (or three quarters of it when small).
@@ -579,6 +590,10 @@ async fn run_serve(
             ..TrainingConfig::default()
         },
         passwords: crate::passwords::PasswordLimits::default(),
+        write_rate: crate::rates::WriteRate {
+            per_sec: args.rest_rate,
+            burst: args.rest_burst,
+        },
     };
     tracing::info!(
         open_files,

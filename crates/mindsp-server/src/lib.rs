@@ -22,6 +22,7 @@ pub mod error;
 pub mod extract;
 pub mod notifications;
 pub mod passwords;
+pub mod rates;
 mod stall;
 mod upgrade;
 pub mod workers;
@@ -69,6 +70,8 @@ pub struct HttpConfig {
     pub training: TrainingConfig,
     /// Password hashing at once, and failed logins per account (`passwords`).
     pub passwords: passwords::PasswordLimits,
+    /// Requests that may change something, per user and node (`rates`).
+    pub write_rate: rates::WriteRate,
 }
 
 impl HttpConfig {
@@ -84,6 +87,7 @@ impl HttpConfig {
             notify: NotifyConfig::default(),
             training: TrainingConfig::default(),
             passwords: passwords::PasswordLimits::default(),
+            write_rate: rates::WriteRate::default(),
         }
     }
 }
@@ -109,6 +113,7 @@ pub struct AppState {
     /// What every WebSocket connection needs, shared (see `ws::Shared`).
     sockets: Arc<ws::Shared>,
     passwords: Arc<passwords::Passwords>,
+    writes: Arc<rates::WriteRates>,
     max_body_bytes: usize,
     request_timeout: Duration,
 }
@@ -182,6 +187,7 @@ impl AppState {
             jobs,
             realtime,
             passwords: Arc::new(passwords::Passwords::new(config.passwords.clone())),
+            writes: Arc::new(rates::WriteRates::new(config.write_rate)),
             max_body_bytes: config.max_body_bytes,
             request_timeout: config.request_timeout,
         }

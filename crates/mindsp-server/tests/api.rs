@@ -1755,3 +1755,67 @@ async fn passwords_are_changed_by_their_user_or_reset_by_an_admin() {
     app.login("sdis13", "alice@sdis13.fr", "Garde-du-jour-7")
         .await;
 }
+
+/// A user who sends changes faster than the write rate gets 429 `rate_limited` with
+/// `Retry-After`, and nothing is stored for the refused ones; their reads, another
+/// user's writes, and their own once the bucket refilled, go through.
+#[tokio::test]
+async fn writes_beyond_the_rate_per_user_are_refused() {
+    let mut config = mindsp_server::HttpConfig::with_secret(SECRET);
+    config.write_rate = mindsp_server::rates::WriteRate {
+        per_sec: 2,
+        burst: 3,
+    };
+    let app = TestApp::with_config(config).await;
+    let admin = app.tenant("sdis13").await;
+    let (_, alice) = app.user(&admin, "sdis13", "Alice").await;
+    let (bob_id, bob) = app.user(&admin, "sdis13", "Bob").await;
+    let conv = group(&app, &alice, "Garde", &[&bob_id]).await;
+    let messages = format!("/api/conversations/{conv}/messages");
+    let send = |token: &str, text: &str| {
+        let req = Request::post(&messages)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(json!({ "content": text }).to_string()))
+            .unwrap();
+        app.response(req)
+    };
+    let before = last_seq(&app, &alice, &conv).await;
+    let mut answers = Vec::new();
+    for i in 0..8 {
+        answers.push(error_code(send(&alice, &format!("message {i}")).await).await);
+    }
+    let refused = (
+        StatusCode::TOO_MANY_REQUESTS,
+        Some(1),
+        "rate_limited".to_owned(),
+    );
+    // The group's creation took one of Alice's three; a token comes back every 500 ms.
+    let passed = answers
+        .iter()
+        .filter(|a| a.0 == StatusCode::CREATED)
+        .count();
+    assert!((2..=3).contains(&passed), "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.0 == StatusCode::CREATED || *a == refused),
+        "{answers:?}"
+    );
+    assert!(answers.last() == Some(&refused), "{answers:?}");
+    assert_eq!(last_seq(&app, &alice, &conv).await, before + passed as i64);
+    // Reads are not counted; Bob has his own bucket.
+    for _ in 0..5 {
+        assert_eq!(app.get(&messages, &alice).await.status, StatusCode::OK);
+    }
+    assert_eq!(
+        error_code(send(&bob, "reçu").await).await.0,
+        StatusCode::CREATED
+    );
+    // Once the bucket refilled, Alice goes on.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(
+        error_code(send(&alice, "again").await).await.0,
+        StatusCode::CREATED
+    );
+}

@@ -296,7 +296,9 @@ async fn create_tenant_and_user_then_log_in() {
 async fn acknowledged_messages_survive_sigkill() {
     let dir = temp_dir();
     let db = dir.join("kill.db");
-    let mut server = start(&db, &["--demo"]);
+    // One user sends them all: the REST write rate is lifted.
+    let lifted = ["--rest-rate", "100000", "--rest-burst", "100000"];
+    let mut server = start(&db, &[&["--demo"], &lifted[..]].concat());
     let base = server.base.clone();
     let http = reqwest::Client::new();
     let token = demo_login(&http, &base).await;

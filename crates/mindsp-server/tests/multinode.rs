@@ -133,6 +133,8 @@ impl Node {
             .args(["--redis-prefix", &shared.prefix])
             .args(["--presence-heartbeat-secs", HEARTBEAT])
             .args(["--presence-window-secs", WINDOW])
+            // One user sends a hundred messages at once over REST.
+            .args(["--rest-rate", "100000", "--rest-burst", "100000"])
             .env("MINDSP_JWT_SECRET", SECRET)
             .env("MINDSP_LOG", "info")
             .env_remove("MINDSP_DATABASE_URL")
