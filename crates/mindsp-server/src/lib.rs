@@ -333,6 +333,8 @@ fn cors(allowed: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 Method::DELETE,
             ])
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            // A page of another origin reads how long to wait after a 429 or a 503.
+            .expose_headers([header::RETRY_AFTER])
             .max_age(CORS_MAX_AGE),
     )
 }
