@@ -119,6 +119,14 @@ pub trait TenantTx: Send {
         since: DateTime<Utc>,
     ) -> Result<Vec<UserId>>;
 
+    /// Records that `id`'s last connection closed at `at`, unless a later time is
+    /// recorded already.
+    async fn record_last_seen(&mut self, id: UserId, at: DateTime<Utc>) -> Result<()>;
+
+    /// Of `ids`, those with a recorded last connection ([`TenantTx::record_last_seen`]),
+    /// and when.
+    async fn last_seen_among(&mut self, ids: &[UserId]) -> Result<Vec<(UserId, DateTime<Utc>)>>;
+
     // ---- conversations -----------------------------------------------------------
 
     /// Stores a conversation and its members. For a direct conversation,

@@ -148,29 +148,30 @@ impl Realtime {
     }
 
     /// Unregisters a connection and, when it was the user's last, tells `watchers`
-    /// (awaited only then). Once the hub is shutting down ([`Realtime::shutdown`]),
-    /// only unregisters: presence is left to the nodes that stay.
+    /// (awaited only then) and returns their `last_seen` (for the caller to keep beyond
+    /// this process). Once the hub is shutting down ([`Realtime::shutdown`]), only
+    /// unregisters: presence is left to the nodes that stay.
     pub async fn close(
         &self,
         conn: Connection,
         watchers: impl Future<Output = Vec<UserId>> + Send,
-    ) {
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
         let (tenant, user) = (conn.tenant, conn.user);
         drop(conn);
         if self.hub.is_closing() {
-            return;
+            return None;
         }
-        if let Some((seen, version)) = self.presence.disconnected(tenant, user).await {
-            self.presence_changed(
-                tenant,
-                user,
-                watchers.await,
-                PresenceStatus::Offline,
-                Some(seen),
-                version,
-            )
-            .await;
-        }
+        let (seen, version) = self.presence.disconnected(tenant, user).await?;
+        self.presence_changed(
+            tenant,
+            user,
+            watchers.await,
+            PresenceStatus::Offline,
+            Some(seen),
+            version,
+        )
+        .await;
+        Some(seen)
     }
 
     /// Refuses new connections, asks every live one to close (1012: reconnect

@@ -7,6 +7,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use std::sync::Arc;
 
+use mindsp_core::events::PresenceStatus;
 use mindsp_core::jobs::{Job, JobFilter, JobQueue, JobScope, JobState};
 use mindsp_core::model::{ActivityCursor, MemberRole, NewUser, Role, SeqWindow};
 use mindsp_core::{ConversationId, Error, JobId, UserId};
@@ -397,7 +398,7 @@ pub(crate) async fn members_presence(
 ) -> ApiResult<Value> {
     let (_, members) = messaging.conversation(actor, id).await?;
     let ids: Vec<UserId> = members.iter().map(|m| m.user_id).collect();
-    let presence = realtime
+    let mut presence = realtime
         .presence(actor.tenant_id, &ids)
         .await
         .map_err(|_| {
@@ -407,7 +408,52 @@ pub(crate) async fn members_presence(
                 "presence cannot be read now; ask again later",
             )
         })?;
+    // Presence keeps `last_seen` in memory (or in Redis): for whom it has none (this
+    // process started since), what the store kept (`record_last_seen`).
+    let unknown: Vec<UserId> = presence
+        .iter()
+        .filter(|p| p.status == PresenceStatus::Offline && p.last_seen.is_none())
+        .map(|p| p.user_id)
+        .collect();
+    if !unknown.is_empty() {
+        let stored = async {
+            let mut tx = messaging.store().read(actor.tenant_id).await?;
+            tx.last_seen_among(&unknown).await
+        };
+        match stored.await {
+            Ok(seen) => {
+                let seen: std::collections::HashMap<_, _> = seen.into_iter().collect();
+                for p in presence.iter_mut().filter(|p| p.last_seen.is_none()) {
+                    p.last_seen = seen.get(&p.user_id).copied();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "stored last_seen unreadable; left out"),
+        }
+    }
     Ok(json!({ "conversation_id": id, "presence": presence }))
+}
+
+/// Keeps `user`'s `last_seen` in the store, beyond this process (presence keeps it in
+/// memory, or in Redis, which keeps nothing on disk either). On a task of its own: the
+/// closing socket does not wait for the write. A failure is logged; the next
+/// disconnection writes again.
+pub(crate) fn record_last_seen(
+    messaging: &mindsp_core::Messaging,
+    tenant: mindsp_core::TenantId,
+    user: UserId,
+    at: chrono::DateTime<chrono::Utc>,
+) {
+    let store = messaging.store().clone();
+    tokio::spawn(async move {
+        let write = async {
+            let mut tx = store.begin(tenant).await?;
+            tx.record_last_seen(user, at).await?;
+            tx.commit().await
+        };
+        if let Err(e) = write.await {
+            tracing::warn!(error = %e, %user, "cannot keep last_seen in the store");
+        }
+    });
 }
 
 #[derive(Deserialize)]

@@ -491,7 +491,9 @@ async fn run(
         .await;
     }
     tracing::debug!(user = %actor.user_id, conn = conn.id, "websocket closed");
-    Box::pin(realtime.close(conn, watchers(&state, actor))).await;
+    if let Some(seen) = Box::pin(realtime.close(conn, watchers(&state, actor))).await {
+        crate::api::record_last_seen(&state.messaging, actor.tenant_id, actor.user_id, seen);
+    }
     // After a close frame of ours, keep the socket until the client answers it (or
     // for the close timeout), so it reads our code rather than a reset.
     let Some(mut socket) = socket else { return };

@@ -253,6 +253,54 @@ async fn presence_follows_the_last_tab() {
     assert!(heard.is_empty(), "carol was told {heard:?}");
 }
 
+/// `last_seen` outlives the server: after a restart (presence starts over, in memory),
+/// a colleague still reads when Alice was last connected, as the `offline` event said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_outlives_a_restart() {
+    let s = Server::start(config()).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let mut b = s.connect(&bob).await;
+    let a = s.connect(&alice).await;
+    let about_alice = |status: &'static str| {
+        let id = alice.id.clone();
+        move |f: &Value| f["user_id"] == id.as_str() && f["status"] == status
+    };
+    b.next_where("presence", about_alice("online")).await;
+    drop(a);
+    let offline = b.next_where("presence", about_alice("offline")).await;
+    assert!(offline["last_seen"].is_string(), "{offline}");
+    // Written on a task of its own: once the store has it.
+    let (tenant, id) = (alice.actor.tenant_id, alice.actor.user_id);
+    let deadline = tokio::time::Instant::now() + wsclient::WAIT;
+    loop {
+        let mut tx = s.store.read(tenant).await.unwrap();
+        if !tx.last_seen_among(&[id]).await.unwrap().is_empty() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(b);
+
+    let s = s.restart(config()).await;
+    let mut b = s.connect(&bob).await;
+    for answer in [
+        b.ok("presence", json!({"conversation_id": conv})).await,
+        s.get(&format!("/api/conversations/{conv}/presence"), &bob.token)
+            .await,
+    ] {
+        let alice_now = answer["presence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["user_id"] == alice.id.as_str())
+            .cloned()
+            .unwrap();
+        assert_eq!(alice_now["status"], "offline");
+        assert_eq!(alice_now["last_seen"], offline["last_seen"], "{answer}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_replays_exactly_what_was_missed_then_live_without_seam() {
     let s = Server::start(config()).await;

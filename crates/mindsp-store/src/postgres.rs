@@ -1059,6 +1059,37 @@ impl TenantTx for PgTx {
         .map(|ids| ids.into_iter().map(UserId).collect())
     }
 
+    async fn record_last_seen(&mut self, id: UserId, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query(
+            "UPDATE users SET last_seen_at = GREATEST($1, last_seen_at) \
+             WHERE tenant_id = $2 AND id = $3",
+        )
+        .bind(at)
+        .bind(self.tenant.0)
+        .bind(id.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn last_seen_among(&mut self, ids: &[UserId]) -> Result<Vec<(UserId, DateTime<Utc>)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = ids.iter().map(|u| u.0).collect();
+        sqlx::query_as::<_, (Uuid, DateTime<Utc>)>(
+            "SELECT id, last_seen_at FROM users WHERE tenant_id = $1 \
+             AND last_seen_at IS NOT NULL AND id = ANY($2)",
+        )
+        .bind(self.tenant.0)
+        .bind(ids)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(db_err)
+        .map(|rows| rows.into_iter().map(|(id, at)| (UserId(id), at)).collect())
+    }
+
     async fn insert_conversation(&mut self, c: &NewConversation) -> Result<Conversation> {
         let at = now();
         let conv = Conversation {

@@ -1287,6 +1287,40 @@ impl TenantTx for SqliteTx {
         .await
     }
 
+    async fn record_last_seen(&mut self, id: UserId, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query(
+            "UPDATE users SET last_seen_at = MAX(?, COALESCE(last_seen_at, 0)) \
+             WHERE tenant_id = ? AND id = ?",
+        )
+        .bind(at.timestamp_millis())
+        .bind(self.tenant.0)
+        .bind(id.0)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn last_seen_among(&mut self, ids: &[UserId]) -> Result<Vec<(UserId, DateTime<Utc>)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q =
+            QueryBuilder::<Sqlite>::new("SELECT id, last_seen_at FROM users WHERE tenant_id = ");
+        q.push_bind(self.tenant.0);
+        q.push(" AND last_seen_at IS NOT NULL AND id IN (");
+        push_ids(&mut q, ids.iter().map(|id| id.0));
+        q.push(")");
+        let rows = q.build().fetch_all(&mut *self.tx).await.map_err(db_err)?;
+        rows.iter()
+            .map(|r| {
+                let id = r.try_get::<Uuid, _>("id").map_err(db_err)?;
+                let ms = r.try_get::<i64, _>("last_seen_at").map_err(db_err)?;
+                Ok((UserId(id), from_millis(ms)))
+            })
+            .collect()
+    }
+
     async fn insert_conversation(&mut self, c: &NewConversation) -> Result<Conversation> {
         let at = now();
         let conv = Conversation {

@@ -267,6 +267,32 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
             .unwrap()
             .is_empty()
     );
+    drop(tx);
+
+    // Last seen: kept to the millisecond, never moved back, absent until recorded, and
+    // another tenant's user of the same id is not touched.
+    let at = changed + day;
+    let mut tx = store.begin(t.id).await.unwrap();
+    tx.record_last_seen(u.id, at).await.unwrap();
+    tx.record_last_seen(u.id, at - day).await.unwrap();
+    tx.record_last_seen(UserId::new(), at).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.read(t.id).await.unwrap();
+    let seen = tx.last_seen_among(&among).await.unwrap();
+    assert_eq!(seen, vec![(u.id, at)]);
+    assert!(tx.last_seen_among(&[]).await.unwrap().is_empty());
+    drop(tx);
+    let elsewhere = store.create_tenant("sdis84", "SDIS 84").await.unwrap();
+    let mut tx = store.read(elsewhere.id).await.unwrap();
+    assert!(tx.last_seen_among(&[u.id]).await.unwrap().is_empty());
+    let mut tx = store.begin(t.id).await.unwrap();
+    tx.record_last_seen(u.id, at + ms).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.read(t.id).await.unwrap();
+    assert_eq!(
+        tx.last_seen_among(&[u.id]).await.unwrap(),
+        vec![(u.id, at + ms)]
+    );
 }
 
 async fn users_are_scoped_to_their_tenant(store: Arc<dyn Store>) {

@@ -39,7 +39,9 @@ impl Drop for Server {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -63,6 +65,23 @@ impl Server {
     pub async fn start_with(config: HttpConfig, limits: mindsp_server::ConnectionLimits) -> Self {
         let dir = std::env::temp_dir().join(format!("mindsp-ws-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
+        Self::start_in(dir, config, limits).await
+    }
+
+    /// Stops this server and starts another on the same database, as a restart does:
+    /// whatever the server kept in memory (presence among it) starts over.
+    #[allow(dead_code)] // not every test binary that includes this module uses it
+    pub async fn restart(mut self, config: HttpConfig) -> Self {
+        let dir = std::mem::take(&mut self.dir);
+        drop(self);
+        Self::start_in(dir, config, mindsp_server::ConnectionLimits::default()).await
+    }
+
+    async fn start_in(
+        dir: std::path::PathBuf,
+        config: HttpConfig,
+        limits: mindsp_server::ConnectionLimits,
+    ) -> Self {
         let url = format!("sqlite://{}", dir.join("test.db").display());
         let store = mindsp_store::open(&url).await.unwrap();
         let state = AppState::new(store.clone(), &config);
