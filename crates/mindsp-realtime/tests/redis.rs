@@ -491,10 +491,12 @@ async fn a_large_drift_is_put_right_over_several_heartbeats() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // (Without the cap, one pass writes them all: observations taken while it runs
-    // share its heartbeat with one taken after.)
+    // share its heartbeat with one taken after.) Heartbeats run on a task of their own,
+    // and passes follow each other at once when one ran late: on a loaded machine a
+    // late heartbeat may see two or three passes of at most 100 each, never 1,250.
     for (beat, (most, least)) in &by_heartbeat {
         assert!(
-            most - least <= 100,
+            most - least <= 300,
             "{} written after heartbeat {beat}",
             most - least
         );
