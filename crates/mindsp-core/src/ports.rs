@@ -119,9 +119,10 @@ pub trait TenantTx: Send {
         since: DateTime<Utc>,
     ) -> Result<Vec<UserId>>;
 
-    /// Records that `id`'s last connection closed at `at`, unless a later time is
-    /// recorded already.
-    async fn record_last_seen(&mut self, id: UserId, at: DateTime<Utc>) -> Result<()>;
+    /// Records, for each user of `seen`, that their last connection closed at that
+    /// time, unless a later time is recorded already. Users of other tenants, or none,
+    /// are left alone.
+    async fn record_last_seen(&mut self, seen: &[(UserId, DateTime<Utc>)]) -> Result<()>;
 
     /// Of `ids`, those with a recorded last connection ([`TenantTx::record_last_seen`]),
     /// and when.

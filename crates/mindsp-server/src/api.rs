@@ -409,7 +409,7 @@ pub(crate) async fn members_presence(
             )
         })?;
     // Presence keeps `last_seen` in memory (or in Redis): for whom it has none (this
-    // process started since), what the store kept (`record_last_seen`).
+    // process started since), what the store kept (`last_seen`).
     let unknown: Vec<UserId> = presence
         .iter()
         .filter(|p| p.status == PresenceStatus::Offline && p.last_seen.is_none())
@@ -431,29 +431,6 @@ pub(crate) async fn members_presence(
         }
     }
     Ok(json!({ "conversation_id": id, "presence": presence }))
-}
-
-/// Keeps `user`'s `last_seen` in the store, beyond this process (presence keeps it in
-/// memory, or in Redis, which keeps nothing on disk either). On a task of its own: the
-/// closing socket does not wait for the write. A failure is logged; the next
-/// disconnection writes again.
-pub(crate) fn record_last_seen(
-    messaging: &mindsp_core::Messaging,
-    tenant: mindsp_core::TenantId,
-    user: UserId,
-    at: chrono::DateTime<chrono::Utc>,
-) {
-    let store = messaging.store().clone();
-    tokio::spawn(async move {
-        let write = async {
-            let mut tx = store.begin(tenant).await?;
-            tx.record_last_seen(user, at).await?;
-            tx.commit().await
-        };
-        if let Err(e) = write.await {
-            tracing::warn!(error = %e, %user, "cannot keep last_seen in the store");
-        }
-    });
 }
 
 #[derive(Deserialize)]

@@ -635,14 +635,16 @@ async fn run_serve(
     tracing::info!(addr = %listener.local_addr()?, "listening");
     // WebSockets are told to reconnect elsewhere (1012) as soon as the signal comes,
     // and presence is left to the other nodes from then on.
-    let realtime = state.realtime.clone();
     let signalled = Arc::new(std::sync::OnceLock::new());
     let shutdown = {
         let signalled = signalled.clone();
+        let state = state.clone();
         async move {
             shutdown.await;
             let _ = signalled.set(std::time::Instant::now());
-            realtime.shutdown().await;
+            // Before their sockets close without a word to presence.
+            state.note_connected_as_seen();
+            state.realtime.shutdown().await;
         }
     };
     let served = serve_with(listener, app, shutdown, grace, args.connection_limits()).await;

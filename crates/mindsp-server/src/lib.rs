@@ -20,6 +20,7 @@ pub mod cli;
 pub mod demo;
 pub mod error;
 pub mod extract;
+pub(crate) mod last_seen;
 pub mod notifications;
 pub mod passwords;
 pub mod rates;
@@ -166,6 +167,7 @@ impl AppState {
             .hub()
             .limit_per_user(config.ws.max_connections_per_user);
         let sockets = Arc::new(ws::Shared {
+            last_seen: last_seen::LastSeen::start(messaging.store().clone()),
             messaging: messaging.clone(),
             tokens: tokens.clone(),
             realtime: realtime.clone(),
@@ -197,8 +199,24 @@ impl AppState {
     /// ones, leaving presence to the other nodes (`Realtime::shutdown`); then waits, at
     /// most `grace`, until they are gone. True when all are.
     pub async fn close_websockets(&self, grace: Duration) -> bool {
+        self.note_connected_as_seen();
         self.realtime.shutdown().await;
-        self.realtime.hub().drained(grace).await
+        let drained = self.realtime.hub().drained(grace).await;
+        self.sockets.last_seen.flush().await;
+        drained
+    }
+
+    /// The users connected here are seen now: at a shutdown, their sockets close without
+    /// a word to presence (it is left to the nodes that stay), and the store would
+    /// otherwise keep an older `last_seen` for those who do not come back. Written with
+    /// the rest by [`AppState::close_websockets`].
+    pub fn note_connected_as_seen(&self) {
+        let now = mindsp_core::model::now();
+        for (tenant, users) in self.realtime.hub().local_users() {
+            for user in users {
+                self.sockets.last_seen.note(tenant, user, now);
+            }
+        }
     }
 }
 

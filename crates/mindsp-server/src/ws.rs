@@ -169,6 +169,8 @@ const EVENTS_SKIPPED: &str = r#"{"v":1,"type":"events_skipped","events":["typing
 /// What a connection's task needs of the application. Every connection holds one
 /// pointer to it, where a copy of `AppState` cost each one 416 bytes.
 pub(crate) struct Shared {
+    /// `last_seen` kept in the store, written in batches.
+    pub(crate) last_seen: Arc<crate::last_seen::LastSeen>,
     pub(crate) messaging: mindsp_core::Messaging,
     pub(crate) tokens: crate::auth::Tokens,
     pub(crate) realtime: mindsp_realtime::Realtime,
@@ -492,7 +494,7 @@ async fn run(
     }
     tracing::debug!(user = %actor.user_id, conn = conn.id, "websocket closed");
     if let Some(seen) = Box::pin(realtime.close(conn, watchers(&state, actor))).await {
-        crate::api::record_last_seen(&state.messaging, actor.tenant_id, actor.user_id, seen);
+        state.last_seen.note(actor.tenant_id, actor.user_id, seen);
     }
     // After a close frame of ours, keep the socket until the client answers it (or
     // for the close timeout), so it reads our code rather than a reset.

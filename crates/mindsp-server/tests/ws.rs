@@ -936,6 +936,7 @@ async fn sigterm_closes_sockets_with_1012_and_exits() {
         .await;
 
     let pid = child.id().to_string();
+    let signalled_at = mindsp_core::model::now();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -972,6 +973,12 @@ async fn sigterm_closes_sockets_with_1012_and_exits() {
         .await
         .unwrap();
     assert_eq!(msgs.last().unwrap().seq, seq(&ack));
+    // The admin was connected until the shutdown: the store keeps that as when they
+    // were last seen (presence, in memory, is gone with the process).
+    let admin: mindsp_core::UserId = v["user"]["id"].as_str().unwrap().parse().unwrap();
+    let seen = tx.last_seen_among(&[admin]).await.unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].1 >= signalled_at, "{seen:?} before {signalled_at}");
     drop(tx);
     drop(store);
     let _ = std::fs::remove_dir_all(dir);

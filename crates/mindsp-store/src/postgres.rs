@@ -1059,14 +1059,20 @@ impl TenantTx for PgTx {
         .map(|ids| ids.into_iter().map(UserId).collect())
     }
 
-    async fn record_last_seen(&mut self, id: UserId, at: DateTime<Utc>) -> Result<()> {
+    async fn record_last_seen(&mut self, seen: &[(UserId, DateTime<Utc>)]) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Uuid> = seen.iter().map(|(u, _)| u.0).collect();
+        let ats: Vec<DateTime<Utc>> = seen.iter().map(|(_, at)| *at).collect();
         sqlx::query(
-            "UPDATE users SET last_seen_at = GREATEST($1, last_seen_at) \
-             WHERE tenant_id = $2 AND id = $3",
+            "UPDATE users SET last_seen_at = GREATEST(s.at, users.last_seen_at) \
+             FROM UNNEST($1::uuid[], $2::timestamptz[]) AS s(id, at) \
+             WHERE users.tenant_id = $3 AND users.id = s.id",
         )
-        .bind(at)
+        .bind(ids)
+        .bind(ats)
         .bind(self.tenant.0)
-        .bind(id.0)
         .execute(&mut *self.tx)
         .await
         .map_err(db_err)?;

@@ -1287,17 +1287,19 @@ impl TenantTx for SqliteTx {
         .await
     }
 
-    async fn record_last_seen(&mut self, id: UserId, at: DateTime<Utc>) -> Result<()> {
-        sqlx::query(
-            "UPDATE users SET last_seen_at = MAX(?, COALESCE(last_seen_at, 0)) \
-             WHERE tenant_id = ? AND id = ?",
-        )
-        .bind(at.timestamp_millis())
-        .bind(self.tenant.0)
-        .bind(id.0)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(db_err)?;
+    async fn record_last_seen(&mut self, seen: &[(UserId, DateTime<Utc>)]) -> Result<()> {
+        for (id, at) in seen {
+            sqlx::query(
+                "UPDATE users SET last_seen_at = MAX(?, COALESCE(last_seen_at, 0)) \
+                 WHERE tenant_id = ? AND id = ?",
+            )
+            .bind(at.timestamp_millis())
+            .bind(self.tenant.0)
+            .bind(id.0)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(db_err)?;
+        }
         Ok(())
     }
 

@@ -269,13 +269,15 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
     );
     drop(tx);
 
-    // Last seen: kept to the millisecond, never moved back, absent until recorded, and
-    // another tenant's user of the same id is not touched.
+    // Last seen: kept to the millisecond, never moved back, absent until recorded;
+    // another tenant can neither read nor write it.
     let at = changed + day;
     let mut tx = store.begin(t.id).await.unwrap();
-    tx.record_last_seen(u.id, at).await.unwrap();
-    tx.record_last_seen(u.id, at - day).await.unwrap();
-    tx.record_last_seen(UserId::new(), at).await.unwrap();
+    tx.record_last_seen(&[(u.id, at), (UserId::new(), at)])
+        .await
+        .unwrap();
+    tx.record_last_seen(&[(u.id, at - day)]).await.unwrap();
+    tx.record_last_seen(&[]).await.unwrap();
     tx.commit().await.unwrap();
     let mut tx = store.read(t.id).await.unwrap();
     let seen = tx.last_seen_among(&among).await.unwrap();
@@ -283,10 +285,13 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
     assert!(tx.last_seen_among(&[]).await.unwrap().is_empty());
     drop(tx);
     let elsewhere = store.create_tenant("sdis84", "SDIS 84").await.unwrap();
-    let mut tx = store.read(elsewhere.id).await.unwrap();
+    let mut tx = store.begin(elsewhere.id).await.unwrap();
     assert!(tx.last_seen_among(&[u.id]).await.unwrap().is_empty());
+    tx.record_last_seen(&[(u.id, at + day)]).await.unwrap();
+    tx.commit().await.unwrap();
     let mut tx = store.begin(t.id).await.unwrap();
-    tx.record_last_seen(u.id, at + ms).await.unwrap();
+    assert_eq!(tx.last_seen_among(&[u.id]).await.unwrap(), vec![(u.id, at)]);
+    tx.record_last_seen(&[(u.id, at + ms)]).await.unwrap();
     tx.commit().await.unwrap();
     let mut tx = store.read(t.id).await.unwrap();
     assert_eq!(

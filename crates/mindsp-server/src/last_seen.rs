@@ -1,0 +1,110 @@
+//! `last_seen` kept beyond this process. Presence holds it in memory (or in Redis, which
+//! keeps nothing on disk either); the store keeps a copy, which the presence answer
+//! falls back to (`api::members_presence`).
+//!
+//! Writes are gathered: a disconnection notes its time here, and one task writes what
+//! was noted, a transaction per tenant, a moment later. A crowd of disconnections (a
+//! proxy reloads, a station loses its network) therefore costs a few transactions, not
+//! one each in front of the messages waiting for the SQLite writer, and the notes are
+//! bounded ([`KEPT`]). At a shutdown, the users still connected are noted as seen then
+//! and everything is written before the process ends ([`LastSeen::flush`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use mindsp_core::ports::Store;
+use mindsp_core::{TenantId, UserId};
+use tokio::sync::Notify;
+
+/// Most users noted and not yet written; beyond, new notes are dropped (logged): the
+/// store then keeps the time of an earlier disconnection of theirs.
+const KEPT: usize = 100_000;
+
+/// How long the writer waits for company after a first note.
+const GATHER: Duration = Duration::from_millis(200);
+
+/// Noted `last_seen` times, written by a task of their own.
+pub(crate) struct LastSeen {
+    store: Arc<dyn Store>,
+    noted: Mutex<Noted>,
+    wake: Notify,
+}
+
+/// Per tenant, each user's latest time; and how many users in all.
+#[derive(Default)]
+struct Noted {
+    tenants: HashMap<TenantId, HashMap<UserId, DateTime<Utc>>>,
+    users: usize,
+}
+
+impl LastSeen {
+    /// Starts the writer (within a tokio runtime; without one, only [`Self::flush`]
+    /// writes). It ends with the last reference.
+    pub(crate) fn start(store: Arc<dyn Store>) -> Arc<Self> {
+        let this = Arc::new(Self {
+            store,
+            noted: Mutex::new(Noted::default()),
+            wake: Notify::new(),
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(Self::write_loop(Arc::downgrade(&this)));
+        }
+        this
+    }
+
+    async fn write_loop(this: Weak<Self>) {
+        loop {
+            let Some(wake) = this.upgrade() else { return };
+            // Not holding the state while it waits: dropping the last AppState ends it.
+            let notified = async move { wake.wake.notified().await };
+            let gone = tokio::time::sleep(Duration::from_secs(1));
+            tokio::select! {
+                () = notified => {}
+                () = gone => continue,
+            }
+            tokio::time::sleep(GATHER).await;
+            let Some(this) = this.upgrade() else { return };
+            this.flush().await;
+        }
+    }
+
+    /// `user` was last connected at `at`.
+    pub(crate) fn note(&self, tenant: TenantId, user: UserId, at: DateTime<Utc>) {
+        {
+            let mut noted = self.noted.lock().unwrap_or_else(|e| e.into_inner());
+            let Noted { tenants, users } = &mut *noted;
+            let of_tenant = tenants.entry(tenant).or_default();
+            match of_tenant.get_mut(&user) {
+                Some(t) => *t = (*t).max(at),
+                None if *users >= KEPT => {
+                    tracing::warn!(%user, "too many last_seen waiting to be written; this one is dropped");
+                    return;
+                }
+                None => {
+                    of_tenant.insert(user, at);
+                    *users += 1;
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Writes what was noted, a transaction per tenant. A tenant whose write fails is
+    /// logged and dropped (its users' next disconnections write again).
+    pub(crate) async fn flush(&self) {
+        let noted = std::mem::take(&mut *self.noted.lock().unwrap_or_else(|e| e.into_inner()));
+        for (tenant, users) in noted.tenants {
+            let seen: Vec<(UserId, DateTime<Utc>)> = users.into_iter().collect();
+            let write = async {
+                let mut tx = self.store.begin(tenant).await?;
+                tx.record_last_seen(&seen).await?;
+                tx.commit().await
+            };
+            if let Err(e) = write.await {
+                tracing::warn!(error = %e, %tenant, users = seen.len(), "cannot keep last_seen in the store");
+            }
+        }
+    }
+}
