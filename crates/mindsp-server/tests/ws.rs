@@ -56,6 +56,20 @@ async fn alice_and_bob(s: &Server) -> (Person, Person, String) {
 }
 
 /// [`alice_and_bob`], and the admin of their tenant.
+/// `who`'s change to `password` (its mark) reaches this node (again), as it would late
+/// from another node.
+async fn password_changed_late(s: &Server, who: &Person, password: i64) {
+    let (tenant, id) = (who.actor.tenant_id, who.actor.user_id);
+    let event = Event::PasswordChanged {
+        user_id: id,
+        password,
+    };
+    s.state
+        .realtime
+        .publish(Envelope::to_users(tenant, vec![id], event))
+        .await;
+}
+
 async fn admin_alice_and_bob(s: &Server) -> (Person, Person, Person, String) {
     let admin = s.tenant("sdis13").await;
     let alice = s.user(&admin, "sdis13", "Alice").await;
@@ -739,17 +753,7 @@ async fn a_password_change_closes_the_users_sockets() {
     let mut tx = s.store.read(tenant).await.unwrap();
     let password = tx.user(id).await.unwrap().unwrap().password_mark();
     drop(tx);
-    s.state
-        .realtime
-        .publish(Envelope::to_users(
-            tenant,
-            vec![id],
-            Event::PasswordChanged {
-                user_id: id,
-                password,
-            },
-        ))
-        .await;
+    password_changed_late(&s, &alice, password).await;
     // Bob was not touched; Alice's new socket is served.
     b.ok(
         "send",
@@ -804,17 +808,7 @@ async fn a_socket_refreshed_with_the_new_password_survives_its_late_close() {
     refreshed
         .ok("refresh_token", json!({ "token": token }))
         .await;
-    s.state
-        .realtime
-        .publish(Envelope::to_users(
-            tenant,
-            vec![id],
-            Event::PasswordChanged {
-                user_id: id,
-                password,
-            },
-        ))
-        .await;
+    password_changed_late(&s, &alice, password).await;
     assert_eq!(stale.close_code().await, Some(4010));
     let mut b = s.connect(&bob).await;
     b.ok(
