@@ -1782,14 +1782,7 @@ async fn writes_beyond_the_rate_per_user_are_refused() {
     let conv = group(&app, &alice, "Garde", &[&bob_id]).await;
     let messages = format!("/api/conversations/{conv}/messages");
     let write = |method: Method, uri: &str, token: &str, body: Value| {
-        let req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        app.response(req)
+        app.response(common::json_request(method, uri, token, body.to_string()))
     };
     let send =
         |token: &str, text: &str| write(Method::POST, &messages, token, json!({ "content": text }));

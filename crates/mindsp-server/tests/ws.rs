@@ -56,6 +56,12 @@ async fn alice_and_bob(s: &Server) -> (Person, Person, String) {
 }
 
 /// [`alice_and_bob`], and the admin of their tenant.
+/// `who` changes their password (from [`PASSWORD`]) to `new`; the answer.
+async fn change_password(s: &Server, who: &Person, new: &str) -> Value {
+    let body = json!({"current_password": PASSWORD, "new_password": new});
+    s.post("/api/me/password", &who.token, body).await
+}
+
 /// `who`'s change to `password` (its mark) reaches this node (again), as it would late
 /// from another node.
 async fn password_changed_late(s: &Server, who: &Person, password: i64) {
@@ -726,13 +732,7 @@ async fn a_password_change_closes_the_users_sockets() {
     let mut tablet = s.connect(&alice).await;
     let mut b = s.connect(&bob).await;
 
-    let changed = s
-        .post(
-            "/api/me/password",
-            &alice.token,
-            json!({"current_password": PASSWORD, "new_password": "Caserne-Nord-2026"}),
-        )
-        .await;
+    let changed = change_password(&s, &alice, "Caserne-Nord-2026").await;
     for tab in [&mut phone, &mut tablet] {
         assert_eq!(tab.close_code().await, Some(4010));
     }
@@ -841,13 +841,7 @@ async fn a_change_after_one_stamped_by_a_clock_ahead_still_closes_the_sockets() 
         ..alice
     };
     let mut socket = s.connect(&alice).await;
-    let changed = s
-        .post(
-            "/api/me/password",
-            &alice.token,
-            json!({"current_password": PASSWORD, "new_password": "Caserne-Nord-2026"}),
-        )
-        .await;
+    let changed = change_password(&s, &alice, "Caserne-Nord-2026").await;
     assert!(changed["access_token"].is_string(), "{changed}");
     assert_eq!(socket.close_code().await, Some(4010));
     let mut tx = s.store.read(alice.actor.tenant_id).await.unwrap();

@@ -240,14 +240,8 @@ impl TestApp {
 
     /// A request with a raw (possibly malformed) JSON body.
     pub async fn send_text(&self, method: Method, uri: &str, token: &str, body: &str) -> Reply {
-        let req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(header::AUTHORIZATION, format!("Bearer {token}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(body.to_owned()))
-            .unwrap();
-        self.raw(req).await
+        self.raw(json_request(method, uri, token, body.to_owned()))
+            .await
     }
 
     /// Creates a user of `role` through the admin route; returns (user id, token).
@@ -299,4 +293,16 @@ impl TestApp {
         tx.commit().await.unwrap();
         ids
     }
+}
+
+/// A request with a bearer token and a JSON body, given as text (possibly malformed).
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn json_request(method: Method, uri: &str, token: &str, body: String) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap()
 }
