@@ -29,7 +29,8 @@ const GATHER: Duration = Duration::from_millis(200);
 pub(crate) struct LastSeen {
     store: Arc<dyn Store>,
     noted: Mutex<Noted>,
-    wake: Notify,
+    /// Shared with the writer task, which holds nothing else while it waits.
+    wake: Arc<Notify>,
 }
 
 /// Per tenant, each user's latest time; and how many users in all.
@@ -46,24 +47,18 @@ impl LastSeen {
         let this = Arc::new(Self {
             store,
             noted: Mutex::new(Noted::default()),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(Self::write_loop(Arc::downgrade(&this)));
+            runtime.spawn(Self::write_loop(this.wake.clone(), Arc::downgrade(&this)));
         }
         this
     }
 
-    async fn write_loop(this: Weak<Self>) {
+    /// Waits for a note (or for the end: see `Drop`), gathers for a moment, writes.
+    async fn write_loop(wake: Arc<Notify>, this: Weak<Self>) {
         loop {
-            let Some(wake) = this.upgrade() else { return };
-            // Not holding the state while it waits: dropping the last AppState ends it.
-            let notified = async move { wake.wake.notified().await };
-            let gone = tokio::time::sleep(Duration::from_secs(1));
-            tokio::select! {
-                () = notified => {}
-                () = gone => continue,
-            }
+            wake.notified().await;
             tokio::time::sleep(GATHER).await;
             let Some(this) = this.upgrade() else { return };
             this.flush().await;
@@ -106,5 +101,12 @@ impl LastSeen {
                 tracing::warn!(error = %e, %tenant, users = seen.len(), "cannot keep last_seen in the store");
             }
         }
+    }
+}
+
+impl Drop for LastSeen {
+    /// Wakes the writer so that it sees the end.
+    fn drop(&mut self) {
+        self.wake.notify_one();
     }
 }
