@@ -29,7 +29,7 @@ use mindsp_core::{TenantId, UserId};
 
 pub use broker::{Broker, BrokerPublisher};
 pub use hub::{Checked, CloseReason, Connection, Delivery, Hub, PasswordMark};
-pub use presence::{LocalPresence, Presence, PresenceUnavailable, UserPresence};
+pub use presence::{LocalPresence, OfflineSink, Presence, PresenceUnavailable, UserPresence};
 
 /// WebSocket close codes, documented in `docs/PROTOCOL.md`.
 pub mod close {
@@ -102,6 +102,13 @@ impl Realtime {
         let broker = Arc::new(redis::RedisBroker::connect(hub.clone(), config).await?);
         let presence = redis::RedisPresence::start(broker.clone(), config).await?;
         Ok(Self::new(hub, broker, Arc::new(presence)))
+    }
+
+    /// Sets who is told of the users presence turns offline by itself: with Redis, the
+    /// users of a dead node this one swept, and disconnections written late (the server
+    /// keeps their `last_seen` in the store). The others come back from [`Self::close`].
+    pub fn on_offline(&self, sink: presence::OfflineSink) {
+        self.presence.on_offline(sink);
     }
 
     /// The local hub.

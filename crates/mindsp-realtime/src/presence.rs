@@ -6,7 +6,7 @@
 //! heartbeats expire when a node dies.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -36,6 +36,12 @@ pub struct UserPresence {
 #[error("presence cannot be read now: {0}")]
 pub struct PresenceUnavailable(pub String);
 
+/// Told when a presence turned a user offline by itself, with when they were last
+/// seen: the users of a dead node it swept, a disconnection it could write only later.
+/// The caller learns the others from [`Presence::disconnected`]. Called on the presence's
+/// own tasks: it must not wait.
+pub type OfflineSink = Arc<dyn Fn(TenantId, UserId, DateTime<Utc>) + Send + Sync>;
+
 /// Tracks who is online, per tenant.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
@@ -60,6 +66,9 @@ pub trait Presence: Send + Sync + 'static {
     /// This node stopped cleanly: it will publish nothing more (called last, after its
     /// grace period). Does nothing by default.
     async fn stopped(&self) {}
+    /// Sets who is told of the users this presence turns offline by itself (see
+    /// [`OfflineSink`]). Ignored by default: a presence that does so has to keep it.
+    fn on_offline(&self, _sink: OfflineSink) {}
 }
 
 #[derive(Default)]

@@ -64,8 +64,9 @@
 //! heartbeat is older than `window`, removes each from `nodes` and its users' hashes,
 //! and returns the users left with no node. The script is atomic and removes the dead
 //! node first, so exactly one surviving node publishes each `offline` event (with
-//! `last_seen` = the dead node's last heartbeat). A killed node's users therefore turn
-//! offline within `window` plus one `heartbeat`. All times are Redis's clock, so the
+//! `last_seen` = the dead node's last heartbeat), and tells its
+//! [`crate::presence::OfflineSink`] (the server keeps that `last_seen` in the store). A
+//! killed node's users therefore turn offline within `window` plus one `heartbeat`. All times are Redis's clock, so the
 //! nodes' clocks need not agree; every node of a deployment must use the same `window`.
 //! A node that stops cleanly ([`Presence::leaving`], at SIGTERM) stops its heartbeats
 //! and writes no disconnection: it is swept like a dead one, and whoever reconnected to
@@ -112,7 +113,7 @@ use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::hub::Hub;
-use crate::presence::{Presence, PresenceUnavailable, UserPresence};
+use crate::presence::{OfflineSink, Presence, PresenceUnavailable, UserPresence};
 
 pub use fred::error::Error as RedisError;
 
@@ -767,6 +768,8 @@ struct Shared {
     resync_every: u64,
     /// Heartbeats so far.
     ticks: std::sync::atomic::AtomicU64,
+    /// Told of the offline events this node publishes by itself ([`Presence::on_offline`]).
+    offline_sink: std::sync::OnceLock<OfflineSink>,
 }
 
 /// Presence shared by every node through Redis; see the [module documentation](self).
@@ -804,6 +807,7 @@ impl RedisPresence {
                 / config.heartbeat.max(Duration::from_millis(100)).as_millis())
             .clamp(1, u128::from(u32::MAX)) as u64,
             ticks: std::sync::atomic::AtomicU64::new(0),
+            offline_sink: std::sync::OnceLock::new(),
         });
         shared.heartbeat().await?;
         let every = config.heartbeat.max(Duration::from_millis(100));
@@ -886,6 +890,13 @@ impl Shared {
         last_seen: Option<DateTime<Utc>>,
         version: u64,
     ) {
+        // Every offline event published here is one this node found by itself (a
+        // sweep, a late write): `disconnected` hands its own back to the caller.
+        if let (PresenceStatus::Offline, Some(seen), Some(sink)) =
+            (status, last_seen, self.offline_sink.get())
+        {
+            sink(tenant, user, seen);
+        }
         self.broker
             .publish(Envelope {
                 tenant,
@@ -1353,6 +1364,14 @@ impl Presence for RedisPresence {
             .await
         {
             tracing::warn!(error = %e, "cannot mark this node as stopped cleanly");
+        }
+    }
+
+    fn on_offline(&self, sink: OfflineSink) {
+        if self.shared.offline_sink.set(sink).is_err() {
+            tracing::warn!(
+                "presence already tells someone of offline users; a second one is ignored"
+            );
         }
     }
 

@@ -681,6 +681,8 @@ async fn run_worker(
     // Reminders it runs are pushed through the same broker as the HTTP nodes'.
     let realtime = args.realtime.open(1).await?;
     let node = realtime.clone();
+    // This process sweeps dead nodes too: it keeps the `last_seen` of their users.
+    let last_seen = crate::last_seen::LastSeen::follow(store.clone(), &realtime);
     let notifier = Notifier::new(store.clone(), NotifyConfig::default())
         .with_publisher(realtime.publisher())
         .with_queue(queue.clone());
@@ -716,6 +718,7 @@ async fn run_worker(
     // A presence node too (with Redis): it stops cleanly, and says so.
     node.shutdown().await;
     node.stopped().await;
+    last_seen.flush().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -7,7 +7,9 @@
 //! proxy reloads, a station loses its network) therefore costs a few transactions, not
 //! one each in front of the messages waiting for the SQLite writer, and the notes are
 //! bounded ([`KEPT`]). At a shutdown, the users still connected are noted as seen then
-//! and everything is written before the process ends ([`LastSeen::flush`]).
+//! and everything is written before the process ends ([`LastSeen::flush`]). With Redis,
+//! the users a sweep finds offline (their node died) are noted by the process that
+//! swept them ([`LastSeen::follow`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -63,6 +65,22 @@ impl LastSeen {
             let Some(this) = this.upgrade() else { return };
             this.flush().await;
         }
+    }
+
+    /// [`Self::start`], and told by `realtime` of the users its presence turns offline
+    /// by itself: with Redis, those of a dead node this process swept, and
+    /// disconnections written late (Redis was away). The others are noted by the
+    /// socket that closes. Every process that runs Redis presence (a `worker` too) may
+    /// sweep, so each keeps what it finds.
+    pub(crate) fn follow(store: Arc<dyn Store>, realtime: &mindsp_realtime::Realtime) -> Arc<Self> {
+        let this = Self::start(store);
+        let seen = Arc::downgrade(&this);
+        realtime.on_offline(Arc::new(move |tenant, user, at| {
+            if let Some(seen) = seen.upgrade() {
+                seen.note(tenant, user, at);
+            }
+        }));
+        this
     }
 
     /// `user` was last connected at `at`.

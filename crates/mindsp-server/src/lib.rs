@@ -167,7 +167,7 @@ impl AppState {
             .hub()
             .limit_per_user(config.ws.max_connections_per_user);
         let sockets = Arc::new(ws::Shared {
-            last_seen: last_seen::LastSeen::start(messaging.store().clone()),
+            last_seen: last_seen::LastSeen::follow(messaging.store().clone(), &realtime),
             messaging: messaging.clone(),
             tokens: tokens.clone(),
             realtime: realtime.clone(),

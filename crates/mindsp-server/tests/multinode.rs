@@ -285,6 +285,28 @@ async fn cluster(shared: &Shared) -> (Node, Node, Person) {
     (n1, n2, admin)
 }
 
+/// `who`'s `last_seen` in the store, once written (the nodes gather these writes for a
+/// moment), or `None` after 10 s.
+async fn stored_last_seen(shared: &Shared, who: &Person) -> Option<chrono::DateTime<chrono::Utc>> {
+    let store = mindsp_store::open(&shared.db_url).await.unwrap();
+    let tenant = store.tenant_by_slug("sdis13").await.unwrap().unwrap().id;
+    let user: mindsp_core::UserId = who.id.parse().unwrap();
+    for _ in 0..100 {
+        let seen = store
+            .read(tenant)
+            .await
+            .unwrap()
+            .last_seen_among(&[user])
+            .await
+            .unwrap();
+        if let Some((_, at)) = seen.first() {
+            return Some(*at);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 fn seq(frame: &Value) -> i64 {
     frame["message"]["seq"].as_i64().unwrap()
 }
@@ -529,6 +551,10 @@ async fn a_killed_node_leaves_its_users_offline_for_the_others() {
         })
         .await;
     assert!(off["last_seen"].is_string(), "{off}");
+    // Node 2 swept her: it keeps that time in the store too, where it outlives Redis
+    // (which keeps nothing on disk) and is what a node falls back to.
+    let seen: chrono::DateTime<chrono::Utc> = off["last_seen"].as_str().unwrap().parse().unwrap();
+    assert_eq!(stored_last_seen(&shared, &alice).await, Some(seen));
     let q = b.ok("presence", json!({"conversation_id": conv})).await;
     let alice_now = q["presence"]
         .as_array()
