@@ -1025,6 +1025,30 @@ mod tests {
         assert_eq!(got(&mut o), vec![(user, Offline, 9)]);
     }
 
+    /// The versions remembered are bounded: at [`PRESENCE_KEPT`] users the hub starts
+    /// over, so its memory does not grow with every user ever announced.
+    #[test]
+    fn remembered_presence_versions_start_over_when_full() {
+        let hub = Hub::new(16);
+        let t = TenantId::new();
+        let first = UserId::new();
+        assert!(hub.presence_is_newer(t, first, 10).is_some());
+        for _ in 1..PRESENCE_KEPT {
+            assert!(hub.presence_is_newer(t, UserId::new(), 1).is_some());
+        }
+        let len = || hub.presence.lock().unwrap().len();
+        assert_eq!(len(), PRESENCE_KEPT);
+        // Still remembered: its stale event is dropped.
+        assert!(hub.presence_is_newer(t, first, 9).is_none());
+        // One more user: the hub starts over with that one alone.
+        let last = UserId::new();
+        assert!(hub.presence_is_newer(t, last, 1).is_some());
+        assert_eq!(len(), 1);
+        assert!(hub.presence_is_newer(t, last, 1).is_none());
+        // What was forgotten goes through once (the documented price of the cap).
+        assert!(hub.presence_is_newer(t, first, 9).is_some());
+    }
+
     #[tokio::test]
     async fn a_full_queue_closes_that_connection_only() {
         let hub = Hub::new(2);

@@ -128,3 +128,41 @@ impl Drop for LastSeen {
         self.wake.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// At most [`KEPT`] users wait to be written: a note beyond is dropped, while those
+    /// already waiting still move forward; once written, there is room again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_notes_waiting_are_bounded() {
+        let store = mindsp_store::open("sqlite::memory:").await.unwrap();
+        let tenant = store.create_tenant("sdis13", "SDIS 13").await.unwrap().id;
+        let seen = LastSeen::start(store);
+        let at = mindsp_core::model::now();
+        let first = UserId::new();
+        seen.note(tenant, first, at);
+        // No await until the checks: the writer task cannot run meanwhile.
+        for _ in 1..KEPT {
+            seen.note(tenant, UserId::new(), at);
+        }
+        let waiting = |s: &LastSeen| {
+            let n = s.noted.lock().unwrap();
+            (n.users, n.tenants.values().map(HashMap::len).sum::<usize>())
+        };
+        assert_eq!(waiting(&seen), (KEPT, KEPT));
+        let dropped = UserId::new();
+        seen.note(tenant, dropped, at);
+        assert_eq!(waiting(&seen), (KEPT, KEPT));
+        let later = at + chrono::Duration::seconds(5);
+        seen.note(tenant, first, later);
+        assert_eq!(seen.noted.lock().unwrap().tenants[&tenant][&first], later);
+        assert!(!seen.noted.lock().unwrap().tenants[&tenant].contains_key(&dropped));
+
+        seen.flush().await;
+        assert_eq!(waiting(&seen), (0, 0));
+        seen.note(tenant, dropped, at);
+        assert_eq!(waiting(&seen), (1, 1));
+    }
+}
