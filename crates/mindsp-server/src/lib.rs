@@ -284,11 +284,13 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/jobs/{id}", get(get_job))
         .route("/admin/jobs/{id}/retry", post(retry_job))
         .route("/admin/jobs/{id}/discard", post(discard_job))
-        .fallback(not_found);
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed);
     let mut app = Router::new()
         .route("/healthz", get(healthz))
         .nest("/api", api)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
             state.max_body_bytes,
@@ -439,6 +441,16 @@ fn over_limit(e: &axum::Error) -> bool {
 
 async fn not_found() -> ApiError {
     ApiError::http(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// A route asked with a method it does not take: our error body (axum's own answer has
+/// none); axum adds the `Allow` header.
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::http(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("this route does not take {method}"),
+    )
 }
 
 /// The default [`HttpConfig::request_timeout`].

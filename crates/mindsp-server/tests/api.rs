@@ -730,6 +730,50 @@ async fn healthz_answers() {
     assert_eq!(r.status, StatusCode::OK);
 }
 
+/// A route asked with a method it does not take answers 405 with the same error body as
+/// every other error, and says which methods it takes.
+#[tokio::test]
+async fn a_wrong_method_gets_405_with_our_error_body() {
+    let app = TestApp::new().await;
+    let admin = app.tenant("sdis13").await;
+    for (method, uri, token, allowed) in [
+        (
+            Method::PUT,
+            "/api/conversations",
+            Some(admin.as_str()),
+            "GET,HEAD,POST",
+        ),
+        (Method::DELETE, "/healthz", None, "GET,HEAD"),
+        (Method::GET, "/api/auth/login", None, "POST"),
+    ] {
+        let mut req = Request::builder().method(method.clone()).uri(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let resp = app.response(req.body(Body::empty()).unwrap()).await;
+        assert_eq!(
+            resp.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {uri}"
+        );
+        let allow = resp.headers()[header::ALLOW]
+            .to_str()
+            .unwrap()
+            .replace(' ', "");
+        let mut allow: Vec<&str> = allow.split(',').collect();
+        allow.sort_unstable();
+        assert_eq!(allow.join(","), allowed, "{method} {uri}");
+        let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["error"]["code"], "method_not_allowed",
+            "{method} {uri}: {body}"
+        );
+    }
+}
+
 // ---- job monitoring -------------------------------------------------------------------
 
 mod jobs {
