@@ -87,7 +87,7 @@ impl Upgrade {
         callback: F,
     ) -> Response
     where
-        F: FnOnce(Socket) -> Fut + Send + 'static,
+        F: FnOnce(Box<Socket>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let on_upgrade = self.on_upgrade;
@@ -100,7 +100,10 @@ impl Upgrade {
                 }
             };
             let io = Buffered::new(TokioIo::new(upgraded), write_threshold);
-            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            // Boxed: a value moved into an async block or function keeps its place in
+            // the future for the future's whole life, and the socket passes through two.
+            let socket =
+                Box::new(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await);
             callback(socket).await;
         });
         let mut response = Response::new(Body::empty());
