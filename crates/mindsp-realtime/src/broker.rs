@@ -20,6 +20,10 @@ pub trait Broker: Send + Sync + 'static {
     /// Sends `envelope` to every node's hub. Errors are logged, never returned: the
     /// change is committed already and clients recover by resuming.
     async fn publish(&self, envelope: Envelope);
+    /// Nothing more will be published ([`crate::Realtime::stopped`]): a broker with
+    /// connections of its own ends them now, while the runtime still runs. Does nothing
+    /// by default.
+    async fn close(&self) {}
 }
 
 /// One node: envelopes go straight into the local hub.

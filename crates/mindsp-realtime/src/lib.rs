@@ -194,9 +194,12 @@ impl Realtime {
     /// Says that this node stopped cleanly, once it will publish nothing more: call it
     /// last, after [`Realtime::shutdown`] and the grace period. With Redis, a node that
     /// did not (it died) makes every node's clients catch up when it is swept, since it
-    /// may have held events it could not publish.
+    /// may have held events it could not publish; then its Redis connections are ended
+    /// (a `quit` left to `Drop` would race the runtime's end, and fred logs it as a
+    /// fatal error).
     pub async fn stopped(&self) {
         self.presence.stopped().await;
+        self.broker.close().await;
     }
 
     /// The presence of `users` of `tenant`; [`PresenceUnavailable`] when it cannot be

@@ -196,6 +196,8 @@ pub struct RedisBroker {
     subscriber: SubscriberClient,
     writes: Arc<Writes>,
     tasks: Vec<JoinHandle<()>>,
+    /// Set by [`Broker::close`]: the connections are ended already.
+    closed: AtomicBool,
 }
 
 /// The longest a lagging subscriber waits for its queue to empty before the connections
@@ -539,6 +541,7 @@ impl RedisBroker {
             subscriber,
             writes,
             tasks: vec![feeder, resubscriber, announcer, pinger],
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -551,6 +554,9 @@ impl RedisBroker {
 impl Drop for RedisBroker {
     fn drop(&mut self) {
         self.tasks.iter().for_each(JoinHandle::abort);
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
         let (c, s) = (self.writes.client.clone(), self.subscriber.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
@@ -563,6 +569,19 @@ impl Drop for RedisBroker {
 
 #[async_trait]
 impl Broker for RedisBroker {
+    async fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.tasks.iter().for_each(JoinHandle::abort);
+        // Bounded: a Redis that does not answer does not hold the process's end.
+        let quit = async {
+            let _ = self.subscriber.quit().await;
+            let _ = self.writes.client.quit().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), quit).await;
+    }
+
     async fn publish(&self, envelope: Envelope) {
         let payload = match serde_json::to_string(&envelope) {
             Ok(p) => p,

@@ -115,6 +115,10 @@ impl Drop for Shared {
 struct Node {
     child: Child,
     addr: String,
+    /// Its warnings and errors, as logged.
+    complaints: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The thread reading its log, done once the process is.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Node {
@@ -144,7 +148,9 @@ impl Node {
             .expect("spawn mindsp-server");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let complaints = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = complaints.clone();
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(i) = line.find("addr=") {
                     let addr = line[i + 5..].split_whitespace().next().unwrap_or("");
@@ -153,12 +159,39 @@ impl Node {
                 if line.contains("ERROR") {
                     eprintln!("node: {line}");
                 }
+                if line.contains(" WARN ") || line.contains(" ERROR ") {
+                    kept.lock().unwrap().push(line);
+                }
             }
         });
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("the node printed its address");
-        Self { child, addr }
+        Self {
+            child,
+            addr,
+            complaints,
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits (at most 30 s) for the process to end; the warnings and errors it logged
+    /// after the first `skip`.
+    fn complaints_at_exit(&mut self, skip: usize) -> Vec<String> {
+        for _ in 0..300 {
+            if self.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "the node did not exit"
+        );
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        self.complaints.lock().unwrap()[skip..].to_vec()
     }
 
     /// SIGTERM: the node closes its sockets with 1012 and exits.
@@ -586,7 +619,7 @@ async fn a_restarting_node_leaves_presence_to_the_node_that_stays() {
         return;
     };
     let shared = Shared::new(&pg, &redis).await;
-    let (n1, n2, admin) = cluster(&shared).await;
+    let (mut n1, n2, admin) = cluster(&shared).await;
     let alice = n1.user(&admin, "Alice").await;
     let carol = n1.user(&admin, "Carol").await;
     let bob = n2.user(&admin, "Bob").await;
@@ -603,9 +636,14 @@ async fn a_restarting_node_leaves_presence_to_the_node_that_stays() {
     }
     b.drain().await;
 
+    let before = n1.complaints.lock().unwrap().len();
     n1.terminate();
     assert_eq!(a.close_code().await, Some(1012));
     assert_eq!(c.close_code().await, Some(1012));
+    // A clean stop logs no warning (fred's "fatal error" at a `quit` that raced the
+    // runtime's end was one).
+    let complaints = n1.complaints_at_exit(before);
+    assert!(complaints.is_empty(), "{complaints:#?}");
     let _a = n2.connect(&alice).await;
     // Carol does not come back: offline once node 1, silent, is swept (3 s window).
     b.next_where("presence", |f| {
