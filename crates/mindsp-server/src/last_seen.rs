@@ -35,11 +35,13 @@ pub(crate) struct LastSeen {
     wake: Arc<Notify>,
 }
 
-/// Per tenant, each user's latest time; and how many users in all.
+/// Per tenant, each user's latest time; how many users in all; how many notes were
+/// dropped since the last write (logged then, once, rather than one line each).
 #[derive(Default)]
 struct Noted {
     tenants: HashMap<TenantId, HashMap<UserId, DateTime<Utc>>>,
     users: usize,
+    dropped: usize,
 }
 
 impl LastSeen {
@@ -87,16 +89,19 @@ impl LastSeen {
     pub(crate) fn note(&self, tenant: TenantId, user: UserId, at: DateTime<Utc>) {
         {
             let mut noted = self.noted.lock().unwrap_or_else(|e| e.into_inner());
-            let Noted { tenants, users } = &mut *noted;
-            let of_tenant = tenants.entry(tenant).or_default();
-            match of_tenant.get_mut(&user) {
+            let Noted {
+                tenants,
+                users,
+                dropped,
+            } = &mut *noted;
+            match tenants.get_mut(&tenant).and_then(|of| of.get_mut(&user)) {
                 Some(t) => *t = (*t).max(at),
                 None if *users >= KEPT => {
-                    tracing::warn!(%user, "too many last_seen waiting to be written; this one is dropped");
+                    *dropped += 1;
                     return;
                 }
                 None => {
-                    of_tenant.insert(user, at);
+                    tenants.entry(tenant).or_default().insert(user, at);
                     *users += 1;
                 }
             }
@@ -108,6 +113,12 @@ impl LastSeen {
     /// logged and dropped (its users' next disconnections write again).
     pub(crate) async fn flush(&self) {
         let noted = std::mem::take(&mut *self.noted.lock().unwrap_or_else(|e| e.into_inner()));
+        if noted.dropped > 0 {
+            tracing::warn!(
+                dropped = noted.dropped,
+                "too many last_seen waiting to be written: some were dropped (those users keep an earlier one)"
+            );
+        }
         for (tenant, users) in noted.tenants {
             let seen: Vec<(UserId, DateTime<Utc>)> = users.into_iter().collect();
             let write = async {
@@ -154,7 +165,11 @@ mod tests {
         assert_eq!(waiting(&seen), (KEPT, KEPT));
         let dropped = UserId::new();
         seen.note(tenant, dropped, at);
+        // Nor does a tenant of its own start a list.
+        seen.note(TenantId::new(), UserId::new(), at);
         assert_eq!(waiting(&seen), (KEPT, KEPT));
+        assert_eq!(seen.noted.lock().unwrap().tenants.len(), 1);
+        assert_eq!(seen.noted.lock().unwrap().dropped, 2);
         let later = at + chrono::Duration::seconds(5);
         seen.note(tenant, first, later);
         assert_eq!(seen.noted.lock().unwrap().tenants[&tenant][&first], later);
@@ -162,6 +177,7 @@ mod tests {
 
         seen.flush().await;
         assert_eq!(waiting(&seen), (0, 0));
+        assert_eq!(seen.noted.lock().unwrap().dropped, 0);
         seen.note(tenant, dropped, at);
         assert_eq!(waiting(&seen), (1, 1));
     }
