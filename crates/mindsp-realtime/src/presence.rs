@@ -67,7 +67,8 @@ pub trait Presence: Send + Sync + 'static {
     /// grace period). Does nothing by default.
     async fn stopped(&self) {}
     /// Sets who is told of the users this presence turns offline by itself (see
-    /// [`OfflineSink`]). Ignored by default: a presence that does so has to keep it.
+    /// [`OfflineSink`]), in place of any set before. Ignored by default: a presence
+    /// that does so has to keep it.
     fn on_offline(&self, _sink: OfflineSink) {}
 }
 

@@ -787,16 +787,22 @@ struct Shared {
     resync_every: u64,
     /// Heartbeats so far.
     ticks: std::sync::atomic::AtomicU64,
-    /// Told of the offline events this node publishes by itself ([`Presence::on_offline`]).
-    offline_sink: std::sync::OnceLock<OfflineSink>,
+    /// Told of the offline events this node publishes by itself ([`Presence::on_offline`];
+    /// the last one set).
+    offline_sink: std::sync::RwLock<Option<OfflineSink>>,
 }
 
 /// Presence shared by every node through Redis; see the [module documentation](self).
 pub struct RedisPresence {
     shared: Arc<Shared>,
-    /// The heartbeats, and the rest of the periodic work.
-    tasks: [JoinHandle<()>; 2],
+    /// The heartbeats, and the rest of the periodic work; awaited by
+    /// [`Presence::stopped`].
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
+
+/// How long [`Presence::stopped`] waits for a sweep under way to publish what it
+/// removed (one event per user) before it gives up on it.
+const STOP_WAIT: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for RedisPresence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -826,7 +832,7 @@ impl RedisPresence {
                 / config.heartbeat.max(Duration::from_millis(100)).as_millis())
             .clamp(1, u128::from(u32::MAX)) as u64,
             ticks: std::sync::atomic::AtomicU64::new(0),
-            offline_sink: std::sync::OnceLock::new(),
+            offline_sink: std::sync::RwLock::new(None),
         });
         shared.heartbeat().await?;
         let every = config.heartbeat.max(Duration::from_millis(100));
@@ -842,18 +848,22 @@ impl RedisPresence {
                     // Stopped only between ticks: a sweep in progress publishes the
                     // offline events of what it removed.
                     tokio::select! {
-                        _ = tick.tick() => work(shared.clone()).await,
+                        biased;
                         _ = leaving.changed() => return,
+                        _ = tick.tick() => work(shared.clone()).await,
                     }
                 }
             })
         };
-        let tasks = [
+        let tasks = vec![
             periodic(|s| Box::pin(async move { s.beat().await })),
             periodic(|s| Box::pin(async move { s.tick().await })),
         ];
         tracing::info!(node = %shared.node, "presence node registered in Redis");
-        Ok(Self { shared, tasks })
+        Ok(Self {
+            shared,
+            tasks: Mutex::new(tasks),
+        })
     }
 
     /// This node's id in Redis.
@@ -864,7 +874,11 @@ impl RedisPresence {
 
 impl Drop for RedisPresence {
     fn drop(&mut self) {
-        self.tasks.iter().for_each(JoinHandle::abort);
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .for_each(JoinHandle::abort);
     }
 }
 
@@ -911,10 +925,15 @@ impl Shared {
     ) {
         // Every offline event published here is one this node found by itself (a
         // sweep, a late write): `disconnected` hands its own back to the caller.
-        if let (PresenceStatus::Offline, Some(seen), Some(sink)) =
-            (status, last_seen, self.offline_sink.get())
-        {
-            sink(tenant, user, seen);
+        if let (PresenceStatus::Offline, Some(seen)) = (status, last_seen) {
+            let sink = self
+                .offline_sink
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(sink) = sink {
+                sink(tenant, user, seen);
+            }
         }
         self.broker
             .publish(Envelope {
@@ -1370,10 +1389,21 @@ impl Presence for RedisPresence {
         }
     }
 
-    /// Marks this node in `left`, unless something could not be published: then the
+    /// Stops the periodic work, after a sweep under way has published what it removed
+    /// (nobody else would: the dead node is gone from Redis), within [`STOP_WAIT`]; then
+    /// marks this node in `left`, unless something could not be published: then the
     /// sweep tells every node's clients to catch up, as for a node that died.
     async fn stopped(&self) {
         let s = &self.shared;
+        s.leaving.send_if_modified(|l| !std::mem::replace(l, true));
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(STOP_WAIT, task).await.is_err() {
+                tracing::warn!("presence work still running at the stop; abandoned");
+                abort.abort();
+            }
+        }
         if s.writes.unsent.load(Ordering::SeqCst) {
             return;
         }
@@ -1387,11 +1417,11 @@ impl Presence for RedisPresence {
     }
 
     fn on_offline(&self, sink: OfflineSink) {
-        if self.shared.offline_sink.set(sink).is_err() {
-            tracing::warn!(
-                "presence already tells someone of offline users; a second one is ignored"
-            );
-        }
+        *self
+            .shared
+            .offline_sink
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(sink);
     }
 
     async fn query(

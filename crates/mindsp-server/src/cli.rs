@@ -662,6 +662,8 @@ async fn run_serve(
     }
     // Nothing more will be published: a clean stop, not a death, to the other nodes.
     state.realtime.stopped().await;
+    // What a sweep that was under way noted meanwhile.
+    state.sockets.last_seen.flush().await;
     served?;
     tracing::info!("stopped");
     Ok(())

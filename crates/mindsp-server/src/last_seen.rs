@@ -33,6 +33,10 @@ pub(crate) struct LastSeen {
     noted: Mutex<Noted>,
     /// Shared with the writer task, which holds nothing else while it waits.
     wake: Arc<Notify>,
+    /// Held through each [`LastSeen::flush`]: the last one, at a stop, waits for the
+    /// writer's own to be committed, rather than find nothing left and let the process
+    /// end under it.
+    writing: tokio::sync::Mutex<()>,
 }
 
 /// Per tenant, each user's latest time; how many users in all; how many notes were
@@ -52,6 +56,7 @@ impl LastSeen {
             store,
             noted: Mutex::new(Noted::default()),
             wake: Arc::new(Notify::new()),
+            writing: tokio::sync::Mutex::new(()),
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(Self::write_loop(this.wake.clone(), Arc::downgrade(&this)));
@@ -112,6 +117,7 @@ impl LastSeen {
     /// Writes what was noted, a transaction per tenant. A tenant whose write fails is
     /// logged and dropped (its users' next disconnections write again).
     pub(crate) async fn flush(&self) {
+        let _writing = self.writing.lock().await;
         let noted = std::mem::take(&mut *self.noted.lock().unwrap_or_else(|e| e.into_inner()));
         if noted.dropped > 0 {
             tracing::warn!(

@@ -316,7 +316,9 @@ pub fn router(state: AppState) -> Router {
     }
     // After the trace layer: its spans show the URI, and `/ws?token=` carries a
     // token. The socket checks `Origin` itself (see `ws`), so no CORS there.
-    app.route("/ws", get(ws::handler)).with_state(state)
+    app.route("/ws", get(ws::handler))
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
 }
 
 /// How long a browser may reuse a CORS preflight answer.

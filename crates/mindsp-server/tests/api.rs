@@ -744,6 +744,7 @@ async fn a_wrong_method_gets_405_with_our_error_body() {
             "GET,HEAD,POST",
         ),
         (Method::DELETE, "/healthz", None, "GET,HEAD"),
+        (Method::POST, "/ws", None, "GET,HEAD"),
         (Method::GET, "/api/auth/login", None, "POST"),
     ] {
         let mut req = Request::builder().method(method.clone()).uri(uri);
