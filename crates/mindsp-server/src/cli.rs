@@ -660,6 +660,10 @@ async fn run_serve(
     if let Some(worker) = worker {
         worker.shutdown(grace).await;
     }
+    // Commands cut off from their clients publish what they committed.
+    if !state.finish_commands(grace).await {
+        tracing::warn!("some commands were still running at the end of the grace period");
+    }
     // Nothing more will be published: a clean stop, not a death, to the other nodes.
     state.realtime.stopped().await;
     // What a sweep that was under way noted meanwhile.

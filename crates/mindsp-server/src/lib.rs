@@ -172,6 +172,7 @@ impl AppState {
             tokens: tokens.clone(),
             realtime: realtime.clone(),
             ws: config.ws.clone(),
+            commands: tokio_util::task::TaskTracker::new(),
             slots: Arc::new(tokio::sync::Semaphore::new(
                 config
                     .ws
@@ -204,6 +205,18 @@ impl AppState {
         let drained = self.realtime.hub().drained(grace).await;
         self.sockets.last_seen.flush().await;
         drained
+    }
+
+    /// Waits, at most `grace`, for the commands still running to their end on tasks of
+    /// their own (a `send` whose socket closed, a REST change whose client left or got
+    /// 408) to commit and publish: call it before [`Realtime::stopped`], which closes
+    /// the broker (with Redis, a publication after it would reach no other node, and
+    /// the node would already be marked as stopped cleanly, so no `events_lost` either).
+    /// True when none is left.
+    pub async fn finish_commands(&self, grace: Duration) -> bool {
+        let commands = &self.sockets.commands;
+        commands.close();
+        tokio::time::timeout(grace, commands.wait()).await.is_ok()
     }
 
     /// The users connected here are seen now: at a shutdown, their sockets close without
@@ -293,7 +306,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
-            state.max_body_bytes,
+            (state.max_body_bytes, state.sockets.commands.clone()),
             to_completion,
         ))
         .layer(axum::middleware::from_fn_with_state(
@@ -392,7 +405,10 @@ async fn request_deadline(
 /// deadline: what runs to its end never waits for the client (a body that stops coming
 /// is dropped with its connection at the deadline).
 async fn to_completion(
-    axum::extract::State(limit): axum::extract::State<usize>,
+    axum::extract::State((limit, commands)): axum::extract::State<(
+        usize,
+        tokio_util::task::TaskTracker,
+    )>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -418,7 +434,7 @@ async fn to_completion(
         }
     };
     let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
-    match tokio::spawn(next.run(req)).await {
+    match commands.spawn(next.run(req)).await {
         Ok(response) => response,
         Err(e) => {
             tracing::error!(error = %e, "a request's task failed");

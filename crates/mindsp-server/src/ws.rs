@@ -178,6 +178,9 @@ pub(crate) struct Shared {
     /// One permit per socket this node may hold ([`WsConfig::max_connections`]), taken
     /// before the upgrade and given back once the socket is closed.
     pub(crate) slots: Arc<tokio::sync::Semaphore>,
+    /// The commands running to their end on tasks of their own (socket and REST), which
+    /// a stop waits for before the broker closes ([`crate::AppState::finish_commands`]).
+    pub(crate) commands: tokio_util::task::TaskTracker,
 }
 
 // ---- before the upgrade ---------------------------------------------------------------
@@ -848,9 +851,11 @@ const COMMANDS: &[&str] = &[
 /// and its publication, a message would be stored but told to nobody live, and its
 /// mention e-mails never queued.
 async fn to_completion<T: Send + 'static>(
+    commands: &tokio_util::task::TaskTracker,
     work: impl Future<Output = Result<T, Error>> + Send + 'static,
 ) -> Result<T, Error> {
-    tokio::spawn(work)
+    commands
+        .spawn(work)
         .await
         .unwrap_or_else(|e| Err(Error::Storage(format!("a command's task failed: {e}"))))
 }
@@ -1088,7 +1093,7 @@ impl Reader<'_> {
                 mentions,
             } => {
                 let (messaging, actor) = (messaging.clone(), *actor);
-                let appended = to_completion(async move {
+                let appended = to_completion(&self.state.commands, async move {
                     messaging
                         .send_with_mentions(
                             &actor,
@@ -1110,7 +1115,7 @@ impl Reader<'_> {
                 seq,
             } => {
                 let (messaging, actor) = (messaging.clone(), *actor);
-                let marker = to_completion(async move {
+                let marker = to_completion(&self.state.commands, async move {
                     messaging.mark_read(&actor, conversation_id, seq).await
                 })
                 .await?;

@@ -1732,6 +1732,86 @@ async fn the_ack_of_a_send_under_way_goes_out_before_a_close() {
     assert_eq!(a.close_code().await, Some(4009));
 }
 
+/// At a stop, a command cut off from its client (its socket closed with 1012 while it
+/// waited for the database) finishes before the node goes on to close its broker:
+/// `finish_commands` waits for it, so what it commits is also published while other
+/// nodes can still hear it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_for_the_commands_still_committing() {
+    let mut cfg = config();
+    cfg.ws.close_timeout = Duration::from_millis(300);
+    let s = Server::start(cfg).await;
+    let (alice, _bob, conv) = alice_and_bob(&s).await;
+    let mut a = s.connect(&alice).await;
+    let mut db = s.database_connection().await;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    a.command(
+        "send",
+        json!({"conversation_id": conv, "content": "pendant l'arrêt"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stop (as `close_websockets` begins it; its `last_seen` write would wait for
+    // the database too): the socket closes once its close timeout is over, the send
+    // still waiting.
+    s.state.realtime.shutdown().await;
+    assert_eq!(a.close_code().await, Some(1012));
+    let state = s.state.clone();
+    let finishing =
+        tokio::spawn(async move { state.finish_commands(Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!finishing.is_finished(), "the send is still committing");
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    assert!(finishing.await.unwrap());
+    let (status, page) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/conversations/{conv}/messages"),
+            &alice.token,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["messages"][0]["content"], "pendant l'arrêt", "{page}");
+
+    // The same for a REST change still committing.
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let post = {
+        let (http, url, token) = (
+            s.http.clone(),
+            format!("http://{}/api/conversations/{conv}/messages", s.addr),
+            alice.token.clone(),
+        );
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(token)
+                .json(&json!({"content": "par REST pendant l'arrêt"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let state = s.state.clone();
+    let finishing =
+        tokio::spawn(async move { state.finish_commands(Duration::from_secs(30)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !finishing.is_finished(),
+        "the REST send is still committing"
+    );
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    assert!(finishing.await.unwrap());
+    assert_eq!(post.await.unwrap(), 201);
+}
+
 /// A client that only listens answers nothing but pings: it must be pinged even while
 /// its connection's queue is never empty (else it is closed as silent, 4002, after the
 /// idle timeout). The writer always has events waiting here, and pings still go out
