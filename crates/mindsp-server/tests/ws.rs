@@ -1639,6 +1639,12 @@ async fn upgrades_abandoned_by_their_client_give_their_slot_back() {
     }
 }
 
+/// Takes the database's write lock on `db` (until its `COMMIT`): the commits of the
+/// server wait meanwhile.
+async fn hold_writes(db: &mut sqlx::SqliteConnection) {
+    sqlx::query("BEGIN IMMEDIATE").execute(db).await.unwrap();
+}
+
 /// A message whose sender is cut off while it commits still reaches the other members
 /// once committed: over the socket when the node closes the connection meanwhile, over
 /// REST when the request's deadline passes meanwhile. (The database is locked for a
@@ -1655,10 +1661,7 @@ async fn a_send_cut_off_while_it_commits_is_still_published() {
     let mut b = s.connect(&bob).await;
     let mut db = s.database_connection().await;
 
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut db)
-        .await
-        .unwrap();
+    hold_writes(&mut db).await;
     a.command(
         "send",
         json!({"conversation_id": conv, "content": "par le socket"}),
@@ -1677,10 +1680,7 @@ async fn a_send_cut_off_while_it_commits_is_still_published() {
     let m = b.next("new_message").await;
     assert_eq!(m["message"]["content"], "par le socket");
 
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut db)
-        .await
-        .unwrap();
+    hold_writes(&mut db).await;
     let (status, body) = s
         .call(
             reqwest::Method::POST,
@@ -1708,10 +1708,7 @@ async fn the_ack_of_a_send_under_way_goes_out_before_a_close() {
     let (alice, _bob, conv) = alice_and_bob(&s).await;
     let mut a = s.connect(&alice).await;
     let mut db = s.database_connection().await;
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut db)
-        .await
-        .unwrap();
+    hold_writes(&mut db).await;
     let id = a
         .command(
             "send",
@@ -1744,10 +1741,7 @@ async fn a_stop_waits_for_the_commands_still_committing() {
     let (alice, _bob, conv) = alice_and_bob(&s).await;
     let mut a = s.connect(&alice).await;
     let mut db = s.database_connection().await;
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut db)
-        .await
-        .unwrap();
+    hold_writes(&mut db).await;
     a.command(
         "send",
         json!({"conversation_id": conv, "content": "pendant l'arrêt"}),
@@ -1778,10 +1772,7 @@ async fn a_stop_waits_for_the_commands_still_committing() {
     assert_eq!(page["messages"][0]["content"], "pendant l'arrêt", "{page}");
 
     // The same for a REST change still committing.
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut db)
-        .await
-        .unwrap();
+    hold_writes(&mut db).await;
     let post = {
         let (http, url, token) = (
             s.http.clone(),
