@@ -801,8 +801,9 @@ pub struct RedisPresence {
 }
 
 /// How long [`Presence::stopped`] waits for a sweep under way to publish what it
-/// removed (one event per user) before it gives up on it.
-const STOP_WAIT: Duration = Duration::from_secs(10);
+/// removed (one event per user) before it gives up on it (and the node's stop counts
+/// as unclean, so that every node's clients catch up).
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for RedisPresence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1397,12 +1398,21 @@ impl Presence for RedisPresence {
         let s = &self.shared;
         s.leaving.send_if_modified(|l| !std::mem::replace(l, true));
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
-        for task in tasks {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(STOP_WAIT, task).await.is_err() {
-                tracing::warn!("presence work still running at the stop; abandoned");
-                abort.abort();
+        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        let ended = tokio::time::timeout(STOP_WAIT, async {
+            let mut all_ok = true;
+            for task in tasks {
+                all_ok &= task.await.is_ok();
             }
+            all_ok
+        })
+        .await;
+        if ended != Ok(true) {
+            // A sweep cut short may have removed users whose offline events were never
+            // published: the stop must not count as clean.
+            tracing::warn!("presence work still running (or failed) at the stop; abandoned");
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
+            s.writes.unsent.store(true, Ordering::SeqCst);
         }
         if s.writes.unsent.load(Ordering::SeqCst) {
             return;

@@ -648,26 +648,33 @@ async fn run_serve(
         }
     };
     let served = serve_with(listener, app, shutdown, grace, args.connection_limits()).await;
-    // The WebSockets were told at the signal: they share the requests' grace period.
-    let left = signalled
-        .get()
-        .map_or(grace, |at| grace.saturating_sub(at.elapsed()));
-    if !state.close_websockets(left).await {
+    // The WebSockets were told at the signal: they share the requests' grace period, and
+    // so do the commands cut off from their clients.
+    let left = || {
+        signalled
+            .get()
+            .map_or(grace, |at| grace.saturating_sub(at.elapsed()))
+    };
+    if !state.close_websockets(left()).await {
         tracing::warn!("some WebSockets did not close within the grace period");
     }
     // HTTP first: in-flight requests finish (and may still enqueue jobs). Then the
-    // worker: running jobs get the same grace, the rest go back to the queue.
-    if let Some(worker) = worker {
-        worker.shutdown(grace).await;
-    }
-    // Commands cut off from their clients publish what they committed.
-    if !state.finish_commands(grace).await {
+    // worker: running jobs get the same grace, the rest go back to the queue. Meanwhile
+    // commands cut off from their clients publish what they committed, before the broker
+    // closes.
+    let jobs = async {
+        if let Some(worker) = worker {
+            worker.shutdown(grace).await;
+        }
+    };
+    let ((), finished) = tokio::join!(jobs, state.finish_commands(left()));
+    if !finished {
         tracing::warn!("some commands were still running at the end of the grace period");
     }
     // Nothing more will be published: a clean stop, not a death, to the other nodes.
     state.realtime.stopped().await;
-    // What a sweep that was under way noted meanwhile.
-    state.sockets.last_seen.flush().await;
+    // What a sweep that was under way noted meanwhile (bounded: the store may be away).
+    state.sockets.last_seen.flush_at_stop().await;
     served?;
     tracing::info!("stopped");
     Ok(())
@@ -724,7 +731,7 @@ async fn run_worker(
     // A presence node too (with Redis): it stops cleanly, and says so.
     node.shutdown().await;
     node.stopped().await;
-    last_seen.flush().await;
+    last_seen.flush_at_stop().await;
     tracing::info!("stopped");
     Ok(())
 }

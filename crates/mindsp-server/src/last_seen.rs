@@ -139,6 +139,22 @@ impl LastSeen {
     }
 }
 
+impl LastSeen {
+    /// [`Self::flush`] at a stop, given at most [`LAST_WRITES`]: a store that is away
+    /// does not hold the process's end (those users keep an earlier `last_seen`).
+    pub(crate) async fn flush_at_stop(&self) {
+        if tokio::time::timeout(LAST_WRITES, self.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("last_seen not written within {LAST_WRITES:?} at the stop; left");
+        }
+    }
+}
+
+/// How long a stopping process gives its last `last_seen` writes.
+const LAST_WRITES: Duration = Duration::from_secs(3);
+
 impl Drop for LastSeen {
     /// Wakes the writer so that it sees the end.
     fn drop(&mut self) {

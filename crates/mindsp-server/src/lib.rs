@@ -203,7 +203,7 @@ impl AppState {
         self.note_connected_as_seen();
         self.realtime.shutdown().await;
         let drained = self.realtime.hub().drained(grace).await;
-        self.sockets.last_seen.flush().await;
+        self.sockets.last_seen.flush_at_stop().await;
         drained
     }
 
@@ -217,6 +217,12 @@ impl AppState {
         let commands = &self.sockets.commands;
         commands.close();
         tokio::time::timeout(grace, commands.wait()).await.is_ok()
+    }
+
+    /// How many commands are running to their end on tasks of their own now (see
+    /// [`AppState::finish_commands`]).
+    pub fn commands_running(&self) -> usize {
+        self.sockets.commands.len()
     }
 
     /// The users connected here are seen now: at a shutdown, their sockets close without

@@ -1747,7 +1747,7 @@ async fn a_stop_waits_for_the_commands_still_committing() {
         json!({"conversation_id": conv, "content": "pendant l'arrêt"}),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    commands_running(&s, 1).await;
     // The stop (as `close_websockets` begins it; its `last_seen` write would wait for
     // the database too): the socket closes once its close timeout is over, the send
     // still waiting.
@@ -1789,7 +1789,7 @@ async fn a_stop_waits_for_the_commands_still_committing() {
                 .status()
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    commands_running(&s, 1).await;
     let state = s.state.clone();
     let finishing =
         tokio::spawn(async move { state.finish_commands(Duration::from_secs(30)).await });
@@ -1801,6 +1801,17 @@ async fn a_stop_waits_for_the_commands_still_committing() {
     sqlx::query("COMMIT").execute(&mut db).await.unwrap();
     assert!(finishing.await.unwrap());
     assert_eq!(post.await.unwrap(), 201);
+}
+
+/// Waits (at most 10 s) until `n` commands run on tasks of their own.
+async fn commands_running(s: &Server, n: usize) {
+    for _ in 0..1000 {
+        if s.state.commands_running() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{n} commands never ran at once");
 }
 
 /// A client that only listens answers nothing but pings: it must be pinged even while
