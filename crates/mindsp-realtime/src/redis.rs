@@ -72,7 +72,8 @@
 //! and writes no disconnection: it is swept like a dead one, and whoever reconnected to
 //! another node meanwhile stays online without an event. Once it will publish nothing
 //! more ([`Presence::stopped`]) it marks itself in `left`, unless something could not
-//! be published; sweeping a node without that mark (it died,
+//! be published or it was swept already (its stop outlasted the window); sweeping a
+//! node without that mark (it died,
 //! and may have held events it could not publish) makes the sweeper publish
 //! `events_lost`, so that every node's clients catch up. Heartbeats run on a task of
 //! their own, so that a long turn of the other periodic work (announcing thousands of
@@ -709,10 +710,15 @@ out[1] = tostring(unclean)
 return out
 ";
 
-/// ARGV the `left` key, this node: it stops cleanly, with nothing left unpublished.
+/// ARGV the `left` key, this node, the `nodes` key: it stops cleanly, with nothing left
+/// unpublished. Marked only while it is still in `nodes`: a node already swept (its
+/// stop outlasted the window) would keep the mark for good. 1 if marked.
 const LEFT: &str = r"
-redis.call('SADD', ARGV[1], ARGV[2])
-return 1
+if redis.call('ZSCORE', ARGV[3], ARGV[2]) then
+  redis.call('SADD', ARGV[1], ARGV[2])
+  return 1
+end
+return 0
 ";
 
 /// KEYS[1] nodes; ARGV prefix, tenant, users... Returns per user {online, last_seen or
@@ -1418,11 +1424,25 @@ impl Presence for RedisPresence {
             return;
         }
         let left = format!("{}left", s.prefix);
-        if let Err(e) = s
-            .eval(LEFT, vec![left.into(), s.node.as_str().into()])
+        match s
+            .eval(
+                LEFT,
+                vec![
+                    left.into(),
+                    s.node.as_str().into(),
+                    s.nodes_key.as_str().into(),
+                ],
+            )
             .await
+            .and_then(|v| v.convert::<i64>())
         {
-            tracing::warn!(error = %e, "cannot mark this node as stopped cleanly");
+            Ok(1) => {}
+            // Its stop outlasted the window: the others swept it already, as a node
+            // that died (their clients catch up). A mark now would stay for good.
+            Ok(_) => {
+                tracing::info!(node = %s.node, "swept before it could mark itself as stopped cleanly")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot mark this node as stopped cleanly"),
         }
     }
 

@@ -324,6 +324,45 @@ async fn a_leaving_node_stops_its_heartbeats_and_is_swept() {
     purge(&c).await;
 }
 
+/// A node whose stop outlasts the window is swept first (as one that died: everyone
+/// catches up); its clean-stop mark, coming after, is not written, since no sweep
+/// would ever take it away again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_swept_before_its_clean_stop_leaves_no_mark() {
+    let Some(c) = config() else { return };
+    let Pair {
+        n1,
+        n2,
+        u,
+        watcher,
+        mut w,
+        a,
+        ..
+    } = online_on_node_1(&c).await;
+    n1.shutdown().await;
+    let f = next_about(&mut w, u).await;
+    assert!(f.contains(r#""status":"offline""#), "{f}");
+    n1.close(a, ready(vec![watcher])).await;
+    n1.stopped().await;
+    let config = fred::types::config::Config::from_url(&c.url).unwrap();
+    let client = fred::types::Builder::from_config(config).build().unwrap();
+    client.init().await.unwrap();
+    let left: i64 = client
+        .eval(
+            "return redis.call('SCARD', ARGV[1])",
+            Vec::<String>::new(),
+            vec![format!("{}left", c.prefix)],
+        )
+        .await
+        .unwrap();
+    let _ = client.quit().await;
+    assert_eq!(left, 0, "a mark was left behind");
+    drop(n1);
+    n2.close(w, ready(vec![u])).await;
+    drop(n2);
+    purge(&c).await;
+}
+
 /// Presence in Redis that drifted from what a node holds (say a command of a dropped
 /// connection that reached Redis after newer ones) is put right at the node's next
 /// resync: a user it does not hold turns offline, one it holds turns online again, and
