@@ -1464,7 +1464,10 @@ async fn a_client_that_reads_no_answer_is_dropped_after_the_write_timeout() {
         }
         chunks
     });
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), sent).await;
+    // The server's send buffer (autotuned up to megabytes on loopback) must fill first:
+    // tens of thousands of answers, slow for a debug build on a busy machine (30 s was
+    // once not enough in CI). Without the write timeout the connection is never dropped.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(120), sent).await;
     let chunks = ended
         .expect("the server never dropped the connection")
         .unwrap();
