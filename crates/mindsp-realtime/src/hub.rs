@@ -22,7 +22,7 @@
 //! follows the `online` that came after it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,28 @@ impl CloseReason {
             CloseReason::Superseded => close::SUPERSEDED,
             CloseReason::PasswordChanged => close::PASSWORD_CHANGED,
         }
+    }
+
+    /// As kept in a mailbox (0 is none).
+    fn to_u8(self) -> u8 {
+        match self {
+            CloseReason::TooSlow => 1,
+            CloseReason::Deactivated => 2,
+            CloseReason::Shutdown => 3,
+            CloseReason::Superseded => 4,
+            CloseReason::PasswordChanged => 5,
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => CloseReason::TooSlow,
+            2 => CloseReason::Deactivated,
+            3 => CloseReason::Shutdown,
+            4 => CloseReason::Superseded,
+            5 => CloseReason::PasswordChanged,
+            _ => return None,
+        })
     }
 
     /// The close reason text.
@@ -137,6 +159,10 @@ struct Mailbox {
     /// The password the connection was opened (or last refreshed) for
     /// ([`Checked::password`]).
     password: AtomicI64,
+    /// Why the hub asks the connection to close ([`CloseReason::to_u8`]; 0: it does
+    /// not), and the writer's wake-up when it does (see [`CloseSignal`]).
+    close: AtomicU8,
+    closing: Notify,
 }
 
 /// What the server checked before registering a connection (see
@@ -238,25 +264,51 @@ impl Events {
 struct Slot {
     id: u64,
     mailbox: Arc<Mailbox>,
-    close: watch::Sender<Option<CloseReason>>,
 }
 
 impl Slot {
     /// Not asked to close yet.
     fn is_open(&self) -> bool {
-        self.close.borrow().is_none()
+        self.mailbox.close.load(Ordering::SeqCst) == 0
     }
 
-    fn close(&self, reason: CloseReason) {
+    /// Asks the connection to close; false if it was asked already.
+    fn close(&self, reason: CloseReason) -> bool {
         // The first reason wins: a slow client being deactivated is still "too slow".
-        self.close.send_if_modified(|r| {
-            if r.is_none() {
-                *r = Some(reason);
-                true
-            } else {
-                false
-            }
-        });
+        let first = self
+            .mailbox
+            .close
+            .compare_exchange(0, reason.to_u8(), Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if first {
+            // A permit if the writer is not waiting yet: it cannot miss it.
+            self.mailbox.closing.notify_one();
+        }
+        first
+    }
+}
+
+/// A connection's close signal: why the hub asks it to close, if it does (the first
+/// reason wins), and a wait for that. A flag and a wake-up in the connection's mailbox:
+/// tokio's `watch` channel cost every connection an allocation of about 300 bytes.
+#[derive(Clone)]
+pub struct CloseSignal {
+    mailbox: Arc<Mailbox>,
+}
+
+impl CloseSignal {
+    /// Why the hub asked this connection to close, if it did.
+    pub fn get(&self) -> Option<CloseReason> {
+        CloseReason::from_u8(self.mailbox.close.load(Ordering::SeqCst))
+    }
+
+    /// Returns once the hub asked this connection to close (at once if it did). For one
+    /// waiter at a time: the connection's writer.
+    pub async fn asked(&self) {
+        if self.get().is_some() {
+            return;
+        }
+        self.mailbox.closing.notified().await;
     }
 }
 
@@ -316,7 +368,7 @@ pub struct Connection {
     /// Events to send to the client, in delivery order.
     pub events: Events,
     /// Set when the hub wants this connection closed.
-    pub closed: watch::Receiver<Option<CloseReason>>,
+    pub closed: CloseSignal,
     hub: Arc<Hub>,
 }
 
@@ -407,8 +459,9 @@ impl Hub {
             skipped: AtomicBool::new(false),
             lost: AtomicBool::new(false),
             password: AtomicI64::new(checked.map_or(0, |c| c.password)),
+            close: AtomicU8::new(0),
+            closing: Notify::new(),
         });
-        let (close_tx, close_rx) = watch::channel(None);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let first = {
             let mut tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
@@ -426,7 +479,6 @@ impl Hub {
             let slot = Slot {
                 id,
                 mailbox: mailbox.clone(),
-                close: close_tx,
             };
             if let Some(checked) = checked {
                 let revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
@@ -452,8 +504,10 @@ impl Hub {
                 id,
                 tenant,
                 user,
+                closed: CloseSignal {
+                    mailbox: mailbox.clone(),
+                },
                 events: Events { mailbox },
-                closed: close_rx,
                 hub: self.clone(),
             },
             first,
@@ -613,10 +667,9 @@ impl Hub {
 
     /// Closes a connection whose queue is full: its client does not read.
     fn too_slow(&self, slot: &Slot) {
-        if slot.close.borrow().is_none() {
+        if slot.close(CloseReason::TooSlow) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
-        slot.close(CloseReason::TooSlow);
     }
 
     /// Changes with every call of [`Hub::events_lost`].
@@ -721,10 +774,9 @@ impl Hub {
     ) {
         let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner());
         if let Some(slots) = tenants.get(&tenant).and_then(|u| u.get(&user)) {
-            slots
-                .iter()
-                .filter(|s| which(&s.mailbox))
-                .for_each(|s| s.close(reason));
+            slots.iter().filter(|s| which(&s.mailbox)).for_each(|s| {
+                s.close(reason);
+            });
         }
     }
 
@@ -734,7 +786,9 @@ impl Hub {
         let tenants = self.tenants.write().unwrap_or_else(|e| e.into_inner());
         self.closing.store(true, Ordering::SeqCst);
         for slots in tenants.values().flat_map(HashMap::values) {
-            slots.iter().for_each(|s| s.close(CloseReason::Shutdown));
+            slots.iter().for_each(|s| {
+                s.close(CloseReason::Shutdown);
+            });
         }
     }
 
@@ -1060,8 +1114,8 @@ mod tests {
             hub.deliver(read_receipt(t, vec![slow, fast]));
             while f.events.try_recv().is_ok() {}
         }
-        assert_eq!(*s.closed.borrow(), Some(CloseReason::TooSlow));
-        assert_eq!(*f.closed.borrow(), None);
+        assert_eq!(s.closed.get(), Some(CloseReason::TooSlow));
+        assert_eq!(f.closed.get(), None);
         assert_eq!(hub.slow_disconnects(), 1);
     }
 
@@ -1077,7 +1131,7 @@ mod tests {
             hub.deliver(presence(t));
             hub.deliver(typing(t, vec![u]));
         }
-        assert_eq!(*c.closed.borrow(), None);
+        assert_eq!(c.closed.get(), None);
         assert_eq!(c.events.len(), 4, "the first half of the queue, no more");
         assert_eq!(hub.skipped_ephemeral(), 196);
         assert!(c.take_skipped(), "the connection knows it missed some");
@@ -1085,10 +1139,10 @@ mod tests {
         for _ in 0..4 {
             hub.deliver(read_receipt(t, vec![u]));
         }
-        assert_eq!(*c.closed.borrow(), None, "receipts fill the rest");
+        assert_eq!(c.closed.get(), None, "receipts fill the rest");
         assert_eq!(c.events.len(), 8);
         hub.deliver(read_receipt(t, vec![u]));
-        assert_eq!(*c.closed.borrow(), Some(CloseReason::TooSlow));
+        assert_eq!(c.closed.get(), Some(CloseReason::TooSlow));
         assert_eq!(hub.slow_disconnects(), 1);
     }
 
@@ -1106,8 +1160,8 @@ mod tests {
             vec![u],
             Event::AccountDeactivated { user_id: u },
         ));
-        assert_eq!(*c.closed.borrow(), Some(CloseReason::Deactivated));
-        assert_eq!(*d.closed.borrow(), None);
+        assert_eq!(c.closed.get(), Some(CloseReason::Deactivated));
+        assert_eq!(d.closed.get(), None);
         hub.deliver(Envelope::to_users(
             t,
             vec![w],
@@ -1117,12 +1171,12 @@ mod tests {
             },
         ));
         for e in [&e1, &e2] {
-            assert_eq!(*e.closed.borrow(), Some(CloseReason::PasswordChanged));
+            assert_eq!(e.closed.get(), Some(CloseReason::PasswordChanged));
             assert!(e.events.is_empty(), "a close, not an event");
         }
-        assert_eq!(*d.closed.borrow(), None);
+        assert_eq!(d.closed.get(), None);
         hub.shutdown();
-        assert_eq!(*d.closed.borrow(), Some(CloseReason::Shutdown));
+        assert_eq!(d.closed.get(), Some(CloseReason::Shutdown));
         assert!(hub.register(t, u).is_none());
         drop((c, d, e1, e2));
         assert!(hub.drained(Duration::from_secs(1)).await);
@@ -1141,10 +1195,10 @@ mod tests {
         hub.close_user(t, v, CloseReason::TooSlow);
         let after = Checked::now(0);
         let (late, _) = hub.register_checked(t, u, Some(before)).unwrap();
-        assert_eq!(*late.closed.borrow(), Some(CloseReason::Deactivated));
+        assert_eq!(late.closed.get(), Some(CloseReason::Deactivated));
         for (tenant, user, checked) in [(t, u, after), (t, v, before), (other_tenant, u, before)] {
             let (c, _) = hub.register_checked(tenant, user, Some(checked)).unwrap();
-            assert_eq!(*c.closed.borrow(), None);
+            assert_eq!(c.closed.get(), None);
         }
     }
 
@@ -1174,29 +1228,29 @@ mod tests {
                 password: new,
             },
         ));
-        assert_eq!(*stale.closed.borrow(), Some(CloseReason::PasswordChanged));
+        assert_eq!(stale.closed.get(), Some(CloseReason::PasswordChanged));
         for c in [&refreshed, &current, &other, &elsewhere] {
-            assert_eq!(*c.closed.borrow(), None);
+            assert_eq!(c.closed.get(), None);
         }
         // Registered after the change: by the password its token is for.
         let (late, _) = hub.register_checked(t, u, Some(checked_before)).unwrap();
-        assert_eq!(*late.closed.borrow(), Some(CloseReason::PasswordChanged));
+        assert_eq!(late.closed.get(), Some(CloseReason::PasswordChanged));
         let (fresh, _) = hub.register_checked(t, u, Some(Checked::now(new))).unwrap();
-        assert_eq!(*fresh.closed.borrow(), None);
+        assert_eq!(fresh.closed.get(), None);
         // An older change arriving late closes nothing more.
         hub.password_changed(t, u, old);
-        assert_eq!(*fresh.closed.borrow(), None);
+        assert_eq!(fresh.closed.get(), None);
         let (fresh2, _) = hub.register_checked(t, u, Some(Checked::now(new))).unwrap();
-        assert_eq!(*fresh2.closed.borrow(), None);
+        assert_eq!(fresh2.closed.get(), None);
         // A change of unknown password (from a node before marks) closes every live
         // connection and those checked before it, not those checked after.
         let checked_before = Checked::now(new);
         hub.password_changed(t, u, 0);
-        assert_eq!(*fresh.closed.borrow(), Some(CloseReason::PasswordChanged));
+        assert_eq!(fresh.closed.get(), Some(CloseReason::PasswordChanged));
         let (late, _) = hub.register_checked(t, u, Some(checked_before)).unwrap();
-        assert_eq!(*late.closed.borrow(), Some(CloseReason::PasswordChanged));
+        assert_eq!(late.closed.get(), Some(CloseReason::PasswordChanged));
         let (after, _) = hub.register_checked(t, u, Some(Checked::now(new))).unwrap();
-        assert_eq!(*after.closed.borrow(), None);
+        assert_eq!(after.closed.get(), None);
     }
 
     #[test]
@@ -1209,19 +1263,19 @@ mod tests {
         assert!(first);
         let (b, _) = hub.register(t, u).unwrap();
         let (other, _) = hub.register(t, v).unwrap();
-        assert_eq!(*a.closed.borrow(), None, "two are allowed");
+        assert_eq!(a.closed.get(), None, "two are allowed");
         let (c, first) = hub.register(t, u).unwrap();
         assert!(!first);
-        assert_eq!(*a.closed.borrow(), Some(CloseReason::Superseded));
+        assert_eq!(a.closed.get(), Some(CloseReason::Superseded));
         assert_eq!(CloseReason::Superseded.code(), close::SUPERSEDED);
-        assert_eq!((*b.closed.borrow(), *c.closed.borrow()), (None, None));
-        assert_eq!(*other.closed.borrow(), None, "other users are not counted");
+        assert_eq!((b.closed.get(), c.closed.get()), (None, None));
+        assert_eq!(other.closed.get(), None, "other users are not counted");
         // The closing one still counts until it is gone, but is not closed twice: the
         // next one supersedes the oldest still open.
         assert_eq!(hub.connections_of(t, u), 3);
         let (d, _) = hub.register(t, u).unwrap();
-        assert_eq!(*b.closed.borrow(), Some(CloseReason::Superseded));
-        assert_eq!((*c.closed.borrow(), *d.closed.borrow()), (None, None));
+        assert_eq!(b.closed.get(), Some(CloseReason::Superseded));
+        assert_eq!((c.closed.get(), d.closed.get()), (None, None));
         drop((a, b));
         assert_eq!(hub.connections_of(t, u), 2);
         // Events still reach the open ones.

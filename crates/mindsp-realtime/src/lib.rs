@@ -28,7 +28,7 @@ use mindsp_core::events::{Audience, Envelope, Event, PresenceStatus, Publisher};
 use mindsp_core::{TenantId, UserId};
 
 pub use broker::{Broker, BrokerPublisher};
-pub use hub::{Checked, CloseReason, Connection, Delivery, Hub, PasswordMark};
+pub use hub::{Checked, CloseReason, CloseSignal, Connection, Delivery, Hub, PasswordMark};
 pub use presence::{LocalPresence, OfflineSink, Presence, PresenceUnavailable, UserPresence};
 
 /// WebSocket close codes, documented in `docs/PROTOCOL.md`.

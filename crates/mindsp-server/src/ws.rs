@@ -34,7 +34,6 @@ use mindsp_realtime::{CloseReason, Connection, Delivery, close, hub::event_frame
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::tungstenite::Bytes;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -1240,7 +1239,7 @@ struct Writer<'a> {
     actor: Actor,
     sink: SplitSink<Socket, Message>,
     replies: &'a Handoff,
-    closed: watch::Receiver<Option<CloseReason>>,
+    closed: mindsp_realtime::CloseSignal,
     /// Per conversation, the last `seq` delivered on this connection.
     cursors: HashMap<ConversationId, i64>,
     /// Per conversation without a resume cursor, where live delivery started (see
@@ -1270,7 +1269,7 @@ impl Writer<'_> {
         // Whether the last turn left events queued (see below).
         let mut behind = false;
         let stop = loop {
-            if let Some(reason) = *self.closed.borrow_and_update() {
+            if let Some(reason) = self.closed.get() {
                 break Stop::Hub(reason);
             }
             // The select below is biased: a connection whose queue never empties would
@@ -1318,10 +1317,7 @@ impl Writer<'_> {
                     next_ping = Instant::now() + period;
                     self.send(Message::Ping(Default::default())).await
                 }
-                r = self.closed.changed() => match r {
-                    Ok(()) => continue,
-                    Err(_) => Err(Stop::Broken),
-                },
+                () = self.closed.asked() => continue,
             };
             if let Err(stop) = step {
                 break stop;
@@ -1379,7 +1375,7 @@ impl Writer<'_> {
     /// close first. A client that does not read blocks this; the hub then fills its
     /// queue and asks to close.
     async fn feed(&mut self, message: Message) -> Result<(), Stop> {
-        if let Some(reason) = *self.closed.borrow() {
+        if let Some(reason) = self.closed.get() {
             return Err(Stop::Hub(reason));
         }
         // The socket first: it usually takes the frame at once, and the close signal
@@ -1387,7 +1383,7 @@ impl Writer<'_> {
         tokio::select! {
             biased;
             r = self.sink.feed(message) => r.map_err(|_| Stop::Broken),
-            r = self.closed.changed() => Err(self.stop_from(r)),
+            () = self.closed.asked() => Err(self.stop()),
         }
     }
 
@@ -1407,15 +1403,13 @@ impl Writer<'_> {
         tokio::select! {
             biased;
             r = self.sink.flush() => r.map_err(|_| Stop::Broken),
-            r = self.closed.changed() => Err(self.stop_from(r)),
+            () = self.closed.asked() => Err(self.stop()),
         }
     }
 
-    fn stop_from(&self, changed: Result<(), watch::error::RecvError>) -> Stop {
-        match (changed, *self.closed.borrow()) {
-            (Ok(()), Some(reason)) => Stop::Hub(reason),
-            _ => Stop::Broken,
-        }
+    /// Why writing stops once the hub asked to close.
+    fn stop(&self) -> Stop {
+        self.closed.get().map_or(Stop::Broken, Stop::Hub)
     }
 
     /// Delivers `first` and whatever else is already queued (up to a batch), then
