@@ -25,10 +25,16 @@ fn config() -> Option<RedisConfig> {
     Some(c)
 }
 
-async fn purge(c: &RedisConfig) {
+/// A client of the test's Redis, to look at (or purge) its keys directly.
+async fn redis_client(c: &RedisConfig) -> fred::clients::Client {
     let config = fred::types::config::Config::from_url(&c.url).unwrap();
     let client = fred::types::Builder::from_config(config).build().unwrap();
     client.init().await.unwrap();
+    client
+}
+
+async fn purge(c: &RedisConfig) {
+    let client = redis_client(c).await;
     let _: i64 = client
         .eval(
             "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do \
@@ -344,9 +350,7 @@ async fn a_node_swept_before_its_clean_stop_leaves_no_mark() {
     assert!(f.contains(r#""status":"offline""#), "{f}");
     n1.close(a, ready(vec![watcher])).await;
     n1.stopped().await;
-    let config = fred::types::config::Config::from_url(&c.url).unwrap();
-    let client = fred::types::Builder::from_config(config).build().unwrap();
-    client.init().await.unwrap();
+    let client = redis_client(&c).await;
     let left: i64 = client
         .eval(
             "return redis.call('SCARD', ARGV[1])",
