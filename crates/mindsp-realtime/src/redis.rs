@@ -1402,7 +1402,8 @@ impl Presence for RedisPresence {
     /// sweep tells every node's clients to catch up, as for a node that died.
     async fn stopped(&self) {
         let s = &self.shared;
-        s.leaving.send_if_modified(|l| !std::mem::replace(l, true));
+        // Already done at the shutdown, as a rule; the tasks end at their next turn.
+        self.leaving().await;
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
         let ended = tokio::time::timeout(STOP_WAIT, async {

@@ -27,6 +27,9 @@ const KEPT: usize = 100_000;
 /// How long the writer waits for company after a first note.
 const GATHER: Duration = Duration::from_millis(200);
 
+/// How long a stopping process gives its last `last_seen` writes.
+const LAST_WRITES: Duration = Duration::from_secs(3);
+
 /// Noted `last_seen` times, written by a task of their own.
 pub(crate) struct LastSeen {
     store: Arc<dyn Store>,
@@ -137,9 +140,7 @@ impl LastSeen {
             }
         }
     }
-}
 
-impl LastSeen {
     /// [`Self::flush`] at a stop, given at most [`LAST_WRITES`]: a store that is away
     /// does not hold the process's end (those users keep an earlier `last_seen`).
     pub(crate) async fn flush_at_stop(&self) {
@@ -151,9 +152,6 @@ impl LastSeen {
         }
     }
 }
-
-/// How long a stopping process gives its last `last_seen` writes.
-const LAST_WRITES: Duration = Duration::from_secs(3);
 
 impl Drop for LastSeen {
     /// Wakes the writer so that it sees the end.

@@ -336,6 +336,8 @@ pub fn router(state: AppState) -> Router {
     // After the trace layer: its spans show the URI, and `/ws?token=` carries a
     // token. The socket checks `Origin` itself (see `ws`), so no CORS there.
     app.route("/ws", get(ws::handler))
+        // The other routes got theirs before the layers (above): set only here, it would
+        // reach them outside the layers, and CORS preflights (OPTIONS) would miss CORS.
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
