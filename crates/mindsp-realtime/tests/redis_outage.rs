@@ -3,9 +3,12 @@
 //! per test, killed, paused and restarted by it). Runs where `MINDSP_TEST_REDIS_URL` is
 //! set (Redis is installed there); skipped with a message otherwise.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fred::interfaces::ClientLike;
+use chrono::{DateTime, Utc};
+
+use fred::interfaces::{ClientLike, LuaInterface};
 use mindsp_core::events::{Envelope, Event, PresenceStatus, TypingState};
 use mindsp_core::{ConversationId, TenantId, UserId};
 use mindsp_realtime::Realtime;
@@ -93,6 +96,18 @@ async fn next(conn: &mut mindsp_realtime::Connection, what: &str) -> Event {
         .envelope
         .event
         .clone()
+}
+
+/// What an [`mindsp_realtime::OfflineSink`] is told, and the sink.
+type Told = Arc<Mutex<Vec<(TenantId, UserId, DateTime<Utc>)>>>;
+
+fn offline_sink() -> (Told, mindsp_realtime::OfflineSink) {
+    let told = Told::default();
+    let kept = told.clone();
+    let sink: mindsp_realtime::OfflineSink = Arc::new(move |tenant, user, seen| {
+        kept.lock().unwrap().push((tenant, user, seen));
+    });
+    (told, sink)
 }
 
 fn typing(tenant: TenantId, to: UserId, state: TypingState) -> Envelope {
@@ -449,6 +464,9 @@ async fn missed_disconnection(again: bool) {
     config.window = Duration::from_secs(30);
     let a = Realtime::redis(&config, 64).await.expect("node a");
     let b = Realtime::redis(&config, 64).await.expect("node b");
+    // The server keeps the `last_seen` that node a hands to its sink.
+    let (told, sink) = offline_sink();
+    a.on_offline(sink);
     let (tenant, user, watcher) = (TenantId::new(), UserId::new(), UserId::new());
     let (mut w, _) = b.hub().register(tenant, watcher).unwrap();
     let conn = a
@@ -486,16 +504,19 @@ async fn missed_disconnection(again: bool) {
             .unwrap();
         a.close(conn, std::future::ready(vec![watcher])).await;
     }
-    loop {
+    let seen = loop {
         match next(&mut w, "offline once Redis takes writes again").await {
             Event::Presence {
                 user_id,
                 status: PresenceStatus::Offline,
+                last_seen,
                 ..
-            } if user_id == user => break,
+            } if user_id == user => break last_seen.expect("an offline event says when"),
             _ => {}
         }
-    }
+    };
+    // Written late, so node a's `close` returned nothing: its sink had this `last_seen`.
+    assert_eq!(*told.lock().unwrap(), vec![(tenant, user, seen)]);
     // Node b's own writes timed out during the pause too: it reads presence again once
     // Redis has answered its probe.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -585,4 +606,75 @@ async fn a_redis_outage_blocks_nobody_and_ends_with_a_notice() {
             ..
         }
     ));
+}
+
+/// A node that stops while its sweep of a dead node is held up (Redis paused its
+/// writes) waits for that sweep: the dead node's user is announced offline (the sink
+/// told) before the stop returns, and the stop counts as clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_for_the_sweep_under_way() {
+    stop_during_a_sweep(2_500).await;
+}
+
+/// When that sweep outlasts the stop's wait (5 s), it is abandoned and the stop counts
+/// as unclean: no clean-stop mark, so whoever sweeps this node tells every client to
+/// catch up on what the abandoned sweep removed without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_that_outlasts_the_stop_makes_it_unclean() {
+    stop_during_a_sweep(8_000).await;
+}
+
+/// A node `dead` holding one user stops its heartbeats; Redis pauses writes for
+/// `pause_ms` at once, so node `a`'s next sweep (which will find `dead` expired) waits
+/// in Redis; `a` stops a second later.
+async fn stop_during_a_sweep(pause_ms: u32) {
+    let Some((_redis, mut config)) = private_node().await else {
+        return;
+    };
+    // Commands wait through the pause rather than time out: the sweep is under way
+    // for as long as the pause lasts.
+    config.command_timeout = Duration::from_secs(15);
+    let a = Realtime::redis(&config, 64).await.expect("node a");
+    let dead = Realtime::redis(&config, 64).await.expect("node dead");
+    let (told, sink) = offline_sink();
+    a.on_offline(sink);
+    let (tenant, user) = (TenantId::new(), UserId::new());
+    let _conn = dead
+        .open(
+            tenant,
+            user,
+            mindsp_realtime::Checked::now(0),
+            std::future::ready(vec![]),
+        )
+        .await
+        .unwrap();
+    let admin = admin(&config).await;
+    // No heartbeat from `dead` from now on, nor a sweep of its own.
+    dead.shutdown().await;
+    pause(&admin, pause_ms, "WRITE").await;
+    let paused_at = tokio::time::Instant::now();
+    // Past the window: `dead` is expired when a's sweep runs.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.stopped().await;
+    let swept = told.lock().unwrap().clone();
+    let waited = pause_ms < 5_000;
+    if waited {
+        assert_eq!(swept.len(), 1, "the sweep was not waited for");
+        assert_eq!((swept[0].0, swept[0].1), (tenant, user));
+    } else {
+        assert!(swept.is_empty(), "{swept:?}");
+        // The abandoned sweep's command still runs once Redis takes writes again.
+        tokio::time::sleep_until(paused_at + Duration::from_millis(u64::from(pause_ms) + 500))
+            .await;
+    }
+    let marks: i64 = admin
+        .eval(
+            "return redis.call('SCARD', ARGV[1])",
+            Vec::<String>::new(),
+            vec![format!("{}left", config.prefix)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(marks, i64::from(waited), "clean-stop marks");
+    let _ = admin.quit().await;
 }
