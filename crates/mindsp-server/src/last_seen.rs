@@ -201,4 +201,90 @@ mod tests {
         seen.note(tenant, dropped, at);
         assert_eq!(waiting(&seen), (1, 1));
     }
+
+    /// A store on a file of its own, a tenant and a user of it, and a connection that
+    /// can take the database's write lock.
+    async fn on_a_file() -> (
+        Arc<dyn Store>,
+        TenantId,
+        UserId,
+        sqlx::SqliteConnection,
+        std::path::PathBuf,
+    ) {
+        use sqlx::Connection;
+        let dir = std::env::temp_dir().join(format!("mindsp-last-seen-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("t.db").display());
+        let store = mindsp_store::open(&url).await.unwrap();
+        let tenant = store.create_tenant("sdis13", "SDIS 13").await.unwrap().id;
+        let mut tx = store.begin(tenant).await.unwrap();
+        let user = tx
+            .insert_user(&mindsp_core::model::NewUser {
+                email: "alice@sdis13.fr".into(),
+                display_name: "Alice".into(),
+                role: mindsp_core::model::Role::Member,
+                password_hash: "not-a-real-hash".into(),
+            })
+            .await
+            .unwrap()
+            .id;
+        tx.commit().await.unwrap();
+        let db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        (store, tenant, user, db, dir)
+    }
+
+    async fn stored(
+        store: &Arc<dyn Store>,
+        tenant: TenantId,
+        user: UserId,
+    ) -> Option<DateTime<Utc>> {
+        let mut tx = store.read(tenant).await.unwrap();
+        let seen = tx.last_seen_among(&[user]).await.unwrap();
+        seen.first().map(|(_, at)| *at)
+    }
+
+    /// A flush that finds nothing noted while another is still committing (the
+    /// writer's, when the process stops) returns only once that one has committed: the
+    /// process does not end under it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_waits_for_the_one_under_way() {
+        let (store, tenant, user, mut db, dir) = on_a_file().await;
+        let seen = LastSeen::start(store.clone());
+        let at = mindsp_core::model::now();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut db)
+            .await
+            .unwrap();
+        seen.note(tenant, user, at);
+        // The writer takes the note after its gather, then waits for the lock.
+        while seen.noted.lock().unwrap().users > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+        });
+        seen.flush().await;
+        assert_eq!(stored(&store, tenant, user).await, Some(at));
+        release.await.unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// The flush at a stop gives up after [`LAST_WRITES`] when the store cannot take
+    /// the write (the lock is held for good here): the stop goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_flush_at_a_stop_is_bounded() {
+        let (store, tenant, user, mut db, dir) = on_a_file().await;
+        let seen = LastSeen::start(store);
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut db)
+            .await
+            .unwrap();
+        seen.note(tenant, user, mindsp_core::model::now());
+        // The store alone would wait 10 s for the lock (SQLite's busy timeout).
+        let stop = tokio::time::timeout(LAST_WRITES * 2, seen.flush_at_stop()).await;
+        assert!(stop.is_ok(), "the stop waited for the store");
+        sqlx::query("ROLLBACK").execute(&mut db).await.unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
