@@ -1063,6 +1063,8 @@ fn member_from_row(r: &SqliteRow) -> Result<Member> {
 const NOTIFICATION_CHUNK: usize = 1000;
 /// Ids per `IN (...)` list.
 const ID_CHUNK: usize = 5000;
+/// Users per `last_seen` update (2 parameters each).
+const SEEN_CHUNK: usize = 1000;
 
 const NOTIFICATION_COLS: &str =
     "id, user_id, kind, title, body, link, data, key, created_at, read_at";
@@ -1288,17 +1290,19 @@ impl TenantTx for SqliteTx {
     }
 
     async fn record_last_seen(&mut self, seen: &[(UserId, DateTime<Utc>)]) -> Result<()> {
-        for (id, at) in seen {
-            sqlx::query(
-                "UPDATE users SET last_seen_at = MAX(?, COALESCE(last_seen_at, 0)) \
-                 WHERE tenant_id = ? AND id = ?",
-            )
-            .bind(at.timestamp_millis())
-            .bind(self.tenant.0)
-            .bind(id.0)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(db_err)?;
+        // One statement per chunk, not one per user: a crowd of disconnections (a proxy
+        // reloads) holds the write turn, which messages wait for, as briefly as can be.
+        for chunk in seen.chunks(SEEN_CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new("WITH s(id, at) AS (");
+            q.push_values(chunk, |mut b, (id, at)| {
+                b.push_bind(id.0).push_bind(at.timestamp_millis());
+            });
+            q.push(
+                ") UPDATE users SET last_seen_at = MAX(s.at, COALESCE(users.last_seen_at, 0)) \
+                 FROM s WHERE users.id = s.id AND users.tenant_id = ",
+            );
+            q.push_bind(self.tenant.0);
+            q.build().execute(&mut *self.tx).await.map_err(db_err)?;
         }
         Ok(())
     }

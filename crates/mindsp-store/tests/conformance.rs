@@ -298,6 +298,30 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
         tx.last_seen_among(&[u.id]).await.unwrap(),
         vec![(u.id, at + ms)]
     );
+    drop(tx);
+    // A crowd in one call (a proxy reload disconnects everyone): each user gets their
+    // own time, and one already later keeps theirs.
+    let mut tx = store.begin(t.id).await.unwrap();
+    let mut crowd = Vec::new();
+    for i in 0..1_050 {
+        let email = format!("pompier{i}@sdis13.fr");
+        let v = tx
+            .insert_user(&new_user(&email, "Pompier", Role::Member))
+            .await
+            .unwrap();
+        crowd.push((v.id, at + chrono::Duration::seconds(i)));
+    }
+    crowd.push((u.id, at));
+    tx.record_last_seen(&crowd).await.unwrap();
+    tx.commit().await.unwrap();
+    let ids: Vec<UserId> = crowd.iter().map(|(id, _)| *id).collect();
+    let mut tx = store.read(t.id).await.unwrap();
+    let mut got = tx.last_seen_among(&ids).await.unwrap();
+    got.sort();
+    crowd.pop();
+    crowd.push((u.id, at + ms));
+    crowd.sort();
+    assert_eq!(got, crowd);
 }
 
 async fn users_are_scoped_to_their_tenant(store: Arc<dyn Store>) {
