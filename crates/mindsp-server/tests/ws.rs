@@ -1897,3 +1897,168 @@ async fn a_client_that_cannot_take_the_close_frame_is_let_go_after_one_timeout()
     );
     next.ok("ping", json!({})).await;
 }
+
+/// Gap-free resume under fire. Three members send 480 messages with short random
+/// pauses, concurrently (commits of one batch are published in any order), while Bob's
+/// client drops its connection again and again after a random few milliseconds,
+/// mid-replay included, and comes back with `resume` and the `seq` below which it
+/// holds every message. On each connection Bob gets no message twice; once the resume
+/// is acked (its replay done) he holds every message from his cursor up to the newest
+/// he got there; after the ack each message is the one after the last; and in the end
+/// he has them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_under_live_traffic_and_repeated_drops_is_gap_free() {
+    const EACH: usize = 160;
+    let s = Server::start(config()).await;
+    let admin = s.tenant("sdis13").await;
+    let mut senders = Vec::new();
+    for name in ["Ana", "Bea", "Cyr"] {
+        senders.push(s.user(&admin, "sdis13", name).await);
+    }
+    let bob = s.user(&admin, "sdis13", "Bob").await;
+    let members: Vec<&Person> = senders.iter().chain([&bob]).collect();
+    let conv = s.group(&admin, &members).await;
+    let cid: mindsp_core::ConversationId = conv.parse().unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        | 1;
+    // xorshift: enough for pauses and lifetimes; the seed is in every failure message.
+    let random = move |state: &mut u32| {
+        *state ^= *state << 13;
+        *state ^= *state >> 17;
+        *state ^= *state << 5;
+        *state
+    };
+    let sending: Vec<_> = senders
+        .iter()
+        .enumerate()
+        .map(|(k, who)| {
+            let (messaging, actor) = (s.state.messaging.clone(), who.actor);
+            let mut state = seed.wrapping_add(k as u32 + 1) | 1;
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    let pause = random(&mut state) % 12;
+                    tokio::time::sleep(Duration::from_millis(pause.into())).await;
+                    messaging
+                        .send(&actor, cid, &format!("{k}-{i}"), None)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let total = (EACH * senders.len()) as i64;
+
+    let mut have = std::collections::BTreeSet::new();
+    let mut state = seed;
+    let (mut rounds, mut acked_rounds) = (0, 0);
+    let finished = tokio::time::Instant::now() + Duration::from_secs(120);
+    while have.len() < total as usize {
+        assert!(
+            tokio::time::Instant::now() < finished,
+            "seed {seed}: still missing {} after {rounds} connections",
+            total - have.len() as i64
+        );
+        rounds += 1;
+        let cursor = (1..).find(|n| !have.contains(n)).unwrap() - 1;
+        let sent_all = sending.iter().all(tokio::task::JoinHandle::is_finished);
+        // Short lives while messages flow; long enough to finish once they stop.
+        let life = if sent_all {
+            Duration::from_secs(5)
+        } else {
+            // A third of them barely open: their replay is cut short.
+            let r = random(&mut state);
+            Duration::from_millis((r % if r % 3 == 0 { 3 } else { 30 }).into())
+        };
+        let mut c = match Client::try_connect(s.ws_url(&bob.token)).await {
+            Ok(c) => c,
+            // The node has not yet seen an earlier connection go (per-user cap).
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let id = c
+            .command("resume", json!({"cursors": {conv.clone(): cursor}}))
+            .await;
+        let deadline = tokio::time::Instant::now() + life;
+        let (mut before_ack, mut after_ack) = (Vec::new(), Vec::new());
+        let mut acked = false;
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, c.ws.next()).await {
+            let Message::Text(text) = frame else { continue };
+            let f: Value = serde_json::from_str(text.as_str()).unwrap();
+            match f["type"].as_str().unwrap() {
+                "new_message" => {
+                    assert_eq!(f["conversation_id"], conv.as_str());
+                    let seq = f["message"]["seq"].as_i64().unwrap();
+                    if acked {
+                        after_ack.push(seq);
+                    } else {
+                        before_ack.push(seq);
+                    }
+                }
+                "ack" if f["id"] == id => acked = true,
+                "presence" | "conversation_updated" => {}
+                other => panic!("seed {seed}: unexpected {other}: {f}"),
+            }
+            if sent_all
+                && acked
+                && have.len() + after_ack.len() + before_ack.len() >= total as usize
+            {
+                // Everything may be here: look once more below, with a fresh cursor.
+                break;
+            }
+        }
+        drop(c);
+        if !sent_all {
+            // Away for a moment: the next replay is longer, and may be cut in turn.
+            let away = random(&mut state) % 60;
+            tokio::time::sleep(Duration::from_millis(away.into())).await;
+        }
+        let got: Vec<i64> = before_ack.iter().chain(&after_ack).copied().collect();
+        let unique: std::collections::BTreeSet<i64> = got.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            got.len(),
+            "seed {seed}: twice on one connection from {cursor}: {got:?}"
+        );
+        if acked {
+            acked_rounds += 1;
+            // The replay is done at the ack: no hole from the cursor to the newest.
+            let newest = before_ack
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(cursor)
+                .max(cursor);
+            for n in cursor + 1..=newest {
+                assert!(
+                    unique.contains(&n),
+                    "seed {seed}: {n} missing after resume from {cursor}: {before_ack:?}"
+                );
+            }
+            // Then live, each the next one.
+            let mut last = newest;
+            for &n in &after_ack {
+                assert_eq!(
+                    n,
+                    last + 1,
+                    "seed {seed}: after the ack from {cursor}: {after_ack:?}"
+                );
+                last = n;
+            }
+        }
+        have.extend(unique);
+    }
+    for task in sending {
+        task.await.unwrap();
+    }
+    assert_eq!(have, (1..=total).collect(), "seed {seed}");
+    // The test meant something: connections were dropped mid-flow, and replays finished.
+    assert!(
+        rounds > 5 && acked_rounds > 1,
+        "seed {seed}: {rounds} connections, {acked_rounds} acked"
+    );
+}
