@@ -466,8 +466,8 @@ async fn run(
         sink,
         replies: &handoff,
         closed: conn.closed.clone(),
-        cursors: HashMap::new(),
-        floors: HashMap::new(),
+        cursors: PerConversation::default(),
+        floors: PerConversation::default(),
         held: Vec::new(),
         stuck: false,
     };
@@ -719,6 +719,67 @@ impl Floor {
             self.early.push(seq);
         }
         true
+    }
+}
+
+/// A small map keyed by conversation, for what a connection keeps per conversation: a
+/// vector sorted by conversation. Most connections follow a handful of conversations,
+/// and every idle connection of a node keeps one of these: a hash map took about 330
+/// bytes for a first conversation in both maps, this 24 (a cursor) and 48 (a floor),
+/// since the first entries are allocated one at a time.
+struct PerConversation<V>(Vec<(ConversationId, V)>);
+
+impl<V> Default for PerConversation<V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<V> PerConversation<V> {
+    /// Entries allocated one by one up to this many, then as a vector grows.
+    const ONE_BY_ONE: usize = 4;
+
+    fn find(&self, conv: &ConversationId) -> Result<usize, usize> {
+        self.0.binary_search_by(|(c, _)| c.cmp(conv))
+    }
+
+    fn get(&self, conv: &ConversationId) -> Option<&V> {
+        self.find(conv).ok().map(|i| &self.0[i].1)
+    }
+
+    fn get_mut(&mut self, conv: &ConversationId) -> Option<&mut V> {
+        self.find(conv).ok().map(|i| &mut self.0[i].1)
+    }
+
+    fn insert_at(&mut self, i: usize, conv: ConversationId, value: V) -> &mut V {
+        if self.0.len() == self.0.capacity() && self.0.len() < Self::ONE_BY_ONE {
+            self.0.reserve_exact(1);
+        }
+        self.0.insert(i, (conv, value));
+        &mut self.0[i].1
+    }
+
+    /// Sets `conv`'s value; the one it replaces.
+    fn insert(&mut self, conv: ConversationId, value: V) -> Option<V> {
+        match self.find(&conv) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.insert_at(i, conv, value);
+                None
+            }
+        }
+    }
+
+    /// `conv`'s value, set to `value` first when it has none.
+    fn get_or_insert(&mut self, conv: ConversationId, value: V) -> &mut V {
+        match self.find(&conv) {
+            Ok(i) => &mut self.0[i].1,
+            Err(i) => self.insert_at(i, conv, value),
+        }
+    }
+
+    fn remove(&mut self, conv: &ConversationId) -> Option<V> {
+        self.find(conv).ok().map(|i| self.0.remove(i).1)
     }
 }
 
@@ -1241,10 +1302,10 @@ struct Writer<'a> {
     replies: &'a Handoff,
     closed: mindsp_realtime::CloseSignal,
     /// Per conversation, the last `seq` delivered on this connection.
-    cursors: HashMap<ConversationId, i64>,
+    cursors: PerConversation<i64>,
     /// Per conversation without a resume cursor, where live delivery started (see
     /// [`Floor`]).
-    floors: HashMap<ConversationId, Floor>,
+    floors: PerConversation<Floor>,
     /// Messages that arrived ahead of the next one expected in their conversation,
     /// held until the end of the batch (at most [`HELD`]).
     held: Vec<Held>,
@@ -1597,7 +1658,7 @@ impl Writer<'_> {
                         }
                         // The live message goes out even if the store lacked some
                         // before it.
-                        let at = self.cursors.entry(conv).or_insert(first - 1);
+                        let at = self.cursors.get_or_insert(conv, first - 1);
                         *at = (*at).max(first - 1);
                     }
                 }
@@ -1643,7 +1704,7 @@ impl Writer<'_> {
                 }
                 after = m.seq;
                 if sent.contains(&m.seq) {
-                    let at = self.cursors.entry(conv).or_insert(m.seq);
+                    let at = self.cursors.get_or_insert(conv, m.seq);
                     *at = (*at).max(m.seq);
                     continue;
                 }
@@ -1782,6 +1843,47 @@ mod tests {
             assert!(f.take(seq));
         }
         assert!(f.early.len() <= HELD);
+    }
+
+    /// The per-conversation map against a `BTreeMap`, over inserts, replacements,
+    /// lookups and removals in a scrambled order; its first entries take exactly their
+    /// room.
+    #[test]
+    fn the_per_conversation_map_acts_as_a_map() {
+        let ids: Vec<ConversationId> = (0..40).map(|_| ConversationId::new()).collect();
+        let mut map = PerConversation::default();
+        let mut model = std::collections::BTreeMap::new();
+        for step in 0..400usize {
+            let conv = ids[(step * 7 + step / 3) % ids.len()];
+            match step % 5 {
+                0 | 1 => assert_eq!(map.insert(conv, step), model.insert(conv, step)),
+                2 => assert_eq!(
+                    *map.get_or_insert(conv, step),
+                    *model.entry(conv).or_insert(step)
+                ),
+                3 => assert_eq!(map.remove(&conv), model.remove(&conv)),
+                _ => {
+                    if let Some(v) = map.get_mut(&conv) {
+                        *v += 1;
+                    }
+                    if let Some(v) = model.get_mut(&conv) {
+                        *v += 1;
+                    }
+                }
+            }
+            assert!(
+                ids.iter().all(|c| map.get(c) == model.get(c)),
+                "step {step}"
+            );
+            let kept: Vec<_> = map.0.iter().map(|(c, v)| (*c, *v)).collect();
+            let want: Vec<_> = model.iter().map(|(c, v)| (*c, *v)).collect();
+            assert_eq!(kept, want, "step {step}");
+        }
+        let mut small = PerConversation::default();
+        for (n, conv) in ids.iter().take(4).enumerate() {
+            small.insert(*conv, 0i64);
+            assert_eq!(small.0.capacity(), n + 1);
+        }
     }
 
     #[test]
