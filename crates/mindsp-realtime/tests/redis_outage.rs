@@ -613,7 +613,7 @@ async fn a_redis_outage_blocks_nobody_and_ends_with_a_notice() {
 /// told) before the stop returns, and the stop counts as clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_waits_for_the_sweep_under_way() {
-    stop_during_a_sweep(2_500).await;
+    stop_during_a_sweep(4_000, true).await;
 }
 
 /// When that sweep outlasts the stop's wait (5 s), it is abandoned and the stop counts
@@ -621,19 +621,22 @@ async fn a_stop_waits_for_the_sweep_under_way() {
 /// catch up on what the abandoned sweep removed without a word.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_that_outlasts_the_stop_makes_it_unclean() {
-    stop_during_a_sweep(8_000).await;
+    stop_during_a_sweep(10_000, false).await;
 }
 
-/// A node `dead` holding one user stops its heartbeats; Redis pauses writes for
-/// `pause_ms` at once, so node `a`'s next sweep (which will find `dead` expired) waits
-/// in Redis; `a` stops a second later.
-async fn stop_during_a_sweep(pause_ms: u32) {
+/// A node `dead` holding one user stops its heartbeats; then Redis pauses writes for
+/// `pause_ms`, so node `a`'s next sweep waits in Redis; `a` stops once `dead` has
+/// outlived the window, 2.2 s into the pause, and its stop `waits` for the sweep or
+/// gives up on it (5 s).
+async fn stop_during_a_sweep(pause_ms: u32, waits: bool) {
     let Some((_redis, mut config)) = private_node().await else {
         return;
     };
     // Commands wait through the pause rather than time out: the sweep is under way
     // for as long as the pause lasts.
     config.command_timeout = Duration::from_secs(15);
+    // Long enough that `dead` is not swept before the pause (below).
+    config.window = Duration::from_secs(2);
     let a = Realtime::redis(&config, 64).await.expect("node a");
     let dead = Realtime::redis(&config, 64).await.expect("node dead");
     let (told, sink) = offline_sink();
@@ -649,24 +652,22 @@ async fn stop_during_a_sweep(pause_ms: u32) {
         .await
         .unwrap();
     let admin = admin(&config).await;
-    // No heartbeat from `dead` from now on, nor a sweep of its own.
+    // No heartbeat from `dead` from now on, nor a sweep of its own; a heartbeat already
+    // on its way is let through first (held by the pause, it would run after it and
+    // make `dead` look alive to a's sweep).
     dead.shutdown().await;
+    tokio::time::sleep(config.heartbeat * 2).await;
     pause(&admin, pause_ms, "WRITE").await;
-    let paused_at = tokio::time::Instant::now();
-    // Past the window: `dead` is expired when a's sweep runs.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(config.window + Duration::from_millis(200)).await;
     a.stopped().await;
     let swept = told.lock().unwrap().clone();
-    let waited = pause_ms < 5_000;
-    if waited {
+    if waits {
         assert_eq!(swept.len(), 1, "the sweep was not waited for");
         assert_eq!((swept[0].0, swept[0].1), (tenant, user));
     } else {
         assert!(swept.is_empty(), "{swept:?}");
-        // The abandoned sweep's command still runs once Redis takes writes again.
-        tokio::time::sleep_until(paused_at + Duration::from_millis(u64::from(pause_ms) + 500))
-            .await;
     }
+    // A script: Redis holds it until the pause ends, so a late mark would be seen.
     let marks: i64 = admin
         .eval(
             "return redis.call('SCARD', ARGV[1])",
@@ -675,6 +676,6 @@ async fn stop_during_a_sweep(pause_ms: u32) {
         )
         .await
         .unwrap();
-    assert_eq!(marks, i64::from(waited), "clean-stop marks");
+    assert_eq!(marks, i64::from(waits), "clean-stop marks");
     let _ = admin.quit().await;
 }

@@ -1274,7 +1274,10 @@ impl Reader<'_> {
                         "cursors are sequence numbers ≥ 0",
                     ));
                 }
-                let cursors = cursors.into_iter().collect();
+                // In conversation order: each goes in at the end of the writer's
+                // per-conversation state rather than in its middle.
+                let mut cursors: Vec<_> = cursors.into_iter().collect();
+                cursors.sort_unstable_by_key(|(conv, _)| *conv);
                 self.out
                     .send(Out::Resume(Box::new((id.clone(), cursors))))
                     .await;

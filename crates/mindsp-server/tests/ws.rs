@@ -1924,7 +1924,8 @@ async fn resume_under_live_traffic_and_repeated_drops_is_gap_free() {
         .unwrap()
         .subsec_nanos()
         | 1;
-    // xorshift: enough for pauses and lifetimes; the seed is in every failure message.
+    // xorshift: enough for pauses and lifetimes. The seed is in every failure message,
+    // though timing decides as much as it does.
     let random = move |state: &mut u32| {
         *state ^= *state << 13;
         *state ^= *state >> 17;
@@ -1936,7 +1937,7 @@ async fn resume_under_live_traffic_and_repeated_drops_is_gap_free() {
         .enumerate()
         .map(|(k, who)| {
             let (messaging, actor) = (s.state.messaging.clone(), who.actor);
-            let mut state = seed.wrapping_add(k as u32 + 1) | 1;
+            let mut state = (seed ^ (k as u32 + 1).wrapping_mul(0x9E37_79B9)) | 1;
             tokio::spawn(async move {
                 for i in 0..EACH {
                     let pause = random(&mut state) % 12;
@@ -1969,17 +1970,10 @@ async fn resume_under_live_traffic_and_repeated_drops_is_gap_free() {
             Duration::from_secs(5)
         } else {
             // A third of them barely open: their replay is cut short.
-            let r = random(&mut state);
-            Duration::from_millis((r % if r % 3 == 0 { 3 } else { 30 }).into())
+            let most = if random(&mut state) % 3 == 0 { 3 } else { 30 };
+            Duration::from_millis((random(&mut state) % most).into())
         };
-        let mut c = match Client::try_connect(s.ws_url(&bob.token)).await {
-            Ok(c) => c,
-            // The node has not yet seen an earlier connection go (per-user cap).
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        };
+        let mut c = Client::connect(&s.ws_url(&bob.token)).await;
         let id = c
             .command("resume", json!({"cursors": {conv.clone(): cursor}}))
             .await;
@@ -2058,7 +2052,7 @@ async fn resume_under_live_traffic_and_repeated_drops_is_gap_free() {
     assert_eq!(have, (1..=total).collect(), "seed {seed}");
     // The test meant something: connections were dropped mid-flow, and replays finished.
     assert!(
-        rounds > 5 && acked_rounds > 1,
+        rounds > 5 && acked_rounds >= 1,
         "seed {seed}: {rounds} connections, {acked_rounds} acked"
     );
 }

@@ -1066,8 +1066,10 @@ impl TenantTx for PgTx {
         let ids: Vec<Uuid> = seen.iter().map(|(u, _)| u.0).collect();
         let ats: Vec<DateTime<Utc>> = seen.iter().map(|(_, at)| *at).collect();
         sqlx::query(
+            // A user listed twice keeps the later time (`UPDATE … FROM` would take any).
             "UPDATE users SET last_seen_at = GREATEST(s.at, users.last_seen_at) \
-             FROM UNNEST($1::uuid[], $2::timestamptz[]) AS s(id, at) \
+             FROM (SELECT id, MAX(at) AS at \
+                   FROM UNNEST($1::uuid[], $2::timestamptz[]) AS v(id, at) GROUP BY id) AS s \
              WHERE users.tenant_id = $3 AND users.id = s.id",
         )
         .bind(ids)

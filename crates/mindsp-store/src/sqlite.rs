@@ -1293,12 +1293,14 @@ impl TenantTx for SqliteTx {
         // One statement per chunk, not one per user: a crowd of disconnections (a proxy
         // reloads) holds the write turn, which messages wait for, as briefly as can be.
         for chunk in seen.chunks(SEEN_CHUNK) {
-            let mut q = QueryBuilder::<Sqlite>::new("WITH s(id, at) AS (");
+            let mut q = QueryBuilder::<Sqlite>::new("WITH v(id, at) AS (");
             q.push_values(chunk, |mut b, (id, at)| {
                 b.push_bind(id.0).push_bind(at.timestamp_millis());
             });
+            // A user listed twice keeps the later time (`UPDATE … FROM` would take any).
             q.push(
-                ") UPDATE users SET last_seen_at = MAX(s.at, COALESCE(users.last_seen_at, 0)) \
+                "), s AS (SELECT id, MAX(at) AS at FROM v GROUP BY id) \
+                 UPDATE users SET last_seen_at = MAX(s.at, COALESCE(users.last_seen_at, 0)) \
                  FROM s WHERE users.id = s.id AND users.tenant_id = ",
             );
             q.push_bind(self.tenant.0);

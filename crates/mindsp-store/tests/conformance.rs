@@ -312,7 +312,14 @@ async fn tenants_and_users(store: Arc<dyn Store>) {
         crowd.push((v.id, at + chrono::Duration::seconds(i)));
     }
     crowd.push((u.id, at));
-    tx.record_last_seen(&crowd).await.unwrap();
+    // Listed twice in one call (a caller that does not merge): the later time holds,
+    // before or after the earlier one in the list.
+    let mut listed = crowd.clone();
+    listed.insert(1, (crowd[3].0, crowd[3].1 + day));
+    listed.push((crowd[5].0, crowd[5].1 + day));
+    tx.record_last_seen(&listed).await.unwrap();
+    crowd[3].1 += day;
+    crowd[5].1 += day;
     tx.commit().await.unwrap();
     let ids: Vec<UserId> = crowd.iter().map(|(id, _)| *id).collect();
     let mut tx = store.read(t.id).await.unwrap();
