@@ -35,6 +35,11 @@ pub use presence::{LocalPresence, OfflineSink, Presence, PresenceUnavailable, Us
 pub mod close {
     /// Normal closure.
     pub const NORMAL: u16 = 1000;
+    /// The client broke the WebSocket protocol (a continuation with nothing to
+    /// continue, reserved bits set, an unmasked frame...).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
     /// A frame or message exceeded the size limit.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// A server fault.

@@ -139,6 +139,9 @@ const MAX_ID_BYTES: usize = 64;
 const MAX_TOKEN_BYTES: usize = 4096;
 /// Most conversations one connection may show as typing at once.
 const MAX_TYPING: usize = 32;
+/// Cursors of a `resume` that cost as much as one command (each is a read of the store
+/// or more): a resume of the 1,000 allowed costs 40, a burst.
+const RESUME_CURSORS_PER_COMMAND: usize = 25;
 /// Replies queued from the reader to the writer.
 const REPLY_QUEUE: usize = 64;
 /// Bytes read from the socket at once. Commands are a few hundred bytes. Every idle
@@ -459,6 +462,7 @@ async fn run(
         bucket: TokenBucket::new(config.rate_per_sec, config.rate_burst),
         last_heard: Instant::now(),
         password: conn.password(),
+        closed: conn.closed.clone(),
     };
     let mut writer = Writer {
         state: &state,
@@ -863,6 +867,8 @@ struct Reader<'a> {
     last_heard: Instant,
     /// The password this socket's token is for, in the hub (a refresh may move it).
     password: mindsp_realtime::PasswordMark,
+    /// Set once the hub asks to close this connection: nothing more it sends is done.
+    closed: mindsp_realtime::CloseSignal,
 }
 
 /// A client command. Unknown fields are refused.
@@ -1014,6 +1020,15 @@ impl Reader<'_> {
                     match frame {
                         None => return Out::Gone,
                         Some(Err(e)) => return read_error(e),
+                        // Once the hub has asked to close (deactivation, password
+                        // change, stop...), nothing more from this client is carried
+                        // out while the writer sends the last answers and the close;
+                        // nor once the token has expired, even if the frame won the
+                        // race with the expiry's timer.
+                        Some(Ok(Message::Text(_) | Message::Binary(_))) if self.closed.get().is_some() => {}
+                        Some(Ok(Message::Text(_) | Message::Binary(_))) if Instant::now() >= self.expires => {
+                            return Out::Close(close::TOKEN_EXPIRED, "token expired");
+                        }
                         Some(Ok(Message::Text(text))) => {
                             self.out.busy(true);
                             let reply = Box::pin(self.frame(text.as_str())).await;
@@ -1268,6 +1283,12 @@ impl Reader<'_> {
                         format!("resume at most {max} conversations at once"),
                     ));
                 }
+                // Each cursor costs the store a read or more: a resume is charged a
+                // command per RESUME_CURSORS_PER_COMMAND cursors beyond its first, as
+                // debt if need be (a reconnecting client is never refused its resume;
+                // its next commands wait).
+                let extra = cursors.len().saturating_sub(1) / RESUME_CURSORS_PER_COMMAND;
+                self.bucket.charge(Instant::now(), extra as u32);
                 if cursors.values().any(|s| *s < 0) {
                     return Err(Refusal::new(
                         "invalid_cursor",
@@ -1292,6 +1313,8 @@ fn read_error(e: tokio_tungstenite::tungstenite::Error) -> Out {
     use tokio_tungstenite::tungstenite::Error as WsError;
     match e {
         WsError::Capacity(_) => Out::Close(close::MESSAGE_TOO_BIG, "message too big"),
+        WsError::Utf8(_) => Out::Close(close::INVALID_DATA, "a text frame is not UTF-8"),
+        WsError::Protocol(_) => Out::Close(close::PROTOCOL_ERROR, "websocket protocol error"),
         _ => Out::Gone,
     }
 }
@@ -1358,9 +1381,21 @@ impl Writer<'_> {
                     // A command's answer usually has company: a `send` has just queued
                     // its own `new_message` for this connection (the sender's other
                     // devices see it there). One write carries both.
-                    Out::Frame(f) => match self.feed_text(&f).await {
-                        Ok(()) => Box::pin(self.deliver_batch(None, conn)).await,
-                        Err(stop) => Err(stop),
+                    Out::Frame(f) => match self.closed.get() {
+                        // The close was asked in the same turn: this answer was due
+                        // before it, and goes out first (`last_answers` sends the
+                        // rest), unless the client reads nothing anyway.
+                        Some(reason) => {
+                            if reason != CloseReason::TooSlow {
+                                let t = self.state.ws.close_timeout;
+                                let _ = tokio::time::timeout(t, self.feed_due(f)).await;
+                            }
+                            Err(Stop::Hub(reason))
+                        }
+                        None => match self.feed_text(&f).await {
+                            Ok(()) => Box::pin(self.deliver_batch(None, conn)).await,
+                            Err(stop) => Err(stop),
+                        },
                     },
                     Out::Resume(resume) => {
                         let (id, cursors) = *resume;
@@ -1406,16 +1441,8 @@ impl Writer<'_> {
             loop {
                 match self.replies.try_recv() {
                     Some(Out::Frame(text)) => {
-                        let frames = if text.len() <= MAX_FRAME {
-                            vec![Message::text(text)]
-                        } else {
-                            let frames = fragments(&text, MAX_FRAME);
-                            frames.into_iter().map(Message::Frame).collect()
-                        };
-                        for frame in frames {
-                            if self.sink.feed(frame).await.is_err() {
-                                return;
-                            }
+                        if !self.feed_due(text).await {
+                            return;
                         }
                     }
                     Some(_) => {}
@@ -1427,6 +1454,23 @@ impl Writer<'_> {
             }
         })
         .await;
+    }
+
+    /// Buffers an answer due before a close, whatever the close signal says (in
+    /// fragments when long); false when the socket failed.
+    async fn feed_due(&mut self, text: String) -> bool {
+        let frames = if text.len() <= MAX_FRAME {
+            vec![Message::text(text)]
+        } else {
+            let frames = fragments(&text, MAX_FRAME);
+            frames.into_iter().map(Message::Frame).collect()
+        };
+        for frame in frames {
+            if self.sink.feed(frame).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Sends a frame and flushes, unless the hub asks to close first.

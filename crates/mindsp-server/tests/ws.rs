@@ -1729,6 +1729,70 @@ async fn the_ack_of_a_send_under_way_goes_out_before_a_close() {
     assert_eq!(a.close_code().await, Some(4009));
 }
 
+/// Once the node has asked to close a connection (4003 here: the account was just
+/// deactivated), what its client sends afterwards is not carried out, even while the
+/// command under way still finishes and is answered: a stolen token's socket cannot
+/// pipeline commands into the seconds its close takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_a_client_sends_after_its_close_is_asked_is_carried_out() {
+    let s = Server::start(config()).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let mut a = s.connect(&alice).await;
+    let mut db = s.database_connection().await;
+    hold_writes(&mut db).await;
+    let id = a
+        .command(
+            "send",
+            json!({"conversation_id": conv, "content": "juste avant"}),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.state.realtime.hub().close_user(
+        alice.actor.tenant_id,
+        alice.actor.user_id,
+        mindsp_realtime::CloseReason::Deactivated,
+    );
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let body = json!({"conversation_id": conv, "content": format!("après {i}")});
+        ids.push(a.command("send", body).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("COMMIT").execute(&mut db).await.unwrap();
+    let ack = a.reply_to(&id).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let mut frames = Vec::new();
+    let code = loop {
+        match tokio::time::timeout(wsclient::WAIT, a.ws.next()).await {
+            Ok(Some(Ok(Message::Close(f)))) => break f.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(Message::Text(t)))) => frames.push(t.to_string()),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(4003));
+    assert!(
+        frames
+            .iter()
+            .all(|f| !ids.iter().any(|id| f.contains(&id.to_string()))),
+        "answered after the close: {frames:?}"
+    );
+    let cid = conv.parse().unwrap();
+    let stored = s
+        .state
+        .messaging
+        .history(
+            &bob.actor,
+            cid,
+            mindsp_core::model::SeqWindow::Latest,
+            Some(50),
+        )
+        .await
+        .unwrap();
+    let contents: Vec<&str> = stored.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(contents, ["juste avant"]);
+}
+
 /// At a stop, a command cut off from its client (its socket closed with 1012 while it
 /// waited for the database) finishes before the node goes on to close its broker:
 /// `finish_commands` waits for it, so what it commits is also published while other
@@ -2055,4 +2119,43 @@ async fn resume_under_live_traffic_and_repeated_drops_is_gap_free() {
         rounds > 5 && acked_rounds >= 1,
         "seed {seed}: {rounds} connections, {acked_rounds} acked"
     );
+}
+
+/// A text frame that is not UTF-8 closes the connection with 1007, a continuation with
+/// nothing to continue with 1002 (RFC 6455, section 7.4.1): the client learns why,
+/// rather than a close without a code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_close_with_their_codes() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let s = Server::start(config()).await;
+    let (alice, _bob, _conv) = alice_and_bob(&s).await;
+    let not_utf8 = Frame::message(vec![b'{', 0xC3, 0x28, b'}'], OpCode::Data(Data::Text), true);
+    let orphan = Frame::message(b"suite".to_vec(), OpCode::Data(Data::Continue), true);
+    for (frame, code) in [(not_utf8, 1007), (orphan, 1002)] {
+        let mut c = s.connect(&alice).await;
+        c.ws.send(Message::Frame(frame)).await.unwrap();
+        assert_eq!(c.close_code().await, Some(code));
+    }
+}
+
+/// A `resume` is charged a command per 25 cursors beyond its first (each costs the
+/// store a read or more), as debt if need be: one of the 1,000 allowed goes through,
+/// then the bucket (40) is empty and the next command is refused with `rate_limited`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_is_charged_by_its_cursors() {
+    let s = Server::start(config()).await;
+    let (alice, _bob, _conv) = alice_and_bob(&s).await;
+    let mut a = s.connect(&alice).await;
+    let cursors: serde_json::Map<String, Value> = (0..1000)
+        .map(|_| (mindsp_core::ConversationId::new().to_string(), json!(0)))
+        .collect();
+    let resume = a.command("resume", json!({ "cursors": cursors })).await;
+    let ping = a.command("ping", json!({})).await;
+    // The writer answers in order: the resume's ack first.
+    let ack = a.reply_to(&resume).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["not_found"].as_array().unwrap().len(), 1000);
+    let refused = a.reply_to(&ping).await;
+    assert_eq!(refused["code"], "rate_limited", "{refused}");
 }
