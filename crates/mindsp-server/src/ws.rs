@@ -1805,6 +1805,15 @@ impl Writer<'_> {
                 .remove(&conv)
                 .zip(self.cursors.get(&conv).copied())
                 .filter(|&(_, at)| at > seq);
+            if seq > last {
+                // Ahead of the store (a client's mistake, a store restored from a
+                // backup): taken as at the newest message, so that live ones are not
+                // dropped as already sent, and the client reads it again over HTTP.
+                self.cursors.insert(conv, last);
+                self.feed_text(&resync_frame(conv, 0, last)).await?;
+                resync.push(conv);
+                continue;
+            }
             if last - seq > self.state.ws.max_resume_messages {
                 // Too far behind to replay here: live events go on from the newest
                 // message (or the newest already sent live), and the client reads what

@@ -2159,3 +2159,36 @@ async fn a_resume_is_charged_by_its_cursors() {
     let refused = a.reply_to(&ping).await;
     assert_eq!(refused["code"], "rate_limited", "{refused}");
 }
+
+/// A resume cursor beyond the conversation's newest message (a store restored from a
+/// backup, a client's mistake) is taken as that message: the client is told to read
+/// the conversation again (`resync` from 0), and the next message reaches it rather
+/// than be dropped as one it already has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_ahead_of_the_store_is_brought_back() {
+    let s = Server::start(config()).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let cid: mindsp_core::ConversationId = conv.parse().unwrap();
+    s.state
+        .messaging
+        .send(&alice.actor, cid, "premier", None)
+        .await
+        .unwrap();
+    let mut b = s.connect(&bob).await;
+    let ack = b
+        .ok("resume", json!({"cursors": {conv.clone(): 500}}))
+        .await;
+    assert_eq!(ack["resync"], json!([conv]), "{ack}");
+    let resync = b.next("resync").await;
+    assert_eq!(
+        (resync["from_seq"].as_i64(), resync["last_seq"].as_i64()),
+        (Some(0), Some(1))
+    );
+    s.state
+        .messaging
+        .send(&alice.actor, cid, "deuxième", None)
+        .await
+        .unwrap();
+    let live = b.next("new_message").await;
+    assert_eq!(live["message"]["seq"], 2, "{live}");
+}
