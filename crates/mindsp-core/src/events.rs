@@ -170,6 +170,12 @@ pub enum Audience {
     Tenant,
 }
 
+impl From<Vec<UserId>> for Audience {
+    fn from(users: Vec<UserId>) -> Self {
+        Audience::Users(users)
+    }
+}
+
 impl Audience {
     /// Whether `user` is in the audience.
     pub fn includes(&self, user: UserId) -> bool {

@@ -606,12 +606,12 @@ impl Hub {
                 if ephemeral {
                     // Only into the free half: at least half full (len * 2 ≥ capacity)
                     // refuses.
-                    if queue
-                        .try_push(delivery.clone(), self.capacity.div_ceil(2))
-                        .is_err()
-                    {
+                    // Marked under the queue's lock: a writer that empties the
+                    // queue afterwards sees the mark, and tells its client.
+                    let mark = || slot.mailbox.skipped.store(true, Ordering::Relaxed);
+                    let limit = self.capacity.div_ceil(2);
+                    if queue.try_push_or(delivery.clone(), limit, mark).is_err() {
                         self.skipped.fetch_add(1, Ordering::Relaxed);
-                        slot.mailbox.skipped.store(true, Ordering::Relaxed);
                     }
                 } else if queue.try_push(delivery.clone(), self.capacity).is_err() {
                     self.too_slow(slot);

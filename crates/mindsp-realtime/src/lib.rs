@@ -141,11 +141,11 @@ impl Realtime {
         tenant: TenantId,
         user: UserId,
         checked: Checked,
-        watchers: impl Future<Output = Vec<UserId>> + Send,
+        watchers: impl Future<Output = impl Into<Audience>> + Send,
     ) -> Option<Connection> {
         let (conn, _) = self.hub.register_checked(tenant, user, Some(checked))?;
         if let Some(version) = self.presence.connected(tenant, user).await {
-            let watchers = watchers.await;
+            let watchers = watchers.await.into();
             self.presence_changed(
                 tenant,
                 user,
@@ -166,7 +166,7 @@ impl Realtime {
     pub async fn close(
         &self,
         conn: Connection,
-        watchers: impl Future<Output = Vec<UserId>> + Send,
+        watchers: impl Future<Output = impl Into<Audience>> + Send,
     ) -> Option<chrono::DateTime<chrono::Utc>> {
         let (tenant, user) = (conn.tenant, conn.user);
         drop(conn);
@@ -177,7 +177,7 @@ impl Realtime {
         self.presence_changed(
             tenant,
             user,
-            watchers.await,
+            watchers.await.into(),
             PresenceStatus::Offline,
             Some(seen),
             version,
@@ -221,18 +221,18 @@ impl Realtime {
         &self,
         tenant: TenantId,
         user: UserId,
-        watchers: Vec<UserId>,
+        watchers: Audience,
         status: PresenceStatus,
         last_seen: Option<chrono::DateTime<chrono::Utc>>,
         version: u64,
     ) {
-        if watchers.is_empty() {
+        if matches!(&watchers, Audience::Users(users) if users.is_empty()) {
             return;
         }
         self.broker
             .publish(Envelope {
                 tenant,
-                audience: Audience::Users(watchers),
+                audience: watchers,
                 event: Event::Presence {
                     user_id: user,
                     status,

@@ -43,8 +43,15 @@ impl<T> Queue<T> {
 
     /// Queues `item` unless `limit` items are queued already; then gives it back.
     pub fn try_push(&self, item: T, limit: usize) -> Result<(), T> {
+        self.try_push_or(item, limit, || {})
+    }
+
+    /// [`Self::try_push`], calling `refused` while the queue is still locked when it
+    /// refuses: a consumer that empties the queue afterwards sees what `refused` did.
+    pub fn try_push_or(&self, item: T, limit: usize, refused: impl FnOnce()) -> Result<(), T> {
         let mut items = self.items();
         if items.len() >= limit {
+            refused();
             return Err(item);
         }
         items.push_back(item);

@@ -291,8 +291,9 @@ pub struct WsArgs {
     pub ws_max_message_bytes: u32,
 
     /// Events queued per connection; a client that lets it fill is cut off (4008).
+    /// At least 2: typing and presence may take half of it, never all.
     #[arg(long, env = "MINDSP_WS_QUEUE", default_value_t = 256,
-          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+          value_parser = clap::value_parser!(u32).range(2..=65_536))]
     pub ws_queue: u32,
 
     /// Commands per second per connection, on average (`rate_limited` beyond).

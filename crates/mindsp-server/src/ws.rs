@@ -24,7 +24,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use mindsp_core::events::{Envelope, Event, TypingState};
+use mindsp_core::events::{Audience, Envelope, Event, TypingState};
 use mindsp_core::model::{Message as StoredMessage, SeqWindow};
 use mindsp_core::{Actor, ConversationId, Error, TenantId, UserId};
 use mindsp_realtime::limit::TokenBucket;
@@ -162,6 +162,8 @@ const BATCH: usize = 64;
 const MAX_FRAME: usize = 512;
 /// Messages a connection holds while it waits for their predecessors to arrive live.
 const HELD: usize = 64;
+/// Conversations a connection remembers its user left (the oldest forgotten first).
+const LEFT_KEPT: usize = 256;
 /// Turns a connection gives the tasks publishing those predecessors before it reads
 /// the missing messages from the store.
 const GAP_TURNS: usize = 2;
@@ -473,6 +475,7 @@ async fn run(
         cursors: PerConversation::default(),
         floors: PerConversation::default(),
         held: Vec::new(),
+        left: Vec::new(),
         stuck: false,
     };
     tokio::select! {
@@ -647,17 +650,18 @@ async fn accounts_to_close(
 const ACCOUNT_CHECK_ATTEMPTS: u32 = 3;
 
 /// Who is told when `actor` comes online or goes offline: the people who share a
-/// conversation with them. Nobody, if the store cannot say (logged).
-async fn watchers(state: &Shared, actor: Actor) -> Vec<UserId> {
+/// conversation with them; the whole tenant if the store cannot say (logged), rather
+/// than nobody: an offline never told would show them online for good.
+async fn watchers(state: &Shared, actor: Actor) -> Audience {
     match state
         .messaging
         .contacts(actor.tenant_id, actor.user_id)
         .await
     {
-        Ok(users) => users,
+        Ok(users) => Audience::Users(users),
         Err(e) => {
-            tracing::warn!(error = %e, user = %actor.user_id, "presence not announced: contacts unreadable");
-            Vec::new()
+            tracing::warn!(error = %e, user = %actor.user_id, "contacts unreadable: presence told to the whole tenant");
+            Audience::Tenant
         }
     }
 }
@@ -1335,6 +1339,10 @@ struct Writer<'a> {
     /// Messages that arrived ahead of the next one expected in their conversation,
     /// held until the end of the batch (at most [`HELD`]).
     held: Vec<Held>,
+    /// Conversations this user was told they left: their events published late (by a
+    /// command whose audience was read before the removal) are not sent, until a
+    /// change lists the user among the members again.
+    left: Vec<ConversationId>,
     /// Our close frame could not be written within the close timeout: the client does
     /// not read, so it will not answer it either.
     stuck: bool,
@@ -1579,6 +1587,15 @@ impl Writer<'_> {
     async fn deliver(&mut self, d: &Arc<Delivery>) -> Result<(), Stop> {
         match &d.envelope.event {
             Event::NewMessage {
+                conversation_id, ..
+            }
+            | Event::MessageRead {
+                conversation_id, ..
+            }
+            | Event::Typing {
+                conversation_id, ..
+            } if self.left.contains(conversation_id) => Ok(()),
+            Event::NewMessage {
                 conversation_id,
                 message,
             } => {
@@ -1629,12 +1646,22 @@ impl Writer<'_> {
             Event::ConversationUpdated {
                 conversation_id,
                 removed,
+                members,
                 ..
             } => {
-                if removed.contains(&self.actor.user_id) {
+                let me = self.actor.user_id;
+                if removed.contains(&me) {
                     self.cursors.remove(conversation_id);
                     self.floors.remove(conversation_id);
                     self.held.retain(|h| h.conv != *conversation_id);
+                    if !self.left.contains(conversation_id) {
+                        if self.left.len() == LEFT_KEPT {
+                            self.left.remove(0);
+                        }
+                        self.left.push(*conversation_id);
+                    }
+                } else if members.iter().any(|m| m.user_id == me) {
+                    self.left.retain(|c| c != conversation_id);
                 }
                 self.feed_text(d.frame()).await
             }
@@ -1785,7 +1812,11 @@ impl Writer<'_> {
         let mut replayed = 0usize;
         for (conv, seq) in cursors {
             let last = match self.state.messaging.conversation(&self.actor, conv).await {
-                Ok((c, _)) => c.last_seq,
+                // A member (again, if a removal was the last word heard here).
+                Ok((c, _)) => {
+                    self.left.retain(|c| *c != conv);
+                    c.last_seq
+                }
                 Err(Error::NotFound(_)) => {
                     not_found.push(conv);
                     continue;

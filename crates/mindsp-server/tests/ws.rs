@@ -2192,3 +2192,93 @@ async fn a_cursor_ahead_of_the_store_is_brought_back() {
     let live = b.next("new_message").await;
     assert_eq!(live["message"]["seq"], 2, "{live}");
 }
+
+/// A removed member hears nothing more of the conversation once told of the removal,
+/// not even events published late (a send whose audience was read just before the
+/// removal); once a change lists them among the members again, its events reach them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_late_do_not_reach_a_removed_member() {
+    use mindsp_core::model::{ConversationKind, Member, MemberRole};
+    let s = Server::start(config()).await;
+    let (alice, bob, conv) = alice_and_bob(&s).await;
+    let cid: mindsp_core::ConversationId = conv.parse().unwrap();
+    let mut b = s.connect(&bob).await;
+    let member = |p: &Person| Member {
+        user_id: p.actor.user_id,
+        display_name: "membre".into(),
+        role: MemberRole::Member,
+        last_read_seq: 0,
+        joined_at: mindsp_core::model::now(),
+    };
+    let to_bob =
+        |event: Event| Envelope::to_users(bob.actor.tenant_id, vec![bob.actor.user_id], event);
+    let updated = |members: Vec<Member>, removed: Vec<mindsp_core::UserId>| {
+        to_bob(Event::ConversationUpdated {
+            conversation_id: cid,
+            kind: ConversationKind::Group,
+            name: Some("garde".into()),
+            members,
+            removed,
+        })
+    };
+    let rt = &s.state.realtime;
+    rt.publish(message_to(&bob, &alice, &conv, 1, "avant"))
+        .await;
+    assert_eq!(b.next("new_message").await["message"]["content"], "avant");
+
+    rt.publish(updated(vec![member(&alice)], vec![bob.actor.user_id]))
+        .await;
+    b.next("conversation_updated").await;
+    rt.publish(message_to(&bob, &alice, &conv, 2, "en retard"))
+        .await;
+    rt.publish(to_bob(Event::Typing {
+        conversation_id: cid,
+        user_id: alice.actor.user_id,
+        state: mindsp_core::events::TypingState::Start,
+    }))
+    .await;
+
+    rt.publish(updated(vec![member(&alice), member(&bob)], vec![]))
+        .await;
+    b.next("conversation_updated").await;
+    rt.publish(message_to(&bob, &alice, &conv, 3, "de retour"))
+        .await;
+    let next = b.next("new_message").await;
+    assert_eq!(next["message"]["content"], "de retour", "{next}");
+    let heard: Vec<Value> = b.drain().await;
+    assert!(
+        heard
+            .iter()
+            .all(|f| f["type"] != "typing" && f["type"] != "new_message"),
+        "{heard:?}"
+    );
+}
+
+/// When the store cannot say who shares a conversation with a user who goes offline,
+/// the whole tenant is told rather than nobody: otherwise colleagues would see them
+/// online for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_is_told_to_the_tenant_when_contacts_cannot_be_read() {
+    let s = Server::start(config()).await;
+    let (alice, bob, _conv) = alice_and_bob(&s).await;
+    let mut a = s.connect(&alice).await;
+    let b = s.connect(&bob).await;
+    a.next_where("presence", |f| {
+        f["user_id"] == bob.id.as_str() && f["status"] == "online"
+    })
+    .await;
+    let mut db = s.database_connection().await;
+    sqlx::query("ALTER TABLE conversation_members RENAME TO members_away")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    drop(b);
+    let offline = a
+        .next_where("presence", |f| f["user_id"] == bob.id.as_str())
+        .await;
+    assert_eq!(offline["status"], "offline", "{offline}");
+    sqlx::query("ALTER TABLE members_away RENAME TO conversation_members")
+        .execute(&mut db)
+        .await
+        .unwrap();
+}
