@@ -181,6 +181,12 @@ fn builder(config: &RedisConfig) -> Result<Builder, RedisError> {
                 max_timeout: Some(timeout * 3),
                 interval: timeout,
             };
+            // Never sent twice: a command under way when its connection closes fails
+            // rather than run again on the next one (the presence scripts are not
+            // idempotent: a second run of a disconnection would find nothing to do and
+            // answer that nobody went offline). A failure is handled as one that may
+            // have run.
+            c.max_command_attempts = 1;
         })
         .with_performance_config(|p| {
             p.broadcast_channel_capacity = SUBSCRIBER_BUFFER;
@@ -680,9 +686,23 @@ return missing
 /// KEYS[1] nodes; ARGV prefix, window ms, most nodes per sweep, the sweeping node
 /// (never swept by itself). Returns how many of the dead nodes had not left cleanly
 /// (`left`), then a flat list tenant, user, last_seen, version of the users the dead
-/// nodes left offline.
+/// nodes left offline. Sweeps nothing for a window after sweeping resumes from a gap
+/// (`<prefix>sweep`, `<prefix>sweep:resumed`: Redis times).
 const SWEEP: &str = r"
 local p, window, limit, me = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+-- After a gap in sweeping longer than the window (Redis was away or restarted), every
+-- heartbeat is old, the live nodes' too: nothing is swept until a window has passed
+-- since, for them to beat again.
+local skey = p .. 'sweep'
+local swept_at = tonumber(redis.call('GET', skey) or '0')
+redis.call('SET', skey, now)
+if now - swept_at > window then
+  redis.call('SET', skey .. ':resumed', now)
+  return {'0'}
+end
+if now - tonumber(redis.call('GET', skey .. ':resumed') or '0') < window then
+  return {'0'}
+end
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window, 'LIMIT', 0, limit)
 local out, unclean = {'0'}, 0
 for _, node in ipairs(dead) do
@@ -982,7 +1002,11 @@ impl Shared {
         }
         self.write_offline().await;
         if let Err(e) = self.sweep().await {
-            tracing::warn!(error = %e, "presence sweep failed");
+            // It may have run without its answer reaching here: users it removed would
+            // be told offline by nobody. Every node's clients catch up instead.
+            tracing::warn!(error = %e, "presence sweep failed; clients are told to catch up");
+            self.writes.unsent.store(true, Ordering::SeqCst);
+            let _ = self.writes.announce(false).await;
         }
     }
 
@@ -1182,14 +1206,13 @@ impl Shared {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot record a disconnection in Redis; will retry");
-                // A command that timed out may still have reached Redis.
-                let timed_out = *e.kind() == fred::error::ErrorKind::Timeout;
-                *self
-                    .offline_unwritten
+                // It may have reached Redis all the same (a timeout, a connection that
+                // closed before the answer): the retry says so, so that it still
+                // answers that the user is offline.
+                self.offline_unwritten
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .entry((tenant, user))
-                    .or_default() |= timed_out;
+                    .insert((tenant, user), true);
                 Err(())
             }
         }

@@ -613,7 +613,7 @@ async fn a_redis_outage_blocks_nobody_and_ends_with_a_notice() {
 /// told) before the stop returns, and the stop counts as clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_waits_for_the_sweep_under_way() {
-    stop_during_a_sweep(4_000, true).await;
+    stop_during_a_sweep(Duration::from_secs(3), 1_500, true).await;
 }
 
 /// When that sweep outlasts the stop's wait (5 s), it is abandoned and the stop counts
@@ -621,22 +621,22 @@ async fn a_stop_waits_for_the_sweep_under_way() {
 /// catch up on what the abandoned sweep removed without a word.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_that_outlasts_the_stop_makes_it_unclean() {
-    stop_during_a_sweep(10_000, false).await;
+    stop_during_a_sweep(Duration::from_secs(8), 7_000, false).await;
 }
 
-/// A node `dead` holding one user stops its heartbeats; then Redis pauses writes for
-/// `pause_ms`, so node `a`'s next sweep waits in Redis; `a` stops once `dead` has
-/// outlived the window, 2.2 s into the pause, and its stop `waits` for the sweep or
-/// gives up on it (5 s).
-async fn stop_during_a_sweep(pause_ms: u32, waits: bool) {
+/// A node `dead` holding one user stops its heartbeats; just before it expires (the
+/// `window`), Redis pauses writes for `pause_ms` (less than the window: a longer gap in
+/// sweeping would make the sweep wait a window more), so node `a`'s sweep, which finds
+/// `dead` expired, waits in Redis; `a` stops half a second into the pause, and its stop
+/// `waits` for the sweep or gives up on it (5 s).
+async fn stop_during_a_sweep(window: Duration, pause_ms: u32, waits: bool) {
     let Some((_redis, mut config)) = private_node().await else {
         return;
     };
     // Commands wait through the pause rather than time out: the sweep is under way
     // for as long as the pause lasts.
     config.command_timeout = Duration::from_secs(15);
-    // Long enough that `dead` is not swept before the pause (below).
-    config.window = Duration::from_secs(2);
+    config.window = window;
     let a = Realtime::redis(&config, 64).await.expect("node a");
     let dead = Realtime::redis(&config, 64).await.expect("node dead");
     let (told, sink) = offline_sink();
@@ -652,13 +652,13 @@ async fn stop_during_a_sweep(pause_ms: u32, waits: bool) {
         .await
         .unwrap();
     let admin = admin(&config).await;
-    // No heartbeat from `dead` from now on, nor a sweep of its own; a heartbeat already
-    // on its way is let through first (held by the pause, it would run after it and
-    // make `dead` look alive to a's sweep).
+    // No heartbeat from `dead` from now on (its last was at most a heartbeat ago), nor
+    // a sweep of its own; it expires a window after its last heartbeat.
     dead.shutdown().await;
-    tokio::time::sleep(config.heartbeat * 2).await;
+    let stopped_beating = tokio::time::Instant::now();
+    tokio::time::sleep_until(stopped_beating + window - Duration::from_millis(800)).await;
     pause(&admin, pause_ms, "WRITE").await;
-    tokio::time::sleep(config.window + Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     a.stopped().await;
     let swept = told.lock().unwrap().clone();
     if waits {
@@ -677,5 +677,71 @@ async fn stop_during_a_sweep(pause_ms: u32, waits: bool) {
         .await
         .unwrap();
     assert_eq!(marks, i64::from(waits), "clean-stop marks");
+    let _ = admin.quit().await;
+}
+
+/// After a gap in sweeping longer than the window (Redis away, or restarted from its
+/// disk), every node's heartbeat is old, the live ones' too. The first sweep then
+/// sweeps nothing for a window, so a live node that beats slowly is not taken for dead
+/// and its users are not shown offline. (The gap is made here by ageing every heartbeat
+/// and the last sweep by 10 s, at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_nodes_are_not_swept_when_sweeping_resumes_after_a_gap() {
+    let Some((_redis, mut config)) = private_node().await else {
+        return;
+    };
+    config.window = Duration::from_secs(5);
+    config.heartbeat = Duration::from_millis(100);
+    let a = Realtime::redis(&config, 64).await.expect("node a");
+    let mut slow = config.clone();
+    slow.heartbeat = Duration::from_secs(2);
+    let b = Realtime::redis(&slow, 64).await.expect("node b");
+    let (tenant, user, watcher) = (TenantId::new(), UserId::new(), UserId::new());
+    let (mut w, _) = a.hub().register(tenant, watcher).unwrap();
+    let _conn = b
+        .open(
+            tenant,
+            user,
+            mindsp_realtime::Checked::now(0),
+            std::future::ready(vec![watcher]),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut w, "online").await,
+        Event::Presence {
+            status: PresenceStatus::Online,
+            ..
+        }
+    ));
+    let admin = admin(&config).await;
+    let aged: i64 = admin
+        .eval(
+            r"
+local t = redis.call('TIME')
+local old = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - 10000
+for _, node in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  redis.call('ZADD', KEYS[1], old, node)
+end
+redis.call('SET', ARGV[1], old)
+return redis.call('ZCARD', KEYS[1])
+",
+            vec![format!("{}nodes", config.prefix)],
+            vec![format!("{}sweep", config.prefix)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(aged, 2);
+    // Node b beats again within 2 s; node a sweeps every 100 ms meanwhile.
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(d) = tokio::time::timeout_at(quiet_until, w.events.recv()).await {
+        assert!(
+            !matches!(d.envelope.event, Event::Presence { user_id, .. } if user_id == user),
+            "{:?}",
+            d.envelope.event
+        );
+    }
+    let now = a.presence(tenant, &[user]).await.unwrap();
+    assert_eq!(now[0].status, PresenceStatus::Online);
     let _ = admin.quit().await;
 }
