@@ -625,10 +625,13 @@ local function bump(p, tenant, user)
 end
 ";
 
-/// KEYS[1] nodes; ARGV prefix, node, tenant, user. Returns {became online, node was
-/// missing from `nodes`, the version of the change (0 when not online now)}.
+/// KEYS[1] nodes; ARGV prefix, node, tenant, user, late. Returns {became online, node
+/// was missing from `nodes`, the version of the change (0 when not online now)}. With
+/// `late` = 1 (a connection written again after a failed try, which may have run
+/// without its answer reaching the node), also answers online, with the version of
+/// the user's last change, when this node is the only one holding them.
 const CONNECT: &str = r"
-local p, node, tu = ARGV[1], ARGV[2], ARGV[3] .. ':' .. ARGV[4]
+local p, node, tu, late = ARGV[1], ARGV[2], ARGV[3] .. ':' .. ARGV[4], ARGV[5]
 local missing = 0
 if not redis.call('ZSCORE', KEYS[1], node) then
   redis.call('ZADD', KEYS[1], now, node)
@@ -638,9 +641,15 @@ local ukey = p .. 'u:' .. tu
 local added = redis.call('HSET', ukey, node, '1')
 redis.call('SADD', p .. 'n:' .. node, tu)
 local online, v = 0, 0
-if added == 1 and redis.call('HLEN', ukey) == 1 then
-  online = 1
-  v = bump(p, ARGV[3], ARGV[4])
+if redis.call('HLEN', ukey) == 1 then
+  if added == 1 then
+    online = 1
+    v = bump(p, ARGV[3], ARGV[4])
+  elseif late == '1' then
+    online = 1
+    v = version(p, ARGV[3], ARGV[4])
+    if v == 0 then v = bump(p, ARGV[3], ARGV[4]) end
+  end
 end
 return {online, missing, v}
 ";
@@ -807,6 +816,10 @@ struct Shared {
     /// next heartbeats, unless they connected here again meanwhile.
     /// With each, whether a try may have reached Redis after all (it timed out).
     offline_unwritten: Mutex<HashMap<(TenantId, UserId), bool>>,
+    /// Users whose connection failed to be written (it may have run all the same): the
+    /// announcement that writes it again says they are online even if Redis has them
+    /// already.
+    online_unwritten: Mutex<std::collections::HashSet<(TenantId, UserId)>>,
     /// Set by [`Presence::leaving`]: no more heartbeats.
     leaving: watch::Sender<bool>,
     /// Heartbeats between two resyncs ([`RedisConfig::resync`]).
@@ -854,6 +867,7 @@ impl RedisPresence {
             local: Mutex::new(HashMap::new()),
             reannounce: AtomicBool::new(false),
             offline_unwritten: Mutex::new(HashMap::new()),
+            online_unwritten: Mutex::new(std::collections::HashSet::new()),
             leaving: watch::Sender::new(false),
             resync_every: (config.resync.as_millis()
                 / config.heartbeat.max(Duration::from_millis(100)).as_millis())
@@ -925,8 +939,15 @@ impl Shared {
 
     /// Writes a 0 → 1 transition; the version of the change when the user came online
     /// everywhere.
-    async fn connect(&self, tenant: TenantId, user: UserId) -> Result<Option<u64>, RedisError> {
-        let v = self.eval(CONNECT, self.ids(tenant, user)).await?;
+    async fn connect(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        late: bool,
+    ) -> Result<Option<u64>, RedisError> {
+        let mut args = self.ids(tenant, user);
+        args.push(if late { "1" } else { "0" }.into());
+        let v = self.eval(CONNECT, args).await?;
         let v: Vec<i64> = v.convert()?;
         if v.get(1) == Some(&1) {
             self.reannounce.store(true, Ordering::SeqCst);
@@ -1033,7 +1054,9 @@ impl Shared {
     /// could not be written, or that Redis lost), and tells the tenant when that brought
     /// them online. Called under the user's slot lock, with a count above 0.
     async fn rewrite_connection(&self, tenant: TenantId, user: UserId) -> Result<(), RedisError> {
-        let online = self.connect(tenant, user).await?;
+        let late = self.online_unwritten(tenant, user, None);
+        let online = self.connect(tenant, user, late).await?;
+        self.online_unwritten(tenant, user, Some(false));
         // As in `connected`: an older unwritten disconnection no longer holds.
         self.unwritten_done(tenant, user);
         if let Some(version) = online {
@@ -1228,6 +1251,20 @@ impl Shared {
             .unwrap_or(false)
     }
 
+    /// Whether a failed write of `user`'s connection may have run; `set` marks or
+    /// clears that first.
+    fn online_unwritten(&self, tenant: TenantId, user: UserId, set: Option<bool>) -> bool {
+        let mut unwritten = self
+            .online_unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match set {
+            Some(true) => unwritten.insert((tenant, user)),
+            Some(false) => unwritten.remove(&(tenant, user)),
+            None => unwritten.contains(&(tenant, user)),
+        }
+    }
+
     /// Nothing is left to write of `user`'s disconnections on this node.
     fn unwritten_done(&self, tenant: TenantId, user: UserId) {
         self.offline_unwritten
@@ -1363,7 +1400,7 @@ impl Presence for RedisPresence {
         if *n > 1 {
             return None;
         }
-        match s.connect(tenant, user).await {
+        match s.connect(tenant, user, false).await {
             Ok(online) => {
                 // Back before a disconnection missed by Redis was written: it no longer
                 // holds. Kept while the connection is not written either: an earlier
@@ -1373,6 +1410,7 @@ impl Presence for RedisPresence {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot record presence in Redis; will retry at the next heartbeat");
+                s.online_unwritten(tenant, user, Some(true));
                 s.reannounce.store(true, Ordering::SeqCst);
                 None
             }
@@ -1394,6 +1432,8 @@ impl Presence for RedisPresence {
             if *n > 0 {
                 return None;
             }
+            // Nothing left to announce of their connection.
+            s.online_unwritten(tenant, user, Some(false));
             // On failure, written at the next heartbeats; meanwhile the user still
             // shows online. Late if an earlier disconnection that timed out is still
             // unwritten: it may have run after all, and taken away what this one would

@@ -745,3 +745,44 @@ return redis.call('ZCARD', KEYS[1])
     assert_eq!(now[0].status, PresenceStatus::Online);
     let _ = admin.quit().await;
 }
+
+/// A connection whose write to Redis timed out (writes paused) but ran there once Redis
+/// took writes again is still announced: the next heartbeat writes it again, and the
+/// tenant hears that the user is online, rather than nothing because Redis already had
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_answer_was_lost_is_still_announced() {
+    let Some((_redis, mut config)) = private_node().await else {
+        return;
+    };
+    // No sweep during the pause.
+    config.window = Duration::from_secs(30);
+    let a = Realtime::redis(&config, 64).await.expect("node a");
+    let b = Realtime::redis(&config, 64).await.expect("node b");
+    let (tenant, user, watcher) = (TenantId::new(), UserId::new(), UserId::new());
+    let (mut w, _) = b.hub().register(tenant, watcher).unwrap();
+    let admin = admin(&config).await;
+    // Over before three probes go unanswered (the connection would be made again, and
+    // the held command dropped rather than run late).
+    pause(&admin, 700, "WRITE").await;
+    let _conn = a
+        .open(
+            tenant,
+            user,
+            mindsp_realtime::Checked::now(0),
+            std::future::ready(vec![watcher]),
+        )
+        .await
+        .unwrap();
+    loop {
+        match next(&mut w, "online once written again").await {
+            Event::Presence {
+                user_id,
+                status: PresenceStatus::Online,
+                ..
+            } if user_id == user => break,
+            _ => {}
+        }
+    }
+    let _ = admin.quit().await;
+}
