@@ -57,7 +57,9 @@
 //! - `seen:<tenant>`: hash, user → `last_seen` (ms);
 //! - `v:<tenant>`: hash, user → the version of their last presence change, carried by
 //!   its event (see [`mindsp_core::events::next_presence_version`]; the scripts give it,
-//!   on Redis's clock, so versions stay ordered whichever node publishes).
+//!   on Redis's clock, so versions stay ordered whichever node publishes);
+//! - `sweep`, `sweep:resumed`: when some node last swept, and when sweeping last
+//!   resumed after a gap longer than `window` (nothing is swept for a window after).
 //!
 //! A user is online while `u:<tenant>:<user>` names a node. Every node heartbeats every
 //! `heartbeat` and, at the same pace, sweeps: a Lua script takes the nodes whose last
