@@ -405,7 +405,8 @@ impl Drop for Connection {
 }
 
 impl Hub {
-    /// An empty hub whose connections each queue at most `capacity` events.
+    /// An empty hub whose connections each queue at most `capacity` events (at least
+    /// 2: typing and presence may take half, never all).
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
             tenants: RwLock::new(HashMap::new()),
@@ -413,7 +414,7 @@ impl Hub {
             live: AtomicUsize::new(0),
             drained: Notify::new(),
             closing: AtomicBool::new(false),
-            capacity: capacity.max(1),
+            capacity: capacity.max(2),
             per_user: AtomicUsize::new(usize::MAX),
             dropped: AtomicU64::new(0),
             skipped: AtomicU64::new(0),

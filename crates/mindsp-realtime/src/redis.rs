@@ -68,7 +68,8 @@
 //! node first, so exactly one surviving node publishes each `offline` event (with
 //! `last_seen` = the dead node's last heartbeat), and tells its
 //! [`crate::presence::OfflineSink`] (the server keeps that `last_seen` in the store). A
-//! killed node's users therefore turn offline within `window` plus one `heartbeat`. All times are Redis's clock, so the
+//! killed node's users therefore turn offline within `window` plus one `heartbeat` (a
+//! window more when sweeping resumes after a gap: Redis away or restarted). All times are Redis's clock, so the
 //! nodes' clocks need not agree; every node of a deployment must use the same `window`.
 //! A node that stops cleanly ([`Presence::leaving`], at SIGTERM) stops its heartbeats
 //! and writes no disconnection: it is swept like a dead one, and whoever reconnected to
@@ -695,19 +696,20 @@ return missing
 ";
 
 /// KEYS[1] nodes; ARGV prefix, window ms, most nodes per sweep, the sweeping node
-/// (never swept by itself). Returns how many of the dead nodes had not left cleanly
+/// (never swept by itself), the longest pause between sweeps that is not a gap (ms). Returns how many of the dead nodes had not left cleanly
 /// (`left`), then a flat list tenant, user, last_seen, version of the users the dead
 /// nodes left offline. Sweeps nothing for a window after sweeping resumes from a gap
-/// (`<prefix>sweep`, `<prefix>sweep:resumed`: Redis times).
+/// (`<prefix>sweep`, `<prefix>sweep:resumed`: Redis times; see [`Shared::gap`]).
 const SWEEP: &str = r"
 local p, window, limit, me = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
--- After a gap in sweeping longer than the window (Redis was away or restarted), every
--- heartbeat is old, the live nodes' too: nothing is swept until a window has passed
--- since, for them to beat again.
+local gap = tonumber(ARGV[5])
+-- After a gap in sweeping (Redis was away or restarted: nobody swept for longer than
+-- sweeps normally take), heartbeats are old by that much, the live nodes' too: nothing
+-- is swept until a window has passed since, for them to beat again.
 local skey = p .. 'sweep'
 local swept_at = tonumber(redis.call('GET', skey) or '0')
 redis.call('SET', skey, now)
-if now - swept_at > window then
+if now - swept_at > gap then
   redis.call('SET', skey .. ':resumed', now)
   return {'0'}
 end
@@ -808,6 +810,11 @@ struct Shared {
     nodes_key: String,
     node: String,
     window: Duration,
+    /// A pause between two sweeps longer than this (the window less a heartbeat) means
+    /// nobody could sweep (Redis away), long enough for a live node's heartbeat, a
+    /// heartbeat old when the pause began, to pass the window: sweeping waits a window
+    /// more then (see [`SWEEP`]). Sweeps normally come every heartbeat or so.
+    gap: Duration,
     /// This node's connection counts. A count changes, and its transition is written
     /// to Redis, under the slot's lock: transitions of one user stay in order.
     local: Mutex<HashMap<(TenantId, UserId), Slot>>,
@@ -816,7 +823,8 @@ struct Shared {
     reannounce: AtomicBool,
     /// Users whose last disconnection could not be written to Redis: written at the
     /// next heartbeats, unless they connected here again meanwhile.
-    /// With each, whether a try may have reached Redis after all (it timed out).
+    /// With each, whether a try may have reached Redis after all (always, since any
+    /// failure may come after the command reached Redis).
     offline_unwritten: Mutex<HashMap<(TenantId, UserId), bool>>,
     /// Users whose connection failed to be written (it may have run all the same): the
     /// announcement that writes it again says they are online even if Redis has them
@@ -866,6 +874,10 @@ impl RedisPresence {
             nodes_key: format!("{}nodes", config.prefix),
             node: uuid::Uuid::new_v4().simple().to_string(),
             window: config.window,
+            gap: config
+                .window
+                .saturating_sub(config.heartbeat)
+                .max(config.heartbeat),
             local: Mutex::new(HashMap::new()),
             reannounce: AtomicBool::new(false),
             offline_unwritten: Mutex::new(HashMap::new()),
@@ -1024,6 +1036,11 @@ impl Shared {
             self.resync().await;
         }
         self.write_offline().await;
+        // Not even tried while writes are refused (Redis away): only a sweep that was
+        // sent may have run.
+        if self.writes.refused().is_some() {
+            return;
+        }
         if let Err(e) = self.sweep().await {
             // It may have run without its answer reaching here: users it removed would
             // be told offline by nobody. Every node's clients catch up instead.
@@ -1323,6 +1340,9 @@ impl Shared {
                     window.into(),
                     SWEEP_LIMIT.into(),
                     self.node.as_str().into(),
+                    i64::try_from(self.gap.as_millis())
+                        .unwrap_or(i64::MAX)
+                        .into(),
                 ],
             )
             .await?;
@@ -1437,7 +1457,7 @@ impl Presence for RedisPresence {
             // Nothing left to announce of their connection.
             s.online_unwritten(tenant, user, Some(false));
             // On failure, written at the next heartbeats; meanwhile the user still
-            // shows online. Late if an earlier disconnection that timed out is still
+            // shows online. Late if an earlier disconnection that failed is still
             // unwritten: it may have run after all, and taken away what this one would
             // have found.
             let late = s.unwritten_late(tenant, user);

@@ -437,7 +437,7 @@ async fn run(
         actor.tenant_id,
         actor.user_id,
         checked,
-        watchers(&state, actor),
+        watchers(&state, actor, false),
     ))
     .await
     else {
@@ -513,7 +513,7 @@ async fn run(
         .await;
     }
     tracing::debug!(user = %actor.user_id, conn = conn.id, "websocket closed");
-    if let Some(seen) = Box::pin(realtime.close(conn, watchers(&state, actor))).await {
+    if let Some(seen) = Box::pin(realtime.close(conn, watchers(&state, actor, true))).await {
         state.last_seen.note(actor.tenant_id, actor.user_id, seen);
     }
     // After a close frame of ours, keep the socket until the client answers it (or
@@ -649,19 +649,25 @@ async fn accounts_to_close(
 /// Reads of the store [`accounts_to_close`] tries before giving up.
 const ACCOUNT_CHECK_ATTEMPTS: u32 = 3;
 
-/// Who is told when `actor` comes online or goes offline: the people who share a
-/// conversation with them; the whole tenant if the store cannot say (logged), rather
-/// than nobody: an offline never told would show them online for good.
-async fn watchers(state: &Shared, actor: Actor) -> Audience {
+/// Who is told when `actor` comes online or goes `offline`: the people who share a
+/// conversation with them. If the store cannot say (logged): nobody for an online (a
+/// slow store during a mass reconnection must not turn each into an event for the
+/// whole tenant), the whole tenant for an offline (never told, it would show them
+/// online for good).
+async fn watchers(state: &Shared, actor: Actor, offline: bool) -> Audience {
     match state
         .messaging
         .contacts(actor.tenant_id, actor.user_id)
         .await
     {
         Ok(users) => Audience::Users(users),
-        Err(e) => {
-            tracing::warn!(error = %e, user = %actor.user_id, "contacts unreadable: presence told to the whole tenant");
+        Err(e) if offline => {
+            tracing::warn!(error = %e, user = %actor.user_id, "contacts unreadable: offline told to the whole tenant");
             Audience::Tenant
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, user = %actor.user_id, "contacts unreadable: online not announced");
+            Audience::Users(Vec::new())
         }
     }
 }
@@ -1287,18 +1293,18 @@ impl Reader<'_> {
                         format!("resume at most {max} conversations at once"),
                     ));
                 }
-                // Each cursor costs the store a read or more: a resume is charged a
-                // command per RESUME_CURSORS_PER_COMMAND cursors beyond its first, as
-                // debt if need be (a reconnecting client is never refused its resume;
-                // its next commands wait).
-                let extra = cursors.len().saturating_sub(1) / RESUME_CURSORS_PER_COMMAND;
-                self.bucket.charge(Instant::now(), extra as u32);
                 if cursors.values().any(|s| *s < 0) {
                     return Err(Refusal::new(
                         "invalid_cursor",
                         "cursors are sequence numbers ≥ 0",
                     ));
                 }
+                // Each cursor costs the store a read or more: a resume is charged a
+                // command per RESUME_CURSORS_PER_COMMAND cursors beyond its first, as
+                // debt if need be (a reconnecting client is never refused its resume;
+                // its next commands wait).
+                let extra = cursors.len().saturating_sub(1) / RESUME_CURSORS_PER_COMMAND;
+                self.bucket.charge(Instant::now(), extra as u32);
                 // In conversation order: each goes in at the end of the writer's
                 // per-conversation state rather than in its middle.
                 let mut cursors: Vec<_> = cursors.into_iter().collect();
@@ -1340,8 +1346,8 @@ struct Writer<'a> {
     /// held until the end of the batch (at most [`HELD`]).
     held: Vec<Held>,
     /// Conversations this user was told they left: their events published late (by a
-    /// command whose audience was read before the removal) are not sent, until a
-    /// change lists the user among the members again.
+    /// command whose audience was read before the removal) are not sent, unless the
+    /// store says the user is a member again.
     left: Vec<ConversationId>,
     /// Our close frame could not be written within the close timeout: the client does
     /// not read, so it will not answer it either.
@@ -1585,16 +1591,27 @@ impl Writer<'_> {
     /// Sends an event from the hub, keeping each conversation's messages in order,
     /// without gap or duplicate.
     async fn deliver(&mut self, d: &Arc<Delivery>) -> Result<(), Stop> {
+        if let Event::NewMessage {
+            conversation_id, ..
+        }
+        | Event::MessageRead {
+            conversation_id, ..
+        }
+        | Event::Typing {
+            conversation_id, ..
+        } = &d.envelope.event
+            && self.left.contains(conversation_id)
+        {
+            // Published late (its audience read before the removal), or the user is a
+            // member again (added back, that change's event still on its way): the
+            // store says which.
+            let conv = *conversation_id;
+            match self.state.messaging.conversation(&self.actor, conv).await {
+                Ok(_) => self.left.retain(|c| *c != conv),
+                Err(_) => return Ok(()),
+            }
+        }
         match &d.envelope.event {
-            Event::NewMessage {
-                conversation_id, ..
-            }
-            | Event::MessageRead {
-                conversation_id, ..
-            }
-            | Event::Typing {
-                conversation_id, ..
-            } if self.left.contains(conversation_id) => Ok(()),
             Event::NewMessage {
                 conversation_id,
                 message,
@@ -1646,10 +1663,11 @@ impl Writer<'_> {
             Event::ConversationUpdated {
                 conversation_id,
                 removed,
-                members,
                 ..
             } => {
                 let me = self.actor.user_id;
+                // A change listing the user again clears nothing: it may be older than
+                // the removal, published after it. The store decides (above).
                 if removed.contains(&me) {
                     self.cursors.remove(conversation_id);
                     self.floors.remove(conversation_id);
@@ -1660,8 +1678,6 @@ impl Writer<'_> {
                         }
                         self.left.push(*conversation_id);
                     }
-                } else if members.iter().any(|m| m.user_id == me) {
-                    self.left.retain(|c| c != conversation_id);
                 }
                 self.feed_text(d.frame()).await
             }
@@ -1838,9 +1854,11 @@ impl Writer<'_> {
                 .filter(|&(_, at)| at > seq);
             if seq > last {
                 // Ahead of the store (a client's mistake, a store restored from a
-                // backup): taken as at the newest message, so that live ones are not
-                // dropped as already sent, and the client reads it again over HTTP.
-                self.cursors.insert(conv, last);
+                // backup): taken as at the newest message (or the newest sent live, if
+                // the read lagged), so that live ones are not dropped as already sent,
+                // and the client reads it again over HTTP.
+                let at = live.map_or(last, |(_, at)| at.max(last));
+                self.cursors.insert(conv, at);
                 self.feed_text(&resync_frame(conv, 0, last)).await?;
                 resync.push(conv);
                 continue;
