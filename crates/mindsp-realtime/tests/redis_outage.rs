@@ -98,6 +98,24 @@ async fn next(conn: &mut mindsp_realtime::Connection, what: &str) -> Event {
         .clone()
 }
 
+/// A connection of `user` opened on `node`, telling `watchers` when it brings them
+/// online.
+async fn open(
+    node: &Realtime,
+    tenant: TenantId,
+    user: UserId,
+    watchers: Vec<UserId>,
+) -> mindsp_realtime::Connection {
+    node.open(
+        tenant,
+        user,
+        mindsp_realtime::Checked::now(0),
+        std::future::ready(watchers),
+    )
+    .await
+    .expect("the node is not shutting down")
+}
+
 /// What an [`mindsp_realtime::OfflineSink`] is told, and the sink.
 type Told = Arc<Mutex<Vec<(TenantId, UserId, DateTime<Utc>)>>>;
 
@@ -469,15 +487,7 @@ async fn missed_disconnection(again: bool) {
     a.on_offline(sink);
     let (tenant, user, watcher) = (TenantId::new(), UserId::new(), UserId::new());
     let (mut w, _) = b.hub().register(tenant, watcher).unwrap();
-    let conn = a
-        .open(
-            tenant,
-            user,
-            mindsp_realtime::Checked::now(0),
-            std::future::ready(vec![watcher]),
-        )
-        .await
-        .unwrap();
+    let conn = open(&a, tenant, user, vec![watcher]).await;
     let online = next(&mut w, "online").await;
     assert!(matches!(
         online,
@@ -493,15 +503,7 @@ async fn missed_disconnection(again: bool) {
     pause(&admin, 700, "WRITE").await;
     a.close(conn, std::future::ready(vec![watcher])).await;
     if again {
-        let conn = a
-            .open(
-                tenant,
-                user,
-                mindsp_realtime::Checked::now(0),
-                std::future::ready(vec![watcher]),
-            )
-            .await
-            .unwrap();
+        let conn = open(&a, tenant, user, vec![watcher]).await;
         a.close(conn, std::future::ready(vec![watcher])).await;
     }
     let seen = loop {
@@ -642,15 +644,7 @@ async fn stop_during_a_sweep(window: Duration, pause_ms: u32, waits: bool) {
     let (told, sink) = offline_sink();
     a.on_offline(sink);
     let (tenant, user) = (TenantId::new(), UserId::new());
-    let _conn = dead
-        .open(
-            tenant,
-            user,
-            mindsp_realtime::Checked::now(0),
-            std::future::ready(vec![]),
-        )
-        .await
-        .unwrap();
+    let _conn = open(&dead, tenant, user, vec![]).await;
     let admin = admin(&config).await;
     // No heartbeat from `dead` from now on (its last was at most a heartbeat ago), nor
     // a sweep of its own; it expires a window after its last heartbeat.
@@ -698,15 +692,7 @@ async fn live_nodes_are_not_swept_when_sweeping_resumes_after_a_gap() {
     let b = Realtime::redis(&slow, 64).await.expect("node b");
     let (tenant, user, watcher) = (TenantId::new(), UserId::new(), UserId::new());
     let (mut w, _) = a.hub().register(tenant, watcher).unwrap();
-    let _conn = b
-        .open(
-            tenant,
-            user,
-            mindsp_realtime::Checked::now(0),
-            std::future::ready(vec![watcher]),
-        )
-        .await
-        .unwrap();
+    let _conn = open(&b, tenant, user, vec![watcher]).await;
     assert!(matches!(
         next(&mut w, "online").await,
         Event::Presence {
@@ -765,15 +751,7 @@ async fn a_connection_whose_answer_was_lost_is_still_announced() {
     // Over before three probes go unanswered (the connection would be made again, and
     // the held command dropped rather than run late).
     pause(&admin, 700, "WRITE").await;
-    let _conn = a
-        .open(
-            tenant,
-            user,
-            mindsp_realtime::Checked::now(0),
-            std::future::ready(vec![watcher]),
-        )
-        .await
-        .unwrap();
+    let _conn = open(&a, tenant, user, vec![watcher]).await;
     loop {
         match next(&mut w, "online once written again").await {
             Event::Presence {
