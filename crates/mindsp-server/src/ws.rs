@@ -1830,7 +1830,7 @@ impl Writer<'_> {
             let last = match self.state.messaging.conversation(&self.actor, conv).await {
                 // A member (again, if a removal was the last word heard here).
                 Ok((c, _)) => {
-                    self.left.retain(|c| *c != conv);
+                    self.left.retain(|gone| *gone != conv);
                     c.last_seq
                 }
                 Err(Error::NotFound(_)) => {
