@@ -1400,11 +1400,8 @@ impl Writer<'_> {
                         // before it, and goes out first (`last_answers` sends the
                         // rest), unless the client reads nothing anyway.
                         Some(reason) => {
-                            if reason != CloseReason::TooSlow {
-                                let t = self.state.ws.close_timeout;
-                                let _ = tokio::time::timeout(t, self.feed_due(f)).await;
-                            }
-                            Err(Stop::Hub(reason))
+                            Box::pin(self.closing(reason, Some(f))).await;
+                            return;
                         }
                         None => match self.feed_text(&f).await {
                             Ok(()) => Box::pin(self.deliver_batch(None, conn)).await,
@@ -1438,20 +1435,31 @@ impl Writer<'_> {
             behind = !conn.events.is_empty();
         };
         if let Stop::Hub(reason) = stop {
-            if reason != CloseReason::TooSlow {
-                Box::pin(self.last_answers()).await;
-            }
-            Box::pin(self.close(reason.code(), reason.text())).await;
+            Box::pin(self.closing(reason, None)).await;
         }
+    }
+
+    /// The node's close: the last answers (`first` among them: taken from the queue
+    /// already), unless the client is too slow to take them, then the close frame.
+    async fn closing(&mut self, reason: CloseReason, first: Option<String>) {
+        if reason != CloseReason::TooSlow {
+            self.last_answers(first).await;
+        }
+        self.close(reason.code(), reason.text()).await;
     }
 
     /// Before a close of the node's (not for a client too slow to take more): the
     /// answers the reader queued, and that of the command it is handling (a `send`
     /// committing), within the close timeout. A client told its message is stored need
     /// not send it again. The reader goes on meanwhile: both run in this task's select.
-    async fn last_answers(&mut self) {
+    async fn last_answers(&mut self, first: Option<String>) {
         let limit = self.state.ws.close_timeout;
         let _ = tokio::time::timeout(limit, async {
+            if let Some(text) = first
+                && !self.feed_due(text).await
+            {
+                return;
+            }
             loop {
                 match self.replies.try_recv() {
                     Some(Out::Frame(text)) => {
