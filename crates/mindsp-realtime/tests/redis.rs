@@ -11,6 +11,9 @@ use mindsp_core::{ConversationId, TenantId, UserId};
 use mindsp_realtime::Realtime;
 use mindsp_realtime::redis::RedisConfig;
 
+#[path = "support/marks.rs"]
+mod marks;
+
 const WAIT: Duration = Duration::from_secs(10);
 
 fn config() -> Option<RedisConfig> {
@@ -351,14 +354,7 @@ async fn a_node_swept_before_its_clean_stop_leaves_no_mark() {
     n1.close(a, ready(vec![watcher])).await;
     n1.stopped().await;
     let client = redis_client(&c).await;
-    let left: i64 = client
-        .eval(
-            "return redis.call('SCARD', ARGV[1])",
-            Vec::<String>::new(),
-            vec![format!("{}left", c.prefix)],
-        )
-        .await
-        .unwrap();
+    let left = marks::clean_stop_marks(&client, &c.prefix).await;
     let _ = client.quit().await;
     assert_eq!(left, 0, "a mark was left behind");
     drop(n1);

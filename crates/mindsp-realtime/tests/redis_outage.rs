@@ -15,6 +15,8 @@ use mindsp_realtime::Realtime;
 use mindsp_realtime::hub::RELAYED_KINDS;
 use mindsp_realtime::redis::RedisConfig;
 
+#[path = "support/marks.rs"]
+mod marks;
 #[path = "support/private_redis.rs"]
 mod private_redis;
 use private_redis::PrivateRedis;
@@ -662,14 +664,7 @@ async fn stop_during_a_sweep(window: Duration, pause_ms: u32, waits: bool) {
         assert!(swept.is_empty(), "{swept:?}");
     }
     // A script: Redis holds it until the pause ends, so a late mark would be seen.
-    let marks: i64 = admin
-        .eval(
-            "return redis.call('SCARD', ARGV[1])",
-            Vec::<String>::new(),
-            vec![format!("{}left", config.prefix)],
-        )
-        .await
-        .unwrap();
+    let marks = marks::clean_stop_marks(&admin, &config.prefix).await;
     assert_eq!(marks, i64::from(waits), "clean-stop marks");
     let _ = admin.quit().await;
 }
