@@ -104,9 +104,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fred::clients::{Client, SubscriberClient};
-use fred::interfaces::{
-    ClientLike, EventInterface, HeartbeatInterface, LuaInterface, PubsubInterface,
-};
+use fred::interfaces::{ClientLike, EventInterface, HeartbeatInterface, PubsubInterface};
 use fred::types::config::{Config, ReconnectPolicy, UnresponsiveConfig};
 use fred::types::{Builder, Value};
 use mindsp_core::events::{Audience, Envelope, Event, PresenceStatus};
@@ -184,12 +182,6 @@ fn builder(config: &RedisConfig) -> Result<Builder, RedisError> {
                 max_timeout: Some(timeout * 3),
                 interval: timeout,
             };
-            // Never sent twice: a command under way when its connection closes fails
-            // rather than run again on the next one (the presence scripts are not
-            // idempotent: a second run of a disconnection would find nothing to do and
-            // answer that nobody went offline). A failure is handled as one that may
-            // have run.
-            c.max_command_attempts = 1;
         })
         .with_performance_config(|p| {
             p.broadcast_channel_capacity = SUBSCRIBER_BUFFER;
@@ -475,7 +467,24 @@ impl Writes {
         if let Some(e) = self.refused() {
             return Err(e);
         }
-        self.outcome(self.client.eval(script(body), key, args).await)
+        // Never sent twice: a script under way when its connection closes fails rather
+        // than run again on the next one, as fred does for other commands. The presence
+        // scripts are not idempotent: a second run of a disconnection would find nothing
+        // to do and answer that nobody went offline. A failure is handled as one that
+        // may have run. (fred's `LuaInterface` has no per-command options: `EVAL` by hand.)
+        let once = fred::types::config::Options {
+            max_attempts: Some(1),
+            ..Default::default()
+        };
+        let mut argv: Vec<Value> = Vec::with_capacity(args.len() + 3);
+        argv.extend([script(body).into(), 1.into(), key.into()]);
+        argv.extend(args);
+        let ran = self
+            .client
+            .with_options(&once)
+            .custom(fred::cmd!("EVAL"), argv)
+            .await;
+        self.outcome(ran)
     }
 }
 
@@ -822,10 +831,9 @@ struct Shared {
     /// user again at the next heartbeat.
     reannounce: AtomicBool,
     /// Users whose last disconnection could not be written to Redis: written at the
-    /// next heartbeats, unless they connected here again meanwhile.
-    /// With each, whether a try may have reached Redis after all (always, since any
-    /// failure may come after the command reached Redis).
-    offline_unwritten: Mutex<HashMap<(TenantId, UserId), bool>>,
+    /// next heartbeats, unless they connected here again meanwhile, and written late
+    /// (any failure may come after the command reached Redis).
+    offline_unwritten: Mutex<std::collections::HashSet<(TenantId, UserId)>>,
     /// Users whose connection failed to be written (it may have run all the same): the
     /// announcement that writes it again says they are online even if Redis has them
     /// already.
@@ -880,7 +888,7 @@ impl RedisPresence {
                 .max(config.heartbeat),
             local: Mutex::new(HashMap::new()),
             reannounce: AtomicBool::new(false),
-            offline_unwritten: Mutex::new(HashMap::new()),
+            offline_unwritten: Mutex::new(std::collections::HashSet::new()),
             online_unwritten: Mutex::new(std::collections::HashSet::new()),
             leaving: watch::Sender::new(false),
             resync_every: (config.resync.as_millis()
@@ -1189,18 +1197,14 @@ impl Shared {
     /// is left as they are: their entry goes once that connection is written (here if
     /// no announcement is pending, else by the announcement).
     async fn write_offline(&self) {
-        let pending: Vec<((TenantId, UserId), bool)> = {
+        let pending: Vec<(TenantId, UserId)> = {
             let unwritten = self
                 .offline_unwritten
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            unwritten
-                .iter()
-                .take(OFFLINE_PER_TICK)
-                .map(|(k, late)| (*k, *late))
-                .collect()
+            unwritten.iter().take(OFFLINE_PER_TICK).copied().collect()
         };
-        for ((tenant, user), late) in pending {
+        for (tenant, user) in pending {
             let slot = self.slot(tenant, user);
             let n = slot.lock().await;
             let written = if *n > 0 {
@@ -1213,7 +1217,8 @@ impl Shared {
                 }
                 Ok(())
             } else {
-                self.rewrite_disconnection(tenant, user, late).await
+                // Its failed try may have run: written late.
+                self.rewrite_disconnection(tenant, user, true).await
             };
             drop(n);
             self.forget(tenant, user, slot);
@@ -1254,20 +1259,19 @@ impl Shared {
                 self.offline_unwritten
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert((tenant, user), true);
+                    .insert((tenant, user));
                 Err(())
             }
         }
     }
 
-    /// Whether an unwritten disconnection of `user` may have reached Redis after all.
+    /// Whether a disconnection of `user` failed to be written (it may have reached
+    /// Redis after all).
     fn unwritten_late(&self, tenant: TenantId, user: UserId) -> bool {
         self.offline_unwritten
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&(tenant, user))
-            .copied()
-            .unwrap_or(false)
+            .contains(&(tenant, user))
     }
 
     /// Whether a failed write of `user`'s connection may have run; `set` marks or
